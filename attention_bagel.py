@@ -1,0 +1,174 @@
+"""Packed attention for both BAGEL towers, without padding.
+
+Every attention BAGEL needs is a set of *segments*: segment i's queries attend a contiguous run of
+keys, either fully or causally (causal aligned bottom-right, so queries appended after a cache see
+the whole cache). A ViT batch is one segment per image; a KV-cached step is one segment per
+sequence (cache + new tokens); a training pack is one segment per split, whose keys are the earlier
+visible splits of its sample plus itself (gathered, so `noise` splits stay invisible to later
+ones). `AttentionPlan` holds one or two groups of segments (causal and full), each run by a single
+varlen kernel call:
+
+- CUDA, bf16/fp16: flash-attn's `flash_attn_varlen_func` when installed, else torch's own
+  `torch.nn.attention.varlen.varlen_attn` where this torch has it;
+- otherwise (CPU, float32, older torch): exact per-segment `scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: nothing here needs it
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # torch < 2.10
+    _torch_varlen_attn = None
+
+
+@dataclass
+class SegmentGroup:
+    """Segments run by one kernel call.
+
+    `q_index` / `k_index` pick the group's query / key rows out of the packed tensors, in segment
+    order (None: all rows, already in order). `q_lens[i]` queries attend `k_lens[i]` keys.
+    """
+
+    q_lens: list[int]
+    k_lens: list[int]
+    causal: bool
+    q_index: torch.Tensor | None = None
+    k_index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.max_q = max(self.q_lens, default=0)
+        self.max_k = max(self.k_lens, default=0)
+        self._cu: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative query / key offsets (int32, n + 1), made once per device."""
+        if device not in self._cu:
+            make = lambda lens: F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0), (1, 0)).to(device)
+            self._cu[device] = (make(self.q_lens).int(), make(self.k_lens).int())
+        return self._cu[device]
+
+
+@dataclass
+class AttentionPlan:
+    """Which queries attend which keys, as groups of varlen segments."""
+
+    groups: list[SegmentGroup]
+
+    @classmethod
+    def segments(cls, q_lens: list[int], k_lens: list[int] | None = None, causal: bool = False) -> "AttentionPlan":
+        """One segment per sequence: the common case (ViT images, cached steps)."""
+        return cls([SegmentGroup(list(q_lens), list(k_lens if k_lens is not None else q_lens), causal)])
+
+    @classmethod
+    def from_splits(
+        cls, split_lens: list[int], attn_modes: list[str], sample_lens: list[int], device: torch.device
+    ) -> "AttentionPlan":
+        """The reference's packed training mask: samples never see each other; a split sees the
+        earlier splits of its sample except `noise` ones, and itself causally (`causal`) or fully
+        (`full`, `noise`)."""
+        if len(split_lens) != len(attn_modes):
+            raise ValueError(f"split_lens has {len(split_lens)} entries but attn_modes has {len(attn_modes)}.")
+        if sum(split_lens) != sum(sample_lens):
+            raise ValueError(
+                f"split_lens add up to {sum(split_lens)} tokens but sample_lens to {sum(sample_lens)}: "
+                "every sample must be cut into splits exactly."
+            )
+        sample_ends = set(torch.tensor(sample_lens).cumsum(0).tolist())
+        parts = {True: ([], [], [], []), False: ([], [], [], [])}  # causal -> q rows, k rows, lens
+        visible: list[range] = []  # earlier splits of the current sample that later ones may see
+        start = 0
+        for length, mode in zip(split_lens, attn_modes):
+            if mode not in ("causal", "full", "noise"):
+                raise ValueError(f"Unknown attention mode {mode!r}; expected 'causal', 'full' or 'noise'.")
+            rows = range(start, start + length)
+            keys = [i for r in visible for i in r] + list(rows)
+            q_rows, k_rows, q_lens, k_lens = parts[mode == "causal"]
+            q_rows.extend(rows)
+            k_rows.extend(keys)
+            q_lens.append(length)
+            k_lens.append(len(keys))
+            if mode != "noise":
+                visible.append(rows)
+            start += length
+            if start in sample_ends:
+                visible = []
+        if start not in sample_ends and start != 0:
+            raise ValueError("The last split does not end where the last sample ends.")
+        as_index = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)
+        groups = [
+            SegmentGroup(q_lens, k_lens, causal, as_index(q_rows), as_index(k_rows))
+            for causal, (q_rows, k_rows, q_lens, k_lens) in parts.items()
+            if q_lens
+        ]
+        return cls(groups)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """q: (Nq, H, D); k, v: (Nk, H_kv, D) with H % H_kv == 0. Returns (Nq, H, D)."""
+    if len(plan.groups) == 1 and plan.groups[0].q_index is None:
+        group = plan.groups[0]
+        return varlen_attention(q, _take(k, group.k_index), _take(v, group.k_index), group)
+    out = q.new_empty(q.shape)
+    for group in plan.groups:
+        k_g, v_g = _take(k, group.k_index), _take(v, group.k_index)
+        out = out.index_copy(0, group.q_index, varlen_attention(q[group.q_index], k_g, v_g, group))
+    return out
+
+
+def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return x if index is None else x.index_select(0, index)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
+    """One kernel call over a group's segments; q, k, v already in segment order."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu_q, cu_k = group.cu_seqlens(q.device)
+        if flash_attn_varlen_func is not None:
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, group.max_q, group.max_k, causal=group.causal)
+        if _torch_varlen_attn is not None:
+            return _torch_varlen(q, k, v, cu_q, cu_k, group)
+    return _sdpa_per_segment(q, k, v, group)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(_torch_varlen_attn).parameters)
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, group: SegmentGroup) -> torch.Tensor:
+    params = _torch_varlen_params()
+    kwargs = {}
+    if group.causal:  # the argument changed name across torch versions
+        kwargs.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    if "enable_gqa" in params and k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
+    return _torch_varlen_attn(q, k, v, cu_q, cu_k, group.max_q, group.max_k, **kwargs)
+
+
+def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
+    """Exact attention, one segment at a time (CPU, float32, or no varlen kernel)."""
+    repeat = q.shape[1] // k.shape[1]
+    outputs, q_start, k_start = [], 0, 0
+    for q_len, k_len in zip(group.q_lens, group.k_lens):
+        q_s = q[q_start : q_start + q_len].transpose(0, 1)
+        k_s = k[k_start : k_start + k_len].transpose(0, 1).repeat_interleave(repeat, dim=0)
+        v_s = v[k_start : k_start + k_len].transpose(0, 1).repeat_interleave(repeat, dim=0)
+        mask = None
+        if group.causal:  # bottom-right aligned: query i sees keys up to i + (k_len - q_len)
+            rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
+            mask = torch.arange(k_len, device=q.device)[None, :] <= rows
+        outputs.append(F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask).transpose(0, 1))
+        q_start, k_start = q_start + q_len, k_start + k_len
+    return torch.cat(outputs, dim=0) if outputs else q.new_empty(q.shape)

@@ -1,0 +1,236 @@
+"""Configuration of BAGEL (ByteDance Seed's unified multimodal model).
+
+`BagelConfig` nests a Qwen2 config for the language model and a SigLIP vision config for the
+understanding tower, with the top-level BAGEL values around them. It accepts both key sets in use:
+the released checkpoint's `llm_config` / `vit_config` and the transformers-style `text_config` /
+`vision_config`; both attribute names point at the same nested object.
+
+The reference applies a few overrides in code when it builds the model from the released json files
+(LLM: `qk_norm=True`, untied embeddings, MoT layers for stage 2; ViT: `rope=vit_rope` and one layer
+less, since BAGEL reads the second-to-last SigLIP layer). `BagelConfig` applies them once, when it
+is built, and records that in `reference_overrides_applied` so a saved and reloaded config is not
+changed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
+
+BAGEL_PAD_TOKEN_ID = 151643
+DEFAULT_VAE_CONFIG = {
+    "resolution": 256,
+    "in_channels": 3,
+    "downsample": 8,
+    "ch": 128,
+    "out_ch": 3,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "z_channels": 16,
+    "scale_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
+MOT_LAYER, PLAIN_LAYER = "Qwen2MoTDecoderLayer", "Qwen2DecoderLayer"
+
+
+def normalize_stage(stage: Any) -> int:
+    """1, 2, "1", "2", "stage1", "stage2" -> 1 or 2; anything else raises ValueError."""
+    text = str(stage).strip().lower() if isinstance(stage, (int, str)) and not isinstance(stage, bool) else ""
+    text = text.removeprefix("stage")
+    if text in ("1", "2"):
+        return int(text)
+    raise ValueError(
+        f"Unknown BAGEL stage {stage!r}: use 1 / 'stage1' (understanding only) or 2 / 'stage2' (joint)."
+    )
+
+
+def rope_theta(text_config: Qwen2Config) -> float:
+    """The RoPE base, wherever this transformers version keeps it."""
+    params = getattr(text_config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+
+
+def _text_config(value: Any) -> Qwen2Config:
+    if value is None:
+        value = Qwen2Config()
+    elif isinstance(value, Mapping):
+        value = Qwen2Config(**{k: v for k, v in value.items() if k != "model_type"})
+    elif not isinstance(value, Qwen2Config):
+        raise TypeError(f"llm_config / text_config must be a dict or a Qwen2Config, got {type(value).__name__}.")
+    for name, default in (("qk_norm", True), ("layer_module", None), ("freeze_und", False)):
+        if not hasattr(value, name):
+            setattr(value, name, default)
+    if value.pad_token_id is None:
+        value.pad_token_id = BAGEL_PAD_TOKEN_ID
+    return value
+
+
+def _vision_config(value: Any) -> SiglipVisionConfig | None:
+    if value is None or isinstance(value, SiglipVisionConfig):
+        pass
+    elif isinstance(value, Mapping):
+        value = SiglipVisionConfig(**{k: v for k, v in value.items() if k != "model_type"})
+    else:
+        raise TypeError(
+            f"vit_config / vision_config must be a dict or a SiglipVisionConfig, got {type(value).__name__}."
+        )
+    if value is not None and not hasattr(value, "rope"):
+        value.rope = False
+    return value
+
+
+class BagelConfig(PretrainedConfig):
+    """Top-level BAGEL configuration (the NeMo AutoModel signature, both key sets accepted)."""
+
+    model_type = "bagel"
+
+    def __init__(
+        self,
+        vision_config: Mapping | SiglipVisionConfig | None = None,
+        text_config: Mapping | Qwen2Config | None = None,
+        *,
+        visual_und: bool = True,
+        visual_gen: bool = True,
+        stage: int | str | None = None,
+        llm_path: str = "",
+        vit_path: str = "",
+        vae_path: str = "",
+        max_latent_size: int = 64,
+        latent_patch_size: int = 2,
+        vit_patch_size: int = 14,
+        vit_max_num_patch_per_side: int = 70,
+        connector_act: str = "gelu_pytorch_tanh",
+        interpolate_pos: bool = False,
+        vit_select_layer: int = -2,
+        vit_rope: bool = False,
+        text_cond_dropout_prob: float = 0.1,
+        vae_cond_dropout_prob: float = 0.3,
+        vit_cond_dropout_prob: float = 0.3,
+        timestep_shift: float = 1.0,
+        pad_token_id: int = BAGEL_PAD_TOKEN_ID,
+        llm_config: Mapping | Qwen2Config | None = None,
+        vit_config: Mapping | SiglipVisionConfig | None = None,
+        vae_config: Mapping | None = None,
+        reference_overrides_applied: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.text_config = _text_config(text_config if text_config is not None else llm_config)
+        self.vision_config = _vision_config(vision_config if vision_config is not None else vit_config)
+        self.vae_config = dict(DEFAULT_VAE_CONFIG if vae_config is None else vae_config)
+        self.visual_und = visual_und
+        self.visual_gen = visual_gen
+        self.stage = stage
+        self.llm_path, self.vit_path, self.vae_path = llm_path, vit_path, vae_path
+        self.max_latent_size = max_latent_size
+        self.latent_patch_size = latent_patch_size
+        self.vit_patch_size = vit_patch_size
+        self.vit_max_num_patch_per_side = vit_max_num_patch_per_side
+        self.connector_act = connector_act
+        self.interpolate_pos = interpolate_pos
+        self.vit_select_layer = vit_select_layer
+        self.vit_rope = vit_rope
+        self.text_cond_dropout_prob = text_cond_dropout_prob
+        self.vae_cond_dropout_prob = vae_cond_dropout_prob
+        self.vit_cond_dropout_prob = vit_cond_dropout_prob
+        self.timestep_shift = timestep_shift
+        self.reference_overrides_applied = reference_overrides_applied
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        if self.pad_token_id is None:
+            self.pad_token_id = BAGEL_PAD_TOKEN_ID
+        if not self.architectures:
+            self.architectures = ["BagelForUnifiedMultimodal"]
+        self.apply_reference_overrides()
+
+    # Both names of each nested config are the same object.
+    @property
+    def llm_config(self) -> Qwen2Config:
+        return self.text_config
+
+    @llm_config.setter
+    def llm_config(self, value: Any) -> None:
+        self.text_config = _text_config(value)
+
+    @property
+    def vit_config(self) -> SiglipVisionConfig | None:
+        return self.vision_config
+
+    @vit_config.setter
+    def vit_config(self, value: Any) -> None:
+        self.vision_config = _vision_config(value)
+
+    @property
+    def stage(self) -> int | None:
+        """1 (understanding only, plain decoder) or 2 (joint, MoT); setting it sets `visual_gen`
+        and the decoder layer kind to match."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: int | str | None) -> None:
+        self._stage = None if value is None else normalize_stage(value)
+        if self._stage is not None:
+            self.visual_gen = self._stage == 2
+            self.text_config.layer_module = MOT_LAYER if self._stage == 2 else PLAIN_LAYER
+
+    def apply_reference_overrides(self) -> None:
+        """Apply the reference's build-time overrides once (idempotent, recorded in the config)."""
+        self.stage = self.stage if self.stage is not None else (2 if self.visual_gen else 1)
+        text = self.text_config
+        if self.reference_overrides_applied:
+            return
+        text.qk_norm = True
+        text.tie_word_embeddings = False
+        if self.vision_config is not None:
+            # The reference drops the layers after `vit_select_layer` (-2: the last one).
+            self.vision_config.num_hidden_layers += 1 + self.vit_select_layer
+            self.vision_config.rope = self.vit_rope
+        self.reference_overrides_applied = True
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> Qwen2Config:
+        return self.text_config
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for alias in ("llm_config", "vit_config", "_stage"):
+            output.pop(alias, None)
+        output["stage"] = self.stage
+        output["text_config"] = self.text_config.to_dict()
+        output["vision_config"] = None if self.vision_config is None else self.vision_config.to_dict()
+        return output
+
+    def released_sidecar_configs(self) -> dict[str, dict[str, Any]]:
+        """`llm_config.json` / `vit_config.json` as the reference reads them (before its overrides)."""
+        files = {"llm_config.json": self.text_config.to_dict()}
+        if self.vision_config is not None:
+            vit = self.vision_config.to_dict()
+            vit["num_hidden_layers"] -= 1 + self.vit_select_layer
+            files["vit_config.json"] = vit
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "BagelConfig":
+        """Read `config.json`, or, in a directory of the released layout that has none, build the
+        config from `llm_config.json` + `vit_config.json` with BAGEL-7B-MoT's top-level values."""
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir() and not (path / "config.json").is_file():
+            return cls.from_released_files(path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_released_files(cls, directory: str | os.PathLike, **kwargs: Any) -> "BagelConfig":
+        directory = Path(directory)
+        sidecars = {}
+        for name in ("llm_config.json", "vit_config.json"):
+            file = directory / name
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"{directory} has neither config.json nor {name}: a BAGEL checkpoint directory needs "
+                    "config.json, or the released llm_config.json + vit_config.json."
+                )
+            sidecars[name] = json.loads(file.read_text())
+        kwargs.pop("return_unused_kwargs", None)
+        return cls(llm_config=sidecars["llm_config.json"], vit_config=sidecars["vit_config.json"], **kwargs)

@@ -1,0 +1,74 @@
+"""Shared fixtures: the parity fixtures of the reference implementation live beside the repo."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARITY_DIR = REPO_ROOT.parent / "shared" / "parity" / "tiny-a"
+
+
+
+def _import_repo_as_package(name: str = "bagel_remote"):
+    """The remote-code modules import each other relatively, as the Hub needs; tests import the
+    repository root as a package (whatever its folder is called): `from bagel_remote import ...`."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_import_repo_as_package()
+
+
+def _require_parity() -> Path:
+    if PARITY_DIR.is_dir():
+        return PARITY_DIR
+    reason = f"parity fixtures not found at {PARITY_DIR} (they live in ../shared/parity beside the repo)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class Parity:
+    """The tiny-a fixture: checkpoint dir, inputs, expected outputs and the json scalars."""
+
+    def __init__(self, root: Path):
+        from safetensors.torch import load_file
+
+        self.root = root
+        self.checkpoint = root / "checkpoint"
+        self.inputs = load_file(str(root / "inputs.safetensors"))
+        self.expected = load_file(str(root / "expected.safetensors"))
+        self.meta = json.loads((root / "fixture.json").read_text())
+
+    def case_inputs(self, case: str) -> dict:
+        prefix = case + "."
+        return {k[len(prefix):]: v for k, v in self.inputs.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="session")
+def parity() -> Parity:
+    return Parity(_require_parity())
+
+
+def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
+    """Relative error measured against the largest reference magnitude (robust near zero)."""
+    import torch
+
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().double().cpu()
+    expected = expected.double()
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() or 1.0
+    assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} x max |ref| {scale:.3e}"
