@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,39 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         outputs.append(F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask).transpose(0, 1))
         q_start, k_start = q_start + q_len, k_start + k_len
     return torch.cat(outputs, dim=0) if outputs else q.new_empty(q.shape)
+
+
+
+
+class TokenRoute:
+    """Which packed tokens use GEN weights; the rest use UND weights.
+
+    `gen_index` None means all tokens are UND (text, ViT, stage 1). With `freeze_und` the UND
+    outputs are detached, so no gradient reaches UND weights.
+    """
+
+    def __init__(self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False):
+        self.freeze_und = freeze_und
+        self.gen_index = gen_index if gen_index is not None and gen_index.numel() > 0 else None
+        self.und_index = None
+        if self.gen_index is not None:
+            is_und = torch.ones(num_tokens, dtype=torch.bool, device=gen_index.device)
+            is_und[self.gen_index] = False
+            self.und_index = is_und.nonzero().squeeze(1)
+
+    def __call__(self, x: torch.Tensor, und: Callable, gen: Callable | None) -> torch.Tensor:
+        """Apply `und` to UND tokens and `gen` to GEN tokens of x (N, ...), keeping token order."""
+        if self.gen_index is None:
+            out = und(x)
+            return out.detach() if self.freeze_und else out
+        if gen is None:
+            raise ValueError(
+                "This is a stage-1 (understanding-only) model but the batch has generation (VAE) tokens; "
+                "load the model with stage=2 to train or run image generation."
+            )
+        out_und = und(x[self.und_index])
+        if self.freeze_und:
+            out_und = out_und.detach()
+        out_gen = gen(x[self.gen_index])
+        out = out_und.new_empty((x.shape[0],) + out_und.shape[1:])
+        return out.index_copy(0, self.und_index, out_und).index_copy(0, self.gen_index, out_gen)

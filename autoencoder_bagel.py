@@ -318,3 +318,17 @@ class BagelAutoEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruct: decode(encode(x)) with the posterior mean. (B, 3, H, W) -> same."""
         return self.decode(self.encode(x))
+
+
+def patchify_latent(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """(C, h*p, w*p) latent -> (h*w, p*p*C) tokens, each flattened in (py, px, channel) order."""
+    c, hp, wp = latent.shape
+    x = latent.reshape(c, hp // p, p, wp // p, p)
+    return torch.einsum("chpwq->hwpqc", x).reshape(-1, p * p * c)
+
+
+def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """(h*w, p*p*C) tokens -> (C, h*p, w*p) latent."""
+    c = tokens.shape[1] // (p * p)
+    x = tokens.reshape(h, w, p, p, c)
+    return torch.einsum("hwpqc->chpwq", x).reshape(c, h * p, w * p)

@@ -18,49 +18,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from .attention_bagel import AttentionPlan, packed_attention
-from .autoencoder_bagel import BagelAutoEncoder
+from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
+from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
+from .generation_bagel import BagelGenerationMixin, shift_timesteps
 from .modeling_siglip_navit import SiglipVisionModel, apply_rotary, rotary_cos_sin
-
-# ----------------------------------------------------------------------------------------------
-# Routing between UND and GEN weights
-# ----------------------------------------------------------------------------------------------
-
-
-class TokenRoute:
-    """Which packed tokens use GEN weights; the rest use UND weights.
-
-    `gen_index` None means all tokens are UND (text, ViT, stage 1). With `freeze_und` the UND
-    outputs are detached, so no gradient reaches UND weights.
-    """
-
-    def __init__(self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False):
-        self.freeze_und = freeze_und
-        self.gen_index = gen_index if gen_index is not None and gen_index.numel() > 0 else None
-        self.und_index = None
-        if self.gen_index is not None:
-            is_und = torch.ones(num_tokens, dtype=torch.bool, device=gen_index.device)
-            is_und[self.gen_index] = False
-            self.und_index = is_und.nonzero().squeeze(1)
-
-    def __call__(self, x: torch.Tensor, und: Callable, gen: Callable | None) -> torch.Tensor:
-        """Apply `und` to UND tokens and `gen` to GEN tokens of x (N, ...), keeping token order."""
-        if self.gen_index is None:
-            out = und(x)
-            return out.detach() if self.freeze_und else out
-        if gen is None:
-            raise ValueError(
-                "This is a stage-1 (understanding-only) model but the batch has generation (VAE) tokens; "
-                "load the model with stage=2 to train or run image generation."
-            )
-        out_und = und(x[self.und_index])
-        if self.freeze_und:
-            out_und = out_und.detach()
-        out_gen = gen(x[self.gen_index])
-        out = out_und.new_empty((x.shape[0],) + out_und.shape[1:])
-        return out.index_copy(0, self.und_index, out_und).index_copy(0, self.gen_index, out_gen)
-
 
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
@@ -255,31 +217,6 @@ class Connector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def patchify_latent(latent: torch.Tensor, p: int) -> torch.Tensor:
-    """(C, h*p, w*p) -> (h*w, p*p*C) tokens, each in (py, px, channel) order."""
-    c, hp, wp = latent.shape
-    x = latent.reshape(c, hp // p, p, wp // p, p)
-    return torch.einsum("chpwq->hwpqc", x).reshape(-1, p * p * c)
-
-
-def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
-    """(h*w, p*p*C) tokens -> (C, h*p, w*p) latent."""
-    c = tokens.shape[1] // (p * p)
-    x = tokens.reshape(h, w, p, p, c)
-    return torch.einsum("hwpqc->chpwq", x).reshape(c, h * p, w * p)
-
-
-def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The reference's timestep shift: s*t / (1 + (s-1)*t)."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def latent_position_ids(h: int, w: int, max_latent_size: int, device=None) -> torch.Tensor:
-    """Row-major ids into the latent position table for an h x w token grid."""
-    rows = torch.arange(h, device=device)[:, None] * max_latent_size
-    return (rows + torch.arange(w, device=device)[None, :]).reshape(-1)
-
-
 class BagelModel(nn.Module):
     """Container whose attribute names equal the checkpoint's top-level names."""
 
@@ -380,7 +317,7 @@ class BagelPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
 
 
-class BagelForUnifiedMultimodal(BagelPreTrainedModel):
+class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
     """BAGEL for understanding (CE) and, in stage 2, generation (flow-matching MSE).
 
     `self.model` holds the weights of `ema.safetensors`; `self.vae` (stage 2) those of
