@@ -1,8 +1,33 @@
-"""BAGEL inference: a packed KV cache, context building, text decoding and image generation."""
+"""BAGEL inference: a packed KV cache over several sequences, context building, text decoding and
+image generation with classifier-free guidance.
+
+A `BagelContext` is immutable: adding text or an image returns a new context, so the guidance
+branches of the reference (the context without the latest text, the context without images) are
+just earlier context objects, with no copy. All sequences of a batch advance together, each with its
+own length and rope position; one forward serves them all, and the guidance branches of an image
+generation step run as extra sequences of the same forward.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+from .attention_bagel import AttentionPlan, TokenRoute
+from .autoencoder_bagel import patchify_latent, unpatchify_latent
+
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
+    "answer here"
+)
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here"
+)
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -16,5 +41,422 @@ def latent_position_ids(h: int, w: int, max_latent_size: int, device=None) -> to
     return (rows + torch.arange(w, device=device)[None, :]).reshape(-1)
 
 
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    bos: int
+    eos: int
+    start_of_image: int
+    end_of_image: int
+
+
+@dataclass(frozen=True)
+class GuidanceParams:
+    """Flow-matching sampling and classifier-free guidance, with the reference's meaning."""
+
+    num_timesteps: int = 50
+    timestep_shift: float = 3.0
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be at least 2 (got {self.num_timesteps}); the default is 50.")
+        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
+            raise ValueError(
+                f"Guidance scales must be >= 0 (got text {self.cfg_text_scale}, image {self.cfg_img_scale}); "
+                "1.0 disables a branch."
+            )
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}.")
+        if self.cfg_renorm_type not in ("global", "channel", "text_channel"):
+            raise ValueError(
+                f"Unknown cfg_renorm_type {self.cfg_renorm_type!r}: use 'global', 'channel' or 'text_channel'."
+            )
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BagelContext:
+    """Keys/values of B sequences packed back to back, per layer ((T, kv_heads, head_dim) each),
+    with each sequence's cached length and next rope position."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    lengths: tuple[int, ...]
+    positions: tuple[int, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def concat(cls, contexts: list["BagelContext"]) -> "BagelContext":
+        """The sequences of several contexts as one batch (one copy of the caches)."""
+        if len(contexts) == 1:
+            return contexts[0]
+        return cls(
+            tuple(torch.cat(layer) for layer in zip(*(c.keys for c in contexts))),
+            tuple(torch.cat(layer) for layer in zip(*(c.values for c in contexts))),
+            sum((c.lengths for c in contexts), ()),
+            sum((c.positions for c in contexts), ()),
+        )
+
+    def select(self, indices: list[int]) -> "BagelContext":
+        """A context holding only the given sequences."""
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
+        device = self.keys[0].device
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in indices])
+        return BagelContext(
+            tuple(k.index_select(0, rows) for k in self.keys),
+            tuple(v.index_select(0, rows) for v in self.values),
+            tuple(self.lengths[i] for i in indices),
+            tuple(self.positions[i] for i in indices),
+        )
+
+
+class _CacheStep:
+    """Merges the new tokens' keys/values into the cached ones, sequence by sequence, for one
+    forward; with `store` it also keeps them to build the next context."""
+
+    def __init__(self, context: BagelContext, new_lengths: list[int], store: bool):
+        self.context, self.store = context, store
+        device = context.keys[0].device
+        old_dest, new_dest, start = [], [], 0
+        for old, new in zip(context.lengths, new_lengths):
+            old_dest.append(torch.arange(start, start + old))
+            new_dest.append(torch.arange(start + old, start + old + new))
+            start += old + new
+        self.total = start
+        self.old_dest = torch.cat(old_dest).to(device)
+        self.new_dest = torch.cat(new_dest).to(device)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def _merge(self, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if cached.shape[0] == 0:
+            return new
+        merged = new.new_empty((self.total,) + new.shape[1:])
+        return merged.index_copy(0, self.old_dest, cached.to(new.dtype)).index_copy(0, self.new_dest, new)
+
+    def keys_values(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._merge(self.context.keys[layer_idx], k)
+        v = self._merge(self.context.values[layer_idx], v)
+        if self.store:
+            self.keys.append(k)
+            self.values.append(v)
+        return k, v
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixin: context operations and generation on BagelForUnifiedMultimodal
+# ----------------------------------------------------------------------------------------------
+
+
 class BagelGenerationMixin:
-    """High-level inference API of `BagelForUnifiedMultimodal`."""
+    """Inference API of `BagelForUnifiedMultimodal` (needs `self.model`, `self.config`, `self.vae`)."""
+
+    # --- contexts --------------------------------------------------------------------------------
+
+    def new_context(self, batch_size: int = 1) -> BagelContext:
+        """An empty context for `batch_size` sequences."""
+        text = self.config.text_config
+        head_dim = text.hidden_size // text.num_attention_heads
+        param = self.get_input_embeddings().weight
+        empty = param.new_zeros(0, text.num_key_value_heads, head_dim)
+        layers = text.num_hidden_layers
+        return BagelContext((empty,) * layers, (empty,) * layers, (0,) * batch_size, (0,) * batch_size)
+
+    def _forward_step(
+        self,
+        context: BagelContext,
+        embeds: torch.Tensor,
+        new_lengths: list[int],
+        position_ids: torch.Tensor,
+        causal: bool,
+        gen_index: torch.Tensor | None = None,
+        store: bool = True,
+    ) -> tuple[torch.Tensor, BagelContext | None]:
+        """Run new tokens (packed, sequence after sequence) against the context.
+        Returns the last hidden state (N, hidden) and, with `store`, the extended context."""
+        if len(new_lengths) != context.batch_size:
+            raise ValueError(f"Got inputs for {len(new_lengths)} sequences but the context holds {context.batch_size}.")
+        plan = AttentionPlan.segments(new_lengths, [o + n for o, n in zip(context.lengths, new_lengths)], causal)
+        route = TokenRoute(embeds.shape[0], gen_index)
+        step = _CacheStep(context, new_lengths, store)
+        hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step)
+        if not store:
+            return hidden, None
+        lengths = tuple(o + n for o, n in zip(context.lengths, new_lengths))
+        return hidden, BagelContext(tuple(step.keys), tuple(step.values), lengths, context.positions)
+
+    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
+        embed = self.get_input_embeddings()
+        return embed(torch.tensor(ids, dtype=torch.long, device=embed.weight.device))
+
+    def _image_blocks(self, payloads: list[torch.Tensor], special: SpecialTokenIds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wrap each sequence's image tokens (n_b, hidden) as [start] tokens [end], packed.
+        Returns the embeddings (sum(n_b + 2), hidden) and the rows holding image tokens."""
+        device = payloads[0].device
+        marker_rows, payload_rows, start = [], [], 0
+        for p in payloads:
+            marker_rows += [start, start + p.shape[0] + 1]
+            payload_rows.append(torch.arange(start + 1, start + 1 + p.shape[0], device=device))
+            start += p.shape[0] + 2
+        markers = self._embed_ids([special.start_of_image, special.end_of_image] * len(payloads))
+        payload_rows = torch.cat(payload_rows)
+        embeds = markers.new_empty(start, markers.shape[1])
+        embeds = embeds.index_copy(0, torch.tensor(marker_rows, device=device), markers)
+        return embeds.index_copy(0, payload_rows, torch.cat(payloads).to(markers.dtype)), payload_rows
+
+    @staticmethod
+    def _block_positions(context: BagelContext, lengths: list[int], device) -> torch.Tensor:
+        """Every token of a sequence's image block sits at that sequence's next rope position."""
+        return torch.repeat_interleave(torch.tensor(context.positions, device=device), torch.tensor(lengths, device=device))
+
+    @torch.no_grad()
+    def add_text_tokens(self, context: BagelContext, token_ids: list[list[int]], special: SpecialTokenIds) -> BagelContext:
+        """Append `[bos] + ids + [eos]` to each sequence (causal, UND weights)."""
+        sequences = [[special.bos, *ids, special.eos] for ids in token_ids]
+        embeds = self._embed_ids([t for s in sequences for t in s])
+        positions = torch.cat(
+            [torch.arange(p, p + len(s)) for p, s in zip(context.positions, sequences)]
+        ).to(embeds.device)
+        lengths = [len(s) for s in sequences]
+        _, new = self._forward_step(context, embeds, lengths, positions, causal=True)
+        return _advance(new, lengths)
+
+    @torch.no_grad()
+    def add_vit_images(self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds) -> BagelContext:
+        """Append one image per sequence through the ViT path. `images` are (3, H, W) tensors in
+        [-1, 1] with H, W multiples of the patch size (see `BagelProcessor.vit_transform`)."""
+        from .processing_bagel import patchify_vit
+
+        device = self.get_input_embeddings().weight.device
+        patches = [patchify_vit(img, self.config.vit_patch_size, self.config.vit_max_num_patch_per_side) for img in images]
+        pixels = torch.cat([p for p, _ in patches]).to(device)
+        pos_ids = torch.cat([i for _, i in patches]).to(device)
+        seqlens = [p.shape[0] for p, _ in patches]
+        vit = self.model.embed_vit_tokens(pixels, pos_ids, torch.tensor(seqlens)).split(seqlens)
+        embeds, _ = self._image_blocks(list(vit), special)
+        lengths = [n + 2 for n in seqlens]
+        _, new = self._forward_step(context, embeds, lengths, self._block_positions(context, lengths, device), causal=False)
+        return _advance(new, [1] * len(lengths))
+
+    @torch.no_grad()
+    def add_vae_images(self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds) -> BagelContext:
+        """Append one image per sequence through the VAE path (clean latent, t = 0, GEN weights).
+        `images` are (3, H, W) tensors in [-1, 1] with H, W multiples of 16."""
+        self._require_generation()
+        device = self.get_input_embeddings().weight.device
+        tokens, pos_ids = [], []
+        for img in images:
+            h, w = self._latent_grid(img.shape[-2], img.shape[-1])
+            latent = self.vae.encode(img[None].to(device, self.vae.encoder.conv_in.weight.dtype))[0]
+            tokens.append(patchify_latent(latent, self.config.latent_patch_size))
+            pos_ids.append(latent_position_ids(h, w, self.config.max_latent_size, device))
+        x0, pos = torch.cat(tokens), torch.cat(pos_ids)
+        latent_embeds = self.model.embed_latent_tokens(x0, torch.zeros(x0.shape[0], device=device), pos)
+        embeds, gen_rows = self._image_blocks(list(latent_embeds.split([t.shape[0] for t in tokens])), special)
+        lengths = [t.shape[0] + 2 for t in tokens]
+        positions = self._block_positions(context, lengths, device)
+        _, new = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows)
+        return _advance(new, [1] * len(lengths))
+
+    # --- text ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_text_ids(
+        self,
+        context: BagelContext,
+        special: SpecialTokenIds,
+        max_length: int = 500,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ):
+        """Decode every sequence from bos until eos or `max_length` ids (bos included, eos not,
+        as the reference returns them). Returns a list of id lists, and with `return_logits` the
+        list of per-step logits (steps, vocab) of each sequence."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}.")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise ValueError(f"Sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
+        device = self.get_input_embeddings().weight.device
+        batch = context.batch_size
+        outputs = [[special.bos] for _ in range(batch)]
+        step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        active = list(range(batch))
+        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=device)
+        for _ in range(max_length):
+            positions = torch.tensor(context.positions, device=device)
+            hidden, context = self._forward_step(context, self.get_input_embeddings()(tokens), [1] * len(active),
+                                                 positions, causal=True)  # fmt: skip
+            context = _advance(context, [1] * len(active))
+            logits = self.get_output_embeddings()(hidden).float()
+            tokens = _next_tokens(logits, do_sample, temperature, top_p, generator)
+            keep = []
+            for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
+                step_logits[seq].append(logits[row])
+                if token == special.eos or len(outputs[seq]) == max_length:
+                    continue
+                outputs[seq].append(token)
+                keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(active):  # drop finished sequences from the batch
+                context, tokens = context.select(keep), tokens[keep]
+                active = [active[r] for r in keep]
+        if return_logits:
+            return outputs, [torch.stack(rows) for rows in step_logits]
+        return outputs
+
+    # --- images ----------------------------------------------------------------------------------
+
+    def _require_generation(self) -> None:
+        if not self.config.visual_gen or self.vae is None:
+            raise ValueError(
+                "Image generation and VAE inputs need a stage-2 model with its VAE: load it with stage=2 "
+                "from a checkpoint that has ae.safetensors."
+            )
+
+    def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Image size in pixels -> latent token grid, with clear errors."""
+        stride = self.vae.downsample * self.config.latent_patch_size
+        if height % stride or width % stride or height <= 0 or width <= 0:
+            raise ValueError(f"Image height and width must be positive multiples of {stride}, got {height}x{width}.")
+        h, w = height // stride, width // stride
+        limit = self.config.max_latent_size
+        if h > limit or w > limit:
+            raise ValueError(f"{height}x{width} is too large: at most {limit * stride} pixels per side.")
+        return h, w
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        context: BagelContext,
+        cfg_text_context: BagelContext,
+        cfg_img_context: BagelContext,
+        image_sizes: list[tuple[int, int]],
+        special: SpecialTokenIds,
+        params: GuidanceParams = GuidanceParams(),
+        init_noise: list[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> list[torch.Tensor]:
+        """Flow-matching sampling of one image per sequence. `image_sizes` are (height, width) in
+        pixels; returns the final latent tokens (h*w, p*p*C) of each sequence."""
+        self._require_generation()
+        device = self.get_input_embeddings().weight.device
+        grids = [self._latent_grid(h, w) for h, w in image_sizes]
+        counts = [h * w for h, w in grids]
+        dim = self.config.latent_patch_size**2 * self.model.latent_channel
+        if init_noise is None:
+            init_noise = [torch.randn(n, dim, generator=generator, device=generator.device if generator else "cpu")
+                          for n in counts]  # fmt: skip
+        x = torch.cat([n.float() for n in init_noise]).to(device)
+        pos = torch.cat([latent_position_ids(h, w, self.config.max_latent_size, device) for h, w in grids])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+
+        guided = params.cfg_text_scale > 1.0
+        branches = [context] + ([cfg_text_context] if guided else [])
+        branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
+        all_branches = BagelContext.concat(branches)
+        timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
+        steps = range(len(timesteps) - 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="Denoising")
+        for i in steps:
+            t = timesteps[i]
+            use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
+            ctx = all_branches if use_cfg else context
+            n_branches = len(branches) if use_cfg else 1
+            velocities = self._predict_velocity(ctx, x, t, pos, counts, n_branches, special).chunk(n_branches)
+            v = _guide(velocities, params, seq_of_token, len(counts)) if use_cfg else velocities[0]
+            x = x - v * (t - timesteps[i + 1])
+        return list(x.split(counts))
+
+    def _predict_velocity(self, context, x, t, pos, counts, n_branches, special) -> torch.Tensor:
+        """One flow step's velocity for every sequence of `context`: the latents x (N, p*p*C) of
+        the B images, repeated for each of the `n_branches` guidance branches (B sequences each)."""
+        x_all, pos_all = x.repeat(n_branches, 1), pos.repeat(n_branches)
+        timestep = torch.full((x_all.shape[0],), t, device=x.device)
+        latents = self.model.embed_latent_tokens(x_all, timestep, pos_all)
+        embeds, gen_rows = self._image_blocks(list(latents.split(counts * n_branches)), special)
+        lengths = [n + 2 for n in counts * n_branches]
+        positions = self._block_positions(context, lengths, x.device)
+        hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False)
+        return self.model.llm2vae(hidden[gen_rows]).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Latent tokens -> (1, C, 2h, 2w) latents -> VAE decode -> (1, 3, H, W) images in ~[-1, 1]."""
+        p = self.config.latent_patch_size
+        images = []
+        for tokens, (height, width) in zip(latent_tokens, image_sizes):
+            h, w = self._latent_grid(height, width)
+            latent = unpatchify_latent(tokens, h, w, p)[None]
+            images.append(self.vae.decode(latent.to(self.vae.decoder.conv_in.weight.dtype)))
+        return images
+
+
+def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
+    """The same context with each sequence's next rope position moved on."""
+    positions = tuple(p + s for p, s in zip(context.positions, steps))
+    return BagelContext(context.keys, context.values, context.lengths, positions)
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Greedy, or sampling with temperature and nucleus (top-p) filtering. logits (B, vocab)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    sample_on = probs if generator is None else probs.to(generator.device)
+    return torch.multinomial(sample_on, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sequence L2 norm over all elements, broadcast back to tokens: (N, 1)."""
+    sq = torch.zeros(batch, device=v.device, dtype=v.dtype).index_add_(0, seq_of_token, v.pow(2).sum(-1))
+    return sq.sqrt()[seq_of_token][:, None]
+
+
+def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, params, seq_of_token, batch):
+    """Scale `guided` so its norm does not exceed the unguided one (clamped to [renorm_min, 1])."""
+    if per_token:
+        norm_ref, norm_guided = reference.norm(dim=-1, keepdim=True), guided.norm(dim=-1, keepdim=True)
+    else:
+        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, batch), _segment_norm(guided, seq_of_token, batch)
+    return guided * (norm_ref / (norm_guided + 1e-8)).clamp(min=params.cfg_renorm_min, max=1.0)
+
+
+def _guide(velocities, params: GuidanceParams, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:
+    """Combine the branch velocities as the reference does (text, then image guidance, renorm)."""
+    v, v_text = velocities[0], velocities[1]
+    v_img = velocities[2] if len(velocities) > 2 else None
+    guided_text = v_text + params.cfg_text_scale * (v - v_text)
+    if params.cfg_renorm_type == "text_channel":
+        guided_text = _renorm(v, guided_text, True, params, seq_of_token, batch)
+        return guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
+    guided = guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
+    return _renorm(v, guided, params.cfg_renorm_type == "channel", params, seq_of_token, batch)
