@@ -1,0 +1,395 @@
+# coding=utf-8
+"""Processor for BAGEL (ByteDance-Seed/Bagel): text tokenizer plus the VAE and ViT image transforms.
+
+The image preprocessing follows the reference implementation:
+
+* images are converted to RGB, alpha being flattened onto a white background;
+* they are resized with the "max long edge / min short edge" rule, both sides made divisible by a stride
+  (VAE: 1024 / 512 / 16, ViT: 980 / 224 / 14), with bicubic antialiased resampling (PIL);
+* they become float32 tensors in [-1, 1] (``ToTensor`` followed by ``Normalize(0.5, 0.5)``);
+* for the ViT, the (3, H, W) tensor is cut into flattened patches with NaViT-style position ids.
+
+This module depends only on torch, PIL and transformers (no torchvision) and imports nothing relatively, so it
+can live alone in a Hub repository and be loaded with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from PIL import Image
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Smallest accepted input side, in pixels (both width and height must be at least this).
+MIN_IMAGE_SIDE = 16
+#: Largest accepted input area, in pixels (64 megapixels, e.g. 8000 x 8000).
+MAX_IMAGE_PIXELS = 64_000_000
+#: Pixel budget of the reference ``ImageTransform`` (its default ``max_pixels``, 14 * 14 * 9 * 1024).
+DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
+
+VAE_MAX_SIZE, VAE_MIN_SIZE, VAE_STRIDE = 1024, 512, 16
+VIT_MAX_SIZE, VIT_MIN_SIZE, VIT_STRIDE = 980, 224, 14
+VIT_PATCH_SIZE = 14
+VIT_MAX_NUM_PATCH_PER_SIDE = 70
+
+BOS_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+START_OF_IMAGE_TOKEN = "<|vision_start|>"
+END_OF_IMAGE_TOKEN = "<|vision_end|>"
+BAGEL_SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, START_OF_IMAGE_TOKEN, END_OF_IMAGE_TOKEN)
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _require_pil(image: Any, name: str = "image") -> Image.Image:
+    if not isinstance(image, Image.Image):
+        kind = type(image)
+        raise TypeError(
+            f"{name} must be a PIL.Image.Image, got {kind.__module__}.{kind.__qualname__}; "
+            "open files with PIL.Image.open(path) and convert arrays with PIL.Image.fromarray(array)."
+        )
+    return image
+
+
+def check_image_size(image: Image.Image) -> None:
+    """Raise ``ValueError`` unless ``image`` (PIL, size W x H) has both sides >= ``MIN_IMAGE_SIDE`` and at most
+    ``MAX_IMAGE_PIXELS`` pixels."""
+    width, height = _require_pil(image).size
+    if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image size {width}x{height} (width x height, {width * height} pixels) is out of range: both sides "
+            f"must be at least {MIN_IMAGE_SIDE} pixels and the area at most {MAX_IMAGE_PIXELS} pixels "
+            f"({MAX_IMAGE_PIXELS / 1e6:g} megapixels)."
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to mode ``RGB`` (same W x H).
+
+    Images with an alpha band (RGBA, LA, PA, ...) or palette/other images with a ``transparency`` entry are
+    composited onto a white background by their alpha, as the reference ``pil_img2rgb`` does for RGBA. (The
+    reference drops the alpha of LA images instead of flattening it; here every alpha is flattened onto white.)
+
+    Raises:
+        TypeError: ``image`` is not a ``PIL.Image.Image``.
+    """
+    image = _require_pil(image)
+    if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")
+
+
+def _make_divisible(value: float, stride: int) -> int:
+    """Nearest multiple of ``stride`` (Python's round-half-to-even), at least ``stride``."""
+    return max(stride, int(round(value / stride) * stride))
+
+
+def _apply_scale(width: int, height: int, scale: float, stride: int) -> tuple[int, int]:
+    new_width = _make_divisible(round(width * scale), stride)
+    new_height = _make_divisible(round(height * scale), stride)
+    return new_width, new_height
+
+
+def get_resize_size(
+    width: int,
+    height: int,
+    max_size: int,
+    min_size: int,
+    stride: int,
+    max_pixels: float = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Target ``(new_width, new_height)`` of the reference ``MaxLongEdgeMinShortEdgeResize`` rule.
+
+    1. ``scale = min(max_size / long_side, 1)``, then ``scale = max(scale, min_size / short_side)``;
+       each side becomes ``round(side * scale)`` snapped to a multiple of ``stride`` (at least ``stride``).
+    2. If ``new_width * new_height > max_pixels``: rescale those sides by ``max_pixels / (new_width * new_height)``
+       (the reference applies this area ratio as a linear factor) and snap again.
+    3. If the long side still exceeds ``max_size``: rescale by ``max_size / long_side`` and snap again.
+
+    Python's ``round`` (half to even) is used throughout, as in the reference.
+    """
+    scale = min(max_size / max(width, height), 1.0)
+    scale = max(scale, min_size / min(width, height))
+    new_width, new_height = _apply_scale(width, height, scale, stride)
+    if new_width * new_height > max_pixels:
+        scale = max_pixels / (new_width * new_height)
+        new_width, new_height = _apply_scale(new_width, new_height, scale, stride)
+    if max(new_width, new_height) > max_size:
+        scale = max_size / max(new_width, new_height)
+        new_width, new_height = _apply_scale(new_width, new_height, scale, stride)
+    return new_width, new_height
+
+
+def resize_image(
+    image: Image.Image,
+    max_size: int,
+    min_size: int,
+    stride: int,
+    max_pixels: float = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Resize a PIL image (W x H) to ``get_resize_size(W, H, ...)`` with bicubic resampling.
+
+    PIL's ``resize`` is antialiased, which is what ``torchvision.transforms.functional.resize(pil_image, ...,
+    BICUBIC, antialias=True)`` calls in the reference. An image already at the target size is returned as a copy.
+
+    Raises:
+        TypeError: ``image`` is not a PIL image.
+        ValueError: the image is smaller than ``MIN_IMAGE_SIDE`` on a side or larger than ``MAX_IMAGE_PIXELS``.
+    """
+    check_image_size(image)
+    width, height = image.size
+    new_size = get_resize_size(width, height, max_size, min_size, stride, max_pixels)
+    if new_size == (width, height):
+        return image.copy()
+    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image (W x H, converted to RGB if needed) -> float32 tensor of shape (3, H, W) in [-1, 1].
+
+    Same arithmetic as ``ToTensor()`` then ``Normalize(mean=0.5, std=0.5)``: ``(x / 255 - 0.5) / 0.5``.
+    """
+    image = _require_pil(image)
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    width, height = image.size
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    tensor = data.view(height, width, 3).permute(2, 0, 1).contiguous()
+    tensor = tensor.to(torch.float32).div(255)
+    return tensor.sub_(0.5).div_(0.5)
+
+
+def tensor_to_image(x: torch.Tensor, round_values: bool = True) -> Image.Image:
+    """Tensor of shape (3, H, W) or (1, 3, H, W) with values in [-1, 1] -> PIL RGB image (W x H).
+
+    Values map to ``clamp((x + 1) / 2, 0, 1) * 255``, rounded to the nearest integer. With
+    ``round_values=False`` they are truncated instead, as the reference decoder does (``.to(torch.uint8)``).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__module__}.{type(x).__qualname__}.")
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected a tensor of shape (3, H, W) or (1, 3, H, W), got {tuple(x.shape)}.")
+    x = (x.detach().to("cpu", torch.float32) * 0.5 + 0.5).clamp(0, 1) * 255
+    if round_values:
+        x = x.round()
+    data = x.permute(1, 2, 0).to(torch.uint8).contiguous()
+    height, width = data.shape[:2]
+    return Image.frombytes("RGB", (width, height), bytes(data.numpy().tobytes()))
+
+
+def patchify_vit(
+    pixels: torch.Tensor, patch_size: int, max_num_patch_per_side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a (3, H, W) tensor into ViT patches.
+
+    Returns:
+        patches: (N, 3 * P * P) with N = (H / P) * (W / P), patches in (row, col) raster order, each flattened in
+            (py, px, channel) order, i.e. ``patches[r * (W / P) + c, (py * P + px) * 3 + ch] ==
+            pixels[ch, r * P + py, c * P + px]``.
+        position_ids: (N,) int64, ``row * max_num_patch_per_side + col``.
+
+    Raises:
+        ValueError: H or W is not a multiple of ``patch_size``, or the grid has more than
+            ``max_num_patch_per_side`` patches on a side.
+    """
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 3:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"expected a tensor of shape (C, H, W), got {shape}.")
+    p = patch_size
+    channels, height, width = pixels.shape
+    if height % p or width % p:
+        raise ValueError(f"image size {height}x{width} (H x W) is not a multiple of the patch size {p}.")
+    rows, cols = height // p, width // p
+    if rows > max_num_patch_per_side or cols > max_num_patch_per_side:
+        raise ValueError(
+            f"patch grid {rows}x{cols} (rows x cols) exceeds max_num_patch_per_side={max_num_patch_per_side}."
+        )
+    patches = pixels.reshape(channels, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(rows * cols, p * p * channels)
+    row_ids = torch.arange(rows, device=pixels.device)
+    col_ids = torch.arange(cols, device=pixels.device)
+    position_ids = (row_ids[:, None] * max_num_patch_per_side + col_ids[None, :]).flatten()
+    return patches, position_ids
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer helper
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_bagel_special_tokens(tokenizer) -> tuple[Any, dict[str, int], int]:
+    """Add the four BAGEL tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|vision_end|>``) to
+    ``tokenizer`` when it does not know them, as the reference ``add_special_tokens`` does.
+
+    Returns:
+        ``(tokenizer, ids, num_new_tokens)`` with ``ids`` = ``{"bos_token_id", "eos_token_id", "start_of_image",
+        "end_of_image"}`` (the reference's keys). The tokenizer is modified in place.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in BAGEL_SPECIAL_TOKENS if token not in vocab]
+    num_new_tokens = tokenizer.add_tokens(missing) if missing else 0
+    ids = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        start_of_image=tokenizer.convert_tokens_to_ids(START_OF_IMAGE_TOKEN),
+        end_of_image=tokenizer.convert_tokens_to_ids(END_OF_IMAGE_TOKEN),
+    )
+    return tokenizer, ids, num_new_tokens
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class BagelProcessor(ProcessorMixin):
+    """Tokenizer plus BAGEL's image transforms.
+
+    The tokenizer (a Qwen2 tokenizer) is the only sub-processor; the image transforms are methods configured by the
+    plain keyword arguments below, all saved in ``processor_config.json``. The four BAGEL special tokens are added
+    to the tokenizer when it lacks them (as the reference does when it loads a tokenizer).
+
+    Args:
+        tokenizer: a ``PreTrainedTokenizerBase`` (Qwen2).
+        chat_template: optional chat template.
+        vae_max_size, vae_min_size, vae_stride: resize rule of the VAE (generation / editing) input.
+        vit_max_size, vit_min_size, vit_stride: resize rule of the ViT (understanding) input.
+        vit_patch_size: ViT patch side in pixels.
+        vit_max_num_patch_per_side: side of the ViT position-embedding grid.
+        max_pixels: pixel budget of the resize rule (reference default 14 * 14 * 9 * 1024; never reached with the
+            default sizes).
+    """
+
+    # Every argument must stay positional-or-keyword: `from_args_and_dict` only forwards those.
+    def __init__(
+        self,
+        tokenizer,
+        chat_template=None,
+        vae_max_size: int = VAE_MAX_SIZE,
+        vae_min_size: int = VAE_MIN_SIZE,
+        vae_stride: int = VAE_STRIDE,
+        vit_max_size: int = VIT_MAX_SIZE,
+        vit_min_size: int = VIT_MIN_SIZE,
+        vit_stride: int = VIT_STRIDE,
+        vit_patch_size: int = VIT_PATCH_SIZE,
+        vit_max_num_patch_per_side: int = VIT_MAX_NUM_PATCH_PER_SIDE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.vae_max_size = int(vae_max_size)
+        self.vae_min_size = int(vae_min_size)
+        self.vae_stride = int(vae_stride)
+        self.vit_max_size = int(vit_max_size)
+        self.vit_min_size = int(vit_min_size)
+        self.vit_stride = int(vit_stride)
+        self.vit_patch_size = int(vit_patch_size)
+        self.vit_max_num_patch_per_side = int(vit_max_num_patch_per_side)
+        self.max_pixels = int(max_pixels)
+        super().__init__(tokenizer, chat_template=chat_template)
+        _, _, num_new = add_bagel_special_tokens(self.tokenizer)
+        if num_new:
+            logger.warning(
+                f"Added {num_new} BAGEL special token(s) to the tokenizer; its length is now {len(tokenizer)}."
+            )
+
+    # ---- serialization -------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        auto_map = dict(output.get("auto_map") or {})
+        auto_map.setdefault("AutoProcessor", f"processing_bagel.{self.__class__.__name__}")
+        output["auto_map"] = auto_map
+        return output
+
+    # ---- images --------------------------------------------------------------------------------------------------
+
+    def vae_transform(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of ``vae_stride`` (VAE input)."""
+        check_image_size(image)  # before converting, so oversized images fail cheaply
+        image = resize_image(to_rgb(image), self.vae_max_size, self.vae_min_size, self.vae_stride, self.max_pixels)
+        return image_to_tensor(image)
+
+    def vit_transform(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of ``vit_stride`` (ViT input)."""
+        check_image_size(image)  # before converting, so oversized images fail cheaply
+        image = resize_image(to_rgb(image), self.vit_max_size, self.vit_min_size, self.vit_stride, self.max_pixels)
+        return image_to_tensor(image)
+
+    def vit_patches(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """PIL image -> ``(patches (N, 3 * P * P), position_ids (N,))`` for the ViT (see ``patchify_vit``)."""
+        return patchify_vit(self.vit_transform(image), self.vit_patch_size, self.vit_max_num_patch_per_side)
+
+    # ---- text ----------------------------------------------------------------------------------------------------
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text``, no special tokens added."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__module__}.{type(text).__qualname__}.")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int] | torch.Tensor, **kwargs) -> str:
+        """Text of ``ids`` (keyword arguments go to the tokenizer's ``decode``, e.g. ``skip_special_tokens``)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), **kwargs)
+
+    @property
+    def bos_token_id(self) -> int:
+        """Id of ``<|im_start|>``."""
+        return self.tokenizer.convert_tokens_to_ids(BOS_TOKEN)
+
+    @property
+    def eos_token_id(self) -> int:
+        """Id of ``<|im_end|>``."""
+        return self.tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+
+    @property
+    def start_of_image_id(self) -> int:
+        """Id of ``<|vision_start|>``."""
+        return self.tokenizer.convert_tokens_to_ids(START_OF_IMAGE_TOKEN)
+
+    @property
+    def end_of_image_id(self) -> int:
+        """Id of ``<|vision_end|>``."""
+        return self.tokenizer.convert_tokens_to_ids(END_OF_IMAGE_TOKEN)
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """The four ids under the reference's names (``bos_token_id``, ``eos_token_id``, ``start_of_image``,
+        ``end_of_image``)."""
+        return dict(
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            start_of_image=self.start_of_image_id,
+            end_of_image=self.end_of_image_id,
+        )
+
+
+__all__ = [
+    "BagelProcessor",
+    "add_bagel_special_tokens",
+    "check_image_size",
+    "get_resize_size",
+    "image_to_tensor",
+    "patchify_vit",
+    "resize_image",
+    "tensor_to_image",
+    "to_rgb",
+]
