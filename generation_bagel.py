@@ -415,6 +415,182 @@ class BagelGenerationMixin:
         return images
 
 
+    # --- the high-level API -------------------------------------------------------------------
+
+    def _processor(self, processor):
+        processor = processor if processor is not None else getattr(self, "processor", None)
+        if processor is None:
+            raise ValueError(
+                "No processor: load the model with from_pretrained from a directory that has tokenizer files, "
+                "or pass processor=BagelProcessor.from_pretrained(...)."
+            )
+        return processor
+
+    @torch.no_grad()
+    def interleave(
+        self,
+        inputs: list,
+        understanding_output: bool = False,
+        think: bool = False,
+        max_new_tokens: int = 1000,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+        top_p: float = 1.0,
+        height: int = 1024,
+        width: int = 1024,
+        params: GuidanceParams = GuidanceParams(),
+        seed: int | list[int] | None = None,
+        progress: bool = True,
+        processor=None,
+    ) -> list:
+        """The reference's interleaved inference: `inputs` is a list of strings and PIL images (or a
+        list of such lists, all of the same shape, for a batch). Returns what the model produces:
+        `[text]` with `understanding_output`, else `[image]` (`[thinking, image]` with `think`);
+        a list of those for a batch. Images in the input are resized by the VAE rule first; a
+        generated image then has the size of the last input image, else `height` x `width`.
+        `seed` (one per request, or one int: request i uses seed + i) makes sampling reproducible
+        and independent of batching."""
+        processor = self._processor(processor)
+        batched = bool(inputs) and isinstance(inputs[0], (list, tuple))
+        batch = [list(x) for x in inputs] if batched else [list(inputs)]
+        _check_interleaved(batch)
+        special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
+                                  processor.start_of_image_id, processor.end_of_image_id)  # fmt: skip
+        if not understanding_output:
+            self._require_generation()
+        generators = _generators(seed, len(batch))
+        sizes = [(height, width)] * len(batch)
+        gen = self.new_context(len(batch))
+        cfg_text = cfg_img = gen
+        if think:
+            prompt = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
+            gen = cfg_img = self.add_text_tokens(gen, [processor.encode_text(prompt)] * len(batch), special)
+        for items in zip(*batch):
+            if isinstance(items[0], str):
+                ids = [processor.encode_text(text) for text in items]
+                cfg_text, shared = gen, cfg_img is gen  # no text branch: the context before this text
+                gen = self.add_text_tokens(gen, ids, special)
+                cfg_img = gen if shared else self.add_text_tokens(cfg_img, ids, special)
+            else:
+                from .processing_bagel import resize_image, to_rgb
+
+                images = [resize_image(to_rgb(img), processor.vae_max_size, processor.vae_min_size,
+                                       processor.vae_stride, processor.max_pixels) for img in items]  # fmt: skip
+                if not understanding_output:
+                    gen = self.add_vae_images(gen, [processor.vae_transform(img) for img in images], special)
+                gen = self.add_vit_images(gen, [processor.vit_transform(img) for img in images], special)
+                sizes = [(img.height, img.width) for img in images]
+                cfg_text = gen
+        if not understanding_output:
+            for h, w in sizes:
+                self._latent_grid(h, w)
+        outputs: list[list] = [[] for _ in batch]
+        if understanding_output or think:
+            texts = self.generate_text_ids(gen, special, max_length=max_new_tokens + 1, do_sample=do_sample,
+                                           temperature=temperature, top_p=top_p, generator=generators[0])  # fmt: skip
+            for out, ids in zip(outputs, texts):
+                out.append(processor.decode(ids[1:]))
+            if understanding_output:
+                return outputs if batched else outputs[0]
+            gen = self.add_text_tokens(gen, [ids[1:] for ids in texts], special)
+        noise = None
+        if generators[0] is not None:
+            dim = self.config.latent_patch_size**2 * self.model.latent_channel
+            noise = [torch.randn(_count(self._latent_grid(h, w)), dim, generator=g) for (h, w), g in zip(sizes, generators)]
+        latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress)
+        from .processing_bagel import tensor_to_image
+
+        for out, image in zip(outputs, self.decode_latents(latents, sizes)):
+            out.append(tensor_to_image(image.float().cpu()))
+        return outputs if batched else outputs[0]
+
+    def chat(self, images, prompt, think: bool = False, max_new_tokens: int = 512, do_sample: bool = False,
+             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None):  # fmt: skip
+        """Answer `prompt` about `images` (None, one PIL image or a list). A list of prompts is a
+        batch; `images` is then a list with one entry (None, image or list) per prompt."""
+        prompts, image_lists = _as_batch(prompt, images)
+        batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
+        out = self.interleave(batch, understanding_output=True, think=think, max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor)  # fmt: skip
+        texts = [o[0] for o in out]
+        return texts if isinstance(prompt, (list, tuple)) else texts[0]
+
+    def generate_image(self, prompt, height: int = 1024, width: int = 1024, think: bool = False,
+                       num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
+                       cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
+                       timestep_shift: float = 3.0, seed=None, progress: bool = True, processor=None):  # fmt: skip
+        """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
+        with `think`, (thinking text, image) pairs."""
+        params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
+                                cfg_renorm_type, cfg_renorm_min)  # fmt: skip
+        prompts, _ = _as_batch(prompt, None)
+        out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
+                              seed=seed, progress=progress, processor=processor)  # fmt: skip
+        results = [tuple(o) if think else o[0] for o in out]
+        return results if isinstance(prompt, (list, tuple)) else results[0]
+
+    def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
+                   cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
+                   cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
+                   processor=None):  # fmt: skip
+        """Edit `image` as `prompt` says; the result has the size of the VAE-resized input. Lists of
+        images and prompts (same length) are a batch."""
+        params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
+                                cfg_renorm_type, cfg_renorm_min)  # fmt: skip
+        prompts, image_lists = _as_batch(prompt, image)
+        if any(len(imgs) != 1 for imgs in image_lists):
+            raise ValueError("edit_image takes exactly one image per prompt.")
+        out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
+                              seed=seed, progress=progress, processor=processor)  # fmt: skip
+        results = [tuple(o) if think else o[0] for o in out]
+        return results if isinstance(prompt, (list, tuple)) else results[0]
+
+
+def _count(grid: tuple[int, int]) -> int:
+    return grid[0] * grid[1]
+
+
+def _generators(seed, batch: int) -> list:
+    if seed is None:
+        return [None] * batch
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+    if len(seeds) != batch:
+        raise ValueError(f"Got {len(seeds)} seeds for {batch} requests.")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
+    """Normalise (prompt, images) of one request or of a batch to per-request lists."""
+    if isinstance(prompt, (list, tuple)):
+        prompts = list(prompt)
+        per_request = [None] * len(prompts) if images is None else list(images)
+        if len(per_request) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(per_request)} image entries; give one per prompt.")
+    else:
+        prompts, per_request = [prompt], [images]
+    as_list = lambda x: [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+    return prompts, [as_list(x) for x in per_request]
+
+
+def _check_interleaved(batch: list[list]) -> None:
+    """Clear errors for inputs that are not non-empty strings and PIL images of one shape."""
+    from PIL import Image
+
+    if not batch or not batch[0]:
+        raise ValueError("Nothing to run: give at least one prompt or image.")
+    for request in batch:
+        if len(request) != len(batch[0]):
+            raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
+        for item, first in zip(request, batch[0]):
+            if isinstance(item, str):
+                if not item.strip():
+                    raise ValueError("Empty prompt: give some text to condition on.")
+            elif not isinstance(item, Image.Image):
+                raise TypeError(f"Inputs must be str or PIL.Image.Image, got {type(item).__name__}.")
+            if isinstance(item, str) != isinstance(first, str):
+                raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
+
+
 def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
     """The same context with each sequence's next rope position moved on."""
     positions = tuple(p + s for p, s in zip(context.positions, steps))
