@@ -84,8 +84,9 @@ class Qwen2MoTAttention(nn.Module):
         q = self._routed("q_proj", x, route).view(n, self.num_heads, self.head_dim)
         k = self._routed("k_proj", x, route).view(n, self.num_kv_heads, self.head_dim)
         v = self._routed("v_proj", x, route).view(n, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(self._routed("q_norm", q, route), *rotary)
-        k = apply_rotary(self._routed("k_norm", k, route), *rotary)
+        # Norms compute in float32; under autocast their output can come back wider than v.
+        q = apply_rotary(self._routed("q_norm", q, route), *rotary).to(v.dtype)
+        k = apply_rotary(self._routed("k_norm", k, route), *rotary).to(v.dtype)
         if cache is not None:  # keys/values of the cached context, merged with these tokens' own
             k, v = cache.keys_values(self.layer_idx, k, v)
         out = packed_attention(q, k, v, plan).reshape(n, self.num_heads * self.head_dim)

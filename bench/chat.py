@@ -1,0 +1,45 @@
+"""Chat: one 980x980 image (4900 ViT tokens) + a 30-token prompt, then 128 greedy tokens; with
+--batch N, N such requests decode together. Full-size BAGEL-7B-MoT with random weights, bf16.
+
+    python bench/chat.py [--batch 1] [--new-tokens 128]
+"""
+
+import argparse
+
+import torch
+from common import Timer, build_model, full_size_config, report, special_ids
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--stage", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = full_size_config(stage=args.stage)
+    model = build_model(config)
+    special = special_ids(config)
+    special = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)  # never stop early
+    images = [torch.rand(3, 980, 980, device="cuda") * 2 - 1 for _ in range(args.batch)]
+    prompts = [torch.randint(0, 150000, (30,)).tolist() for _ in range(args.batch)]
+
+    def prefill():
+        context = model.add_vit_images(model.new_context(args.batch), images, special)
+        return model.add_text_tokens(context, prompts, special)
+
+    context = prefill()
+    model.generate_text_ids(context, special, max_length=8)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    with Timer() as t_prefill:
+        context = prefill()
+    with Timer() as t_decode:
+        ids = model.generate_text_ids(context, special, max_length=args.new_tokens + 1)
+    generated = sum(len(x) - 1 for x in ids)
+    report(workload="chat", batch=args.batch, prefill_s=round(t_prefill.seconds, 3),
+           decode_s=round(t_decode.seconds, 3), new_tokens=generated,
+           tokens_per_s=round(generated / t_decode.seconds, 1))
+
+
+if __name__ == "__main__":
+    main()

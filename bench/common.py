@@ -1,0 +1,81 @@
+"""Shared helpers of the GPU benchmarks: import the repo as a package, build a full-size BAGEL with
+random weights straight on the GPU, time and measure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def import_repo(name: str = "bagel_remote"):
+    """The remote-code modules import each other relatively: load the repo root as a package."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def full_size_config(num_llm_layers: int | None = None, stage: int = 2):
+    """BAGEL-7B-MoT's configuration (the repo's config.json), optionally with fewer LLM layers."""
+    import_repo()
+    from bagel_remote.configuration_bagel import BagelConfig
+
+    config = BagelConfig.from_pretrained(REPO_ROOT)
+    config.stage = stage
+    if num_llm_layers is not None:
+        config.text_config.num_hidden_layers = num_llm_layers
+    return config
+
+
+def build_model(config, dtype=torch.bfloat16, device: str = "cuda"):
+    """Random-weight model built directly on the GPU in `dtype` (never on the CPU first)."""
+    from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = BagelForUnifiedMultimodal(config)
+    finally:
+        torch.set_default_dtype(previous)
+    # llm2vae starts at zero; give it small random values so generation does real work.
+    with torch.no_grad():
+        model.model.llm2vae.weight.normal_(0, 0.02)
+    return model.eval()
+
+
+def special_ids(config):
+    from bagel_remote.generation_bagel import SpecialTokenIds
+
+    # Qwen2 / BAGEL ids: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
+    return SpecialTokenIds(151644, 151645, 151652, 151653)
+
+
+class Timer:
+    """Wall time of a CUDA region (synchronised)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def report(**values) -> None:
+    values.setdefault("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    values.setdefault("peak_gb", round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else 0)
+    values.setdefault("torch", torch.__version__)
+    print(json.dumps(values), flush=True)
