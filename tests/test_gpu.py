@@ -1,0 +1,75 @@
+"""GPU checks (skipped without CUDA): the parity fixtures on the GPU in float32, and the fast bf16
+varlen-kernel attention path against the exact per-segment path on a tiny model."""
+
+import pytest
+import torch
+from conftest import assert_close
+
+from bagel_remote import attention_bagel
+from bagel_remote.attention_bagel import AttentionPlan, packed_attention
+from bagel_remote.configuration_bagel import BagelConfig
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _parity_model(parity, dtype=torch.float32):
+    model = BagelForUnifiedMultimodal(BagelConfig.from_pretrained(parity.checkpoint)).eval()
+    model.load_state_dict(load_bagel_checkpoint_state_dict(parity.checkpoint, stage=2), strict=False)
+    return model.to("cuda", dtype)
+
+
+def _train_inputs(parity, dtype=torch.float32):
+    inputs = {k: v.cuda() for k, v in parity.case_inputs("train").items()}
+    noise = inputs.pop("noise")
+    inputs.pop("padded_images")
+    meta = parity.meta["cases"]["train"]
+    for name in ("padded_latent", "packed_vit_tokens"):
+        inputs[name] = inputs[name].to(dtype)
+    return dict(inputs, sequence_length=meta["sequence_length"], sample_lens=meta["sample_lens"],
+                split_lens=meta["split_lens"], attn_modes=meta["attn_modes"],
+                patchified_vae_latent_shapes=meta["patchified_vae_latent_shapes"], packed_noise=noise,
+                output_hidden_states=True)
+
+
+def test_train_parity_on_gpu_float32(parity):
+    model = _parity_model(parity)
+    with torch.no_grad():
+        out = model(**_train_inputs(parity))
+    for name in ("ce", "mse", "last_hidden_state"):
+        assert_close(out[name], parity.expected[f"train.{name}"], 1e-4, name)
+
+
+def test_bf16_varlen_path_matches_exact_path(parity, monkeypatch):
+    """The same bf16 model, with the varlen kernel and with per-segment SDPA."""
+    if attention_bagel.flash_attn_varlen_func is None and attention_bagel._torch_varlen_attn is None:
+        pytest.skip("no varlen kernel in this torch and no flash-attn")
+    model = _parity_model(parity, torch.bfloat16)
+    inputs = _train_inputs(parity, torch.bfloat16)
+    with torch.no_grad():
+        fast = model(**inputs)
+        monkeypatch.setattr(attention_bagel, "varlen_attention",
+                            lambda q, k, v, group: attention_bagel._sdpa_per_segment(q, k, v, group))
+        plain = model(**inputs)
+    for name in ("ce", "mse", "last_hidden_state"):
+        err = ((fast[name].float() - plain[name].float()).abs().max() / plain[name].float().abs().max()).item()
+        print(f"bf16 varlen vs exact, {name}: max relative error {err:.2e}")
+        assert err < 2e-2, name
+    ref = parity.expected["train.last_hidden_state"].cuda()
+    err = ((fast["last_hidden_state"].float() - ref).abs().max() / ref.abs().max()).item()
+    print(f"bf16 varlen vs float32 reference, last_hidden_state: max relative error {err:.2e}")
+    assert err < 5e-2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_kernel_matches_exact_attention(causal):
+    torch.manual_seed(0)
+    q_lens, k_lens = [5, 130, 1], [9, 130, 64]
+    q = torch.randn(sum(q_lens), 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(k_lens), 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    plan = AttentionPlan.segments(q_lens, k_lens, causal)
+    fast = packed_attention(q, k, v, plan)
+    exact = attention_bagel._sdpa_per_segment(q.float(), k.float(), v.float(), plan.groups[0])
+    assert (fast.float() - exact).abs().max().item() < 2e-2
