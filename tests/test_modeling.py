@@ -477,6 +477,10 @@ def test_error_text_index_lengths(tiny_stage2):
         tiny_stage2(**dropped)
     with pytest.raises(ValueError, match="packed_position_ids has"):
         tiny_stage2(**dict(batch, packed_position_ids=batch["packed_position_ids"][:-1]))
+    overlapping = batch["packed_text_indexes"].clone()
+    overlapping[1] = overlapping[0]  # right counts, but one position twice and one never
+    with pytest.raises(ValueError, match="exactly once"):
+        tiny_stage2(**dict(batch, packed_text_indexes=overlapping))
 
 
 def test_error_vit_tokens_without_seqlens(tiny_stage2):
