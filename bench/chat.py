@@ -20,7 +20,7 @@ def main():
     config = full_size_config(stage=args.stage)
     model = build_model(config)
     special = special_ids(config)
-    special = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)  # never stop early
+    no_stop = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)  # decode all tokens
     images = [torch.rand(3, 980, 980, device="cuda") * 2 - 1 for _ in range(args.batch)]
     prompts = [torch.randint(0, 150000, (30,)).tolist() for _ in range(args.batch)]
 
@@ -29,12 +29,12 @@ def main():
         return model.add_text_tokens(context, prompts, special)
 
     context = prefill()
-    model.generate_text_ids(context, special, max_length=8)  # warm-up
+    model.generate_text_ids(context, no_stop, max_length=8)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     with Timer() as t_prefill:
         context = prefill()
     with Timer() as t_decode:
-        ids = model.generate_text_ids(context, special, max_length=args.new_tokens + 1)
+        ids = model.generate_text_ids(context, no_stop, max_length=args.new_tokens + 1)
     generated = sum(len(x) - 1 for x in ids)
     report(workload="chat", batch=args.batch, prefill_s=round(t_prefill.seconds, 3),
            decode_s=round(t_decode.seconds, 3), new_tokens=generated,

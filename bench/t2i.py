@@ -17,10 +17,10 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    from bagel_remote.generation_bagel import GuidanceParams
-
     torch.manual_seed(0)
     config = full_size_config()
+    from bagel_remote.generation_bagel import GuidanceParams
+
     model = build_model(config)
     special = special_ids(config)
     params = GuidanceParams(num_timesteps=args.steps, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0,
