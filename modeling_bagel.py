@@ -515,7 +515,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 the config instead of raising.
 
         Without `ae.safetensors` a stage-2 model keeps a randomly initialised VAE and a warning is
-        logged. Keyword arguments that are attributes of the config override it (as in
+        logged. When the directory has tokenizer files, `model.processor` is the checkpoint's
+        `BagelProcessor` (used by `chat` / `generate_image` / `edit_image`), else None.
+        Keyword arguments that are attributes of the config override it (as in
         transformers); the loading arguments transformers' `AutoModel` forwards
         (`trust_remote_code`, `_from_auto`, `adapter_kwargs`, `code_revision`, ...) are accepted
         and ignored. The model is returned in eval mode.
@@ -569,7 +571,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         * the remote-code modules (`configuration_bagel.py`, `modeling_bagel.py`,
           `processing_bagel.py` and every sibling module they import).
 
-        Tokenizer / processor files are not written (save the processor separately). The weights
+        When the model has a `processor` (loaded with it), its files (tokenizer, `processor_config.json`)
+        are written too, so the directory is complete. The weights
         are single, unsharded files, as released. Only the main process writes
         (`is_main_process=False` returns at once). `safe_serialization=False` and `push_to_hub=True`
         are not supported; other transformers arguments (`max_shard_size`, ...) are ignored.
@@ -616,14 +619,13 @@ import shutil  # noqa: E402
 import struct  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .state_dict_adapter import BagelStateDictAdapter, load_bagel_checkpoint_state_dict  # noqa: E402
+from .state_dict_adapter import BagelStateDictAdapter  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "ema.safetensors"
 VAE_WEIGHTS_NAME = "ae.safetensors"
 CONFIG_NAME = "config.json"
-SIDECAR_CONFIG_NAMES = ("llm_config.json", "vit_config.json")
 AUTO_MAP = {
     "AutoConfig": "configuration_bagel.BagelConfig",
     "AutoModel": "modeling_bagel.BagelForUnifiedMultimodal",
@@ -631,6 +633,8 @@ AUTO_MAP = {
 }
 #: Entry modules of the remote code; the modules they import relatively are found by parsing them.
 REMOTE_CODE_ENTRY_FILES = ("configuration_bagel.py", "modeling_bagel.py", "processing_bagel.py")
+#: Files whose presence means a checkpoint directory has a tokenizer (and so a processor).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 #: What a Hub download fetches besides the weights: configs, tokenizer / processor files, code.
 HUB_ALLOW_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 
@@ -641,14 +645,15 @@ _IGNORED_LOAD_KWARGS = frozenset({
     "offload_state_dict", "offload_folder", "offload_buffers", "use_safetensors", "weights_only",
     "attn_implementation", "use_kernels", "kernel_config", "allow_all_kernels", "key_mapping", "tp_plan",
     "tp_size", "device_mesh", "distributed_config", "max_memory", "tqdm_class", "generation_config",
-    "return_unused_kwargs",
+    "return_unused_kwargs", "use_auth_token",
 })  # fmt: skip
 #: Arguments that would change what gets loaded and that this loader does not implement.
 _UNSUPPORTED_LOAD_KWARGS = ("quantization_config", "gguf_file", "state_dict", "variant")
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }  # fmt: skip
 
 
@@ -740,8 +745,12 @@ def _resolve_device(device_map: Any) -> torch.device:
                 f"device_map={device_map!r} spreads the model over {sorted(devices)}: BAGEL loads onto one device; "
                 "pass one device (e.g. 'cuda:0' or {'': 'cuda:0'}) or move submodules yourself after loading."
             )
-        return torch.device(devices.pop())
-    return _single_device(device_map)
+        device = torch.device(devices.pop())
+    else:
+        device = _single_device(device_map)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} asks for CUDA but torch sees no CUDA device; use 'cpu' or 'auto'.")
+    return device
 
 
 def _resolve_checkpoint_dir(
@@ -770,11 +779,32 @@ def _resolve_checkpoint_dir(
     return Path(root) / subfolder if subfolder else Path(root)
 
 
+def _config_from_directory(directory: Path) -> BagelConfig:
+    """`config.json`, or the released `llm_config.json` + `vit_config.json` when there is no
+    config.json or when it is not a BAGEL one (e.g. a copy of the Qwen2 LLM config)."""
+    file = directory / CONFIG_NAME
+    if file.is_file():
+        try:
+            model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{file} is not a valid JSON config: {err}") from err
+        if model_type not in (None, BagelConfig.model_type):
+            if all((directory / name).is_file() for name in ("llm_config.json", "vit_config.json")):
+                logger.info("%s describes a %r model; building the BAGEL config from llm_config.json + "
+                            "vit_config.json instead.", file, model_type)
+                return BagelConfig.from_released_files(directory)
+            raise ValueError(
+                f"{file} is a {model_type!r} config, not a BAGEL one, and the directory has no llm_config.json + "
+                "vit_config.json to build one from; pass config=BagelConfig(...) or fix config.json."
+            )
+    return BagelConfig.from_pretrained(directory)
+
+
 def _load_config(
     directory: Path, config: Any, stage: int | None, extra_kwargs: dict
 ) -> BagelConfig:
     if config is None:
-        config = BagelConfig.from_pretrained(directory)
+        config = _config_from_directory(directory)
     elif isinstance(config, (str, os.PathLike)):
         config = BagelConfig.from_pretrained(config)
     elif isinstance(config, BagelConfig) or getattr(config, "model_type", None) == BagelConfig.model_type:
@@ -801,8 +831,8 @@ def _load_config(
     return config
 
 
-def _model_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
-    return {name: (tuple(t.shape), t.is_floating_point()) for name, t in model.state_dict(keep_vars=True).items()}
+def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
 
 
 def _config_excluded(key: str, config: BagelConfig) -> bool:
@@ -826,27 +856,32 @@ def _plan_checkpoint(
                 unexpected.append(native)
             continue
         shape = header[key][1]
-        if shape != model_shapes[native][0]:
-            mismatched.append((native, shape, model_shapes[native][0]))
+        if shape != model_shapes[native]:
+            mismatched.append((native, shape, model_shapes[native]))
             continue
         load.append(native)
     if mismatched and not ignore_mismatched_sizes:
+        source = (
+            "the vae_config of config.json" if name.endswith(VAE_WEIGHTS_NAME)
+            else "config.json, or llm_config.json + vit_config.json"
+        )
         lines = "\n".join(
             f"  {key}: checkpoint {list(ckpt)} vs model {list(want)}" for key, ckpt, want in mismatched[:20]
         )
         more = f"\n  ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""
         raise ValueError(
             f"{name} does not match the configuration: {len(mismatched)} tensor(s) have another shape than the "
-            f"model built from the config expects:\n{lines}{more}\nUse the config.json (or llm_config.json / "
-            "vit_config.json) that belongs to these weights, or pass ignore_mismatched_sizes=True to re-initialise "
-            "those tensors."
+            f"model built from the config expects:\n{lines}{more}\nUse the config that belongs to these weights "
+            f"({source}), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
         )
     return load, unexpected, mismatched
 
 
 def _materialize_meta_tensors(model: "BagelPreTrainedModel", device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Give every parameter still on the meta device real storage on `device`, initialised by the
-    model's `_init_weights` (other tensors of the same module keep their loaded values)."""
+    """Give every parameter or buffer still on the meta device real storage on `device`, set by the
+    model's `_init_weights` (other tensors of the same module keep their loaded values), then cast
+    to `dtype`. As in transformers 5, whatever a checkpoint does not hold (buffers included) must be
+    initialised by `_init_weights`. Returns the names of the tensors it initialised."""
     names = []
     for module_name, module in model.named_modules():
         tensors = {**module._parameters, **module._buffers}
@@ -956,20 +991,25 @@ def _load_bagel_pretrained(
             "pass strict=False to initialise them randomly."
         )
 
-    # Read only what is loaded, straight into the final dtype and device.
-    def convert(tensor: torch.Tensor) -> torch.Tensor:
-        target = dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=device, dtype=target)
+    # Read only the tensors that are loaded (never GEN ones at stage 1), one at a time, straight
+    # onto the target device, and cast there: host memory holds at most one tensor at a time.
+    from safetensors import safe_open
 
-    wanted = set(load)
-    state = load_bagel_checkpoint_state_dict(directory, stage=stage, strict=strict, config=config)
-    state = {k: convert(state.pop(k)) for k in list(state) if k in wanted}
+    read_on = str(device) if device.type == "cuda" else "cpu"
+
+    def read(path: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
+        out = {}
+        with safe_open(str(path), framework="pt", device=read_on) as handle:
+            for native, stored in names.items():
+                tensor = handle.get_tensor(stored)
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                out[native] = tensor.to(device=device, dtype=target)
+        return out
+
+    stored_name = {to_native(k): k for k in kept}
+    state = read(weights, {native: stored_name[native] for native in load})
     if vae_load:
-        from safetensors import safe_open
-
-        with safe_open(str(vae_file), framework="pt", device="cpu") as handle:
-            for key in vae_load:
-                state[key] = convert(handle.get_tensor(key[len("vae."):]))
+        state.update(read(vae_file, {native: native[len("vae."):] for native in vae_load}))
     model.load_state_dict(state, strict=False, assign=True)
     del state
 
@@ -987,6 +1027,7 @@ def _load_bagel_pretrained(
     model.config.dtype = dtype
     model.config._name_or_path = os.fspath(name_or_path)
     model._bagel_checkpoint_dir = directory
+    model.processor = _load_processor(directory, model.config)
     model.eval()
     if not output_loading_info:
         return model
@@ -997,6 +1038,23 @@ def _load_bagel_pretrained(
         "error_msgs": [],
     }
     return model, info
+
+
+def _load_processor(directory: Path, config: BagelConfig):
+    """The BagelProcessor of a checkpoint directory that has tokenizer files, else None."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from .processing_bagel import BagelProcessor
+
+    try:
+        # config= spares AutoTokenizer a second read of config.json, which would need trust_remote_code.
+        return BagelProcessor.from_pretrained(str(directory), config=config)
+    except Exception as err:  # noqa: BLE001 - the model itself loaded; say why the processor did not
+        logger.warning(
+            "Loaded the model but not its processor from %s (%s: %s); pass processor=BagelProcessor.from_pretrained"
+            "(...) to chat / generate_image / edit_image.", directory, type(err).__name__, err,
+        )
+        return None
 
 
 def _classify_key(key: str) -> str:
@@ -1115,3 +1173,6 @@ def _save_bagel_pretrained(model, save_directory, is_main_process, state_dict, s
         target = directory / name
         if source.resolve() != target.resolve():
             shutil.copyfile(source, target)
+    processor = getattr(model, "processor", None)
+    if processor is not None:  # tokenizer files + processor_config.json, so the directory is complete
+        processor.save_pretrained(str(directory))
