@@ -285,12 +285,13 @@ class BagelGenerationMixin:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator | None] | None = None,
         return_logits: bool = False,
     ):
         """Decode every sequence from bos until eos or `max_length` ids (bos included, eos not,
         as the reference returns them). Returns a list of id lists, and with `return_logits` the
-        list of per-step logits (steps, vocab) of each sequence."""
+        list of per-step logits (steps, vocab) of each sequence. `generator` may be one per
+        sequence, so that sampled text does not depend on what else is in the batch."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
@@ -299,6 +300,7 @@ class BagelGenerationMixin:
         batch = context.batch_size
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
         active = list(range(batch))
         tokens = torch.full((batch,), special.bos, dtype=torch.long, device=device)
         for _ in range(max_length):
@@ -307,7 +309,7 @@ class BagelGenerationMixin:
                                                  positions, causal=True)  # fmt: skip
             context = _advance(context, [1] * len(active))
             logits = self.get_output_embeddings()(hidden).float()
-            tokens = _next_tokens(logits, do_sample, temperature, top_p, generator)
+            tokens = _next_tokens(logits, do_sample, temperature, top_p, [generators[s] for s in active])
             keep = []
             for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
                 step_logits[seq].append(logits[row])
@@ -472,8 +474,10 @@ class BagelGenerationMixin:
                 gen = self.add_text_tokens(gen, ids, special)
                 cfg_img = gen if shared else self.add_text_tokens(cfg_img, ids, special)
             else:
-                from .processing_bagel import resize_image, to_rgb
+                from .processing_bagel import check_image_size, resize_image, to_rgb
 
+                for img in items:
+                    check_image_size(img)  # before converting, so a huge image fails cheaply
                 images = [resize_image(to_rgb(img), processor.vae_max_size, processor.vae_min_size,
                                        processor.vae_stride, processor.max_pixels) for img in items]  # fmt: skip
                 if not understanding_output:
@@ -487,7 +491,7 @@ class BagelGenerationMixin:
         outputs: list[list] = [[] for _ in batch]
         if understanding_output or think:
             texts = self.generate_text_ids(gen, special, max_length=max_new_tokens + 1, do_sample=do_sample,
-                                           temperature=temperature, top_p=top_p, generator=generators[0])  # fmt: skip
+                                           temperature=temperature, top_p=top_p, generator=generators)  # fmt: skip
             for out, ids in zip(outputs, texts):
                 out.append(processor.decode(ids[1:]))
             if understanding_output:
@@ -518,21 +522,22 @@ class BagelGenerationMixin:
     def generate_image(self, prompt, height: int = 1024, width: int = 1024, think: bool = False,
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
-                       timestep_shift: float = 3.0, seed=None, progress: bool = True, processor=None):  # fmt: skip
+                       timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
+                       processor=None):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
-        with `think`, (thinking text, image) pairs."""
+        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking)."""
         params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
                                 cfg_renorm_type, cfg_renorm_min)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
-                              seed=seed, progress=progress, processor=processor)  # fmt: skip
+                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
     def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   processor=None):  # fmt: skip
+                   max_think_tokens: int = 1000, processor=None):  # fmt: skip
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input. Lists of
         images and prompts (same length) are a batch."""
         params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
@@ -541,7 +546,7 @@ class BagelGenerationMixin:
         if any(len(imgs) != 1 for imgs in image_lists):
             raise ValueError("edit_image takes exactly one image per prompt.")
         out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
-                              seed=seed, progress=progress, processor=processor)  # fmt: skip
+                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
@@ -568,8 +573,16 @@ def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
             raise ValueError(f"Got {len(prompts)} prompts but {len(per_request)} image entries; give one per prompt.")
     else:
         prompts, per_request = [prompt], [images]
+    from PIL import Image
+
     as_list = lambda x: [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
-    return prompts, [as_list(x) for x in per_request]
+    image_lists = [as_list(x) for x in per_request]
+    for image in (img for images in image_lists for img in images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"Images must be PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)."
+            )
+    return prompts, image_lists
 
 
 def _check_interleaved(batch: list[list]) -> None:
@@ -597,8 +610,9 @@ def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
     return BagelContext(context.keys, context.values, context.lengths, positions)
 
 
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """Greedy, or sampling with temperature and nucleus (top-p) filtering. logits (B, vocab)."""
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generators: list) -> torch.Tensor:
+    """Greedy, or sampling with temperature and nucleus (top-p) filtering, each row with its own
+    generator. logits (B, vocab)."""
     if not do_sample:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -607,8 +621,10 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    sample_on = probs if generator is None else probs.to(generator.device)
-    return torch.multinomial(sample_on, 1, generator=generator).squeeze(1).to(logits.device)
+    if all(g is None for g in generators):
+        return torch.multinomial(probs, 1).squeeze(1)
+    rows = [torch.multinomial(p.to(g.device if g else p.device), 1, generator=g).to(logits.device) for p, g in zip(probs, generators)]
+    return torch.cat(rows)
 
 
 def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:

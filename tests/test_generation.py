@@ -257,8 +257,6 @@ def test_chat_batch_matches_single(model, processor):
     assert texts[1] == model.chat(None, "a longer question here", max_new_tokens=4, processor=processor)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: interleave samples the text of a whole batch with the first "
-                                       "request's generator, so seeded sampling depends on batching")  # fmt: skip
 def test_sampled_chat_batch_matches_single(model, processor):
     images, prompts = [_pil(90, 60, 0), _pil(40, 70, 1)], ["what is this?", "hello there"]
     kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.0, processor=processor)
@@ -301,13 +299,11 @@ def test_non_image_input(model, processor, bad):
         model.interleave([bad, "hi"], understanding_output=True, max_new_tokens=2, processor=processor)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a str where an image is expected is taken as a text prompt")
 def test_str_path_as_chat_image(model, processor):
     with pytest.raises(TypeError, match="PIL.Image"):
         model.chat("cat.png", "what is this?", max_new_tokens=2, processor=processor)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: edit_image('cat.png', ...) runs text-to-image on 2 prompts")
 def test_str_path_as_edit_image(model, processor):
     with pytest.raises(TypeError, match="PIL.Image"):
         model.edit_image("cat.png", "make it blue", num_steps=2, progress=False, processor=processor)
