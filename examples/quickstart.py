@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,11 +43,17 @@ def main() -> None:
         args.model = str(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "bagel-tiny"))
         print(f"tiny random checkpoint: {args.model}")
     cuda = torch.cuda.is_available()
-    model = AutoModel.from_pretrained(
-        args.model, trust_remote_code=True, dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map="cuda" if cuda else "cpu",
-    )
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    load = dict(dtype=torch.bfloat16 if cuda else torch.float32, device_map="cuda" if cuda else "cpu")
+    if tiny:  # a checkpoint with our code in it loads like any Hub model
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **load)
+    else:  # the released repository has weights but not this code: use the code of this checkout
+        sys.path.insert(0, str(REPO_ROOT / "bench"))
+        from common import import_repo
+
+        import_repo()
+        from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+        model = BagelForUnifiedMultimodal.from_pretrained(args.model, **load)
     steps = args.steps or (4 if tiny else 50)
     # The tiny model works at small sizes; the real one at the reference's.
     size = dict(height=256, width=256) if tiny else dict(height=1024, width=1024)
@@ -55,13 +61,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     image = demo_image()
-    answer = model.chat(image, "What is in this picture?", max_new_tokens=16 if tiny else 256, processor=processor)
+    answer = model.chat(image, "What is in this picture?", max_new_tokens=16 if tiny else 256)
     print(f"chat: {answer!r}")
 
-    generated = model.generate_image("A red balloon over a blue lake", num_steps=steps, seed=0, processor=processor,
+    generated = model.generate_image("A red balloon over a blue lake", num_steps=steps, seed=0,
                                      **size)
     generated.save(out / "generated.png")
-    edited = model.edit_image(generated, "Make the balloon green", num_steps=steps, seed=0, processor=processor)
+    edited = model.edit_image(generated, "Make the balloon green", num_steps=steps, seed=0)
     edited.save(out / "edited.png")
     print(f"wrote {out / 'generated.png'} ({generated.size[0]}x{generated.size[1]}) and {out / 'edited.png'}")
 
