@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
+from .state_dict_adapter import _normalize_stage as normalize_stage
+
 BAGEL_PAD_TOKEN_ID = 151643
 DEFAULT_VAE_CONFIG = {
     "resolution": 256,
@@ -35,17 +37,6 @@ DEFAULT_VAE_CONFIG = {
     "shift_factor": 0.1159,
 }
 MOT_LAYER, PLAIN_LAYER = "Qwen2MoTDecoderLayer", "Qwen2DecoderLayer"
-
-
-def normalize_stage(stage: Any) -> int:
-    """1, 2, "1", "2", "stage1", "stage2" -> 1 or 2; anything else raises ValueError."""
-    text = str(stage).strip().lower() if isinstance(stage, (int, str)) and not isinstance(stage, bool) else ""
-    text = text.removeprefix("stage")
-    if text in ("1", "2"):
-        return int(text)
-    raise ValueError(
-        f"Unknown BAGEL stage {stage!r}: use 1 / 'stage1' (understanding only) or 2 / 'stage2' (joint)."
-    )
 
 
 def rope_theta(text_config: Qwen2Config) -> float:

@@ -91,7 +91,9 @@ def _normalize_stage(stage) -> int:
         stage = str(stage)
     if isinstance(stage, str) and stage.strip().lower() in _STAGES:
         return _STAGES[stage.strip().lower()]
-    raise ValueError(f"invalid BAGEL training stage {stage!r}; expected one of 1, 2, 'stage1', 'stage2'")
+    raise ValueError(
+        f"Unknown BAGEL stage {stage!r}: use 1 / 'stage1' (understanding only) or 2 / 'stage2' (joint)."
+    )
 
 
 class BagelStateDictAdapter:

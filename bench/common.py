@@ -3,7 +3,6 @@ random weights straight on the GPU, time and measure."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -11,18 +10,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from repo_package import import_repo  # noqa: E402,F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def import_repo(name: str = "bagel_remote"):
-    """The remote-code modules import each other relatively: load the repo root as a package."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def full_size_config(num_llm_layers: int | None = None, stage: int = 2):

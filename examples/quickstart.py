@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50, 4 for the tiny model)")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     tiny = args.model is None
     if tiny:
-        sys.path.insert(0, str(REPO_ROOT / "scripts"))
         from make_tiny_checkpoint import make_tiny_checkpoint
 
         args.model = str(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "bagel-tiny"))
@@ -47,8 +47,7 @@ def main() -> None:
     if tiny:  # a checkpoint with our code in it loads like any Hub model
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, **load)
     else:  # the released repository has weights but not this code: use the code of this checkout
-        sys.path.insert(0, str(REPO_ROOT / "bench"))
-        from common import import_repo
+        from repo_package import import_repo
 
         import_repo()
         from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal

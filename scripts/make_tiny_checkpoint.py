@@ -19,12 +19,14 @@ The same seed gives byte-identical files.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repo_package import import_repo  # noqa: E402
+from tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = "bagel_remote"
 
 TINY_VOCAB_SIZE = 320
 TINY_LLM_CONFIG = dict(
@@ -71,32 +73,9 @@ TINY_VAE_CONFIG = dict(
 LLM2VAE_STD = 0.02
 
 
-def _repo_package():
-    """The repository root imported as a package (its modules import each other relatively)."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _tiny_tokenizer_module():
-    name = "bagel_tiny_tokenizer"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "tiny_tokenizer.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def tiny_config(tokenizer):
     """The tiny BagelConfig whose special ids are the tokenizer's."""
-    _repo_package()
+    import_repo()
     from bagel_remote.configuration_bagel import BagelConfig
 
     ids = dict(
@@ -124,12 +103,12 @@ def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
     """Write the tiny checkpoint to `out_dir` (created if needed) and return its path."""
     import torch
 
-    _repo_package()
+    import_repo()
     from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_tokenizer_module().build_tiny_tokenizer(None, vocab_size=TINY_VOCAB_SIZE)
+    tokenizer = build_tiny_tokenizer(None, vocab_size=TINY_VOCAB_SIZE)
     config = tiny_config(tokenizer)
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone

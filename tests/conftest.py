@@ -10,25 +10,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARITY_DIR = REPO_ROOT.parent / "shared" / "parity" / "tiny-a"
 
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from repo_package import import_repo  # noqa: E402
 
-
-def _import_repo_as_package(name: str = "bagel_remote"):
-    """The remote-code modules import each other relatively, as the Hub needs; tests import the
-    repository root as a package (whatever its folder is called): `from bagel_remote import ...`."""
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_import_repo_as_package()
+# Tests import the remote-code modules as `from bagel_remote.modeling_bagel import ...`.
+import_repo()
 
 
 def _require_parity() -> Path:
