@@ -9,7 +9,15 @@ GEN weights, and all tokens share one packed attention. Everything works on pack
 
 from __future__ import annotations
 
+import ast
+import copy
+import json
+import logging
 import math
+import os
+import shutil
+import struct
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,6 +31,7 @@ from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
 from .modeling_siglip_navit import SiglipVisionModel, apply_rotary, rotary_cos_sin
+from .state_dict_adapter import BagelStateDictAdapter
 
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
@@ -609,17 +618,6 @@ def _check_packed_inputs(
 # Loading and saving in the released layout (used by BagelForUnifiedMultimodal.from_pretrained /
 # save_pretrained)
 # ----------------------------------------------------------------------------------------------
-
-import ast  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import struct  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from .state_dict_adapter import BagelStateDictAdapter  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
