@@ -58,3 +58,36 @@ def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
     err = (actual - expected).abs().max().item()
     scale = expected.abs().max().item() or 1.0
     assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} x max |ref| {scale:.3e}"
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch) -> list:
+    """The keys read through `safetensors.safe_open` (by the adapter and by the loader)."""
+    import safetensors
+
+    from bagel_remote import state_dict_adapter
+
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(state_dict_adapter, "safe_open", Recording)
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    return read

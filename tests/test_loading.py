@@ -454,33 +454,9 @@ def test_missing_ae_keeps_a_random_vae_with_a_warning(tiny, tmp_path, caplog):
     assert image.shape == (1, 3, 16, 16)
 
 
-def test_stage1_builds_and_reads_no_gen_weights(tiny, monkeypatch):
-    read: list[str] = []
-    real_safe_open = sda.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.handle = real_safe_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner = self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(sda, "safe_open", Recording)
-    import safetensors
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+def test_stage1_builds_and_reads_no_gen_weights(tiny, tensor_reads):
     model = BagelForUnifiedMultimodal.from_pretrained(tiny, stage="stage1")
+    read = tensor_reads
     assert read and not [k for k in read if any(m in k for m in GEN_MARKERS)]
     assert not [k for k in read if k.startswith(("encoder.", "decoder."))]  # ae.safetensors untouched
     assert model.vae is None and not hasattr(model.model, "llm2vae")

@@ -246,29 +246,8 @@ def test_round_trip_real_checkpoint(parity):
         assert torch.equal(back[key], sd[key]), key
 
 
-def test_loader_stages_real_checkpoint(parity, monkeypatch):
-    read = []
-    real_open = sda.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(sda, "safe_open", Recording)
+def test_loader_stages_real_checkpoint(parity, tensor_reads):
+    read = tensor_reads
     sd = _ema(parity)
     gen = set(_partition(sd)["gen"])
     stage1 = load_bagel_checkpoint_state_dict(parity.checkpoint, stage=1)
