@@ -40,8 +40,9 @@ def build_model(config, dtype=torch.bfloat16, device: str = "cuda"):
     finally:
         torch.set_default_dtype(previous)
     # llm2vae starts at zero; give it small random values so generation does real work.
-    with torch.no_grad():
-        model.model.llm2vae.weight.normal_(0, 0.02)
+    if config.visual_gen:
+        with torch.no_grad():
+            model.model.llm2vae.weight.normal_(0, 0.02)
     return model.eval()
 
 
