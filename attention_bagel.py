@@ -56,8 +56,9 @@ class SegmentGroup:
     def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Cumulative query / key offsets (int32, n + 1), made once per device."""
         if device not in self._cu:
-            make = lambda lens: F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0), (1, 0)).to(device)
-            self._cu[device] = (make(self.q_lens).int(), make(self.k_lens).int())
+            # cumsum promotes int32 to int64; the kernels want int32
+            make = lambda lens: F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32)
+            self._cu[device] = (make(self.q_lens), make(self.k_lens))
         return self._cu[device]
 
 

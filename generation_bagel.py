@@ -500,7 +500,8 @@ class BagelGenerationMixin:
         noise = None
         if generators[0] is not None:
             dim = self.config.latent_patch_size**2 * self.model.latent_channel
-            noise = [torch.randn(_count(self._latent_grid(h, w)), dim, generator=g) for (h, w), g in zip(sizes, generators)]
+            grids = [self._latent_grid(h, w) for h, w in sizes]
+            noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
         latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress)
         from .processing_bagel import tensor_to_image
 
@@ -549,10 +550,6 @@ class BagelGenerationMixin:
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
-
-
-def _count(grid: tuple[int, int]) -> int:
-    return grid[0] * grid[1]
 
 
 def _generators(seed, batch: int) -> list:
