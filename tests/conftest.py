@@ -42,6 +42,28 @@ class Parity:
         prefix = case + "."
         return {k[len(prefix):]: v for k, v in self.inputs.items() if k.startswith(prefix)}
 
+    def understanding_batch(self) -> dict:
+        """The train case's sample 2 alone (a `full` ViT image, then `causal` text with all the CE
+        tokens) as a training-forward batch: what a stage-1 model must reproduce `train.ce` from."""
+        ti = self.case_inputs("train")
+        meta = self.meta["cases"]["train"]
+        off, length = meta["sample_lens"]
+        assert off + length == meta["sequence_length"]
+        assert bool((ti["ce_loss_indexes"] >= off).all()), "all CE tokens must lie in sample 2"
+        assert bool((ti["packed_vit_token_indexes"] >= off).all())
+        assert bool((ti["packed_vae_token_indexes"] < off).all())
+        split_lens, modes = meta["split_lens"][-2:], meta["attn_modes"][-2:]
+        assert sum(split_lens) == length and modes == ["full", "causal"]
+        text = ti["packed_text_indexes"] >= off
+        return dict(
+            sequence_length=length, sample_lens=[length], split_lens=split_lens, attn_modes=modes,
+            packed_text_ids=ti["packed_text_ids"][text], packed_text_indexes=ti["packed_text_indexes"][text] - off,
+            packed_position_ids=ti["packed_position_ids"][off:],
+            packed_vit_tokens=ti["packed_vit_tokens"], packed_vit_token_indexes=ti["packed_vit_token_indexes"] - off,
+            packed_vit_position_ids=ti["packed_vit_position_ids"], vit_token_seqlens=ti["vit_token_seqlens"],
+            ce_loss_indexes=ti["ce_loss_indexes"] - off, packed_label_ids=ti["packed_label_ids"],
+        )  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def parity() -> Parity:

@@ -240,6 +240,13 @@ def test_automodel_reproduces_parity_outputs(parity, tmp_path, monkeypatch):
     for name in ("ce", "mse", "last_hidden_state"):
         assert_close(out[name], parity.expected[f"train.{name}"], 1e-4, f"train.{name}")
 
+    # Stage 1 through AutoModel: understanding weights only, the understanding sample's CE.
+    stage1 = _automodel().from_pretrained(str(repo), trust_remote_code=True, stage=1)
+    assert stage1.vae is None and not hasattr(stage1.model, "llm2vae")
+    with torch.no_grad():
+        ce = stage1(**parity.understanding_batch())["ce"]
+    assert_close(ce, parity.expected["train.ce"], 1e-4, "stage-1 train.ce")
+
 
 def test_automodel_forwards_extra_kwargs_and_honours_config(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -228,25 +228,8 @@ def test_stage1_builds_und_only_and_reproduces_ce(parity):
     assert list(missing) == [] and list(unexpected) == []
 
     # Sample 2 of the train case alone: a ViT image (`full`) then text with CE (`causal`).
-    ti = parity.case_inputs("train")
-    meta = parity.meta["cases"]["train"]
-    off, length = meta["sample_lens"]
-    assert off + length == meta["sequence_length"]
-    assert bool((ti["ce_loss_indexes"] >= off).all()), "all CE tokens must lie in sample 2"
-    assert bool((ti["packed_vit_token_indexes"] >= off).all())
-    assert bool((ti["packed_vae_token_indexes"] < off).all())
-    split_lens, modes = meta["split_lens"][-2:], meta["attn_modes"][-2:]
-    assert sum(split_lens) == length and modes == ["full", "causal"]
-    text = ti["packed_text_indexes"] >= off
     with torch.no_grad():
-        out = model(
-            sequence_length=length, sample_lens=[length], split_lens=split_lens, attn_modes=modes,
-            packed_text_ids=ti["packed_text_ids"][text], packed_text_indexes=ti["packed_text_indexes"][text] - off,
-            packed_position_ids=ti["packed_position_ids"][off:],
-            packed_vit_tokens=ti["packed_vit_tokens"], packed_vit_token_indexes=ti["packed_vit_token_indexes"] - off,
-            packed_vit_position_ids=ti["packed_vit_position_ids"], vit_token_seqlens=ti["vit_token_seqlens"],
-            ce_loss_indexes=ti["ce_loss_indexes"] - off, packed_label_ids=ti["packed_label_ids"],
-        )  # fmt: skip
+        out = model(**parity.understanding_batch())
     assert out["mse"] is None
     assert_close(out["ce"], parity.expected["train.ce"], 1e-4, "stage-1 ce")
 
