@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention_bagel import AttentionPlan, TokenRoute
+from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 
 VLM_THINK_SYSTEM_PROMPT = (
@@ -150,13 +150,51 @@ class _CacheStep:
         merged = new.new_empty((self.total,) + new.shape[1:])
         return merged.index_copy(0, self.old_dest, cached.to(new.dtype)).index_copy(0, self.new_dest, new)
 
-    def keys_values(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         k = self._merge(self.context.keys[layer_idx], k)
         v = self._merge(self.context.values[layer_idx], v)
         if self.store:
             self.keys.append(k)
             self.values.append(v)
-        return k, v
+        return packed_attention(q, k, v, plan)
+
+
+class _DecodeCache:
+    """A preallocated cache for decoding one token per sequence per step: (B, kv_heads, capacity,
+    head_dim) per layer, written in place, so every step has the same shapes and runs as one CUDA
+    graph on the GPU. Attention is exact, over each sequence's valid prefix."""
+
+    def __init__(self, context: BagelContext, capacity: int):
+        keys0 = context.keys[0]
+        batch, heads, dim = context.batch_size, keys0.shape[1], keys0.shape[2]
+        device = keys0.device
+        self.lengths = torch.tensor(context.lengths, device=device)
+        self.positions = torch.tensor(context.positions, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.slots = torch.arange(capacity, device=device)
+        seq = torch.repeat_interleave(self.rows, self.lengths)  # packed row -> (sequence, slot)
+        slot = torch.arange(seq.shape[0], device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[:-1][seq]
+
+        def preallocated(packed: torch.Tensor) -> torch.Tensor:
+            cache = packed.new_zeros(batch, heads, capacity, dim)
+            cache[seq, :, slot] = packed
+            return cache
+
+        self.keys = [preallocated(k) for k in context.keys]
+        self.values = [preallocated(v) for v in context.values]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+        """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self.rows, :, self.lengths] = k
+        values[self.rows, :, self.lengths] = v
+        batch, heads, dim = q.shape
+        grouped = q.view(batch, keys.shape[1], heads // keys.shape[1], dim)  # GQA without copying the cache
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * dim**-0.5
+        visible = self.slots[None, :] <= self.lengths[:, None]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        return out.reshape(batch, heads, dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,35 +334,64 @@ class BagelGenerationMixin:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError(f"Sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
-        device = self.get_input_embeddings().weight.device
         batch = context.batch_size
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
-        active = list(range(batch))
-        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=device)
+        cache = _DecodeCache(context, max(context.lengths) + max_length)
+        step = self._decode_step_fn(cache)
+        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=cache.rows.device)
+        active = set(range(batch))
         for _ in range(max_length):
-            positions = torch.tensor(context.positions, device=device)
-            hidden, context = self._forward_step(context, self.get_input_embeddings()(tokens), [1] * len(active),
-                                                 positions, causal=True)  # fmt: skip
-            context = _advance(context, [1] * len(active))
-            logits = self.get_output_embeddings()(hidden).float()
-            tokens = _next_tokens(logits, do_sample, temperature, top_p, [generators[s] for s in active])
-            keep = []
-            for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
-                step_logits[seq].append(logits[row])
-                if token == special.eos or len(outputs[seq]) == max_length:
+            logits = step(tokens)
+            tokens = _next_tokens(logits, do_sample, temperature, top_p, generators)
+            for seq, token in enumerate(tokens.tolist()):
+                if seq not in active:  # finished sequences keep stepping (static shapes); ignore them
                     continue
-                outputs[seq].append(token)
-                keep.append(row)
-            if not keep:
+                step_logits[seq].append(logits[seq])
+                if token == special.eos or len(outputs[seq]) == max_length:
+                    active.discard(seq)
+                else:
+                    outputs[seq].append(token)
+            if not active:
                 break
-            if len(keep) < len(active):  # drop finished sequences from the batch
-                context, tokens = context.select(keep), tokens[keep]
-                active = [active[r] for r in keep]
         if return_logits:
             return outputs, [torch.stack(rows) for rows in step_logits]
         return outputs
+
+    def _decode_step_fn(self, cache: _DecodeCache):
+        """tokens (B,) -> next-token logits (B, vocab), advancing the cache; on the GPU the step is
+        captured once as a CUDA graph and replayed (its launches dominate decoding otherwise)."""
+        decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
+        route = TokenRoute(cache.rows.shape[0])
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            hidden = decoder(embed(tokens), cache.positions, None, route, cache=cache)
+            cache.lengths += 1
+            cache.positions += 1
+            return head(hidden).float()
+
+        if not cache.rows.is_cuda:
+            return step
+        static_tokens = torch.zeros_like(cache.rows)
+        saved = cache.lengths.clone(), cache.positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocations, kernel selection) off the capture
+            step(static_tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.lengths.copy_(saved[0])
+        cache.positions.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step(static_tokens)
+
+        def replay(tokens: torch.Tensor) -> torch.Tensor:
+            static_tokens.copy_(tokens)
+            graph.replay()
+            return static_logits.clone()
+
+        return replay
 
     # --- images ----------------------------------------------------------------------------------
 

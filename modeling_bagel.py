@@ -96,9 +96,11 @@ class Qwen2MoTAttention(nn.Module):
         # Norms compute in float32; under autocast their output can come back wider than v.
         q = apply_rotary(self._routed("q_norm", q, route), *rotary).to(v.dtype)
         k = apply_rotary(self._routed("k_norm", k, route), *rotary).to(v.dtype)
-        if cache is not None:  # keys/values of the cached context, merged with these tokens' own
-            k, v = cache.keys_values(self.layer_idx, k, v)
-        out = packed_attention(q, k, v, plan).reshape(n, self.num_heads * self.head_dim)
+        if cache is None:
+            out = packed_attention(q, k, v, plan)
+        else:  # attention over the cached context too (the cache may keep these keys/values)
+            out = cache.attend(self.layer_idx, q, k, v, plan)
+        out = out.reshape(n, self.num_heads * self.head_dim)
         return self._routed("o_proj", out, route)
 
 
