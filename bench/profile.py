@@ -1,0 +1,59 @@
+"""Where the time goes: profile one guided text-to-image step (and time the VAE decode), or a
+graphed chat decode over a 980² image context; prints the top CUDA kernels.
+
+    python bench/profile.py t2i [--size 1024]
+    python bench/profile.py decode [--tokens 32]
+"""
+
+import argparse
+
+import torch
+from common import Timer, build_model, full_size_config, report, special_ids
+from torch.profiler import ProfilerActivity, profile
+
+
+def t2i(model, special, args):
+    from bagel_remote.generation_bagel import GuidanceParams
+
+    sizes = [(args.size, args.size)]
+    context = model.add_text_tokens(model.new_context(1), [list(range(1000, 1030))], special)
+    guided = GuidanceParams(num_timesteps=2, cfg_text_scale=4.0, cfg_interval=(0.0, 1.0))
+    run = lambda: model.generate_latents(context, model.new_context(1), context, sizes, special, guided)
+    run()
+    with Timer() as t_step:
+        latents = run()
+    with Timer() as t_decode:
+        model.decode_latents(latents, sizes)
+    return run, dict(guided_step_s=round(t_step.seconds, 4), vae_decode_s=round(t_decode.seconds, 4))
+
+
+def decode(model, special, args):
+    no_stop = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)
+    image = torch.rand(3, 980, 980, device="cuda") * 2 - 1
+    context = model.add_text_tokens(model.add_vit_images(model.new_context(1), [image], special), [list(range(30))],
+                                    special)  # fmt: skip
+    run = lambda: model.generate_text_ids(context, no_stop, max_length=args.tokens)
+    run()
+    with Timer() as t:
+        run()
+    return run, dict(tokens=args.tokens, seconds=round(t.seconds, 4), ms_per_token=round(1000 * t.seconds / args.tokens, 2))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=["t2i", "decode"])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model(full_size_config(stage=2 if args.workload == "t2i" else 1))
+    run, numbers = {"t2i": t2i, "decode": decode}[args.workload](model, special_ids(model.config), args)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    report(workload=f"profile_{args.workload}", **numbers)
+
+
+if __name__ == "__main__":
+    main()
