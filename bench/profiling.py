@@ -1,8 +1,8 @@
 """Where the time goes: profile one guided text-to-image step (and time the VAE decode), or a
 graphed chat decode over a 980² image context; prints the top CUDA kernels.
 
-    python bench/profile.py t2i [--size 1024]
-    python bench/profile.py decode [--tokens 32]
+    python bench/profiling.py t2i [--size 1024]
+    python bench/profiling.py decode [--tokens 32]
 """
 
 import argparse
