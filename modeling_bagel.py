@@ -31,7 +31,7 @@ from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
 from .modeling_siglip_navit import SiglipVisionModel, apply_rotary, rotary_cos_sin
-from .state_dict_adapter import BagelStateDictAdapter
+from .state_dict_adapter import BagelStateDictAdapter, _classify
 
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
@@ -954,7 +954,7 @@ def _load_bagel_pretrained(
     load, unexpected, mismatched = _plan_checkpoint(
         str(weights), header, kept, to_native, model_shapes, config, ignore_mismatched_sizes
     )
-    unexpected += [to_native(k) for k in header if _classify_key(k) == "unknown"]
+    unexpected += [to_native(k) for k in header if _classify(k) == "unknown"]
     vae_file = directory / VAE_WEIGHTS_NAME
     vae_load, vae_header = [], {}
     if model.vae is not None and vae_file.is_file():
@@ -975,7 +975,7 @@ def _load_bagel_pretrained(
     loaded = set(load) | set(vae_load) | {key for key, _, _ in mismatched}  # mismatched: reported apart
     missing = [k for k in model_shapes if not k.startswith("vae.") and k not in loaded]
     if missing and strict:
-        gen_only = all(_is_gen_key(k) for k in missing)
+        gen_only = all(_classify(k) == "gen" for k in missing)
         hint = (
             " These are the generation (GEN) weights: the checkpoint is understanding-only; load it with stage=1."
             if gen_only and stage == 2 else ""
@@ -1055,17 +1055,6 @@ def _load_processor(directory: Path, config: BagelConfig):
             "(...) to chat / generate_image / edit_image.", directory, type(err).__name__, err,
         )
         return None
-
-
-def _classify_key(key: str) -> str:
-    """The state-dict adapter's bucket of a checkpoint key: shared, und, gen, vae or unknown."""
-    from .state_dict_adapter import _classify
-
-    return _classify(key)
-
-
-def _is_gen_key(key: str) -> bool:
-    return _classify_key(key) == "gen"
 
 
 # ---- saving ----------------------------------------------------------------------------------
