@@ -181,22 +181,38 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
 class TokenRoute:
     """Which packed tokens use GEN weights; the rest use UND weights.
 
-    `gen_index` None means all tokens are UND (text, ViT, stage 1). With `freeze_und` the UND
-    outputs are detached, so no gradient reaches UND weights.
+    Inside the decoder the tokens are kept grouped by route: all UND tokens first, then all GEN
+    tokens, each group in packed order (`sort` on the way in, `unsort` on the way out). Every
+    routed op is then two contiguous slices and one concatenation, instead of gathering and
+    scattering both groups; only attention, which needs packed order, unsorts and re-sorts.
+    `gen_index` None means all tokens are UND (text, ViT, stage 1) and nothing moves. With
+    `freeze_und` the UND outputs are detached, so no gradient reaches UND weights.
     """
 
     def __init__(self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False):
         self.freeze_und = freeze_und
-        self.gen_index = gen_index if gen_index is not None and gen_index.numel() > 0 else None
-        self.und_index = None
-        if self.gen_index is not None:
-            is_und = torch.ones(num_tokens, dtype=torch.bool, device=gen_index.device)
-            is_und[self.gen_index] = False
-            self.und_index = is_und.nonzero().squeeze(1)
+        self.num_und = num_tokens
+        self.order = self.inverse = None  # sorted row -> packed row, and back
+        if gen_index is not None and gen_index.numel() > 0:
+            is_gen = torch.zeros(num_tokens, dtype=torch.bool, device=gen_index.device)
+            is_gen[gen_index] = True
+            und_rows, gen_rows = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
+            self.num_und = und_rows.shape[0]
+            self.order = torch.cat([und_rows, gen_rows])
+            self.inverse = torch.empty_like(self.order)
+            self.inverse[self.order] = torch.arange(num_tokens, device=gen_index.device)
+
+    def sort(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed order -> route order (N, ...)."""
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def unsort(self, x: torch.Tensor) -> torch.Tensor:
+        """Route order -> packed order (N, ...)."""
+        return x if self.order is None else x.index_select(0, self.inverse)
 
     def __call__(self, x: torch.Tensor, und: Callable, gen: Callable | None) -> torch.Tensor:
-        """Apply `und` to UND tokens and `gen` to GEN tokens of x (N, ...), keeping token order."""
-        if self.gen_index is None:
+        """Apply `und` to the UND tokens and `gen` to the GEN tokens of x (N, ...), in route order."""
+        if self.order is None:
             out = und(x)
             return out.detach() if self.freeze_und else out
         if gen is None:
@@ -204,9 +220,8 @@ class TokenRoute:
                 "This is a stage-1 (understanding-only) model but the batch has generation (VAE) tokens; "
                 "load the model with stage=2 to train or run image generation."
             )
-        out_und = und(x[self.und_index])
+        x_und, x_gen = x.split([self.num_und, x.shape[0] - self.num_und])
+        out_und = und(x_und)
         if self.freeze_und:
             out_und = out_und.detach()
-        out_gen = gen(x[self.gen_index])
-        out = out_und.new_empty((x.shape[0],) + out_und.shape[1:])
-        return out.index_copy(0, self.und_index, out_und).index_copy(0, self.gen_index, out_gen)
+        return torch.cat([out_und, gen(x_gen)])

@@ -45,9 +45,8 @@ class Qwen2RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(x.dtype)
+        # One fused kernel; it normalises in float32 as the reference does.
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
 
 
 class Qwen2MLP(nn.Module):
@@ -93,14 +92,15 @@ class Qwen2MoTAttention(nn.Module):
         q = self._routed("q_proj", x, route).view(n, self.num_heads, self.head_dim)
         k = self._routed("k_proj", x, route).view(n, self.num_kv_heads, self.head_dim)
         v = self._routed("v_proj", x, route).view(n, self.num_kv_heads, self.head_dim)
-        # Norms compute in float32; under autocast their output can come back wider than v.
-        q = apply_rotary(self._routed("q_norm", q, route), *rotary).to(v.dtype)
-        k = apply_rotary(self._routed("k_norm", k, route), *rotary).to(v.dtype)
+        # Under autocast the norms run in float32 and come back wider than v.
+        q = apply_rotary(self._routed("q_norm", q, route).to(v.dtype), *rotary)
+        k = apply_rotary(self._routed("k_norm", k, route).to(v.dtype), *rotary)
+        q, k, v = route.unsort(q), route.unsort(k), route.unsort(v)  # attention works in packed order
         if cache is None:
             out = packed_attention(q, k, v, plan)
         else:  # attention over the cached context too (the cache may keep these keys/values)
             out = cache.attend(self.layer_idx, q, k, v, plan)
-        out = out.reshape(n, self.num_heads * self.head_dim)
+        out = route.sort(out.reshape(n, self.num_heads * self.head_dim))
         return self._routed("o_proj", out, route)
 
 
@@ -144,12 +144,13 @@ class Qwen2MoTModel(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         """inputs_embeds (N, hidden), position_ids (N,) -> last hidden state (N, hidden), after the
-        final norm of each token's side."""
-        rotary = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta)
-        x = inputs_embeds
+        final norm of each token's side. The layers see the tokens in route order."""
+        cos, sin = rotary_cos_sin(route.sort(position_ids), self.head_dim, self.rope_theta)
+        rotary = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        x = route.sort(inputs_embeds)
         for layer in self.layers:
             x = layer(x, rotary, plan, route, cache)
-        return route(x, self.norm, getattr(self, "norm_moe_gen", None))
+        return route.unsort(route(x, self.norm, getattr(self, "norm_moe_gen", None)))
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -36,10 +36,9 @@ def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[tor
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, heads, dim); cos, sin (N, dim). Rotates in float32, returns x's dtype."""
-    x32 = x.float()
-    out = x32 * cos[:, None] + rotate_half(x32) * sin[:, None]
-    return out.to(x.dtype)
+    """x (N, heads, dim); cos, sin (N, dim). Rotates in x's dtype, as the reference's Qwen2 does."""
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+    return x * cos + rotate_half(x) * sin
 
 
 class SiglipRotary2D(nn.Module):
