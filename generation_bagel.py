@@ -168,10 +168,12 @@ class _DecodeCache:
         keys0 = context.keys[0]
         batch, heads, dim = context.batch_size, keys0.shape[1], keys0.shape[2]
         device = keys0.device
+        capacity = -(-capacity // 16) * 16  # aligned rows let SDPA use its fused kernels with a mask
         self.lengths = torch.tensor(context.lengths, device=device)
         self.positions = torch.tensor(context.positions, device=device)
         self.rows = torch.arange(batch, device=device)
         self.slots = torch.arange(capacity, device=device)
+        self.mask = None
         seq = torch.repeat_interleave(self.rows, self.lengths)  # packed row -> (sequence, slot)
         slot = torch.arange(seq.shape[0], device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[:-1][seq]
 
@@ -183,17 +185,26 @@ class _DecodeCache:
         self.keys = [preallocated(k) for k in context.keys]
         self.values = [preallocated(v) for v in context.values]
 
+    def begin_step(self) -> None:
+        """Each sequence sees its cached prefix and the token written this step: an additive
+        (B, 1, 1, capacity) mask shared by all layers."""
+        visible = self.slots[None, :] <= self.lengths[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.keys[0].dtype, device=visible.device)
+        self.mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
+
+    def end_step(self) -> None:
+        self.lengths += 1
+        self.positions += 1
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[self.rows, :, self.lengths] = k
         values[self.rows, :, self.lengths] = v
         batch, heads, dim = q.shape
-        grouped = q.view(batch, keys.shape[1], heads // keys.shape[1], dim)  # GQA without copying the cache
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * dim**-0.5
-        visible = self.slots[None, :] <= self.lengths[:, None]
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
+        grouped = q.view(batch, keys.shape[1], heads // keys.shape[1], dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask)
         return out.reshape(batch, heads, dim)
 
 
@@ -348,7 +359,8 @@ class BagelGenerationMixin:
             for seq, token in enumerate(tokens.tolist()):
                 if seq not in active:  # finished sequences keep stepping (static shapes); ignore them
                     continue
-                step_logits[seq].append(logits[seq])
+                if return_logits:
+                    step_logits[seq].append(logits[seq])
                 if token == special.eos or len(outputs[seq]) == max_length:
                     active.discard(seq)
                 else:
@@ -366,9 +378,9 @@ class BagelGenerationMixin:
         route = TokenRoute(cache.rows.shape[0])
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
+            cache.begin_step()
             hidden = decoder(embed(tokens), cache.positions, None, route, cache=cache)
-            cache.lengths += 1
-            cache.positions += 1
+            cache.end_step()
             return head(hidden).float()
 
         if not cache.rows.is_cuda:
