@@ -22,23 +22,20 @@ def conv_to_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (N,) -> cos, sin (N, dim) in float32, frequencies repeated over both halves."""
+    """positions (N,) -> cos, signed sin (N, dim) in float32: the frequencies repeat over both
+    halves, and the sin's first half is negated, which is what `apply_rotary` takes."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
     freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, heads, dim); cos, sin (N, dim). Rotates in x's dtype, as the reference's Qwen2 does."""
-    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (N, heads, dim) in x's dtype, as the reference's Qwen2 does; cos and
+    signed_sin (N, dim) come from `rotary_cos_sin`. Equal to x*cos + rotate_half(x)*sin, in three
+    kernels: rotate_half(x)*sin is the halves of x swapped (a roll) times the signed sin."""
+    cos, signed_sin = cos.to(x.dtype)[:, None], signed_sin.to(x.dtype)[:, None]
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class SiglipRotary2D(nn.Module):
