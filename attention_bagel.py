@@ -165,6 +165,17 @@ def _prefers_cudnn(q: torch.Tensor, group: SegmentGroup) -> bool:
     )
 
 
+def has_varlen_kernel(x: torch.Tensor) -> bool:
+    """Whether torch's own varlen kernel can run on x (CUDA, bf16/fp16, torch >= 2.10)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _torch_varlen_attn is not None
+
+
+def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int) -> torch.Tensor:
+    """torch's varlen kernel with device-side offsets (full attention), for callers that keep
+    them on the GPU, such as a CUDA-graphed decode step."""
+    return _torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
 @functools.lru_cache(maxsize=None)
 def _torch_varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(_torch_varlen_attn).parameters)
