@@ -11,6 +11,7 @@ generation step run as extra sequences of the same forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -376,12 +377,14 @@ class BagelGenerationMixin:
         heads = self.config.text_config.num_attention_heads
         cache = _DecodeCache(context, max(context.lengths) + max_length, heads)
         step = self._decode_step_fn(cache)
-        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=cache.rows.device)
         active = set(range(batch))
-        for _ in range(max_length):
-            logits = step(tokens)
-            tokens = _next_tokens(logits, do_sample, temperature, top_p, generators)
-            for seq, token in enumerate(tokens.tolist()):
+
+        def take(chosen: tuple[torch.Tensor, torch.cuda.Event | None], logits: torch.Tensor | None) -> bool:
+            """Record one step's tokens; False once every sequence has finished."""
+            ids, ready = chosen
+            if ready is not None:
+                ready.synchronize()
+            for seq, token in enumerate(ids.tolist()):
                 if seq not in active:  # finished sequences keep stepping (static shapes); ignore them
                     continue
                 if return_logits:
@@ -390,15 +393,30 @@ class BagelGenerationMixin:
                     active.discard(seq)
                 else:
                     outputs[seq].append(token)
-            if not active:
+            return bool(active)
+
+        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=cache.rows.device)
+        previous = None
+        for _ in range(max_length):
+            logits = step(tokens)
+            tokens = _next_tokens(logits, do_sample, temperature, top_p, generators)
+            current = (_to_host(tokens), logits.clone() if return_logits else None)
+            # The GPU runs this step while the host reads the previous one's tokens; a step past
+            # the last eos is the price.
+            if previous is not None and not take(*previous):
                 break
+            previous = current
+        else:
+            take(*previous)
         if return_logits:
             return outputs, [torch.stack(rows) for rows in step_logits]
         return outputs
 
     def _decode_step_fn(self, cache: _DecodeCache):
-        """tokens (B,) -> next-token logits (B, vocab), advancing the cache; on the GPU the step is
-        captured once as a CUDA graph and replayed (its launches dominate decoding otherwise)."""
+        """tokens (B,) -> next-token logits (B, vocab), advancing the cache. On the GPU the first
+        step runs eagerly on a side stream (which also warms up its kernels) and the second is
+        captured as a CUDA graph that every later step replays (its launches dominate decoding
+        otherwise). The returned logits are valid until the next call."""
         decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
         route = TokenRoute(cache.rows.shape[0])
 
@@ -411,24 +429,27 @@ class BagelGenerationMixin:
         if not cache.rows.is_cuda:
             return step
         static_tokens = torch.zeros_like(cache.rows)
-        saved = cache.lengths.clone(), cache.positions.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocations, kernel selection) off the capture
-            step(static_tokens)
-        torch.cuda.current_stream().wait_stream(side)
-        cache.lengths.copy_(saved[0])
-        cache.positions.copy_(saved[1])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = step(static_tokens)
+        graph: dict[str, Any] = {}
 
-        def replay(tokens: torch.Tensor) -> torch.Tensor:
+        def run(tokens: torch.Tensor) -> torch.Tensor:
             static_tokens.copy_(tokens)
-            graph.replay()
-            return static_logits.clone()
+            if "graph" not in graph and graph.get("warm"):
+                graph["graph"] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph["graph"]):
+                    graph["logits"] = step(static_tokens)
+            if "graph" in graph:
+                graph["graph"].replay()
+                return graph["logits"]
+            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                logits = step(static_tokens)
+            main.wait_stream(side)
+            logits.record_stream(main)
+            graph["warm"] = True
+            return logits
 
-        return replay
+        return run
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -709,6 +730,17 @@ def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
     """The same context with each sequence's next rope position moved on."""
     positions = tuple(p + s for p, s in zip(context.positions, steps))
     return BagelContext(context.keys, context.values, context.lengths, positions)
+
+
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying tokens to the host without waiting for the GPU: (host tensor, ready event)."""
+    if not tokens.is_cuda:
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generators: list) -> torch.Tensor:
