@@ -151,6 +151,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: S
 
 
 _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_SDPA_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
 
 
 def _prefers_cudnn(q: torch.Tensor, group: SegmentGroup) -> bool:
@@ -161,7 +162,7 @@ def _prefers_cudnn(q: torch.Tensor, group: SegmentGroup) -> bool:
         and not group.causal
         and len(group.q_lens) <= 4
         and min(group.q_lens) >= 1024
-        and "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+        and _SDPA_HAS_PRIORITY
     )
 
 
@@ -196,8 +197,9 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     gqa = q.shape[1] != k.shape[1]
     outputs, q_start, k_start = [], 0, 0
     for q_len, k_len in zip(group.q_lens, group.k_lens):
-        q_s, k_s, v_s = (x[start : start + n].transpose(0, 1)[None] for x, start, n in
-                         ((q, q_start, q_len), (k, k_start, k_len), (v, k_start, k_len)))  # fmt: skip
+        q_s = q[q_start : q_start + q_len].transpose(0, 1)[None]  # (1, heads, len, dim)
+        k_s = k[k_start : k_start + k_len].transpose(0, 1)[None]
+        v_s = v[k_start : k_start + k_len].transpose(0, 1)[None]
         mask = None
         if group.causal:  # bottom-right aligned: query i sees keys up to i + (k_len - q_len)
             rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)

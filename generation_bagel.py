@@ -11,7 +11,6 @@ generation step run as extra sequences of the same forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -168,8 +167,9 @@ class _DecodeCache:
     On the GPU (bf16/fp16) one varlen kernel call serves all sequences: segment 2b is sequence b's
     query over its valid rows, segment 2b+1 a dummy query over the rest of its rows, so that the
     segments tile the whole buffer. With one query per segment the kernel takes its fast decoding
-    path (query heads of a kv head packed together, keys split across the GPU), 4x faster than
-    SDPA with a mask. Elsewhere SDPA with a mask does the same."""
+    path (query heads of a kv head packed together, keys split across the GPU): 27 us a layer for
+    one request on an H100, against 113 us for SDPA with a mask. Elsewhere SDPA with a mask does
+    the same."""
 
     def __init__(self, context: BagelContext, capacity: int, num_heads: int):
         keys0 = context.keys[0]
@@ -185,7 +185,7 @@ class _DecodeCache:
         if self.use_varlen:  # the kernel's queries: sequence b's at row 2b, dummies (zero) between
             self.queries = keys0.new_zeros(2 * batch, num_heads, dim)
             self.cu_queries = torch.arange(2 * batch + 1, device=device, dtype=torch.int32)
-        self.step_state: dict[str, torch.Tensor] = {}
+        self.write_rows = self.cu_keys = self.mask = None  # set by begin_step
         seq = torch.repeat_interleave(self.rows, self.lengths)  # packed row -> (sequence, slot)
         slot = torch.arange(seq.shape[0], device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[:-1][seq]
 
@@ -199,15 +199,15 @@ class _DecodeCache:
 
     def begin_step(self) -> None:
         """Where this step's token goes, and what each sequence sees; shared by all layers."""
-        write_rows = self.rows * self.capacity + self.lengths  # flat row of each sequence's new token
+        self.write_rows = self.rows * self.capacity + self.lengths  # flat row of each new token
         if self.use_varlen:
-            ends = torch.stack([write_rows + 1, (self.rows + 1) * self.capacity], dim=1).reshape(-1)
-            self.step_state = {"write_rows": write_rows, "cu_keys": F.pad(ends, (1, 0)).int()}
+            ends = torch.stack([self.write_rows + 1, (self.rows + 1) * self.capacity], dim=1).reshape(-1)
+            self.cu_keys = F.pad(ends, (1, 0)).int()
         else:
-            slots = torch.arange(self.capacity, device=write_rows.device)
+            slots = torch.arange(self.capacity, device=self.rows.device)
             hidden = slots[None, :] > self.lengths[:, None]
             mask = torch.zeros(hidden.shape, dtype=self.keys[0].dtype, device=hidden.device)
-            self.step_state = {"write_rows": write_rows, "mask": mask.masked_fill(hidden, float("-inf"))[:, None, None]}
+            self.mask = mask.masked_fill(hidden, float("-inf"))[:, None, None]  # (B, 1, 1, capacity)
 
     def end_step(self) -> None:
         self.lengths += 1
@@ -216,21 +216,51 @@ class _DecodeCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
-        keys.index_copy_(0, self.step_state["write_rows"], k)
-        values.index_copy_(0, self.step_state["write_rows"], v)
+        keys.index_copy_(0, self.write_rows, k)
+        values.index_copy_(0, self.write_rows, v)
         batch, heads, dim = q.shape
         if self.use_varlen:
             self.queries[0::2] = q
-            out = varlen_kernel(self.queries, keys, values, self.cu_queries, self.step_state["cu_keys"], 1,
-                                self.capacity)  # fmt: skip
+            out = varlen_kernel(self.queries, keys, values, self.cu_queries, self.cu_keys, 1, self.capacity)
             return out[0::2]
         # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
         kv_heads = keys.shape[1]
         grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
         k_all = self.keys[layer_idx].transpose(1, 2)
         v_all = self.values[layer_idx].transpose(1, 2)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.step_state["mask"])
+        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.mask)
         return out.reshape(batch, heads, dim)
+
+
+class _GraphedStep:
+    """A decode step on the GPU: the first call runs eagerly on a side stream (the warm-up a
+    capture needs, doing real work), the second is captured as a CUDA graph, and every call after
+    replays it (launching ~1000 small kernels a step one by one would dominate decoding). The
+    returned logits are valid until the next call."""
+
+    def __init__(self, step):
+        self.step = step
+        self.tokens: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            self.tokens = tokens.clone()
+            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                logits = self.step(self.tokens)
+            main.wait_stream(side)
+            logits.record_stream(main)
+            return logits
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(self.tokens)
+        self.graph.replay()
+        return self.logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,10 +443,7 @@ class BagelGenerationMixin:
         return outputs
 
     def _decode_step_fn(self, cache: _DecodeCache):
-        """tokens (B,) -> next-token logits (B, vocab), advancing the cache. On the GPU the first
-        step runs eagerly on a side stream (which also warms up its kernels) and the second is
-        captured as a CUDA graph that every later step replays (its launches dominate decoding
-        otherwise). The returned logits are valid until the next call."""
+        """tokens (B,) -> next-token logits (B, vocab), advancing the cache; graphed on the GPU."""
         decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
         route = TokenRoute(cache.rows.shape[0])
 
@@ -426,30 +453,7 @@ class BagelGenerationMixin:
             cache.end_step()
             return head(hidden).float()
 
-        if not cache.rows.is_cuda:
-            return step
-        static_tokens = torch.zeros_like(cache.rows)
-        graph: dict[str, Any] = {}
-
-        def run(tokens: torch.Tensor) -> torch.Tensor:
-            static_tokens.copy_(tokens)
-            if "graph" not in graph and graph.get("warm"):
-                graph["graph"] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph["graph"]):
-                    graph["logits"] = step(static_tokens)
-            if "graph" in graph:
-                graph["graph"].replay()
-                return graph["logits"]
-            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                logits = step(static_tokens)
-            main.wait_stream(side)
-            logits.record_stream(main)
-            graph["warm"] = True
-            return logits
-
-        return run
+        return _GraphedStep(step) if cache.rows.is_cuda else step
 
     # --- images ----------------------------------------------------------------------------------
 
