@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_close
 
-from bagel_remote.attention_bagel import AttentionPlan, packed_attention
+from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import (
     BagelForUnifiedMultimodal,
@@ -287,6 +287,24 @@ def test_fresh_model_mse_gradient_stops_at_zero_head():
     assert _nonzero(model.model.llm2vae.weight.grad)
     q_gen = model.model.language_model.model.layers[0].self_attn.q_proj_moe_gen.weight.grad
     assert q_gen is None or not bool(q_gen.abs().sum() > 0)
+
+
+def test_token_route_groups_tokens_and_applies_each_side():
+    """GEN rows scattered through the pack: sort puts UND rows first, each side in packed order;
+    routed ops see only their side; unsort restores packed order exactly."""
+    x = torch.randn(9, 4)
+    gen_index = torch.tensor([7, 1, 2, 5])
+    route = TokenRoute(9, gen_index)
+    sorted_x = route.sort(x)
+    assert route.num_und == 5
+    assert torch.equal(sorted_x, x[[0, 3, 4, 6, 8, 1, 2, 5, 7]])
+    out = route.unsort(route(sorted_x, lambda t: t + 100, lambda t: -t))
+    is_gen = torch.zeros(9, dtype=torch.bool)
+    is_gen[gen_index] = True
+    assert torch.equal(out, torch.where(is_gen[:, None], -x, x + 100))
+    assert TokenRoute(9).sort(x) is x  # no GEN tokens: nothing moves
+    with pytest.raises(ValueError, match="stage-1"):
+        route(sorted_x, lambda t: t, None)
 
 
 # ----------------------------------------------------------------------------------------------
