@@ -147,7 +147,10 @@ def test_graphed_varlen_decode_matches_plain_decode(parity, monkeypatch):
     prompt = parity.meta["cases"]["chat"]["prompt_ids"]
     prompts = [prompt, prompt[: len(prompt) // 2]]
     context = model.add_text_tokens(model.new_context(2), prompts, special)
+    calls, varlen_kernel = [], generation_bagel.varlen_kernel
+    monkeypatch.setattr(generation_bagel, "varlen_kernel", lambda *args: calls.append(1) or varlen_kernel(*args))
     _, fast = model.generate_text_ids(context, no_stop, max_length=8, return_logits=True)
+    assert len(calls) == 2 * model.config.text_config.num_hidden_layers  # the eager step and the capture
     monkeypatch.setattr(generation_bagel, "has_varlen_kernel", lambda x: False)
     monkeypatch.setattr(generation_bagel, "_GraphedStep", lambda step: step)
     for i, ids_i in enumerate(prompts):
