@@ -228,11 +228,12 @@ class TokenRoute:
         self.num_und = num_tokens
         self.order = self.inverse = None  # sorted row -> packed row, and back
         if gen_index is not None and gen_index.numel() > 0:
-            is_gen = torch.zeros(num_tokens, dtype=torch.bool, device=gen_index.device)
-            is_gen[gen_index] = True
-            und_rows, gen_rows = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
-            self.num_und = und_rows.shape[0]
-            self.order = torch.cat([und_rows, gen_rows])
+            is_gen = torch.zeros(num_tokens, dtype=torch.uint8, device=gen_index.device)
+            is_gen[gen_index] = 1
+            self.num_und = num_tokens - gen_index.numel()  # gen_index holds distinct rows
+            # A stable sort puts UND rows (0) before GEN rows (1), each in packed order, without
+            # a host sync (nonzero would wait for the GPU).
+            self.order = torch.sort(is_gen, stable=True).indices
             self.inverse = torch.empty_like(self.order)
             self.inverse[self.order] = torch.arange(num_tokens, device=gen_index.device)
 

@@ -401,13 +401,13 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         if unused.get("nested_attention_masks") is not None:
             raise ValueError("nested_attention_masks is not supported: pass split_lens and attn_modes instead.")
         model = self.model
-        _check_packed_inputs(
-            sequence_length, sample_lens, packed_position_ids, packed_text_ids, packed_text_indexes,
-            packed_vit_token_indexes, packed_vae_token_indexes,
-        )  # fmt: skip
+        _check_packed_inputs(sequence_length, sample_lens, packed_position_ids, packed_text_ids, packed_text_indexes)
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
         device = packed_text_ids.device
+        # Host-side work before the first sync, so that it overlaps the GPU's previous step.
+        plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, device)
+        _check_token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)
         embeds = self.get_input_embeddings()(packed_text_ids)
         sequence = embeds.new_zeros(sequence_length, embeds.shape[1])
         sequence = sequence.index_copy(0, packed_text_indexes, embeds)
@@ -450,7 +450,6 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             sequence = sequence.index_copy(0, packed_vae_token_indexes, latents.to(sequence.dtype))
             gen_index = packed_vae_token_indexes
 
-        plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, device)
         route = TokenRoute(sequence_length, gen_index, freeze_und=self.config.text_config.freeze_und)
         hidden = model.language_model.model(sequence, packed_position_ids, plan, route)
 
@@ -592,10 +591,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         _save_bagel_pretrained(self, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub)
 
 
-def _check_packed_inputs(
-    sequence_length, sample_lens, position_ids, text_ids, text_indexes, vit_indexes, vae_indexes
-) -> None:
-    """Clear errors for packed inputs whose lengths do not add up."""
+def _check_packed_inputs(sequence_length, sample_lens, position_ids, text_ids, text_indexes) -> None:
+    """Clear errors for packed inputs whose lengths do not add up (host-side checks)."""
     if sum(sample_lens) != sequence_length:
         raise ValueError(f"sample_lens add up to {sum(sample_lens)} but sequence_length is {sequence_length}.")
     if position_ids.shape[0] != sequence_length:
@@ -606,6 +603,10 @@ def _check_packed_inputs(
         raise ValueError(
             f"packed_text_ids has {text_ids.shape[0]} ids but packed_text_indexes has {text_indexes.shape[0]}."
         )
+
+
+def _check_token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> None:
+    """Every packed position is exactly one text, ViT or VAE token (this waits for the GPU)."""
     indexes = {"text": text_indexes, "vit": vit_indexes, "vae": vae_indexes}
     indexes = {name: index for name, index in indexes.items() if index is not None}
     counts = {name: index.shape[0] for name, index in indexes.items()}
