@@ -117,6 +117,8 @@ class AttentionPlan:
             for causal, (q_rows, k_rows, q_lens, k_lens) in parts.items()
             if q_lens
         ]
+        for group in groups:  # copied to the GPU now, not in the middle of the forward
+            group.cu_seqlens(torch.device(device))
         return cls(groups)
 
 

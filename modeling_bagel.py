@@ -420,7 +420,7 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             vit = model.embed_vit_tokens(packed_vit_tokens, packed_vit_position_ids, vit_token_seqlens)
             sequence = sequence.index_copy(0, packed_vit_token_indexes, vit.to(sequence.dtype))
 
-        gen_index, noise, clean, timesteps = None, None, None, None
+        gen_index, target = None, None
         if padded_latent is not None:
             if not self.config.visual_gen:
                 raise ValueError(
@@ -446,6 +446,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 raise ValueError(f"packed_noise must have shape {tuple(clean.shape)}, got {tuple(noise.shape)}.")
             timesteps = shift_timesteps(torch.sigmoid(packed_timesteps.float()), self.config.timestep_shift)
             x_t = (1 - timesteps[:, None]) * clean + timesteps[:, None] * noise
+            # The velocity target of noised tokens; selected now, while the GPU has little queued
+            # (the boolean selection waits for it), not after the decoder.
+            target = (noise - clean)[timesteps > 0]
             latents = model.embed_latent_tokens(x_t, timesteps, packed_latent_position_ids)
             sequence = sequence.index_copy(0, packed_vae_token_indexes, latents.to(sequence.dtype))
             gen_index = packed_vae_token_indexes
@@ -459,9 +462,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 raise ValueError("ce_loss_indexes was given without packed_label_ids.")
             logits = self.get_output_embeddings()(hidden[ce_loss_indexes])
             outputs["ce"] = F.cross_entropy(logits.float(), packed_label_ids, reduction="none")
-        if mse_loss_indexes is not None and clean is not None:
+        if mse_loss_indexes is not None and target is not None:
             prediction = model.llm2vae(hidden[mse_loss_indexes])
-            target = (noise - clean)[timesteps > 0]
             if target.shape[0] != prediction.shape[0]:
                 raise ValueError(
                     f"mse_loss_indexes selects {prediction.shape[0]} tokens but {target.shape[0]} latent tokens are "
