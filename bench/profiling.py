@@ -1,8 +1,10 @@
-"""Where the time goes: profile one guided text-to-image step (and time the VAE decode), or a
-graphed chat decode over a 980² image context; prints the top CUDA kernels.
+"""Where the time goes: profile one guided text-to-image step (and time the VAE decode), a
+graphed chat decode over a 980² image context, or the training step of bench/train_step.py;
+prints the top CUDA kernels and how long the GPU sat idle between them.
 
     python bench/profiling.py t2i [--size 1024]
     python bench/profiling.py decode [--tokens 32]
+    python bench/profiling.py train
 """
 
 import argparse
@@ -39,20 +41,63 @@ def decode(model, special, args):
     return run, dict(tokens=args.tokens, seconds=round(t.seconds, 4), ms_per_token=round(1000 * t.seconds / args.tokens, 2))
 
 
+def train(model, special, args):
+    from train_step import packed_batch
+
+    batch = packed_batch(model.config)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**batch)
+        (out["ce"].mean() + out["mse"].mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    with Timer() as t:
+        step()
+    return step, dict(step_s=round(t.seconds, 4))
+
+
+KERNEL_KINDS = {
+    "matmul_ms": ("nvjet", "gemm", "gemv", "xmma", "splitk"),
+    "attention_ms": ("flash", "fmha", "cudnn", "attention"),
+}
+
+
+def gpu_time_split(prof) -> dict:
+    """GPU time in matmul kernels, attention kernels and everything else, and the idle gaps
+    between consecutive kernels / copies (ms)."""
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)  # fmt: skip
+    split = dict.fromkeys([*KERNEL_KINDS, "other_ms", "idle_ms"], 0.0)
+    for event in events:
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS.items() if any(key in name for key in keys)), "other_ms")
+        split[kind] += event.time_range.elapsed_us() / 1000
+    gaps = (b.time_range.start - a.time_range.end for a, b in zip(events, events[1:]))
+    split["idle_ms"] = sum(max(g, 0) for g in gaps) / 1000
+    return {k: round(v, 1) for k, v in split.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["t2i", "decode"])
+    parser.add_argument("workload", choices=["t2i", "decode", "train"])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model(full_size_config(stage=2 if args.workload == "t2i" else 1))
-    run, numbers = {"t2i": t2i, "decode": decode}[args.workload](model, special_ids(model.config), args)
+    if args.workload == "train":  # the training benchmark's model: 8 LLM layers, float32 weights
+        model = build_model(full_size_config(num_llm_layers=8), dtype=torch.float32).train()
+    else:
+        model = build_model(full_size_config(stage=2 if args.workload == "t2i" else 1))
+    workloads = {"t2i": t2i, "decode": decode, "train": train}
+    run, numbers = workloads[args.workload](model, special_ids(model.config), args)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
-    report(workload=f"profile_{args.workload}", **numbers)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    report(workload=f"profile_{args.workload}", **numbers, **gpu_time_split(prof))
 
 
 if __name__ == "__main__":
