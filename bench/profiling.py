@@ -59,9 +59,9 @@ def train(model, special, args):
     return step, dict(step_s=round(t.seconds, 4))
 
 
-KERNEL_KINDS = {
-    "matmul_ms": ("nvjet", "gemm", "gemv", "xmma", "splitk"),
-    "attention_ms": ("flash", "fmha", "cudnn", "attention"),
+KERNEL_KINDS = {  # first match wins: flash's split-KV kernels also say "splitk"
+    "attention_ms": ("flash", "fmha", "sdpa", "attention"),
+    "matmul_ms": ("nvjet", "gemm", "gemv", "xmma", "splitkreduce"),
 }
 
 
