@@ -42,16 +42,9 @@ def decode(model, special, args):
 
 
 def train(model, special, args):
-    from train_step import packed_batch
+    from train_step import make_step, packed_batch
 
-    batch = packed_batch(model.config)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**batch)
-        (out["ce"].mean() + out["mse"].mean()).backward()
-        model.zero_grad(set_to_none=True)
-
+    step = make_step(model, packed_batch(model.config))
     for _ in range(3):
         step()
     with Timer() as t:

@@ -102,6 +102,18 @@ def train_flops(config, batch) -> float:
     return 6 * dense + 3 * (attn + vit_attn)
 
 
+def make_step(model, batch):
+    """One training step on `batch`: forward under bf16 autocast, backward of ce + mse, no optimizer."""
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**batch)
+        (out["ce"].mean() + out["mse"].mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
@@ -111,13 +123,7 @@ def main():
     config = full_size_config(num_llm_layers=args.layers)
     model = build_model(config, dtype=torch.float32).train()
     batch = packed_batch(config)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**batch)
-        (out["ce"].mean() + out["mse"].mean()).backward()
-        model.zero_grad(set_to_none=True)
-
+    step = make_step(model, batch)
     for _ in range(3):
         step()
     torch.cuda.reset_peak_memory_stats()
