@@ -17,8 +17,10 @@ varlen kernel call:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,7 +39,6 @@ except ImportError:  # torch < 2.10
     _torch_varlen_attn = None
 
 
-@dataclass
 class SegmentGroup:
     """Segments run by one kernel call.
 
@@ -45,24 +46,55 @@ class SegmentGroup:
     order (None: all rows, already in order). `q_lens[i]` queries attend `k_lens[i]` keys.
     """
 
-    q_lens: list[int]
-    k_lens: list[int]
-    causal: bool
-    q_index: torch.Tensor | None = None
-    k_index: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, q_lens: list[int], k_lens: list[int], causal: bool, q_index: torch.Tensor | None = None,
+                 k_index: torch.Tensor | None = None):  # fmt: skip
+        self.q_lens, self.k_lens, self.causal = list(q_lens), list(k_lens), causal
+        self.q_index, self.k_index = q_index, k_index
         self.max_q = max(self.q_lens, default=0)
         self.max_k = max(self.k_lens, default=0)
         self._cu: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @classmethod
+    def from_offsets(cls, cu_seqlens: torch.Tensor, max_len: int) -> "SegmentGroup":
+        """Full-attention segments given by offsets already on the device, `max_len` an upper bound
+        on the longest: the varlen kernels need nothing else, so nothing waits for the GPU. (Only
+        the per-segment fallback reads the lengths back.)"""
+        group = cls([], [], causal=False)
+        group.q_lens = group.k_lens = None
+        group.max_q = group.max_k = max_len
+        group._cu[cu_seqlens.device] = (cu_seqlens, cu_seqlens)
+        return group
+
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """Host query / key lengths (a host sync for a group made `from_offsets`)."""
+        if self.q_lens is None:
+            (offsets, _), = self._cu.values()
+            self.q_lens = self.k_lens = offsets.diff().tolist()
+        return self.q_lens, self.k_lens
+
     def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Cumulative query / key offsets (int32, n + 1), made once per device."""
         if device not in self._cu:
-            # cumsum promotes int32 to int64; the kernels want int32
-            make = lambda lens: F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32)
-            self._cu[device] = (make(self.q_lens), make(self.k_lens))
+            offsets = lambda lens: to_device([0, *itertools.accumulate(lens)], device, torch.int32)
+            q_lens, k_lens = self.lengths()
+            self._cu[device] = (offsets(q_lens), offsets(k_lens))
         return self._cu[device]
+
+    def in_storage_order(self, position: torch.Tensor) -> "SegmentGroup":
+        """The same segments over tokens stored elsewhere: packed row r lives at `position[r]`."""
+        group = copy.copy(self)  # shares the offsets
+        group.q_index = position if self.q_index is None else position[self.q_index]
+        group.k_index = position if self.k_index is None else position[self.k_index]
+        return group
+
+
+def to_device(values: list[int], device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host ints as a tensor on `device`. To a GPU the copy goes through pinned memory, so that it
+    does not wait for the work already queued there (a plain copy would)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -74,7 +106,18 @@ class AttentionPlan:
     @classmethod
     def segments(cls, q_lens: list[int], k_lens: list[int] | None = None, causal: bool = False) -> "AttentionPlan":
         """One segment per sequence: the common case (ViT images, cached steps)."""
-        return cls([SegmentGroup(list(q_lens), list(k_lens if k_lens is not None else q_lens), causal)])
+        return cls([SegmentGroup(q_lens, k_lens if k_lens is not None else q_lens, causal)])
+
+    @classmethod
+    def from_offsets(cls, cu_seqlens: torch.Tensor, max_len: int) -> "AttentionPlan":
+        """Full attention within each segment of device offsets `cu_seqlens`, `max_len` an upper
+        bound on the longest (`SegmentGroup.from_offsets`)."""
+        return cls([SegmentGroup.from_offsets(cu_seqlens, max_len)])
+
+    def in_storage_order(self, position: torch.Tensor) -> "AttentionPlan":
+        """This plan over tokens stored in another order: packed row r lives at row `position[r]`
+        (the decoder's route order), so attention reads and writes them where they are."""
+        return AttentionPlan([group.in_storage_order(position) for group in self.groups])
 
     @classmethod
     def from_splits(
@@ -111,13 +154,13 @@ class AttentionPlan:
                 visible = []
         if start not in sample_ends and start != 0:
             raise ValueError("The last split does not end where the last sample ends.")
-        as_index = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)
+        as_index = lambda rows: to_device(rows, device)
         groups = [
             SegmentGroup(q_lens, k_lens, causal, as_index(q_rows), as_index(k_rows))
             for causal, (q_rows, k_rows, q_lens, k_lens) in parts.items()
             if q_lens
         ]
-        for group in groups:  # copied to the GPU now, not in the middle of the forward
+        for group in groups:  # made now, not in the middle of the forward
             group.cu_seqlens(torch.device(device))
         return cls(groups)
 
@@ -162,9 +205,10 @@ def _prefers_cudnn(q: torch.Tensor, group: SegmentGroup) -> bool:
     return (
         not (torch.is_grad_enabled() and q.requires_grad)
         and not group.causal
+        and _SDPA_HAS_PRIORITY
+        and group.q_lens is not None  # lengths on the host (not `from_offsets`)
         and len(group.q_lens) <= 4
         and min(group.q_lens) >= 1024
-        and _SDPA_HAS_PRIORITY
     )
 
 
@@ -198,7 +242,7 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     """Exact attention, one segment at a time (CPU, float32, no varlen kernel, or cuDNN)."""
     gqa = q.shape[1] != k.shape[1]
     outputs, q_start, k_start = [], 0, 0
-    for q_len, k_len in zip(group.q_lens, group.k_lens):
+    for q_len, k_len in zip(*group.lengths()):
         q_s = q[q_start : q_start + q_len].transpose(0, 1)[None]  # (1, heads, len, dim)
         k_s = k[k_start : k_start + k_len].transpose(0, 1)[None]
         v_s = v[k_start : k_start + k_len].transpose(0, 1)[None]
@@ -212,15 +256,14 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     return torch.cat(outputs, dim=0) if outputs else q.new_empty(q.shape)
 
 
-
-
 class TokenRoute:
     """Which packed tokens use GEN weights; the rest use UND weights.
 
     Inside the decoder the tokens are kept grouped by route: all UND tokens first, then all GEN
     tokens, each group in packed order (`sort` on the way in, `unsort` on the way out). Every
     routed op is then two contiguous slices and one concatenation, instead of gathering and
-    scattering both groups; only attention, which needs packed order, unsorts and re-sorts.
+    scattering both groups. Attention reads the tokens where they are, through a plan in route
+    order (`AttentionPlan.in_storage_order`); only a KV cache, kept in packed order, unsorts them.
     `gen_index` None means all tokens are UND (text, ViT, stage 1) and nothing moves. With
     `freeze_und` the UND outputs are detached, so no gradient reaches UND weights.
     """
@@ -231,7 +274,7 @@ class TokenRoute:
         self.order = self.inverse = None  # sorted row -> packed row, and back
         if gen_index is not None and gen_index.numel() > 0:
             is_gen = torch.zeros(num_tokens, dtype=torch.uint8, device=gen_index.device)
-            is_gen[gen_index] = 1
+            is_gen.index_fill_(0, gen_index, 1)  # `is_gen[gen_index] = 1` would copy the 1 over and sync
             self.num_und = num_tokens - gen_index.numel()  # gen_index holds distinct rows
             # A stable sort puts UND rows (0) before GEN rows (1), each in packed order, without
             # a host sync (nonzero would wait for the GPU).

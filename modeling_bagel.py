@@ -95,13 +95,11 @@ class Qwen2MoTAttention(nn.Module):
         # Under autocast the norms run in float32 and come back wider than v.
         q = apply_rotary(self._routed("q_norm", q, route).to(v.dtype), *rotary)
         k = apply_rotary(self._routed("k_norm", k, route).to(v.dtype), *rotary)
-        q, k, v = route.unsort(q), route.unsort(k), route.unsort(v)  # attention works in packed order
-        if cache is None:
+        if cache is None:  # the plan is in route order (Qwen2MoTModel.forward)
             out = packed_attention(q, k, v, plan)
-        else:  # attention over the cached context too (the cache may keep these keys/values)
-            out = cache.attend(self.layer_idx, q, k, v, plan)
-        out = route.sort(out.reshape(n, self.num_heads * self.head_dim))
-        return self._routed("o_proj", out, route)
+        else:  # attention over the cached context too, which is kept in packed order
+            out = route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan))
+        return self._routed("o_proj", out.reshape(n, self.num_heads * self.head_dim), route)
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -148,6 +146,8 @@ class Qwen2MoTModel(nn.Module):
         cos, sin = rotary_cos_sin(route.sort(position_ids), self.head_dim, self.rope_theta)
         rotary = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         x = route.sort(inputs_embeds)
+        if cache is None and route.inverse is not None:
+            plan = plan.in_storage_order(route.inverse)
         for layer in self.layers:
             x = layer(x, rotary, plan, route, cache)
         return route.unsort(route(x, self.norm, getattr(self, "norm_moe_gen", None)))
@@ -253,14 +253,17 @@ class BagelModel(nn.Module):
             self.latent_pos_embed = PositionEmbedding2D(config.max_latent_size, text.hidden_size)
 
     def embed_vit_tokens(
-        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, seqlens: torch.Tensor
+        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, seqlens: torch.Tensor | list[int],
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        """Packed patches (N, 3*P*P) of images with `seqlens` patches each -> (N, hidden)."""
+        """Packed patches (N, 3*P*P) of images with `seqlens` patches each -> (N, hidden).
+        `max_seqlen` (an upper bound on the longest image) lets lengths on the GPU be used without
+        a host sync, unchecked (`SiglipVisionModel.forward`)."""
         if not self.config.visual_und:
             raise ValueError("This model was built with visual_und=False and has no ViT tower.")
-        seqlens = torch.as_tensor(seqlens, device=pixel_values.device)
+        seqlens = torch.as_tensor(seqlens)  # stays where it is: host lengths need no copy back
         cu_seqlens = F.pad(seqlens.cumsum(0), (1, 0)).int()
-        features = self.vit_model(pixel_values, position_ids, cu_seqlens)
+        features = self.vit_model(pixel_values, position_ids, cu_seqlens, max_seqlen)
         return self.connector(features) + self.vit_pos_embed(position_ids).to(features.dtype)
 
     def embed_latent_tokens(
@@ -404,23 +407,26 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         _check_packed_inputs(sequence_length, sample_lens, packed_position_ids, packed_text_ids, packed_text_indexes)
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
-        device = packed_text_ids.device
-        # Host-side work before the first sync, so that it overlaps the GPU's previous step.
-        plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, device)
-        _check_token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)
+        # Nothing here waits for the GPU before the ViT is queued (its kernels are too short to keep
+        # the GPU busy on their own), so the host prepares this step while the GPU finishes the last.
+        plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, packed_text_ids.device)
+        checks = [_token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)]
         embeds = self.get_input_embeddings()(packed_text_ids)
-        sequence = embeds.new_zeros(sequence_length, embeds.shape[1])
-        sequence = sequence.index_copy(0, packed_text_indexes, embeds)
 
+        vit = None
         if packed_vit_tokens is not None:
             if vit_token_seqlens is None or packed_vit_position_ids is None or packed_vit_token_indexes is None:
                 raise ValueError(
                     "packed_vit_tokens needs vit_token_seqlens, packed_vit_position_ids and packed_vit_token_indexes."
                 )
-            vit = model.embed_vit_tokens(packed_vit_tokens, packed_vit_position_ids, vit_token_seqlens)
-            sequence = sequence.index_copy(0, packed_vit_token_indexes, vit.to(sequence.dtype))
+            max_seqlen = None
+            if torch.is_tensor(vit_token_seqlens) and vit_token_seqlens.device.type != "cpu":
+                # All ViT tokens bound the longest image; the lengths are checked with the rest.
+                max_seqlen = packed_vit_tokens.shape[0]
+                checks.append(_vit_lengths_check(vit_token_seqlens, max_seqlen))
+            vit = model.embed_vit_tokens(packed_vit_tokens, packed_vit_position_ids, vit_token_seqlens, max_seqlen)
 
-        gen_index, target = None, None
+        latents, target = None, None
         if padded_latent is not None:
             if not self.config.visual_gen:
                 raise ValueError(
@@ -446,10 +452,15 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 raise ValueError(f"packed_noise must have shape {tuple(clean.shape)}, got {tuple(noise.shape)}.")
             timesteps = shift_timesteps(torch.sigmoid(packed_timesteps.float()), self.config.timestep_shift)
             x_t = (1 - timesteps[:, None]) * clean + timesteps[:, None] * noise
-            # The velocity target of noised tokens; selected now, while the GPU has little queued
-            # (the boolean selection waits for it), not after the decoder.
-            target = (noise - clean)[timesteps > 0]
+            target = (noise - clean)[timesteps > 0]  # the velocity of noised tokens (this waits for the GPU)
             latents = model.embed_latent_tokens(x_t, timesteps, packed_latent_position_ids)
+
+        _raise_failed(checks)  # before any index below is used
+        sequence = embeds.new_zeros(sequence_length, embeds.shape[1]).index_copy(0, packed_text_indexes, embeds)
+        if vit is not None:
+            sequence = sequence.index_copy(0, packed_vit_token_indexes, vit.to(sequence.dtype))
+        gen_index = None
+        if latents is not None:
             sequence = sequence.index_copy(0, packed_vae_token_indexes, latents.to(sequence.dtype))
             gen_index = packed_vae_token_indexes
 
@@ -607,17 +618,37 @@ def _check_packed_inputs(sequence_length, sample_lens, position_ids, text_ids, t
         )
 
 
-def _check_token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> None:
-    """Every packed position is exactly one text, ViT or VAE token (this waits for the GPU)."""
+def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> tuple[torch.Tensor, str]:
+    """Every packed position is exactly one text, ViT or VAE token: a check for `_raise_failed`."""
     indexes = {"text": text_indexes, "vit": vit_indexes, "vae": vae_indexes}
     indexes = {name: index for name, index in indexes.items() if index is not None}
     counts = {name: index.shape[0] for name, index in indexes.items()}
-    covered = torch.cat(list(indexes.values())).unique()
-    if sum(counts.values()) != sequence_length or covered.numel() != sequence_length or covered[-1] != sequence_length - 1:
-        raise ValueError(
-            f"The token indexes ({counts}) do not cover positions 0..{sequence_length - 1} exactly once: every "
-            "packed position must be exactly one text, ViT or VAE token."
-        )
+    message = (
+        f"The token indexes ({counts}) do not cover positions 0..{sequence_length - 1} exactly once: every "
+        "packed position must be exactly one text, ViT or VAE token."
+    )
+    if sum(counts.values()) != sequence_length:
+        raise ValueError(message)
+    index = torch.cat(list(indexes.values()))
+    in_range = (index >= 0) & (index < sequence_length)
+    hits = torch.zeros(sequence_length, dtype=torch.int32, device=index.device)
+    hits.index_add_(0, index.clamp(0, sequence_length - 1), in_range.int())
+    return in_range.all() & (hits == 1).all(), message
+
+
+def _vit_lengths_check(seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, str]:
+    """ViT lengths that cover the packed ViT tokens: a check for `_raise_failed`."""
+    message = f"vit_token_seqlens must give one length per image, adding up to the {num_tokens} packed ViT tokens."
+    return (seqlens >= 0).all() & (seqlens.sum() == num_tokens), message
+
+
+def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """Read the (passed, message) checks made on the device with one host sync; raise the first
+    that failed."""
+    passed = torch.stack([ok for ok, _ in checks]).tolist()
+    for ok, (_, message) in zip(passed, checks):
+        if not ok:
+            raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------------------

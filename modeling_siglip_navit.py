@@ -175,18 +175,23 @@ class SiglipVisionModel(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        """`cu_seqlens` (num_images + 1,) are cumulative patch counts; `max_seqlen` is accepted for
-        API compatibility and derived from `cu_seqlens`."""
-        lengths = torch.diff(cu_seqlens.to("cpu", torch.long)).tolist()
-        if (cu_seqlens[0] != 0) or sum(lengths) != packed_pixel_values.shape[0]:
-            raise ValueError(
-                f"cu_seqlens {cu_seqlens.tolist()} does not cover the {packed_pixel_values.shape[0]} packed patches: "
-                "it must start at 0 and end at the number of patches."
-            )
+        """`cu_seqlens` (num_images + 1,) are cumulative patch counts. Offsets on the host are
+        checked. For offsets on the GPU, `max_seqlen` is an upper bound on the longest image: with
+        it the offsets are used as given and nothing waits for the GPU (the caller checks them);
+        without it they are read back and checked."""
+        tower = self.vision_model
         if packed_flattened_position_ids.shape[0] != packed_pixel_values.shape[0]:
             raise ValueError("packed_flattened_position_ids needs one position per packed patch.")
-        tower = self.vision_model
-        plan = AttentionPlan.segments(lengths)
+        if max_seqlen is not None and cu_seqlens.device.type != "cpu":
+            plan = AttentionPlan.from_offsets(cu_seqlens.int(), max_seqlen)
+        else:
+            lengths = torch.diff(cu_seqlens.to("cpu", torch.long)).tolist()
+            if (cu_seqlens[0] != 0) or sum(lengths) != packed_pixel_values.shape[0]:
+                raise ValueError(
+                    f"cu_seqlens {cu_seqlens.tolist()} does not cover the {packed_pixel_values.shape[0]} packed patches: "
+                    "it must start at 0 and end at the number of patches."
+                )
+            plan = AttentionPlan.segments(lengths)
         rotary = tower.rotary(packed_flattened_position_ids) if tower.rotary is not None else None
         x = tower.embeddings(packed_pixel_values, packed_flattened_position_ids)
         for layer in tower.encoder.layers:

@@ -9,7 +9,7 @@ from conftest import assert_close
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bagel_remote import attention_bagel
-from bagel_remote.attention_bagel import AttentionPlan, packed_attention
+from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
@@ -65,6 +65,29 @@ def test_bf16_varlen_path_matches_exact_path(parity, monkeypatch):
     err = ((fast["last_hidden_state"].float() - ref).abs().max() / ref.abs().max()).item()
     print(f"bf16 varlen vs float32 reference, last_hidden_state: max relative error {err:.2e}")
     assert err < 5e-2
+
+
+def test_training_forward_queues_the_vit_without_waiting(parity):
+    """With the inputs on the GPU, the work before the ViT (attention plan, route, the ViT on device
+    offsets bounded by all its tokens) never waits for the GPU, and the ViT gives exactly what it
+    gives on host lengths. Wrong GPU lengths are still a clear error."""
+    model = _parity_model(parity, torch.bfloat16)
+    inputs = _train_inputs(parity, torch.bfloat16)
+    vit_args = inputs["packed_vit_tokens"], inputs["packed_vit_position_ids"]
+    seqlens, num_vit = inputs["vit_token_seqlens"], inputs["packed_vit_tokens"].shape[0]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        AttentionPlan.from_splits(inputs["split_lens"], inputs["attn_modes"], inputs["sample_lens"], "cuda")
+        TokenRoute(inputs["sequence_length"], inputs["packed_vae_token_indexes"])
+        on_device = model.model.embed_vit_tokens(*vit_args, seqlens, max_seqlen=num_vit)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(on_device, model.model.embed_vit_tokens(*vit_args, seqlens.cpu()))
+    wrong = seqlens.clone()
+    wrong[0] -= 1
+    with pytest.raises(ValueError, match="vit_token_seqlens must"), torch.no_grad():
+        model(**dict(inputs, vit_token_seqlens=wrong))
 
 
 @pytest.mark.parametrize("causal", [False, True])

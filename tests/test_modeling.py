@@ -442,6 +442,33 @@ def test_packed_attention_matches_dense_mask(split_lens, attn_modes, sample_lens
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_plan_in_storage_order_reads_and_writes_rows_where_they_are():
+    """Tokens stored permuted (as the decoder keeps them, UND rows first): the plan moved to that
+    order gives the packed plan's output rows, permuted the same way."""
+    g = torch.Generator().manual_seed(2)
+    split_lens, attn_modes, sample_lens = [3, 4, 2, 3], ["full", "causal", "causal", "noise"], [7, 5]
+    n = sum(sample_lens)
+    q, k, v = torch.randn(n, 4, 8, generator=g), torch.randn(n, 2, 8, generator=g), torch.randn(n, 2, 8, generator=g)
+    stored = torch.randperm(n, generator=g)  # storage row s holds packed row stored[s]
+    position = torch.empty_like(stored)
+    position[stored] = torch.arange(n)
+    for plan in (AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, torch.device("cpu")),
+                 AttentionPlan.segments([5, 7], causal=True)):  # fmt: skip
+        moved = packed_attention(q[stored], k[stored], v[stored], plan.in_storage_order(position))
+        torch.testing.assert_close(moved, packed_attention(q, k, v, plan)[stored], rtol=0, atol=0)
+
+
+def test_plan_from_offsets_matches_host_lengths():
+    """Offsets with only an upper bound on the longest segment give the same attention."""
+    g = torch.Generator().manual_seed(3)
+    lens = [3, 6, 2]
+    q, k, v = (torch.randn(sum(lens), 2, 8, generator=g) for _ in range(3))
+    offsets = torch.tensor([0, 3, 9, 11], dtype=torch.int32)
+    plan = AttentionPlan.from_offsets(offsets, max_len=11)
+    assert plan.groups[0].max_q == 11
+    torch.testing.assert_close(packed_attention(q, k, v, plan), packed_attention(q, k, v, AttentionPlan.segments(lens)))
+
+
 def test_segments_causal_is_bottom_right_aligned():
     g = torch.Generator().manual_seed(1)
     q_lens, k_lens = [2, 3], [5, 4]
@@ -482,6 +509,10 @@ def test_error_text_index_lengths(tiny_stage2):
     overlapping[1] = overlapping[0]  # right counts, but one position twice and one never
     with pytest.raises(ValueError, match="exactly once"):
         tiny_stage2(**dict(batch, packed_text_indexes=overlapping))
+    outside = batch["packed_text_indexes"].clone()
+    outside[0] = batch["sequence_length"]  # past the end: an error, not an index fault
+    with pytest.raises(ValueError, match="exactly once"):
+        tiny_stage2(**dict(batch, packed_text_indexes=outside))
 
 
 def test_error_vit_tokens_without_seqlens(tiny_stage2):
