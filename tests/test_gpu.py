@@ -47,7 +47,7 @@ def test_train_parity_on_gpu_float32(parity):
 def test_bf16_varlen_path_matches_exact_path(parity, monkeypatch):
     """The same bf16 model, with the varlen kernel and with per-segment SDPA on its plain (math)
     backend."""
-    if attention_bagel.flash_attn_varlen_func is None and attention_bagel._torch_varlen_attn is None:
+    if attention_bagel.flash_attn_varlen_func is None and not attention_bagel._TORCH_HAS_VARLEN:
         pytest.skip("no varlen kernel in this torch and no flash-attn")
     model = _parity_model(parity, torch.bfloat16)
     inputs = _train_inputs(parity, torch.bfloat16)
@@ -98,9 +98,17 @@ def test_varlen_kernel_matches_exact_attention(causal):
     k = torch.randn(sum(k_lens), 2, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     plan = AttentionPlan.segments(q_lens, k_lens, causal)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
     fast = packed_attention(q, k, v, plan)
-    exact = attention_bagel._sdpa_per_segment(q.float(), k.float(), v.float(), plan.groups[0])
+    exact_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    exact = attention_bagel._sdpa_per_segment(*exact_inputs, plan.groups[0])
     assert (fast.float() - exact).abs().max().item() < 2e-2
+    grads = torch.autograd.grad(fast.float().square().sum(), inputs)  # the kernel's own backward
+    exact_grads = torch.autograd.grad(exact.square().sum(), exact_inputs)
+    for name, grad, ref in zip("qkv", grads, exact_grads):
+        err = ((grad.float() - ref).abs().max() / ref.abs().max()).item()
+        print(f"varlen kernel backward (causal={causal}), d{name}: max relative error {err:.2e}")
+        assert err < 2e-2, name
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(28, 4, 128), (16, 16, 72)])
