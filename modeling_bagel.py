@@ -30,7 +30,7 @@ from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
-from .modeling_siglip_navit import SiglipVisionModel, apply_rotary, rotary_cos_sin
+from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, rotary_cos_sin
 from .state_dict_adapter import BagelStateDictAdapter, _classify
 
 # ----------------------------------------------------------------------------------------------
@@ -52,9 +52,9 @@ class Qwen2RMSNorm(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +76,10 @@ class Qwen2MoTAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.hidden_size // self.num_heads
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        _with_gen_sibling(self, "q_proj", lambda: nn.Linear(hidden, q_dim, bias=True), mot)
-        _with_gen_sibling(self, "k_proj", lambda: nn.Linear(hidden, kv_dim, bias=True), mot)
-        _with_gen_sibling(self, "v_proj", lambda: nn.Linear(hidden, kv_dim, bias=True), mot)
-        _with_gen_sibling(self, "o_proj", lambda: nn.Linear(q_dim, hidden, bias=False), mot)
+        _with_gen_sibling(self, "q_proj", lambda: Linear(hidden, q_dim, bias=True), mot)
+        _with_gen_sibling(self, "k_proj", lambda: Linear(hidden, kv_dim, bias=True), mot)
+        _with_gen_sibling(self, "v_proj", lambda: Linear(hidden, kv_dim, bias=True), mot)
+        _with_gen_sibling(self, "o_proj", lambda: Linear(q_dim, hidden, bias=False), mot)
         norm = (lambda: Qwen2RMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
         _with_gen_sibling(self, "q_norm", norm, mot)
         _with_gen_sibling(self, "k_norm", norm, mot)
@@ -159,7 +159,7 @@ class Qwen2ForCausalLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.model = Qwen2MoTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            Linear(frequency_embedding_size, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -222,9 +222,9 @@ class Connector(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, act: str):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc1 = Linear(in_dim, out_dim)
         self.act = ACT2FN[act]
-        self.fc2 = nn.Linear(out_dim, out_dim)
+        self.fc2 = Linear(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -248,8 +248,8 @@ class BagelModel(nn.Module):
             self.latent_channel = int(config.vae_config["z_channels"])
             patch_dim = config.latent_patch_size**2 * self.latent_channel
             self.time_embedder = TimestepEmbedder(text.hidden_size)
-            self.vae2llm = nn.Linear(patch_dim, text.hidden_size)
-            self.llm2vae = nn.Linear(text.hidden_size, patch_dim)
+            self.vae2llm = Linear(patch_dim, text.hidden_size)
+            self.llm2vae = Linear(text.hidden_size, patch_dim)
             self.latent_pos_embed = PositionEmbedding2D(config.max_latent_size, text.hidden_size)
 
     def embed_vit_tokens(

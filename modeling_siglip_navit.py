@@ -37,6 +37,48 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+# `mm` with a float32 output from bf16/fp16 inputs (CUDA, torch >= 2.8).
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except when float32 weights are trained under CUDA autocast (the usual mixed
+    precision: float32 master weights). Autocast would give the weight a bf16 gradient and then
+    cast it to float32, an extra kernel per weight and a rounding; here one GEMM writes the
+    float32 gradient directly. The forward is the same as autocast's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (
+            _MM_HAS_OUT_DTYPE
+            and x.is_cuda
+            and weight.dtype == torch.float32
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cuda")
+        ):
+            return _MasterWeightLinear.apply(x, weight, self.bias, torch.get_autocast_dtype("cuda"))
+        return super().forward(x)
+
+
+class _MasterWeightLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        x, weight_lp = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x, weight_lp)
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight_lp, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight_lp = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ weight_lp if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(grad_2d.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32)
+        grad_b = grad_2d.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 class SiglipRotary2D(nn.Module):
     """2-D RoPE for `rope=True`: row frequencies on the first half of each head, column on the second."""
 
@@ -78,7 +120,7 @@ class SiglipVisionEmbeddings(nn.Module):
         conv = self.patch_embedding
         if not isinstance(conv, nn.Conv2d):
             return
-        linear = nn.Linear(conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels, device=conv.weight.device,
+        linear = Linear(conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels, device=conv.weight.device,
                            dtype=conv.weight.dtype)
         if not conv.weight.is_meta:
             with torch.no_grad():
@@ -106,10 +148,10 @@ class SiglipAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, rotary=None) -> torch.Tensor:
         shape = (x.shape[0], self.num_heads, self.head_dim)
@@ -123,8 +165,8 @@ class SiglipMLP(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.act = ACT2FN[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
