@@ -1,5 +1,7 @@
 """Chat: one 980x980 image (4900 ViT tokens) + a 30-token prompt, then 128 greedy tokens; with
 --batch N, N such requests decode together. Full-size BAGEL-7B-MoT with random weights, bf16.
+Prefill is compute-bound (MFU); decoding reads the weights and the KV cache once per step, so its
+figure is HBM bandwidth utilisation.
 
     python bench/chat.py [--batch 1] [--new-tokens 128]
 """
@@ -7,7 +9,8 @@
 import argparse
 
 import torch
-from common import Timer, build_model, full_size_config, report, special_ids
+from common import (PEAK_BF16_FLOPS, PEAK_HBM_BYTES_PER_S, Timer, attention_flops, build_model, decoder_weights,
+                    full_size_config, report, special_ids)
 
 
 def main():
@@ -36,9 +39,19 @@ def main():
     with Timer() as t_decode:
         ids = model.generate_text_ids(context, no_stop, max_length=args.new_tokens + 1)
     generated = sum(len(x) - 1 for x in ids)
+    und, head = decoder_weights(model, "und"), model.config.text_config.vocab_size * model.config.text_config.hidden_size
+    vit = sum(p.numel() for p in model.model.vit_model.parameters())
+    vit_config, vit_tokens = config.vision_config, 4900
+    prefill_flops = sum(2 * und * n + attention_flops(model, n, n) for n in context.lengths)
+    prefill_flops += args.batch * (2 * vit * vit_tokens + 4 * vit_tokens**2 * vit_config.hidden_size * vit_config.num_hidden_layers)
+    text = config.text_config
+    kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    steps = generated / args.batch
+    decode_bytes = steps * 2 * (und + head) + sum(steps * (n + steps / 2) * kv_bytes_per_token for n in context.lengths)
     report(workload="chat", batch=args.batch, prefill_s=round(t_prefill.seconds, 3),
-           decode_s=round(t_decode.seconds, 3), new_tokens=generated,
-           tokens_per_s=round(generated / t_decode.seconds, 1))
+           prefill_mfu=round(prefill_flops / t_prefill.seconds / PEAK_BF16_FLOPS, 3),
+           decode_s=round(t_decode.seconds, 3), new_tokens=generated, tokens_per_s=round(generated / t_decode.seconds, 1),
+           decode_hbm_util=round(decode_bytes / t_decode.seconds / PEAK_HBM_BYTES_PER_S, 3))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from repo_package import import_repo  # noqa: E402,F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# What the lent H100 reaches, measured (issue 5): dense bf16 matmul and HBM bandwidth. MFU and
+# bandwidth utilisation below are fractions of these.
+PEAK_BF16_FLOPS = 798e12
+PEAK_HBM_BYTES_PER_S = 3.0e12
+
 
 def full_size_config(num_llm_layers: int | None = None, stage: int = 2):
     """BAGEL-7B-MoT's configuration (the repo's config.json), optionally with fewer LLM layers."""
@@ -44,6 +49,18 @@ def build_model(config, dtype=torch.bfloat16, device: str = "cuda"):
         with torch.no_grad():
             model.model.llm2vae.weight.normal_(0, 0.02)
     return model.eval()
+
+
+def decoder_weights(model, side: str) -> int:
+    """Decoder weights one token of `side` ("und" or "gen") multiplies with, lm head excluded."""
+    lm = model.model.language_model.model
+    return sum(p.numel() for name, p in lm.layers.named_parameters() if ("moe_gen" in name) == (side == "gen"))
+
+
+def attention_flops(model, queries: int, keys: int) -> float:
+    """Forward FLOPs of attention (QK^T and PV) over all decoder layers."""
+    text = model.config.text_config
+    return 4 * queries * keys * text.hidden_size * text.num_hidden_layers
 
 
 def special_ids(config):

@@ -1,5 +1,6 @@
 """Text-to-image: 1024x1024, 50 steps, text guidance 4.0 in (0.4, 1.0], shift 3.0, one prompt of
-30 tokens, VAE decode included; full-size BAGEL-7B-MoT with random weights, bf16.
+30 tokens, VAE decode included; full-size BAGEL-7B-MoT with random weights, bf16. MFU counts the
+decoder's FLOPs of every denoising forward (VAE excluded) over the whole time.
 
     python bench/t2i.py [--size 1024] [--steps 50] [--batch 1]
 """
@@ -7,7 +8,8 @@
 import argparse
 
 import torch
-from common import Timer, build_model, full_size_config, report, special_ids
+from common import (PEAK_BF16_FLOPS, Timer, attention_flops, build_model, decoder_weights, full_size_config, report,
+                    special_ids)
 
 
 def main():
@@ -28,6 +30,15 @@ def main():
     prompts = [torch.randint(0, 150000, (30,)).tolist() for _ in range(args.batch)]
     sizes = [(args.size, args.size)] * args.batch
 
+    forwards = []  # (context length, latent tokens) of each sequence of each denoising forward
+    predict_velocity = model._predict_velocity
+
+    def counted(context, x, t, pos, counts, n_branches, special):
+        forwards.extend(zip(context.lengths, counts * n_branches))
+        return predict_velocity(context, x, t, pos, counts, n_branches, special)
+
+    model._predict_velocity = counted
+
     def generate():
         context = model.add_text_tokens(model.new_context(args.batch), prompts, special)
         latents = model.generate_latents(context, model.new_context(args.batch), context, sizes, special, params)
@@ -37,12 +48,17 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.repeats):
+        forwards.clear()
         with Timer() as t:
             images = generate()
         times.append(t.seconds)
     assert torch.isfinite(images[0]).all()
-    report(workload="t2i", size=args.size, steps=args.steps, batch=args.batch,
-           seconds=round(min(times), 3), seconds_per_image=round(min(times) / args.batch, 3))
+    gen, und = decoder_weights(model, "gen"), decoder_weights(model, "und")
+    flops = sum(2 * gen * n + 2 * und * 2 + attention_flops(model, n + 2, length + n + 2) for length, n in forwards)
+    seconds = min(times)
+    report(workload="t2i", size=args.size, steps=args.steps, batch=args.batch, seconds=round(seconds, 3),
+           seconds_per_image=round(seconds / args.batch, 3),
+           latent_tokens_per_s=round(sum(n for _, n in forwards) / seconds), mfu=round(flops / seconds / PEAK_BF16_FLOPS, 3))
 
 
 if __name__ == "__main__":

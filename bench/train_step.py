@@ -9,7 +9,7 @@ layers (--layers), full ViT.
 import argparse
 
 import torch
-from common import Timer, build_model, full_size_config, report
+from common import PEAK_BF16_FLOPS, Timer, build_model, full_size_config, report
 
 
 def packed_batch(config, device="cuda", t2i_samples=5, und_samples=2, text_len=30, latent_side=32, vit_side=35,
@@ -133,7 +133,7 @@ def main():
     seconds = t.seconds / args.steps
     tokens = batch["sequence_length"]
     report(workload="train_step", layers=args.layers, tokens=tokens, seconds=round(seconds, 4),
-           tokens_per_s=round(tokens / seconds), mfu=round(train_flops(config, batch) / seconds / 989e12, 3))
+           tokens_per_s=round(tokens / seconds), mfu=round(train_flops(config, batch) / seconds / PEAK_BF16_FLOPS, 3))
 
 
 if __name__ == "__main__":
