@@ -281,18 +281,23 @@ class TokenRoute:
         """Route order -> packed order (N, ...)."""
         return x if self.order is None else x.index_select(0, self.inverse)
 
-    def __call__(self, x: torch.Tensor, und: Callable, gen: Callable | None) -> torch.Tensor:
-        """Apply `und` to the UND tokens and `gen` to the GEN tokens of x (N, ...), in route order."""
+    def __call__(self, x: torch.Tensor, und: Callable, gen: Callable | None):
+        """Apply `und` to the UND tokens and `gen` to the GEN tokens of x (N, ...), in route order.
+        They return a tensor or a tuple of tensors (N_side, ...); so does this, joined over both."""
         if self.order is None:
-            out = und(x)
-            return out.detach() if self.freeze_und else out
+            return self._detach_und(und(x))
         if gen is None:
             raise ValueError(
                 "This is a stage-1 (understanding-only) model but the batch has generation (VAE) tokens; "
                 "load the model with stage=2 to train or run image generation."
             )
         x_und, x_gen = x.split([self.num_und, x.shape[0] - self.num_und])
-        out_und = und(x_und)
-        if self.freeze_und:
-            out_und = out_und.detach()
-        return torch.cat([out_und, gen(x_gen)])
+        out_und, out_gen = self._detach_und(und(x_und)), gen(x_gen)
+        if isinstance(out_und, tuple):
+            return tuple(torch.cat(pair) for pair in zip(out_und, out_gen))
+        return torch.cat([out_und, out_gen])
+
+    def _detach_und(self, out):
+        if not self.freeze_und:
+            return out
+        return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()

@@ -84,29 +84,35 @@ class Qwen2MoTAttention(nn.Module):
         _with_gen_sibling(self, "q_norm", norm, mot)
         _with_gen_sibling(self, "k_norm", norm, mot)
 
-    def _routed(self, name: str, x: torch.Tensor, route: TokenRoute) -> torch.Tensor:
-        return route(x, getattr(self, name), getattr(self, name + "_moe_gen", None))
-
-    def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (n, heads, head_dim), k, v (n, kv_heads, head_dim) of x through one side's weights
+        (`side` "" for UND, "_moe_gen" for GEN), q and k normalised, before rotary."""
         n = x.shape[0]
-        q = self._routed("q_proj", x, route).view(n, self.num_heads, self.head_dim)
-        k = self._routed("k_proj", x, route).view(n, self.num_kv_heads, self.head_dim)
-        v = self._routed("v_proj", x, route).view(n, self.num_kv_heads, self.head_dim)
+        q = getattr(self, "q_proj" + side)(x).view(n, self.num_heads, self.head_dim)
+        k = getattr(self, "k_proj" + side)(x).view(n, self.num_kv_heads, self.head_dim)
+        v = getattr(self, "v_proj" + side)(x).view(n, self.num_kv_heads, self.head_dim)
         # Under autocast the norms run in float32 and come back wider than v.
-        q = apply_rotary(self._routed("q_norm", q, route).to(v.dtype), *rotary)
-        k = apply_rotary(self._routed("k_norm", k, route).to(v.dtype), *rotary)
+        q, k = getattr(self, "q_norm" + side)(q).to(v.dtype), getattr(self, "k_norm" + side)(k).to(v.dtype)
+        return q, k, v
+
+    def forward(self, q, k, v, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
+        """Attention of the projected tokens (route order), then the routed output projection."""
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is None:  # the plan is in route order (Qwen2MoTModel.forward)
             out = packed_attention(q, k, v, plan)
         else:  # attention over the cached context too, which is kept in packed order
             out = route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan))
-        return self._routed("o_proj", out.reshape(n, self.num_heads * self.head_dim), route)
+        return route(out.flatten(1), self.o_proj, getattr(self, "o_proj_moe_gen", None))
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
-    """Pre-norm decoder layer; in MoT form (stage 2) every weight has a `_moe_gen` twin."""
+    """Pre-norm decoder layer; in MoT form (stage 2) every weight has a `_moe_gen` twin. Tokens
+    are routed block by block (norm + projections, norm + MLP): one concatenation per output
+    instead of one per op."""
 
     def __init__(self, config, layer_idx: int, mot: bool):
         super().__init__()
+        self.mot = mot
         self.self_attn = Qwen2MoTAttention(config, layer_idx, mot)
         _with_gen_sibling(self, "mlp", lambda: Qwen2MLP(config), mot)
         _with_gen_sibling(self, "input_layernorm", lambda: Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps), mot)
@@ -114,12 +120,20 @@ class Qwen2MoTDecoderLayer(nn.Module):
             self, "post_attention_layernorm", lambda: Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps), mot
         )
 
-    def _routed(self, name: str, x: torch.Tensor, route: TokenRoute) -> torch.Tensor:
-        return route(x, getattr(self, name), getattr(self, name + "_moe_gen", None))
+    def _qkv(self, x: torch.Tensor, side: str):
+        return self.self_attn.project(getattr(self, "input_layernorm" + side)(x), side)
+
+    def _mlp(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        return getattr(self, "mlp" + side)(getattr(self, "post_attention_layernorm" + side)(x))
+
+    def _routed(self, block: Callable, x: torch.Tensor, route: TokenRoute):
+        gen = (lambda part: block(part, "_moe_gen")) if self.mot else None
+        return route(x, lambda part: block(part, ""), gen)
 
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self._routed("input_layernorm", x, route), rotary, plan, route, cache)
-        return x + self._routed("mlp", self._routed("post_attention_layernorm", x, route), route)
+        q, k, v = self._routed(self._qkv, x, route)
+        x = x + self.self_attn(q, k, v, rotary, plan, route, cache)
+        return x + self._routed(self._mlp, x, route)
 
 
 class Qwen2MoTModel(nn.Module):

@@ -302,6 +302,10 @@ def test_token_route_groups_tokens_and_applies_each_side():
     is_gen = torch.zeros(9, dtype=torch.bool)
     is_gen[gen_index] = True
     assert torch.equal(out, torch.where(is_gen[:, None], -x, x + 100))
+    # a block with several outputs: each is joined over both sides
+    doubled, first = route(sorted_x, lambda t: (2 * t, t[:, :1]), lambda t: (-2 * t, -t[:, :1]))
+    assert torch.equal(route.unsort(doubled), 2 * torch.where(is_gen[:, None], -x, x))
+    assert torch.equal(route.unsort(first), torch.where(is_gen[:, None], -x, x)[:, :1])
     assert TokenRoute(9).sort(x) is x  # no GEN tokens: nothing moves
     with pytest.raises(ValueError, match="stage-1"):
         route(sorted_x, lambda t: t, None)
