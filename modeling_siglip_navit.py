@@ -121,7 +121,7 @@ class SiglipVisionEmbeddings(nn.Module):
         if not isinstance(conv, nn.Conv2d):
             return
         linear = Linear(conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels, device=conv.weight.device,
-                           dtype=conv.weight.dtype)
+                        dtype=conv.weight.dtype)
         if not conv.weight.is_meta:
             with torch.no_grad():
                 linear.weight.copy_(conv_to_linear_weight(conv.weight))
