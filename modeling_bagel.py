@@ -96,19 +96,19 @@ class Qwen2MoTAttention(nn.Module):
         return q, k, v
 
     def forward(self, q, k, v, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
-        """Attention of the projected tokens (route order), then the routed output projection."""
+        """Attention of the projected tokens, all in route order -> (n, heads * head_dim), before
+        the output projection."""
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is None:  # the plan is in route order (Qwen2MoTModel.forward)
-            out = packed_attention(q, k, v, plan)
-        else:  # attention over the cached context too, which is kept in packed order
-            out = route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan))
-        return route(out.flatten(1), self.o_proj, getattr(self, "o_proj_moe_gen", None))
+            return packed_attention(q, k, v, plan).flatten(1)
+        # attention over the cached context too, which is kept in packed order
+        return route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan)).flatten(1)
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
     """Pre-norm decoder layer; in MoT form (stage 2) every weight has a `_moe_gen` twin. Tokens
-    are routed block by block (norm + projections, norm + MLP): one concatenation per output
-    instead of one per op."""
+    are routed block by block (norm + projections, output projection, norm + MLP): one
+    concatenation per output instead of one per op."""
 
     def __init__(self, config, layer_idx: int, mot: bool):
         super().__init__()
@@ -123,6 +123,9 @@ class Qwen2MoTDecoderLayer(nn.Module):
     def _qkv(self, x: torch.Tensor, side: str):
         return self.self_attn.project(getattr(self, "input_layernorm" + side)(x), side)
 
+    def _out(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        return getattr(self.self_attn, "o_proj" + side)(x)
+
     def _mlp(self, x: torch.Tensor, side: str) -> torch.Tensor:
         return getattr(self, "mlp" + side)(getattr(self, "post_attention_layernorm" + side)(x))
 
@@ -132,7 +135,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
 
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, x, route)
-        x = x + self.self_attn(q, k, v, rotary, plan, route, cache)
+        x = x + self._routed(self._out, self.self_attn(q, k, v, rotary, plan, route, cache), route)
         return x + self._routed(self._mlp, x, route)
 
 
