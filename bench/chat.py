@@ -39,12 +39,12 @@ def main():
     with Timer() as t_decode:
         ids = model.generate_text_ids(context, no_stop, max_length=args.new_tokens + 1)
     generated = sum(len(x) - 1 for x in ids)
-    und, head = decoder_weights(model, "und"), model.config.text_config.vocab_size * model.config.text_config.hidden_size
-    vit = sum(p.numel() for p in model.model.vit_model.parameters())
-    vit_config, vit_tokens = config.vision_config, 4900
-    prefill_flops = sum(2 * und * n + attention_flops(model, n, n) for n in context.lengths)
-    prefill_flops += args.batch * (2 * vit * vit_tokens + 4 * vit_tokens**2 * vit_config.hidden_size * vit_config.num_hidden_layers)
     text = config.text_config
+    und, head = decoder_weights(model, "und"), text.vocab_size * text.hidden_size
+    vit = sum(p.numel() for p in model.model.vit_model.parameters())
+    vit_tokens = 4900
+    prefill_flops = sum(2 * und * n + attention_flops(text, n, n) for n in context.lengths)
+    prefill_flops += args.batch * (2 * vit * vit_tokens + attention_flops(config.vision_config, vit_tokens, vit_tokens))
     kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
     steps = generated / args.batch
     decode_bytes = steps * 2 * (und + head) + sum(steps * (n + steps / 2) * kv_bytes_per_token for n in context.lengths)

@@ -57,10 +57,10 @@ def decoder_weights(model, side: str) -> int:
     return sum(p.numel() for name, p in lm.layers.named_parameters() if ("moe_gen" in name) == (side == "gen"))
 
 
-def attention_flops(model, queries: int, keys: int) -> float:
-    """Forward FLOPs of attention (QK^T and PV) over all decoder layers."""
-    text = model.config.text_config
-    return 4 * queries * keys * text.hidden_size * text.num_hidden_layers
+def attention_flops(tower_config, queries: int, keys: int) -> float:
+    """Forward FLOPs of attention (QK^T and PV) over all layers of a tower (`text_config` for the
+    decoder, `vision_config` for the ViT)."""
+    return 4 * queries * keys * tower_config.hidden_size * tower_config.num_hidden_layers
 
 
 def special_ids(config):

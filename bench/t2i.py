@@ -54,7 +54,7 @@ def main():
         times.append(t.seconds)
     assert torch.isfinite(images[0]).all()
     gen, und = decoder_weights(model, "gen"), decoder_weights(model, "und")
-    flops = sum(2 * gen * n + 2 * und * 2 + attention_flops(model, n + 2, length + n + 2) for length, n in forwards)
+    flops = sum(2 * gen * n + 2 * und * 2 + attention_flops(model.config.text_config, n + 2, length + n + 2) for length, n in forwards)
     seconds = min(times)
     report(workload="t2i", size=args.size, steps=args.steps, batch=args.batch, seconds=round(seconds, 3),
            seconds_per_image=round(seconds / args.batch, 3),

@@ -9,7 +9,7 @@ layers (--layers), full ViT.
 import argparse
 
 import torch
-from common import PEAK_BF16_FLOPS, Timer, build_model, full_size_config, report
+from common import PEAK_BF16_FLOPS, Timer, attention_flops, build_model, full_size_config, report
 
 
 def packed_batch(config, device="cuda", t2i_samples=5, und_samples=2, text_len=30, latent_side=32, vit_side=35,
@@ -93,12 +93,12 @@ def train_flops(config, batch) -> float:
     n_vit = batch["packed_vit_tokens"].shape[0]
     dense = per_layer * text.num_hidden_layers * batch["sequence_length"] + vit_layer * vit.num_hidden_layers * n_vit
     dense += d * text.vocab_size * batch["ce_loss_indexes"].shape[0]
-    # attention: 4 * q * k * width per layer forward (QK^T and PV), times 3 with backward
-    attn = 0
-    for n, mode in zip(batch["split_lens"], batch["attn_modes"]):
-        attn += n * n * (0.5 if mode == "causal" else 1.0)  # within-split keys; earlier splits are small
-    attn = 4 * attn * d * text.num_hidden_layers
-    vit_attn = 4 * sum(int(s) ** 2 for s in batch["vit_token_seqlens"]) * vit.hidden_size * vit.num_hidden_layers
+    # attention: forward FLOPs, times 3 with backward
+    attn = sum(  # within-split keys (half of them when causal); earlier splits are small
+        attention_flops(text, n, n) * (0.5 if mode == "causal" else 1.0)
+        for n, mode in zip(batch["split_lens"], batch["attn_modes"])
+    )
+    vit_attn = sum(attention_flops(vit, int(s), int(s)) for s in batch["vit_token_seqlens"])
     return 6 * dense + 3 * (attn + vit_attn)
 
 
