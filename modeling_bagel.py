@@ -30,7 +30,7 @@ from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
-from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, rotary_cos_sin
+from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, parallel_linears, rotary_cos_sin
 from .state_dict_adapter import BagelStateDictAdapter, _classify
 
 # ----------------------------------------------------------------------------------------------
@@ -88,9 +88,9 @@ class Qwen2MoTAttention(nn.Module):
         """q (n, heads, head_dim), k, v (n, kv_heads, head_dim) of x through one side's weights
         (`side` "" for UND, "_moe_gen" for GEN), q and k normalised, before rotary."""
         n = x.shape[0]
-        q = getattr(self, "q_proj" + side)(x).view(n, self.num_heads, self.head_dim)
-        k = getattr(self, "k_proj" + side)(x).view(n, self.num_kv_heads, self.head_dim)
-        v = getattr(self, "v_proj" + side)(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = parallel_linears(x, tuple(getattr(self, name + side) for name in ("q_proj", "k_proj", "v_proj")))
+        q = q.view(n, self.num_heads, self.head_dim)
+        k, v = k.view(n, self.num_kv_heads, self.head_dim), v.view(n, self.num_kv_heads, self.head_dim)
         # Under autocast the norms run in float32 and come back wider than v.
         q, k = getattr(self, "q_norm" + side)(q).to(v.dtype), getattr(self, "k_norm" + side)(k).to(v.dtype)
         return q, k, v

@@ -41,42 +41,65 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
+def _trains_master_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Float32 weights trained under CUDA autocast (the usual mixed precision)."""
+    return (
+        _MM_HAS_OUT_DTYPE
+        and x.is_cuda
+        and weight.dtype == torch.float32
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+        and torch.is_autocast_enabled("cuda")
+    )
+
+
 class Linear(nn.Linear):
-    """nn.Linear, except when float32 weights are trained under CUDA autocast (the usual mixed
-    precision: float32 master weights). Autocast would give the weight a bf16 gradient and then
-    cast it to float32, an extra kernel per weight and a rounding; here one GEMM writes the
-    float32 gradient directly. The forward is the same as autocast's."""
+    """nn.Linear, except when float32 weights are trained under CUDA autocast. Autocast would give
+    the weight a bf16 gradient and then cast it to float32, an extra kernel per weight and a
+    rounding; here one GEMM writes the float32 gradient directly. The forward is autocast's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if (
-            _MM_HAS_OUT_DTYPE
-            and x.is_cuda
-            and weight.dtype == torch.float32
-            and weight.requires_grad
-            and torch.is_grad_enabled()
-            and torch.is_autocast_enabled("cuda")
-        ):
-            return _MasterWeightLinear.apply(x, weight, self.bias, torch.get_autocast_dtype("cuda"))
+        if _trains_master_weights(x, self.weight):
+            return _MasterWeightLinear.apply(x, torch.get_autocast_dtype("cuda"), 1, self.weight, self.bias)
         return super().forward(x)
 
 
+def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """`tuple(layer(x) for layer in layers)` for Linears of one input (q/k/v, gate/up). When
+    float32 master weights are trained, it is one GEMM each way: the weights are cast into one
+    bf16 matrix (the cast autocast makes anyway), x is cast and saved once, and x's gradient
+    needs no sum."""
+    if not _trains_master_weights(x, layers[0].weight):
+        return tuple(layer(x) for layer in layers)
+    params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
+    out = _MasterWeightLinear.apply(x, torch.get_autocast_dtype("cuda"), len(layers), *params)
+    return out.split([layer.out_features for layer in layers], dim=-1)
+
+
 class _MasterWeightLinear(torch.autograd.Function):
+    """x @ [w_1; ...; w_n].T + [b_1, ..., b_n] in `dtype`, float32 gradients for the weights and
+    biases (all biases or none)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
-        x, weight_lp = x.to(dtype), weight.to(dtype)
-        ctx.save_for_backward(x, weight_lp)
-        ctx.has_bias = bias is not None
-        return nn.functional.linear(x, weight_lp, None if bias is None else bias.to(dtype))
+    def forward(ctx, x, dtype, n, *params):
+        weights, biases = params[:n], params[n:]
+        weight = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dtype, device=x.device)
+        for part, w in zip(weight.split([w.shape[0] for w in weights]), weights):
+            part.copy_(w)  # the cast, written in place
+        bias = None if biases[0] is None else torch.cat(biases).to(dtype)
+        x = x.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.rows, ctx.has_bias = [w.shape[0] for w in weights], bias is not None
+        return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight_lp = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad @ weight_lp if ctx.needs_input_grad[0] else None
-        grad_w = torch.mm(grad_2d.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32)
-        grad_b = grad_2d.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(grad_2d.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32).split(ctx.rows)
+        grad_b = grad_2d.sum(0, dtype=torch.float32).split(ctx.rows) if ctx.has_bias else (None,) * len(ctx.rows)
+        return grad_x, None, None, *grad_w, *grad_b
 
 
 class SiglipRotary2D(nn.Module):
@@ -155,7 +178,7 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, rotary=None) -> torch.Tensor:
         shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        q, k, v = (t.view(shape) for t in parallel_linears(x, (self.q_proj, self.k_proj, self.v_proj)))
         if rotary is not None:
             q, k = apply_rotary_2d(q, *rotary), apply_rotary_2d(k, *rotary)
         return self.out_proj(packed_attention(q, k, v, plan).reshape(x.shape))

@@ -91,16 +91,17 @@ def test_training_forward_queues_the_vit_without_waiting(parity):
 
 
 def test_master_weight_gradients_match_autocast(parity, monkeypatch):
-    """Float32 weights trained under bf16 autocast: the Linear that writes float32 weight
-    gradients with one GEMM gives autocast's forward exactly and its gradients up to autocast's
-    own bf16 rounding of them."""
+    """Float32 weights trained under bf16 autocast. Our Linear (float32 weight gradients from one
+    GEMM; q/k/v and gate/up as one GEMM each) against plain autocast, both measured against the
+    same step in float32: the loss matches autocast's, and the gradients are as close to float32
+    as autocast's are."""
     if not modeling_siglip_navit._MM_HAS_OUT_DTYPE:
         pytest.skip("this torch has no mm with a float32 output")
     model = _parity_model(parity).train()
     inputs = dict(_train_inputs(parity), output_hidden_states=False)
 
-    def loss_and_grads():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def loss_and_grads(autocast=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = model(**inputs)
         loss = out["ce"].mean() + out["mse"].mean()
         loss.backward()
@@ -109,18 +110,21 @@ def test_master_weight_gradients_match_autocast(parity, monkeypatch):
         return loss.detach(), grads
 
     loss, grads = loss_and_grads()
+    exact_loss, exact_grads = loss_and_grads(autocast=False)
     monkeypatch.setattr(modeling_siglip_navit, "_MM_HAS_OUT_DTYPE", False)  # plain nn.Linear
     plain_loss, plain_grads = loss_and_grads()
-    assert torch.equal(loss, plain_loss)
-    assert grads.keys() == plain_grads.keys() and len(grads) > 100
+    assert ((loss - plain_loss).abs() / plain_loss.abs()).item() < 1e-3
+    assert grads.keys() == plain_grads.keys() == exact_grads.keys() and len(grads) > 100
     assert all(g.dtype == torch.float32 for g in grads.values())
-    errors = {name: ((grads[name] - g).norm() / g.norm()).item() for name, g in plain_grads.items()}
-    # Weight gradients differ by autocast's bf16 rounding (2^-9 relative). Bias gradients that are
-    # zero in theory (a key bias: softmax ignores it) are rounding noise of any size; left out.
-    weights = {name: e for name, e in errors.items() if plain_grads[name].dim() == 2}
-    worst = max(weights, key=weights.get)
-    print(f"master-weight gradients: max rel err {weights[worst]:.2e} ({worst}) over {len(weights)} weights")
-    assert weights[worst] < 1e-2
+    # Weight gradients only: bias gradients that are zero in theory (a key bias: softmax ignores
+    # it) are rounding noise of any size.
+    weights = [name for name, g in exact_grads.items() if g.dim() == 2]
+    error = lambda g, name: ((g[name] - exact_grads[name]).norm() / exact_grads[name].norm()).item()
+    ours, autocast = [error(grads, n) for n in weights], [error(plain_grads, n) for n in weights]
+    print(f"weight gradients vs float32 over {len(weights)} weights: ours max {max(ours):.2e} mean "
+          f"{sum(ours) / len(ours):.2e}; autocast max {max(autocast):.2e} mean {sum(autocast) / len(autocast):.2e}")
+    assert max(ours) < 5e-2
+    assert sum(ours) <= 1.1 * sum(autocast)
 
 
 @pytest.mark.parametrize("causal", [False, True])
