@@ -45,8 +45,10 @@ class Qwen2RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel; it normalises in float32 as the reference does.
-        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
+        # One fused kernel that normalises in float32, as the reference does, and returns x's
+        # dtype. Autocast is off around it: it would widen bf16 q/k to float32 and back.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
 
 
 class Qwen2MLP(nn.Module):
@@ -58,6 +60,8 @@ class Qwen2MLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # one cast of x for both projections, not one each
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -91,8 +95,7 @@ class Qwen2MoTAttention(nn.Module):
         q, k, v = parallel_linears(x, tuple(getattr(self, name + side) for name in ("q_proj", "k_proj", "v_proj")))
         q = q.view(n, self.num_heads, self.head_dim)
         k, v = k.view(n, self.num_kv_heads, self.head_dim), v.view(n, self.num_kv_heads, self.head_dim)
-        # Under autocast the norms run in float32 and come back wider than v.
-        q, k = getattr(self, "q_norm" + side)(q).to(v.dtype), getattr(self, "k_norm" + side)(k).to(v.dtype)
+        q, k = getattr(self, "q_norm" + side)(q), getattr(self, "k_norm" + side)(k)
         return q, k, v
 
     def forward(self, q, k, v, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:

@@ -31,10 +31,30 @@ def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[tor
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (N, heads, dim) in x's dtype, as the reference's Qwen2 does; cos and
-    signed_sin (N, dim) come from `rotary_cos_sin`. Equal to x*cos + rotate_half(x)*sin, in three
-    kernels: rotate_half(x)*sin is the halves of x swapped (a roll) times the signed sin."""
-    cos, signed_sin = cos.to(x.dtype)[:, None], signed_sin.to(x.dtype)[:, None]
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    signed_sin (N, dim) come from `rotary_cos_sin`. Equal to x*cos + rotate_half(x)*sin."""
+    return _Rotary.apply(x, cos.to(x.dtype)[:, None], signed_sin.to(x.dtype)[:, None])
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """x*cos + swap_halves(x)*signed_sin: rotate_half(x)*sin is x's halves swapped times the signed
+    sin. The gradient is the inverse rotation, grad*cos - swap_halves(grad)*signed_sin (the
+    signed sin's halves are each other's negatives): three kernels each way, where autograd's
+    own backward takes five, one of them a slow roll."""
+
+    @staticmethod
+    def forward(ctx, x, cos, signed_sin):
+        ctx.save_for_backward(cos, signed_sin)
+        return torch.addcmul(x * cos, _swap_halves(x), signed_sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, signed_sin = ctx.saved_tensors
+        return torch.addcmul(grad * cos, _swap_halves(grad), signed_sin, value=-1), None, None
 
 
 # `mm` with a float32 output from bf16/fp16 inputs (CUDA, torch >= 2.8).

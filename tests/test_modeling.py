@@ -23,7 +23,13 @@ from bagel_remote.modeling_bagel import (
     _convert_patch_embedding_for_packed_vit,
     sincos_2d,
 )
-from bagel_remote.modeling_siglip_navit import SiglipVisionEmbeddings
+from bagel_remote.modeling_siglip_navit import (
+    SiglipRotary2D,
+    SiglipVisionEmbeddings,
+    apply_rotary,
+    apply_rotary_2d,
+    rotary_cos_sin,
+)
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
 
 START, END = 12, 13  # <|vision_start|>, <|vision_end|> ids (as in the fixture); the tiny vocab holds them
@@ -580,6 +586,33 @@ def reference_sincos_2d(dim: int, grid: int) -> torch.Tensor:
 def test_sincos_table_matches_reference_formula():
     for dim, grid in ((32, 4), (64, 8), (16, 3)):
         torch.testing.assert_close(sincos_2d(dim, grid), reference_sincos_2d(dim, grid), rtol=0, atol=1e-6)
+
+
+def test_rotary_matches_rotate_half_formula_and_its_gradient():
+    """apply_rotary against the textbook x*cos + rotate_half(x)*sin, values and gradients, in
+    float64; the 2-D form (each half of the head on its own) through gradcheck."""
+    torch.manual_seed(0)
+    positions = torch.tensor([0, 3, 7, 100, 517])
+    x = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
+    cos, signed_sin = rotary_cos_sin(positions, 16, 10000.0)
+    freqs = positions.float()[:, None] / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    # the tables' layout (float32 angles of up to 517 rad agree to ~1e-5)
+    torch.testing.assert_close(cos, torch.cat((freqs, freqs), -1).cos(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(signed_sin, torch.cat((-freqs, freqs), -1).sin(), rtol=0, atol=1e-4)
+    sin = signed_sin[:, 8:].repeat(1, 2)
+
+    def textbook(x):
+        rotate_half = torch.cat((-x[..., 8:], x[..., :8]), -1)
+        return x * cos.double()[:, None] + rotate_half * sin.double()[:, None]
+
+    ours, ref = apply_rotary(x, cos, signed_sin), textbook(x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
+                               rtol=0, atol=1e-12)  # fmt: skip
+    rope = SiglipRotary2D(16, max_num_patch_per_side=8)
+    tables = rope(torch.tensor([0, 9, 17, 63, 30]))
+    assert torch.autograd.gradcheck(lambda t: apply_rotary_2d(t, *tables), (x.detach()[:, :1].requires_grad_(),))
 
 
 def test_sincos_table_matches_checkpoint(parity):
