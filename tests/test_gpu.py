@@ -8,7 +8,7 @@ from conftest import assert_close
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bagel_remote import attention_bagel, modeling_siglip_navit
+from bagel_remote import attention_bagel, kernels_bagel, modeling_siglip_navit
 from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
@@ -229,3 +229,25 @@ def test_graphed_varlen_decode_matches_plain_decode(parity, monkeypatch):
         err = ((fast[i].float() - plain[0].float()).abs().max() / plain[0].float().abs().max()).item()
         print(f"graphed varlen decode vs plain, request {i}: max relative error {err:.2e}")
         assert err < 2e-2
+
+
+def test_fused_silu_mul_matches_eager():
+    """The Triton SwiGLU kernels against eager silu(gate) * up, values and both gradients; on a
+    size that is no multiple of the block, and on non-contiguous inputs."""
+    if kernels_bagel.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    gate = (torch.randn(1000, 3001, device="cuda") * 3).bfloat16().requires_grad_()
+    up = torch.randn(1000, 3001, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    grad = torch.randn(1000, 3001, device="cuda", dtype=torch.bfloat16)
+    fused = kernels_bagel.silu_mul(gate, up)
+    eager = torch.nn.functional.silu(gate) * up
+    results = {"out": (fused, eager)}
+    results.update(zip(("d_gate", "d_up"), zip(torch.autograd.grad(fused, (gate, up), grad),
+                                                torch.autograd.grad(eager, (gate, up), grad))))  # fmt: skip
+    for name, (ours, ref) in results.items():
+        err = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        print(f"fused silu*mul vs eager, {name}: max relative error {err:.2e}")
+        assert err < 1e-2, name
+    strided = kernels_bagel.silu_mul(gate.detach().t(), up.detach().t())
+    torch.testing.assert_close(strided, fused.detach().t())
