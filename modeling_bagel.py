@@ -10,6 +10,7 @@ GEN weights, and all tokens share one packed attention. Everything works on pack
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import json
 import logging
@@ -47,8 +48,8 @@ class Qwen2RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel that normalises in float32, as the reference does, and returns x's
-        # dtype. Autocast is off around it: it would widen bf16 q/k to float32 and back.
-        with torch.autocast(x.device.type, enabled=False):
+        # dtype. CUDA autocast is off around it: it would widen bf16 q/k to float32 and back.
+        with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():
             return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
 
 
@@ -62,8 +63,9 @@ class Qwen2MLP(nn.Module):
         self.fused_silu = config.hidden_act == "silu"  # Qwen2's; one kernel each way on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # one cast of x for both projections, not one each
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            # One cast of x for both projections, not one each (their input gradients add in bf16).
+            x = x.to(torch.get_autocast_dtype("cuda"))
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up)
 

@@ -92,7 +92,7 @@ def test_training_forward_queues_the_vit_without_waiting(parity):
 
 def test_master_weight_gradients_match_autocast(parity, monkeypatch):
     """Float32 weights trained under bf16 autocast. Our Linear (float32 weight gradients from one
-    GEMM; q/k/v and gate/up as one GEMM each) against plain autocast, both measured against the
+    GEMM; q/k/v as one GEMM) against plain autocast, both measured against the
     same step in float32: the loss matches autocast's, and the gradients are as close to float32
     as autocast's are."""
     if not modeling_siglip_navit._MM_HAS_OUT_DTYPE:
