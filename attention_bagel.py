@@ -281,9 +281,10 @@ class TokenRoute:
         """Route order -> packed order (N, ...)."""
         return x if self.order is None else x.index_select(0, self.inverse)
 
-    def __call__(self, x: torch.Tensor, und: Callable, gen: Callable | None):
-        """Apply `und` to the UND tokens and `gen` to the GEN tokens of x (N, ...), in route order.
-        They return a tensor or a tuple of tensors (N_side, ...); so does this, joined over both."""
+    def __call__(self, x: torch.Tensor | tuple[torch.Tensor, ...], und: Callable, gen: Callable | None):
+        """Apply `und` to the UND tokens and `gen` to the GEN tokens of x (N, ...), in route order;
+        x may be a tuple of such tensors, split alike. `und` / `gen` return a tensor or a tuple of
+        tensors (N_side, ...); so does this, joined over both."""
         if self.order is None:
             return self._detach_und(und(x))
         if gen is None:
@@ -291,7 +292,11 @@ class TokenRoute:
                 "This is a stage-1 (understanding-only) model but the batch has generation (VAE) tokens; "
                 "load the model with stage=2 to train or run image generation."
             )
-        x_und, x_gen = x.split([self.num_und, x.shape[0] - self.num_und])
+        sizes = [self.num_und, self.order.shape[0] - self.num_und]
+        if isinstance(x, tuple):
+            x_und, x_gen = zip(*(part.split(sizes) for part in x))
+        else:
+            x_und, x_gen = x.split(sizes)
         out_und, out_gen = self._detach_und(und(x_und)), gen(x_gen)
         if isinstance(out_und, tuple):
             return tuple(torch.cat(pair) for pair in zip(out_und, out_gen))

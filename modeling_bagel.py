@@ -31,7 +31,7 @@ from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
-from .kernels_bagel import silu_mul
+from .kernels_bagel import fuses_rms_norm_rotary, rms_norm_rotary, silu_mul
 from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, parallel_linears, rotary_cos_sin
 from .state_dict_adapter import BagelStateDictAdapter, _classify
 
@@ -93,20 +93,25 @@ class Qwen2MoTAttention(nn.Module):
         _with_gen_sibling(self, "q_norm", norm, mot)
         _with_gen_sibling(self, "k_norm", norm, mot)
 
-    def project(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, rotary, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (n, heads, head_dim), k, v (n, kv_heads, head_dim) of x through one side's weights
-        (`side` "" for UND, "_moe_gen" for GEN), q and k normalised, before rotary."""
+        (`side` "" for UND, "_moe_gen" for GEN), q and k normalised and rotated (`rotary`: cos and
+        signed sin (n, head_dim) of x's tokens)."""
         n = x.shape[0]
         q, k, v = parallel_linears(x, tuple(getattr(self, name + side) for name in ("q_proj", "k_proj", "v_proj")))
-        q = q.view(n, self.num_heads, self.head_dim)
-        k, v = k.view(n, self.num_kv_heads, self.head_dim), v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = getattr(self, "q_norm" + side)(q), getattr(self, "k_norm" + side)(k)
-        return q, k, v
+        q = self._norm_rotary(q.view(n, self.num_heads, self.head_dim), getattr(self, "q_norm" + side), rotary)
+        k = self._norm_rotary(k.view(n, self.num_kv_heads, self.head_dim), getattr(self, "k_norm" + side), rotary)
+        return q, k, v.view(n, self.num_kv_heads, self.head_dim)
 
-    def forward(self, q, k, v, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
+    @staticmethod
+    def _norm_rotary(x: torch.Tensor, norm: nn.Module, rotary) -> torch.Tensor:
+        if isinstance(norm, Qwen2RMSNorm) and fuses_rms_norm_rotary(x):  # one Triton kernel each way
+            return rms_norm_rotary(x, norm.weight, norm.variance_epsilon, *rotary)
+        return apply_rotary(norm(x), *rotary)
+
+    def forward(self, q, k, v, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         """Attention of the projected tokens, all in route order -> (n, heads * head_dim), before
         the output projection."""
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is None:  # the plan is in route order (Qwen2MoTModel.forward)
             return packed_attention(q, k, v, plan).flatten(1)
         # attention over the cached context too, which is kept in packed order
@@ -128,8 +133,9 @@ class Qwen2MoTDecoderLayer(nn.Module):
             self, "post_attention_layernorm", lambda: Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps), mot
         )
 
-    def _qkv(self, x: torch.Tensor, side: str):
-        return self.self_attn.project(getattr(self, "input_layernorm" + side)(x), side)
+    def _qkv(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], side: str):
+        x, *rotary = inputs
+        return self.self_attn.project(getattr(self, "input_layernorm" + side)(x), rotary, side)
 
     def _out(self, x: torch.Tensor, side: str) -> torch.Tensor:
         return getattr(self.self_attn, "o_proj" + side)(x)
@@ -142,8 +148,8 @@ class Qwen2MoTDecoderLayer(nn.Module):
         return route(x, lambda part: block(part, ""), gen)
 
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
-        q, k, v = self._routed(self._qkv, x, route)
-        x = x + self._routed(self._out, self.self_attn(q, k, v, rotary, plan, route, cache), route)
+        q, k, v = self._routed(self._qkv, (x, *rotary), route)
+        x = x + self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
         return x + self._routed(self._mlp, x, route)
 
 

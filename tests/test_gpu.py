@@ -251,3 +251,31 @@ def test_fused_silu_mul_matches_eager():
         assert err < 1e-2, name
     strided = kernels_bagel.silu_mul(gate.detach().t(), up.detach().t())
     torch.testing.assert_close(strided, fused.detach().t())
+
+
+def test_fused_rms_norm_rotary_matches_eager():
+    """The Triton q/k RMSNorm + rotary kernels against the eager path (F.rms_norm, then
+    apply_rotary) in float32: values and the gradients of x and of the norm weight, for heads
+    read out of a wider fused projection (strided tokens) and a row count no multiple of the block."""
+    if kernels_bagel.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    tokens, heads, dim = 1001, 5, 128
+    fused_qkv = torch.randn(tokens, (heads + 3) * dim, device="cuda").bfloat16() * 3
+    x = fused_qkv[:, : heads * dim].view(tokens, heads, dim).requires_grad_()  # stride(0) is (heads + 3) * dim
+    x.retain_grad()
+    weight = (1 + 0.3 * torch.randn(dim, device="cuda")).requires_grad_()
+    positions = torch.randint(0, 5000, (tokens,), device="cuda")
+    cos, sin = (t.bfloat16() for t in modeling_siglip_navit.rotary_cos_sin(positions, dim, 1e6))  # as the model has them
+    grad = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
+    assert kernels_bagel.fuses_rms_norm_rotary(x) and not x.is_contiguous()
+    fused = kernels_bagel.rms_norm_rotary(x, weight, 1e-6, cos, sin)
+    ours = [fused, *torch.autograd.grad(fused, (x, weight), grad)]
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().clone().requires_grad_()
+    eager = modeling_siglip_navit.apply_rotary(torch.nn.functional.rms_norm(x32, (dim,), w32, 1e-6), cos.float(), sin.float())
+    ref = [eager, *torch.autograd.grad(eager, (x32, w32), grad.float())]
+    for name, a, b in zip(("out", "d_x", "d_weight"), ours, ref):
+        assert a.dtype == (torch.float32 if name == "d_weight" else torch.bfloat16), name
+        err = ((a.float() - b).abs().max() / b.abs().max()).item()
+        print(f"fused rms_norm+rotary vs eager float32, {name}: max relative error {err:.2e}")
+        assert err < (5e-3 if name != "d_weight" else 1e-4), name  # bf16 rounding of out and d_x
