@@ -98,59 +98,61 @@ if triton is not None:
 
     @triton.jit
     def _rows_of(num_rows, heads, token_stride, HALF: tl.constexpr, ROWS: tl.constexpr):
-        """Offsets of a program's (token, head) rows: into x (first half), into the (N, 2*HALF)
-        cos / sin tables (first half), and the row mask."""
+        """Offsets of a program's (token, head) rows, first halves: into x (tokens `token_stride`
+        apart), into a contiguous (rows, 2*HALF) tensor, and into the (N, 2*HALF) cos / sin
+        tables; and the row mask."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         token, head = rows // heads, rows % heads
-        cols = tl.arange(0, HALF)
-        x_offsets = (token * token_stride + head * 2 * HALF)[:, None] + cols[None, :]
-        table_offsets = (token * 2 * HALF)[:, None] + cols[None, :]
-        return x_offsets, table_offsets, (rows < num_rows)[:, None]
+        cols = tl.arange(0, HALF)[None, :]
+        x_offsets = (token * token_stride + head * 2 * HALF)[:, None] + cols
+        return x_offsets, rows[:, None] * (2 * HALF) + cols, token[:, None] * (2 * HALF) + cols, (rows < num_rows)[:, None]
+
+    @triton.jit
+    def _halves(ptr, offsets, mask, HALF: tl.constexpr):
+        """Both halves of each row, in float32."""
+        return tl.load(ptr + offsets, mask=mask).to(tl.float32), tl.load(ptr + offsets + HALF, mask=mask).to(tl.float32)
+
+    @triton.jit
+    def _normalized(x_ptr, x_off, mask, eps, HALF: tl.constexpr):
+        """x's rows divided by their root mean square: both halves, and the 1/rms (ROWS, 1)."""
+        x1, x2 = _halves(x_ptr, x_off, mask, HALF)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        return x1 * rstd, x2 * rstd, rstd
 
     @triton.jit
     def _rms_norm_rotary_forward(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, num_rows, heads, token_stride, eps,
                                  HALF: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-        x_off, t_off, mask = _rows_of(num_rows, heads, token_stride, HALF, ROWS)
-        x1 = tl.load(x_ptr + x_off, mask=mask).to(tl.float32)
-        x2 = tl.load(x_ptr + x_off + HALF, mask=mask).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        cols = tl.arange(0, HALF)[None, :]
-        n1 = x1 * rstd * tl.load(w_ptr + cols).to(tl.float32)
-        n2 = x2 * rstd * tl.load(w_ptr + HALF + cols).to(tl.float32)
-        cos1, cos2 = tl.load(cos_ptr + t_off, mask=mask).to(tl.float32), tl.load(cos_ptr + t_off + HALF, mask=mask).to(tl.float32)
-        sin1, sin2 = tl.load(sin_ptr + t_off, mask=mask).to(tl.float32), tl.load(sin_ptr + t_off + HALF, mask=mask).to(tl.float32)
-        # out = n*cos + swap_halves(n)*signed_sin, written contiguously (rows of 2*HALF)
-        out_off = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None] * (2 * HALF) + cols
+        x_off, row_off, t_off, mask = _rows_of(num_rows, heads, token_stride, HALF, ROWS)
+        xhat1, xhat2, _ = _normalized(x_ptr, x_off, mask, eps, HALF)
+        w1, w2 = _halves(w_ptr, tl.arange(0, HALF)[None, :], None, HALF)
+        n1, n2 = xhat1 * w1, xhat2 * w2
+        cos1, cos2 = _halves(cos_ptr, t_off, mask, HALF)
+        sin1, sin2 = _halves(sin_ptr, t_off, mask, HALF)
+        # out = n*cos + swap_halves(n)*signed_sin, written contiguously
         dtype = out_ptr.dtype.element_ty
-        tl.store(out_ptr + out_off, (n1 * cos1 + n2 * sin1).to(dtype), mask=mask)
-        tl.store(out_ptr + out_off + HALF, (n2 * cos2 + n1 * sin2).to(dtype), mask=mask)
+        tl.store(out_ptr + row_off, (n1 * cos1 + n2 * sin1).to(dtype), mask=mask)
+        tl.store(out_ptr + row_off + HALF, (n2 * cos2 + n1 * sin2).to(dtype), mask=mask)
 
     @triton.jit
     def _rms_norm_rotary_backward(grad_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, grad_x_ptr, grad_w_ptr, num_rows, heads,
                                   token_stride, eps, HALF: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-        x_off, t_off, mask = _rows_of(num_rows, heads, token_stride, HALF, ROWS)
-        cols = tl.arange(0, HALF)[None, :]
-        g_off = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None] * (2 * HALF) + cols
-        g1 = tl.load(grad_ptr + g_off, mask=mask).to(tl.float32)
-        g2 = tl.load(grad_ptr + g_off + HALF, mask=mask).to(tl.float32)
-        cos1, cos2 = tl.load(cos_ptr + t_off, mask=mask).to(tl.float32), tl.load(cos_ptr + t_off + HALF, mask=mask).to(tl.float32)
-        sin1, sin2 = tl.load(sin_ptr + t_off, mask=mask).to(tl.float32), tl.load(sin_ptr + t_off + HALF, mask=mask).to(tl.float32)
+        x_off, row_off, t_off, mask = _rows_of(num_rows, heads, token_stride, HALF, ROWS)
+        g1, g2 = _halves(grad_ptr, row_off, mask, HALF)
+        cos1, cos2 = _halves(cos_ptr, t_off, mask, HALF)
+        sin1, sin2 = _halves(sin_ptr, t_off, mask, HALF)
         # the rotation's transpose: d n1 = g1*cos1 + g2*sin2, d n2 = g2*cos2 + g1*sin1
         dn1, dn2 = g1 * cos1 + g2 * sin2, g2 * cos2 + g1 * sin1
-        x1 = tl.load(x_ptr + x_off, mask=mask).to(tl.float32)
-        x2 = tl.load(x_ptr + x_off + HALF, mask=mask).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        xhat1, xhat2 = x1 * rstd, x2 * rstd
-        dxhat1 = dn1 * tl.load(w_ptr + cols).to(tl.float32)
-        dxhat2 = dn2 * tl.load(w_ptr + HALF + cols).to(tl.float32)
+        xhat1, xhat2, rstd = _normalized(x_ptr, x_off, mask, eps, HALF)
+        w1, w2 = _halves(w_ptr, tl.arange(0, HALF)[None, :], None, HALF)
+        dxhat1, dxhat2 = dn1 * w1, dn2 * w2
         mean = ((tl.sum(dxhat1 * xhat1, 1) + tl.sum(dxhat2 * xhat2, 1)) / (2 * HALF))[:, None]
         dtype = grad_x_ptr.dtype.element_ty
-        tl.store(grad_x_ptr + g_off, (rstd * (dxhat1 - xhat1 * mean)).to(dtype), mask=mask)
-        tl.store(grad_x_ptr + g_off + HALF, (rstd * (dxhat2 - xhat2 * mean)).to(dtype), mask=mask)
+        tl.store(grad_x_ptr + row_off, (rstd * (dxhat1 - xhat1 * mean)).to(dtype), mask=mask)
+        tl.store(grad_x_ptr + row_off + HALF, (rstd * (dxhat2 - xhat2 * mean)).to(dtype), mask=mask)
+        # this program's share of the weight gradient (masked rows add zeros), summed by the caller
         w_row = tl.program_id(0).to(tl.int64) * (2 * HALF) + tl.arange(0, HALF)
-        tl.store(grad_w_ptr + w_row, tl.sum(dn1 * xhat1, 0))  # masked rows hold zeros
+        tl.store(grad_w_ptr + w_row, tl.sum(dn1 * xhat1, 0))
         tl.store(grad_w_ptr + w_row + HALF, tl.sum(dn2 * xhat2, 0))
-
 
     @triton.jit
     def _silu_mul_forward(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
