@@ -9,7 +9,7 @@ CUDA builds); plain torch ops everywhere else.
   step and of an image-generation step.
 - `rms_norm_rotary`: the q/k RMSNorm and the rotary embedding after it, one pass over q or k
   each way instead of four (norm, and rotary's product, half swap and multiply-add), reading q
-  and k straight out of the fused q/k/v projection's output.
+  and k where the projection wrote them (strided rows when q/k/v come out of one GEMM).
 """
 
 from __future__ import annotations

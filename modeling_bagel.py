@@ -48,7 +48,8 @@ class Qwen2RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel that normalises in float32, as the reference does, and returns x's
-        # dtype. CUDA autocast is off around it: it would widen bf16 q/k to float32 and back.
+        # dtype. CUDA autocast is off around it: it would widen bf16 input to float32 and back
+        # (q/k where the fused norm + rotary kernel cannot run).
         with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():
             return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
 
