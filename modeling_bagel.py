@@ -9,16 +9,9 @@ GEN weights, and all tokens share one packed attention. Everything works on pack
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import copy
-import json
-import logging
 import math
 import os
-import shutil
-import struct
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -32,8 +25,14 @@ from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
 from .kernels_bagel import fuses_rms_norm_rotary, rms_norm_rotary, silu_mul
+from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the loading API, importable from here
+    AUTO_MAP,
+    load_pretrained,
+    remote_code_files,
+    save_bagel_pretrained,
+    unexpected_key_patterns,
+)
 from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, parallel_linears, rotary_cos_sin
-from .state_dict_adapter import BagelStateDictAdapter, _classify
 
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
@@ -220,7 +219,9 @@ class PositionEmbedding2D(nn.Module):
     def __init__(self, max_num_patch_per_side: int, hidden_size: int):
         super().__init__()
         self.max_num_patch_per_side = max_num_patch_per_side
-        self.pos_embed = nn.Parameter(torch.zeros(max_num_patch_per_side**2, hidden_size), requires_grad=False)
+        # A checkpoint tensor, but never trained: a persistent buffer (transformers' loader makes
+        # every loaded parameter trainable).
+        self.register_buffer("pos_embed", torch.zeros(max_num_patch_per_side**2, hidden_size))
 
     def reset_table(self) -> None:
         with torch.no_grad():
@@ -342,27 +343,33 @@ class BagelPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["Qwen2MoTDecoderLayer", "SiglipEncoderLayer"]
+    # attention_bagel picks its kernel itself (SDPA or a varlen kernel); this only lets the
+    # standard `attn_implementation="sdpa"` argument through.
+    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # torch.nn.init functions, which transformers 5 guards: a tensor loaded from the checkpoint
+        # keeps its value when a sibling of the same module is initialised.
         std = self.config.text_config.initializer_range
         if isinstance(module, PositionEmbedding2D):
-            module.reset_table()
+            if not getattr(module.pos_embed, "_is_hf_initialized", False):
+                module.reset_table()
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.normal_(0.0, std)
+            nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, Qwen2RMSNorm):
-            module.weight.fill_(1.0)
+            nn.init.ones_(module.weight)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
         # The flow-matching head starts at zero so stage 2 begins with no velocity prediction.
         if getattr(self.model, "llm2vae", None) is module:
-            module.weight.zero_()
-            module.bias.zero_()
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
@@ -379,6 +386,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         _convert_patch_embedding_for_packed_vit(self.model, config)
         self.vae = BagelAutoEncoder(config.vae_config) if config.visual_gen else None
         self.post_init()
+        # Per instance (transformers reads the instance's): what this config leaves unread.
+        self._keys_to_ignore_on_load_unexpected = set(unexpected_key_patterns(config))
 
     @classmethod
     def supports_config(cls, config: Any) -> bool:
@@ -526,23 +535,12 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args: Any,
-        config: BagelConfig | str | os.PathLike | None = None,
         stage: int | str | None = None,
         strict: bool = True,
-        dtype: torch.dtype | str | None = None,
-        torch_dtype: torch.dtype | str | None = None,
-        device_map: Any = None,
-        output_loading_info: bool = False,
-        ignore_mismatched_sizes: bool = False,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        subfolder: str = "",
         **kwargs: Any,
     ):
-        """Load BAGEL from a directory or Hub repository in the released layout.
+        """Load BAGEL from a directory or Hub repository in the released layout, through
+        transformers' own `PreTrainedModel.from_pretrained` (`loading_bagel` says how).
 
         The directory holds `ema.safetensors` (every model weight, released key names), optionally
         `ae.safetensors` (the FLUX VAE) and either `config.json` or the released `llm_config.json` +
@@ -551,53 +549,28 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         remote code, and only the weight files the stage needs); `revision`, `cache_dir`, `token`,
         `local_files_only` and `force_download` are passed through.
 
-        The model is built on the `meta` device and the checkpoint tensors are assigned to it
-        directly in their final dtype and device: nothing is randomly initialised first.
+        Every argument of transformers' `from_pretrained` works as there: `dtype` ("auto" by
+        default: the config's dtype, else the checkpoint's), `device_map` ("auto", "balanced", a
+        dict over devices, "cpu", "disk"), `max_memory`, `offload_folder`, `quantization_config`
+        (bitsandbytes 4/8-bit, torchao, ...; `loading_bagel.UNQUANTIZED_MODULES` stay unquantized
+        unless the config names its own skip list), `output_loading_info`, `key_mapping`,
+        `ignore_mismatched_sizes`, and config attributes as keyword overrides (`vit_rope=True`).
 
         Args:
-            stage: 1 (understanding only: no GEN module is built and no GEN tensor is read) or
-                2 (joint, MoT). Defaults to the config's stage.
-            strict: with True (default), checkpoint keys the model has no place for and model
+            stage: 1 (understanding only: no GEN module is built and no GEN or VAE tensor is read)
+                or 2 (joint, MoT). Defaults to the config's stage.
+            strict: with True (default), checkpoint tensors the model has no place for and model
                 weights the checkpoint lacks raise an error naming them; with False they are
                 reported (`output_loading_info`) and the missing ones initialised by `_init_weights`.
-            dtype / torch_dtype: a `torch.dtype`, its name, or "auto" (the default, as in
-                transformers 5: the config's `dtype`, else the dtype of the checkpoint's first
-                floating tensor). The whole model, VAE included, gets this one dtype.
-            device_map: None / "cpu", "cuda", "cuda:1", an int, a `torch.device`, "auto" (first
-                CUDA device, else CPU), or a dict mapping every module to one device ({"": dev}).
-            output_loading_info: also return {"missing_keys", "unexpected_keys",
-                "mismatched_keys", "error_msgs"} as transformers does.
-            ignore_mismatched_sizes: skip (and re-initialise) tensors whose shape disagrees with
-                the config instead of raising.
 
-        Without `ae.safetensors` a stage-2 model keeps a randomly initialised VAE and a warning is
-        logged. When the directory has tokenizer files, `model.processor` is the checkpoint's
-        `BagelProcessor` (used by `chat` / `generate_image` / `edit_image`), else None.
-        Keyword arguments that are attributes of the config override it (as in
-        transformers); the loading arguments transformers' `AutoModel` forwards
-        (`trust_remote_code`, `_from_auto`, `adapter_kwargs`, `code_revision`, ...) are accepted
-        and ignored. The model is returned in eval mode.
+        Shapes that disagree with the config raise an error naming them unless
+        `ignore_mismatched_sizes=True`. Without `ae.safetensors` a stage-2 model keeps a randomly
+        initialised VAE and a warning is logged. When the directory has tokenizer files,
+        `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
+        `edit_image`), else None. The model is returned in eval mode.
         """
-        return _load_bagel_pretrained(
-            cls,
-            pretrained_model_name_or_path,
-            model_args,
-            config=config,
-            stage=stage,
-            strict=strict,
-            dtype=dtype if dtype is not None else torch_dtype,
-            device_map=device_map,
-            output_loading_info=output_loading_info,
-            ignore_mismatched_sizes=ignore_mismatched_sizes,
-            hub_kwargs=dict(
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token if token is not None else kwargs.pop("use_auth_token", None),
-                local_files_only=local_files_only,
-                force_download=force_download,
-            ),
-            subfolder=subfolder or "",
-            extra_kwargs=kwargs,
+        return load_pretrained(
+            super().from_pretrained, pretrained_model_name_or_path, model_args, stage=stage, strict=strict, kwargs=kwargs
         )
 
     def save_pretrained(
@@ -624,6 +597,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         * `ema.safetensors`: every `model.*` tensor with the `model.` root stripped
           (`BagelStateDictAdapter.to_hf`), in the model's dtype;
         * `ae.safetensors`: the `vae.*` tensors with `vae.` stripped (only when the model has a VAE);
+        * `model.safetensors.index.json`: which file holds each tensor, so that transformers' own
+          loader reads the directory;
         * the remote-code modules (`configuration_bagel.py`, `modeling_bagel.py`,
           `processing_bagel.py` and every sibling module they import).
 
@@ -633,7 +608,7 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         (`is_main_process=False` returns at once). `safe_serialization=False` and `push_to_hub=True`
         are not supported; other transformers arguments (`max_shard_size`, ...) are ignored.
         """
-        _save_bagel_pretrained(self, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub)
+        save_bagel_pretrained(self, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub)
 
 
 def _check_packed_inputs(sequence_length, sample_lens, position_ids, text_ids, text_indexes) -> None:
@@ -681,554 +656,3 @@ def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
     for ok, (_, message) in zip(passed, checks):
         if not ok:
             raise ValueError(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading and saving in the released layout (used by BagelForUnifiedMultimodal.from_pretrained /
-# save_pretrained)
-# ----------------------------------------------------------------------------------------------
-
-logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "ema.safetensors"
-VAE_WEIGHTS_NAME = "ae.safetensors"
-CONFIG_NAME = "config.json"
-AUTO_MAP = {
-    "AutoConfig": "configuration_bagel.BagelConfig",
-    "AutoModel": "modeling_bagel.BagelForUnifiedMultimodal",
-    "AutoProcessor": "processing_bagel.BagelProcessor",
-}
-#: Entry modules of the remote code; the modules they import relatively are found by parsing them.
-REMOTE_CODE_ENTRY_FILES = ("configuration_bagel.py", "modeling_bagel.py", "processing_bagel.py")
-#: Files whose presence means a checkpoint directory has a tokenizer (and so a processor).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-#: What a Hub download fetches besides the weights: configs, tokenizer / processor files, code.
-HUB_ALLOW_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken")
-
-#: Arguments transformers' AutoModel / pipelines forward that mean nothing to this loader.
-_IGNORED_LOAD_KWARGS = frozenset({
-    "trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs", "adapter_name", "code_revision",
-    "proxies", "_commit_hash", "low_cpu_mem_usage", "_fast_init", "mirror", "from_tf", "from_flax",
-    "offload_state_dict", "offload_folder", "offload_buffers", "use_safetensors", "weights_only",
-    "attn_implementation", "use_kernels", "kernel_config", "allow_all_kernels", "key_mapping", "tp_plan",
-    "tp_size", "device_mesh", "distributed_config", "max_memory", "tqdm_class", "generation_config",
-    "return_unused_kwargs", "use_auth_token",
-})  # fmt: skip
-#: Arguments that would change what gets loaded and that this loader does not implement.
-_UNSUPPORTED_LOAD_KWARGS = ("quantization_config", "gguf_file", "state_dict", "variant")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}  # fmt: skip
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
-    """`{key: (dtype, shape)}` of a safetensors file, read from its header alone (no tensor data).
-
-    Raises a ValueError naming the file when it is not a complete safetensors file (a pickle, an
-    empty or truncated file, a corrupt header).
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    hint = (
-        "re-download or re-save it; BAGEL weights must be safetensors files "
-        "(ema.safetensors / ae.safetensors as released)"
-    )
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file ({size} bytes, no header): {hint}.")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise ValueError(
-                f"{path} is not a safetensors file or is truncated (header of {header_len} bytes claimed in a file "
-                f"of {size} bytes): {hint}."
-            )
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise TypeError("header is not a JSON object")
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
-        info = {k: (_SAFETENSORS_DTYPES.get(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in entries.items()}
-    except Exception as err:  # noqa: BLE001 - any malformed header is the same user error
-        raise ValueError(f"{path} is not a safetensors file (unreadable header: {err}): {hint}.") from err
-    if 8 + header_len + end > size:
-        raise ValueError(
-            f"{path} is truncated: its header describes {8 + header_len + end} bytes but the file has {size}: {hint}."
-        )
-    return info
-
-
-def _resolve_load_dtype(dtype: Any, config: BagelConfig, header: dict) -> torch.dtype:
-    """transformers' rules: a dtype or its name; "auto"/None: config.dtype, else the checkpoint's."""
-    if dtype is None or dtype == "auto":
-        configured = getattr(config, "dtype", None)
-        if configured is not None and configured != "auto":
-            dtype = configured
-        else:
-            floating = [dt for dt, _ in header.values() if dt is not None and dt.is_floating_point]
-            return floating[0] if floating else torch.get_default_dtype()
-    if isinstance(dtype, dict):
-        if set(dtype) - {""}:
-            raise ValueError(f"dtype={dtype!r}: BAGEL loads in one dtype; pass a torch.dtype or {{'': dtype}}.")
-        dtype = dtype[""]
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        candidate = getattr(torch, name, None)
-        if not isinstance(candidate, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. torch.bfloat16, 'bfloat16' or 'auto'.")
-        dtype = candidate
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r}: pass a floating torch.dtype (e.g. torch.bfloat16), its name, or 'auto'.")
-    return dtype
-
-
-def _single_device(value: Any) -> torch.device:
-    if isinstance(value, torch.device):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return torch.device("cuda", value)
-    if isinstance(value, str):
-        if value in ("auto", "balanced", "balanced_low_0", "sequential"):
-            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        if value in ("disk", "meta"):
-            raise ValueError(f"device_map={value!r}: BAGEL loads every weight onto a real device (cpu, cuda, ...).")
-        return torch.device(value)
-    raise ValueError(f"device_map entry {value!r} is not a device (use 'cpu', 'cuda', 'cuda:0', an int, 'auto').")
-
-
-def _resolve_device(device_map: Any) -> torch.device:
-    """None -> cpu; "auto" -> first CUDA device, else cpu; a device / name / index; {"": device}."""
-    if device_map is None:
-        return torch.device("cpu")
-    if isinstance(device_map, dict):
-        devices = {str(_single_device(v)) for v in device_map.values()}
-        if len(devices) != 1:
-            raise NotImplementedError(
-                f"device_map={device_map!r} spreads the model over {sorted(devices)}: BAGEL loads onto one device; "
-                "pass one device (e.g. 'cuda:0' or {'': 'cuda:0'}) or move submodules yourself after loading."
-            )
-        device = torch.device(devices.pop())
-    else:
-        device = _single_device(device_map)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} asks for CUDA but torch sees no CUDA device; use 'cpu' or 'auto'.")
-    return device
-
-
-def _resolve_checkpoint_dir(
-    name_or_path: str | os.PathLike, subfolder: str, hub_kwargs: dict, stage: int | None
-) -> Path:
-    """A local directory as is; a Hub id through `snapshot_download` (configs, code, tokenizer files,
-    ema.safetensors, and ae.safetensors unless stage 1 was asked for)."""
-    local = Path(name_or_path) / subfolder if subfolder else Path(name_or_path)
-    if local.is_dir():
-        return local
-    text = os.fspath(name_or_path)
-    if Path(name_or_path).exists():
-        raise NotADirectoryError(f"{text} is a file; pass the checkpoint directory that holds {WEIGHTS_NAME}.")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "") or not text:
-        raise FileNotFoundError(
-            f"No directory {local}: pass a local checkpoint directory (holding {WEIGHTS_NAME} and config.json or "
-            f"llm_config.json + vit_config.json) or a Hub repository id such as 'ByteDance-Seed/BAGEL-7B-MoT'."
-        )
-    from huggingface_hub import snapshot_download
-
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    weights = [WEIGHTS_NAME] if stage == 1 else [WEIGHTS_NAME, VAE_WEIGHTS_NAME]
-    patterns = [prefix + p for p in (*HUB_ALLOW_PATTERNS, *weights)]
-    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    root = snapshot_download(text, allow_patterns=patterns, **kwargs)
-    return Path(root) / subfolder if subfolder else Path(root)
-
-
-def _config_from_directory(directory: Path) -> BagelConfig:
-    """`config.json`, or the released `llm_config.json` + `vit_config.json` when there is no
-    config.json or when it is not a BAGEL one (e.g. a copy of the Qwen2 LLM config)."""
-    file = directory / CONFIG_NAME
-    if file.is_file():
-        try:
-            model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
-        except (ValueError, AttributeError) as err:
-            raise ValueError(f"{file} is not a valid JSON config: {err}") from err
-        if model_type not in (None, BagelConfig.model_type):
-            if all((directory / name).is_file() for name in ("llm_config.json", "vit_config.json")):
-                logger.info("%s describes a %r model; building the BAGEL config from llm_config.json + "
-                            "vit_config.json instead.", file, model_type)
-                return BagelConfig.from_released_files(directory)
-            raise ValueError(
-                f"{file} is a {model_type!r} config, not a BAGEL one, and the directory has no llm_config.json + "
-                "vit_config.json to build one from; pass config=BagelConfig(...) or fix config.json."
-            )
-    return BagelConfig.from_pretrained(directory)
-
-
-def _load_config(
-    directory: Path, config: Any, stage: int | None, extra_kwargs: dict
-) -> BagelConfig:
-    if config is None:
-        config = _config_from_directory(directory)
-    elif isinstance(config, (str, os.PathLike)):
-        config = BagelConfig.from_pretrained(config)
-    elif isinstance(config, BagelConfig) or getattr(config, "model_type", None) == BagelConfig.model_type:
-        config = copy.deepcopy(config)
-    else:
-        raise TypeError(f"config must be a BagelConfig or a path to one, got {type(config).__name__}.")
-    for name in _UNSUPPORTED_LOAD_KWARGS:
-        if extra_kwargs.get(name) is not None:
-            raise NotImplementedError(f"BAGEL's from_pretrained does not support {name}=...; load without it.")
-    unknown = []
-    for key, value in extra_kwargs.items():
-        if key in _IGNORED_LOAD_KWARGS or key in _UNSUPPORTED_LOAD_KWARGS:
-            continue
-        if hasattr(config, key):  # config overrides, as transformers' from_pretrained allows
-            setattr(config, key, value)
-        else:
-            unknown.append(key)
-    if unknown:
-        logger.warning("BagelForUnifiedMultimodal.from_pretrained ignored unknown keyword argument(s): %s",
-                       ", ".join(sorted(unknown)))
-    if stage is not None:
-        config.stage = stage
-    config.apply_reference_overrides()
-    return config
-
-
-def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-
-
-def _config_excluded(key: str, config: BagelConfig) -> bool:
-    """Checkpoint keys the config deliberately has no module for (the ViT when visual_und=False)."""
-    if config.visual_und:
-        return False
-    return key.startswith(("model.vit_model.", "model.connector.", "model.vit_pos_embed."))
-
-
-def _plan_checkpoint(
-    name: str, header: dict, kept: list[str], to_native: Callable[[str], str], model_shapes: dict,
-    config: BagelConfig, ignore_mismatched_sizes: bool,
-) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
-    """Split a checkpoint's kept keys into loadable / unexpected / mismatched native names, comparing
-    the shapes of the header against the model before any tensor is read."""
-    load, unexpected, mismatched = [], [], []
-    for key in kept:
-        native = to_native(key)
-        if native not in model_shapes:
-            if not _config_excluded(native, config):
-                unexpected.append(native)
-            continue
-        shape = header[key][1]
-        if shape != model_shapes[native]:
-            mismatched.append((native, shape, model_shapes[native]))
-            continue
-        load.append(native)
-    if mismatched and not ignore_mismatched_sizes:
-        source = (
-            "the vae_config of config.json" if name.endswith(VAE_WEIGHTS_NAME)
-            else "config.json, or llm_config.json + vit_config.json"
-        )
-        lines = "\n".join(
-            f"  {key}: checkpoint {list(ckpt)} vs model {list(want)}" for key, ckpt, want in mismatched[:20]
-        )
-        more = f"\n  ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""
-        raise ValueError(
-            f"{name} does not match the configuration: {len(mismatched)} tensor(s) have another shape than the "
-            f"model built from the config expects:\n{lines}{more}\nUse the config that belongs to these weights "
-            f"({source}), or pass ignore_mismatched_sizes=True to re-initialise those tensors."
-        )
-    return load, unexpected, mismatched
-
-
-def _materialize_meta_tensors(model: "BagelPreTrainedModel", device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Give every parameter or buffer still on the meta device real storage on `device`, set by the
-    model's `_init_weights` (other tensors of the same module keep their loaded values), then cast
-    to `dtype`. As in transformers 5, whatever a checkpoint does not hold (buffers included) must be
-    initialised by `_init_weights`. Returns the names of the tensors it initialised."""
-    names = []
-    for module_name, module in model.named_modules():
-        tensors = {**module._parameters, **module._buffers}
-        meta = [n for n, t in tensors.items() if t is not None and t.is_meta]
-        if not meta:
-            continue
-        kept = {n: t.detach().clone() for n, t in tensors.items() if t is not None and not t.is_meta}
-        for n in meta:
-            old = tensors[n]
-            new = torch.empty(old.shape, device=device, dtype=old.dtype)
-            if n in module._parameters:
-                module._parameters[n] = nn.Parameter(new, requires_grad=old.requires_grad)
-            else:
-                module._buffers[n] = new
-            names.append(f"{module_name}.{n}" if module_name else n)
-        model._init_weights(module)
-        with torch.no_grad():
-            for n, value in kept.items():
-                getattr(module, n).copy_(value)
-            for n in meta:
-                tensor = getattr(module, n)
-                if tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor.data = tensor.data.to(dtype)
-    return names
-
-
-def _format_keys(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _load_bagel_pretrained(
-    cls, name_or_path, model_args, *, config, stage, strict, dtype, device_map, output_loading_info,
-    ignore_mismatched_sizes, hub_kwargs, subfolder, extra_kwargs,
-):
-    if model_args:
-        raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments, got {len(model_args)}.")
-    stage = None if stage is None else normalize_stage(stage)  # fail fast on an unknown stage
-    if name_or_path is None:
-        raise ValueError("from_pretrained needs a checkpoint directory or Hub repository id.")
-    directory = _resolve_checkpoint_dir(name_or_path, subfolder, hub_kwargs, stage)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        present = sorted(p.name for p in directory.iterdir())
-        extra = (
-            f" It has {', '.join(n for n in present if n.endswith(('.safetensors', '.bin', '.pt')))}, which is not "
-            "the BAGEL layout (save with BagelForUnifiedMultimodal.save_pretrained)."
-            if any(n.endswith((".safetensors", ".bin", ".pt")) for n in present) else ""
-        )
-        raise FileNotFoundError(
-            f"No BAGEL weights in {directory}: {WEIGHTS_NAME} is missing.{extra} A BAGEL checkpoint directory holds "
-            f"{WEIGHTS_NAME} (model weights), optionally {VAE_WEIGHTS_NAME} (VAE), and config.json or "
-            "llm_config.json + vit_config.json; download the full checkpoint (e.g. ByteDance-Seed/BAGEL-7B-MoT)."
-        )
-    config = _load_config(directory, config, stage, extra_kwargs)
-    stage = config.stage
-    header = read_safetensors_header(weights)
-    dtype = _resolve_load_dtype(dtype, config, header)
-    device = _resolve_device(device_map)
-
-    with torch.device("meta"):
-        model = cls(config)
-    model_shapes = _model_shapes(model)
-    adapter = BagelStateDictAdapter(config, stage=stage)
-    try:
-        kept = adapter.select_keys(list(header), strict=strict)
-    except KeyError as err:  # key names no BAGEL checkpoint has
-        raise ValueError(f"{weights}: {err.args[0]}") from None
-    to_native = lambda key: "model." + key.removeprefix("model.")  # noqa: E731
-    load, unexpected, mismatched = _plan_checkpoint(
-        str(weights), header, kept, to_native, model_shapes, config, ignore_mismatched_sizes
-    )
-    unexpected += [to_native(k) for k in header if _classify(k) == "unknown"]
-    vae_file = directory / VAE_WEIGHTS_NAME
-    vae_load, vae_header = [], {}
-    if model.vae is not None and vae_file.is_file():
-        vae_header = read_safetensors_header(vae_file)
-        vae_load, vae_unexpected, vae_mismatched = _plan_checkpoint(
-            str(vae_file), vae_header, list(vae_header), lambda k: "vae." + k, model_shapes, config,
-            ignore_mismatched_sizes,
-        )
-        unexpected += vae_unexpected
-        mismatched += vae_mismatched
-    if unexpected and strict:
-        raise ValueError(
-            f"The checkpoint in {directory} has {len(unexpected)} tensor(s) the model built from its config has no "
-            f"place for: {_format_keys(unexpected)}. The config does not describe these weights (e.g. more layers); "
-            "fix the config, or pass strict=False to skip them."
-        )
-
-    loaded = set(load) | set(vae_load) | {key for key, _, _ in mismatched}  # mismatched: reported apart
-    missing = [k for k in model_shapes if not k.startswith("vae.") and k not in loaded]
-    if missing and strict:
-        gen_only = all(_classify(k) == "gen" for k in missing)
-        hint = (
-            " These are the generation (GEN) weights: the checkpoint is understanding-only; load it with stage=1."
-            if gen_only and stage == 2 else ""
-        )
-        raise ValueError(
-            f"{weights} lacks {len(missing)} weight(s) the model needs: {_format_keys(missing)}.{hint} "
-            "Check that the config matches the checkpoint, or pass strict=False to initialise them randomly."
-        )
-    vae_missing = [k for k in model_shapes if k.startswith("vae.") and k not in loaded]
-    if vae_header and vae_missing and strict:
-        raise ValueError(
-            f"{vae_file} lacks {len(vae_missing)} VAE weight(s): {_format_keys(vae_missing)}. Check the vae_config, or "
-            "pass strict=False to initialise them randomly."
-        )
-
-    # Read only the tensors that are loaded (never GEN ones at stage 1), one at a time, straight
-    # onto the target device, and cast there: host memory holds at most one tensor at a time.
-    from safetensors import safe_open
-
-    read_on = str(device) if device.type == "cuda" else "cpu"
-
-    def read(path: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
-        out = {}
-        with safe_open(str(path), framework="pt", device=read_on) as handle:
-            for native, stored in names.items():
-                tensor = handle.get_tensor(stored)
-                target = dtype if tensor.is_floating_point() else tensor.dtype
-                out[native] = tensor.to(device=device, dtype=target)
-        return out
-
-    stored_name = {to_native(k): k for k in kept}
-    state = read(weights, {native: stored_name[native] for native in load})
-    if vae_load:
-        state.update(read(vae_file, {native: native[len("vae."):] for native in vae_load}))
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
-
-    if model.vae is not None and not vae_header:
-        logger.warning(
-            "%s has no %s: the VAE of this stage-2 model is randomly initialised, so encoding / decoding images "
-            "gives noise. Put the FLUX autoencoder weights (ae.safetensors from the BAGEL release) in the "
-            "checkpoint directory, or load with stage=1 for understanding only.", directory, VAE_WEIGHTS_NAME,
-        )
-    _materialize_meta_tensors(model, device, dtype)
-    partial = missing + (vae_missing if vae_header else [])
-    if partial:
-        logger.warning("Initialised %d weight(s) missing from the checkpoint: %s", len(partial), _format_keys(partial))
-
-    model.config.dtype = dtype
-    model.config._name_or_path = os.fspath(name_or_path)
-    model._bagel_checkpoint_dir = directory
-    model.processor = _load_processor(directory, model.config)
-    model.eval()
-    if not output_loading_info:
-        return model
-    info = {
-        "missing_keys": missing + vae_missing,
-        "unexpected_keys": unexpected,
-        "mismatched_keys": mismatched,
-        "error_msgs": [],
-    }
-    return model, info
-
-
-def _load_processor(directory: Path, config: BagelConfig):
-    """The BagelProcessor of a checkpoint directory that has tokenizer files, else None."""
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    from .processing_bagel import BagelProcessor
-
-    try:
-        # config= spares AutoTokenizer a second read of config.json, which would need trust_remote_code.
-        return BagelProcessor.from_pretrained(str(directory), config=config)
-    except Exception as err:  # noqa: BLE001 - the model itself loaded; say why the processor did not
-        logger.warning(
-            "Loaded the model but not its processor from %s (%s: %s); pass processor=BagelProcessor.from_pretrained"
-            "(...) to chat / generate_image / edit_image.", directory, type(err).__name__, err,
-        )
-        return None
-
-
-# ---- saving ----------------------------------------------------------------------------------
-
-
-def _relative_imports(file: Path) -> list[str]:
-    """Module names a remote-code file imports relatively (`from .x import ...`)."""
-    tree = ast.parse(file.read_text(encoding="utf-8"))
-    names = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            names.append(node.module.split(".")[0])
-    return names
-
-
-def remote_code_files(*search_dirs: str | os.PathLike | None) -> dict[str, Path]:
-    """`{file name: source path}` of the remote-code modules: the entry files
-    (`REMOTE_CODE_ENTRY_FILES`, processing_bagel.py only when found) and, transitively, every
-    sibling module they import; each found in the first of `search_dirs` that has it."""
-    dirs = [Path(d) for d in (Path(__file__).resolve().parent, *search_dirs) if d is not None]
-    found: dict[str, Path] = {}
-    pending = list(REMOTE_CODE_ENTRY_FILES)
-    while pending:
-        name = pending.pop()
-        if name in found:
-            continue
-        source = next((d / name for d in dirs if (d / name).is_file()), None)
-        if source is None:
-            if name != "processing_bagel.py":
-                logger.warning("Remote-code module %s not found in %s; the saved directory will lack it.", name,
-                               ", ".join(map(str, dirs)))
-            continue
-        found[name] = source
-        pending += [f"{module}.py" for module in _relative_imports(source)]
-    return found
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _save_bagel_pretrained(model, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub):
-    from safetensors.torch import save_file
-
-    if push_to_hub:
-        raise NotImplementedError(
-            "push_to_hub is not supported by BAGEL's save_pretrained: save to a directory, then upload it with "
-            "huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory)."
-        )
-    if not safe_serialization:
-        raise ValueError("BAGEL checkpoints are safetensors only (ema.safetensors / ae.safetensors): "
-                         "use safe_serialization=True.")
-    if not is_main_process:
-        return
-    directory = Path(save_directory)
-    if directory.is_file():
-        raise NotADirectoryError(f"save_directory {directory} is a file; pass a directory.")
-    directory.mkdir(parents=True, exist_ok=True)
-
-    state = model.state_dict() if state_dict is None else state_dict
-    ema, vae, other = {}, {}, []
-    for key, tensor in state.items():
-        if key.startswith("model."):
-            ema[key] = tensor
-        elif key.startswith("vae."):
-            vae[key[len("vae."):]] = tensor
-        else:
-            other.append(key)
-    if other:
-        raise ValueError(f"state_dict keys outside model.* / vae.* cannot be saved in the BAGEL layout: "
-                         f"{_format_keys(other)}.")
-    if not ema:
-        raise ValueError("state_dict has no model.* tensors to write to ema.safetensors.")
-
-    def to_file(tensors: dict) -> dict:
-        out = {}
-        for key, tensor in tensors.items():
-            if tensor.is_meta:
-                raise ValueError(f"{key} is on the meta device (never loaded); it cannot be saved.")
-            out[key] = tensor.detach().to("cpu").contiguous()
-        return out
-
-    sources = remote_code_files(getattr(model, "_bagel_checkpoint_dir", None), model.config._name_or_path or None)
-    config = copy.deepcopy(model.config)
-    auto_map = dict(AUTO_MAP)
-    if "processing_bagel.py" not in sources:
-        auto_map.pop("AutoProcessor")
-    config.auto_map = auto_map
-    config.architectures = [type(model).__name__]
-    config.dtype = next((t.dtype for t in ema.values() if t.is_floating_point()), None)
-    for sub in (config.text_config, config.vision_config):
-        if sub is not None:
-            sub.dtype = config.dtype
-    config._name_or_path = ""
-    (directory / CONFIG_NAME).write_text(config.to_json_string(use_diff=False), encoding="utf-8")
-    for name, data in config.released_sidecar_configs().items():
-        data.pop("_name_or_path", None)
-        _write_json(directory / name, data)
-
-    metadata = {"format": "pt"}
-    save_file(to_file(BagelStateDictAdapter(config).to_hf(ema)), str(directory / WEIGHTS_NAME), metadata=metadata)
-    if vae:
-        save_file(to_file(vae), str(directory / VAE_WEIGHTS_NAME), metadata=metadata)
-    for name, source in sources.items():
-        target = directory / name
-        if source.resolve() != target.resolve():
-            shutil.copyfile(source, target)
-    processor = getattr(model, "processor", None)
-    if processor is not None:  # tokenizer files + processor_config.json, so the directory is complete
-        processor.save_pretrained(str(directory))

@@ -113,3 +113,42 @@ def tensor_reads(monkeypatch) -> list:
     monkeypatch.setattr(state_dict_adapter, "safe_open", Recording)
     monkeypatch.setattr(safetensors, "safe_open", Recording)
     return read
+
+
+@pytest.fixture
+def transformers_reads(monkeypatch) -> list:
+    """The checkpoint keys whose data transformers' loader reads: it opens each safetensors file
+    with `safe_open` and takes lazy slices, read when indexed. (A test-only hook into where
+    transformers 5 imports safe_open.)"""
+    from transformers import modeling_utils
+
+    read: list[str] = []
+    real_open = modeling_utils.safe_open
+
+    class RecordingSlice:
+        def __init__(self, key, inner):
+            self.key, self.inner = key, inner
+
+        def __getitem__(self, index):
+            read.append(self.key)
+            return self.inner[index]
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    class RecordingFile:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def get_slice(self, key):
+            return RecordingSlice(key, self.handle.get_slice(key))
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.handle.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(modeling_utils, "safe_open", RecordingFile)
+    return read
