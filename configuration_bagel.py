@@ -155,6 +155,19 @@ class BagelConfig(PretrainedConfig):
         self.vision_config = _vision_config(value)
 
     @property
+    def vit_rope(self) -> bool:
+        """Whether the ViT uses 2-D RoPE (the reference's `vit_rope`). Setting it, also as a keyword
+        argument of `from_pretrained`, sets the nested ViT config's `rope` once the reference
+        overrides have been applied (before, they apply it)."""
+        return self._vit_rope
+
+    @vit_rope.setter
+    def vit_rope(self, value: bool) -> None:
+        self._vit_rope = bool(value)
+        if getattr(self, "reference_overrides_applied", False) and self.vision_config is not None:
+            self.vision_config.rope = self._vit_rope
+
+    @property
     def stage(self) -> int | None:
         """1 (understanding only, plain decoder) or 2 (joint, MoT); setting it sets `visual_gen`
         and the decoder layer kind to match."""
@@ -186,9 +199,10 @@ class BagelConfig(PretrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        for alias in ("llm_config", "vit_config", "_stage"):
+        for alias in ("llm_config", "vit_config", "_stage", "_vit_rope"):
             output.pop(alias, None)
         output["stage"] = self.stage
+        output["vit_rope"] = self.vit_rope
         output["text_config"] = self.text_config.to_dict()
         output["vision_config"] = None if self.vision_config is None else self.vision_config.to_dict()
         return output

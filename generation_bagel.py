@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, varlen_kernel
@@ -85,6 +86,18 @@ class GuidanceParams:
 # ----------------------------------------------------------------------------------------------
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate hook's execution device when transformers
+    dispatched it (a `device_map` over several devices or offloaded; offloaded weights sit on the
+    meta device), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    for each in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        device = getattr(each, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(module.parameters()).device
+
+
 @dataclass(frozen=True)
 class BagelContext:
     """Keys/values of B sequences packed back to back, per layer ((T, kv_heads, head_dim) each),
@@ -119,8 +132,8 @@ class BagelContext:
         device = self.keys[0].device
         rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in indices])
         return BagelContext(
-            tuple(k.index_select(0, rows) for k in self.keys),
-            tuple(v.index_select(0, rows) for v in self.values),
+            tuple(k.index_select(0, rows.to(k.device)) for k in self.keys),
+            tuple(v.index_select(0, rows.to(v.device)) for v in self.values),
             tuple(self.lengths[i] for i in indices),
             tuple(self.positions[i] for i in indices),
         )
@@ -148,7 +161,9 @@ class _CacheStep:
         if cached.shape[0] == 0:
             return new
         merged = new.new_empty((self.total,) + new.shape[1:])
-        return merged.index_copy(0, self.old_dest, cached.to(new.dtype)).index_copy(0, self.new_dest, new)
+        # .to(): a no-op unless the model is spread over devices (each layer's cache stays on its own).
+        old_dest, new_dest = self.old_dest.to(new.device), self.new_dest.to(new.device)
+        return merged.index_copy(0, old_dest, cached.to(new.dtype)).index_copy(0, new_dest, new)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         k = self._merge(self.context.keys[layer_idx], k)
@@ -190,8 +205,8 @@ class _DecodeCache:
         slot = torch.arange(seq.shape[0], device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[:-1][seq]
 
         def preallocated(packed: torch.Tensor) -> torch.Tensor:
-            cache = packed.new_zeros(batch, capacity, heads, dim)
-            cache[seq, slot] = packed
+            cache = packed.new_zeros(batch, capacity, heads, dim)  # on its layer's device
+            cache[seq.to(packed.device), slot.to(packed.device)] = packed
             return cache
 
         self.keys = [preallocated(k) for k in context.keys]
@@ -216,20 +231,22 @@ class _DecodeCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
-        keys.index_copy_(0, self.write_rows, k)
-        values.index_copy_(0, self.write_rows, v)
+        write_rows = self.write_rows.to(keys.device)  # a no-op unless the layers are spread
+        keys.index_copy_(0, write_rows, k)
+        values.index_copy_(0, write_rows, v)
         batch, heads, dim = q.shape
         if self.use_varlen:
             if self.queries is not None:
                 self.queries[0::2] = q
                 q = self.queries
-            return varlen_kernel(q, keys, values, self.cu_queries, self.cu_keys, 1, self.capacity)[0::2]
+            cu_queries, cu_keys = self.cu_queries.to(keys.device), self.cu_keys.to(keys.device)
+            return varlen_kernel(q, keys, values, cu_queries, cu_keys, 1, self.capacity)[0::2]
         # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
         kv_heads = keys.shape[1]
         grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
         k_all = self.keys[layer_idx].transpose(1, 2)
         v_all = self.values[layer_idx].transpose(1, 2)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.mask)
+        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.mask.to(k_all.device))
         return out.reshape(batch, heads, dim)
 
 
@@ -278,8 +295,8 @@ class BagelGenerationMixin:
         """An empty context for `batch_size` sequences."""
         text = self.config.text_config
         head_dim = text.hidden_size // text.num_attention_heads
-        param = self.get_input_embeddings().weight
-        empty = param.new_zeros(0, text.num_key_value_heads, head_dim)
+        dtype = self.get_input_embeddings().weight.dtype
+        empty = torch.zeros(0, text.num_key_value_heads, head_dim, dtype=dtype, device=self._main_device())
         layers = text.num_hidden_layers
         return BagelContext((empty,) * layers, (empty,) * layers, (0,) * batch_size, (0,) * batch_size)
 
@@ -308,7 +325,7 @@ class BagelGenerationMixin:
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         embed = self.get_input_embeddings()
-        return embed(torch.tensor(ids, dtype=torch.long, device=embed.weight.device))
+        return embed(torch.tensor(ids, dtype=torch.long, device=self._main_device()))
 
     def _image_blocks(self, payloads: list[torch.Tensor], special: SpecialTokenIds) -> tuple[torch.Tensor, torch.Tensor]:
         """Wrap each sequence's image tokens (n_b, hidden) as [start] tokens [end], packed.
@@ -348,7 +365,7 @@ class BagelGenerationMixin:
         [-1, 1] with H, W multiples of the patch size (see `BagelProcessor.vit_transform`)."""
         from .processing_bagel import patchify_vit
 
-        device = self.get_input_embeddings().weight.device
+        device = self._main_device()
         patches = [patchify_vit(img, self.config.vit_patch_size, self.config.vit_max_num_patch_per_side) for img in images]
         pixels = torch.cat([p for p, _ in patches]).to(device)
         pos_ids = torch.cat([i for _, i in patches]).to(device)
@@ -364,11 +381,11 @@ class BagelGenerationMixin:
         """Append one image per sequence through the VAE path (clean latent, t = 0, GEN weights).
         `images` are (3, H, W) tensors in [-1, 1] with H, W multiples of 16."""
         self._require_generation()
-        device = self.get_input_embeddings().weight.device
+        device, vae_device = self._main_device(), execution_device(self.vae.encoder.conv_in)
         tokens, pos_ids = [], []
         for img in images:
             h, w = self._latent_grid(img.shape[-2], img.shape[-1])
-            latent = self.vae.encode(img[None].to(device, self.vae.encoder.conv_in.weight.dtype))[0]
+            latent = self.vae.encode(img[None].to(vae_device, self.vae.encoder.conv_in.weight.dtype))[0].to(device)
             tokens.append(patchify_latent(latent, self.config.latent_patch_size))
             pos_ids.append(latent_position_ids(h, w, self.config.max_latent_size, device))
         x0, pos = torch.cat(tokens), torch.cat(pos_ids)
@@ -454,7 +471,19 @@ class BagelGenerationMixin:
             cache.end_step()
             return head(hidden).float()
 
-        return _GraphedStep(step) if cache.rows.is_cuda else step
+        return _GraphedStep(step) if cache.rows.is_cuda and not self._hooks_move_tensors() else step
+
+    def _main_device(self) -> torch.device:
+        """Where generation starts: the device the token embeddings compute on."""
+        return execution_device(self.get_input_embeddings())
+
+    def _hooks_move_tensors(self) -> bool:
+        """Whether accelerate hooks move weights or activations during a forward (a `device_map`
+        over several devices, or offloaded to the CPU or disk while computing on the GPU): a CUDA
+        graph cannot replay those copies."""
+        devices = {str(device) for device in (getattr(self, "hf_device_map", None) or {}).values()}
+        offloaded = bool(devices & {"cpu", "disk"}) and self._main_device().type != "cpu"
+        return len(devices) > 1 or offloaded
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -492,7 +521,7 @@ class BagelGenerationMixin:
         """Flow-matching sampling of one image per sequence. `image_sizes` are (height, width) in
         pixels; returns the final latent tokens (h*w, p*p*C) of each sequence."""
         self._require_generation()
-        device = self.get_input_embeddings().weight.device
+        device = self._main_device()
         grids = [self._latent_grid(h, w) for h, w in image_sizes]
         counts = [h * w for h, w in grids]
         dim = self.config.latent_patch_size**2 * self.model.latent_channel
@@ -543,7 +572,8 @@ class BagelGenerationMixin:
         for tokens, (height, width) in zip(latent_tokens, image_sizes):
             h, w = self._latent_grid(height, width)
             latent = unpatchify_latent(tokens, h, w, p)[None]
-            images.append(self.vae.decode(latent.to(self.vae.decoder.conv_in.weight.dtype)))
+            conv_in = self.vae.decoder.conv_in
+            images.append(self.vae.decode(latent.to(execution_device(conv_in), conv_in.weight.dtype)))
         return images
 
 

@@ -105,7 +105,9 @@ class Qwen2MoTAttention(nn.Module):
 
     @staticmethod
     def _norm_rotary(x: torch.Tensor, norm: nn.Module, rotary) -> torch.Tensor:
-        if isinstance(norm, Qwen2RMSNorm) and fuses_rms_norm_rotary(x):  # one Triton kernel each way
+        # One Triton kernel each way, reading the norm weight directly: not when an offloading
+        # hook keeps it elsewhere until norm(x) is called.
+        if isinstance(norm, Qwen2RMSNorm) and norm.weight.device == x.device and fuses_rms_norm_rotary(x):
             return rms_norm_rotary(x, norm.weight, norm.variance_epsilon, *rotary)
         return apply_rotary(norm(x), *rotary)
 

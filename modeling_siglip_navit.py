@@ -190,7 +190,8 @@ class SiglipVisionEmbeddings(nn.Module):
                 f"packed_pixel_values must be (num_patches, {expected}) flattened patches, "
                 f"got {tuple(packed_pixel_values.shape)}."
             )
-        embeddings = self.patch_embedding(packed_pixel_values.to(self.patch_embedding.weight.dtype))
+        # The bias's dtype: a quantized weight's (int8 / packed 4-bit) is not the compute dtype.
+        embeddings = self.patch_embedding(packed_pixel_values.to(self.patch_embedding.bias.dtype))
         if not self.config.rope:
             embeddings = embeddings + self.position_embedding(packed_flattened_position_ids)
         return embeddings
