@@ -238,4 +238,6 @@ class BagelConfig(PretrainedConfig):
                 )
             sidecars[name] = json.loads(file.read_text())
         kwargs.pop("return_unused_kwargs", None)
+        # A ViT trained with the reference's vit_rope says so in its json (`rope: true`).
+        kwargs.setdefault("vit_rope", bool(sidecars["vit_config.json"].get("rope", False)))
         return cls(llm_config=sidecars["llm_config.json"], vit_config=sidecars["vit_config.json"], **kwargs)
