@@ -286,6 +286,11 @@ class _GraphedStep:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Quantized layers whose forward waits for the host, which a CUDA graph cannot capture:
+#: bitsandbytes' LLM.int8 picks its outlier columns by value (data-dependent shapes).
+_UNGRAPHABLE_LAYERS = ("Linear8bitLt",)
+
+
 class BagelGenerationMixin:
     """Inference API of `BagelForUnifiedMultimodal` (needs `self.model`, `self.config`, `self.vae`)."""
 
@@ -471,7 +476,10 @@ class BagelGenerationMixin:
             cache.end_step()
             return head(hidden).float()
 
-        return _GraphedStep(step) if cache.rows.is_cuda and not self._hooks_move_tensors() else step
+        graphable = not self._hooks_move_tensors() and not any(
+            type(module).__name__ in _UNGRAPHABLE_LAYERS for module in decoder.modules()
+        )
+        return _GraphedStep(step) if cache.rows.is_cuda and graphable else step
 
     def _main_device(self) -> torch.device:
         """Where generation starts: the device the token embeddings compute on."""
