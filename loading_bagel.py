@@ -78,7 +78,17 @@ _SAFETENSORS_DTYPES = {
 # ---- what the model tells transformers' loader ----------------------------------------------
 
 
-def unexpected_key_patterns(config: BagelConfig) -> list[str]:
+class KeyPatterns(list):
+    """Regexes of keys, as a list that also unions with a set: transformers 5.0 adds a list to
+    `_keys_to_ignore_on_load_unexpected`, later 5.x versions union a set with it."""
+
+    def __or__(self, other) -> set:
+        return set(self) | set(other)
+
+    __ror__ = __or__
+
+
+def unexpected_key_patterns(config: BagelConfig) -> KeyPatterns:
     """Checkpoint keys this model deliberately has no place for (`_keys_to_ignore_on_load_unexpected`):
     stage 1 skips the generation weights and the VAE (they are never read), a model without
     `visual_und` the ViT, a rope ViT the reference's rotary tables."""
@@ -90,7 +100,7 @@ def unexpected_key_patterns(config: BagelConfig) -> list[str]:
         patterns.append(optional_root + r"(vit_model|connector|vit_pos_embed)\.")
     elif config.vision_config is not None and getattr(config.vision_config, "rope", False):
         patterns.append(VIT_ROPE_TABLES)
-    return patterns
+    return KeyPatterns(patterns)
 
 
 def with_unquantized_defaults(quantization_config: Any) -> Any:

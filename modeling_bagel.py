@@ -389,7 +389,7 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         self.vae = BagelAutoEncoder(config.vae_config) if config.visual_gen else None
         self.post_init()
         # Per instance (transformers reads the instance's): what this config leaves unread.
-        self._keys_to_ignore_on_load_unexpected = set(unexpected_key_patterns(config))
+        self._keys_to_ignore_on_load_unexpected = unexpected_key_patterns(config)
 
     @classmethod
     def supports_config(cls, config: Any) -> bool:
