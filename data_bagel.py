@@ -147,7 +147,8 @@ class EditParquet(ParquetSource):
     """Editing parquet: `image_list` (a chain of encoded images) and `instruction_list` (one list of
     alternative instructions per step). As the reference does, each sample is a random stretch of
     one or two steps of the chain; a two-step stretch becomes, half of the time, one edit with the
-    two instructions joined by ". "."""
+    two instructions joined by ". ". (The reference then also cuts a joined stretch that ends on the
+    chain's last image one step short; that looks unintended and is not reproduced.)"""
 
     name = "edit"
     columns = ("image_list", "instruction_list")
@@ -253,7 +254,8 @@ class SourceStream:
             return self.source.to_plan(rows[order[row_pos]], self.builder, generator)
         except Exception as error:
             chunk = self._chunk(epoch, chunk_pos)
-            where = f"row {chunk.start + order[row_pos]}" + (f" of row group {chunk.row_group}" if chunk.row_group is not None else "")
+            group = "" if chunk.row_group is None else f" of row group {chunk.row_group}"
+            where = f"row {chunk.start + order[row_pos]}{group}"
             raise ValueError(f"{type(self.source).__name__}: {where} of {chunk.path}: {error}") from error
 
     def _advance(self) -> None:
@@ -323,8 +325,11 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         self.sources, self.builder, self.packing = list(sources), builder, packing
         self.weights, self.seed, self.packer_kwargs = torch.tensor(weights, dtype=torch.float64), seed, packer_kwargs
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = rank if rank is not None else torch.distributed.get_rank() if distributed else 0
-        self.world_size = world_size if world_size is not None else torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
+        if world_size is None:
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        self.rank, self.world_size = rank, world_size
         self._reader: dict[str, Any] | None = None  # built in the process that iterates (a worker)
         self._pending_state: Mapping[str, Any] | None = None
 
@@ -334,14 +339,15 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         return self.rank * workers + worker, self.world_size * workers
 
     def _setup(self) -> dict[str, Any]:
-        if self._reader is None:
-            shard, num_shards = self._shard()
+        shard, num_shards = self._shard()
+        if self._reader is None or (self._reader["shard"], self._reader["num_shards"]) != (shard, num_shards):
+            # (a reader built in the main process and copied into a worker is another shard's)
             self._reader = dict(
                 shard=shard, num_shards=num_shards,
-                streams=[SourceStream(s, self.builder, shard, num_shards, self.seed, i) for i, s in enumerate(self.sources)],
+                streams=[SourceStream(source, self.builder, shard, num_shards, self.seed, index)
+                         for index, source in enumerate(self.sources)],
                 mixer=seeded_generator(self.seed, shard, "mix"),
-                packer=Packer(self.packing, seed=int(torch.randint(2**62, (), generator=seeded_generator(self.seed, shard, "pack"))),
-                              **self.packer_kwargs),
+                packer=Packer(self.packing, seed=self.seed * 1_000_003 + shard, **self.packer_kwargs),
             )  # fmt: skip
             if self._pending_state is not None:
                 self._apply_state(self._pending_state)

@@ -235,7 +235,8 @@ class PackBuilder:
         self._closing_token(self.config.eos_token_id, item)
 
     def _add_vit_image(self, item: PlanItem) -> None:
-        patches, position_ids = patchify_vit(item.data, self.config.vit_patch_size, self.config.vit_max_num_patch_per_side)
+        config = self.config
+        patches, position_ids = patchify_vit(item.data, config.vit_patch_size, config.vit_max_num_patch_per_side)
         self._text_token(self.config.start_of_image)
         self.vit_indexes.extend(range(self.length, self.length + len(patches)))
         self.length += len(patches)
@@ -264,6 +265,8 @@ class PackBuilder:
 
     def add(self, plan: Sequence[PlanItem]) -> None:
         """Append one sample (its own attention block, rope restarting at 0)."""
+        if not plan:
+            raise ValueError("a sample plan needs at least one item.")
         start, rope = self.length, 0
         for item in plan:
             if self._dropped(item):
@@ -287,9 +290,8 @@ class PackBuilder:
                 self.attn_modes.append("noise" if noised else "full")
                 self.position_ids.extend([rope] * split_len)
                 rope += 0 if noised else 1  # the image being generated shares the next item's position
-        if self.length == start:
-            raise ValueError("a sample plan packed to no tokens (empty plan, or every item dropped).")
-        self.sample_lens.append(self.length - start)
+        if self.length > start:  # a sample whose every item was dropped leaves nothing behind
+            self.sample_lens.append(self.length - start)
 
     def build(self) -> dict[str, Any]:
         """The pack: every training-forward keyword argument (tensors on the CPU), with
@@ -541,6 +543,8 @@ class PlanBuilder:
         for turn in conversation:
             if turn["from"] == "gpt":
                 plan += self.text(turn["value"], loss=True, enable_cfg=False)
+            elif turn["from"] == "human" and IMAGE_PLACEHOLDER not in turn["value"]:
+                plan += self.text(turn["value"], enable_cfg=False)
             elif turn["from"] == "human":
                 pieces = turn["value"].split(IMAGE_PLACEHOLDER)
                 for index, piece in enumerate(pieces):
@@ -563,7 +567,8 @@ class PlanBuilder:
             if "text" in segment:
                 plan += self.text(segment["text"], **flags)
             elif "image" in segment:
-                plan += self.image(segment["image"], vae=bool(segment.get("vae")), vit=bool(segment.get("vit")), **flags)
+                views = dict(vae=bool(segment.get("vae")), vit=bool(segment.get("vit")))
+                plan += self.image(segment["image"], **views, **flags)
             else:
                 raise ValueError(f"an interleaved segment needs a 'text' or an 'image' key, got {sorted(segment)}.")
         return plan

@@ -174,6 +174,8 @@ def test_loss_reductions_and_cfg_dropout():
     pack = pack_samples([plan], dropped)
     assert pack["packed_text_ids"].tolist() == [BOS, 6, EOS] and pack["packed_position_ids"].tolist() == [2, 3, 4]
     assert "padded_images" not in pack and "packed_vit_tokens" not in pack
+    all_dropped = [PlanItem("text", [5], enable_cfg=True)]
+    assert pack_samples([all_dropped, [PlanItem("text", [6])]], dropped)["sample_lens"] == [3]
     # With probability 0.5 the draws of a seeded generator decide, reproducibly.
     half = small_config(text_cond_dropout_prob=0.5)
     cfg_plan = [[PlanItem("text", [5], enable_cfg=True), PlanItem("text", [6])] for _ in range(40)]
