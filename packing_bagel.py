@@ -126,6 +126,9 @@ class PackingConfig:
     def from_model_config(cls, config, special_token_ids: Mapping[str, int], **overrides: Any) -> "PackingConfig":
         """From a `BagelConfig` and the special ids (`BagelProcessor.special_token_ids` or the dict of
         `add_bagel_special_tokens`)."""
+        if getattr(config, "interpolate_pos", False):
+            raise ValueError("interpolate_pos=True (interpolated ViT / latent position ids) is not supported by the "
+                             "packing; BAGEL was trained with interpolate_pos=False.")
         values = dict(
             vit_patch_size=config.vit_patch_size,
             vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
