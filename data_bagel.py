@@ -271,12 +271,14 @@ class SourceStream:
         return self
 
     def __next__(self) -> tuple[tuple[int, int, int, int], list[PlanItem]]:
-        while True:  # rows the builder skips (understanding without an answer) are passed over
+        for _ in range(self.num_rows):  # rows the builder skips (understanding without an answer) are passed over
             key = (self.index, *self.position)
             self._advance()
             plan = self.read(*key[1:])
             if plan is not None:
                 return key, plan
+        raise ValueError(f"{type(self.source).__name__}: none of the {self.num_rows} rows of this reader's shard gives "
+                         "a training sample (understanding rows need an answer with tokens).")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,6 +120,9 @@ def test_llava_jsonl_reader(tmp_path, builder):
     stream = SourceStream(source, builder, shard=0, num_shards=1, seed=0)
     answers = Counter(_text(next(stream)[1][-1].data) for _ in range(6))
     assert answers == {"A.": 3, "Size.": 3}, "three epochs of the two rows with an answer"
+    (tmp_path / "empty.jsonl").write_text(json.dumps(lines[2]) + "\n")
+    with pytest.raises(ValueError, match="none of the 1 rows"):
+        next(SourceStream(LlavaJsonl(tmp_path / "empty.jsonl", tmp_path), builder, 0, 1, seed=0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -358,3 +358,23 @@ def test_pack_losses_equal_each_sample_alone(tiny):
             torch.testing.assert_close(mse[mse_seen : mse_seen + len(mse_alone)], mse_alone, rtol=1e-5, atol=1e-6)
             mse_seen += len(mse_alone)
     assert (ce_seen, mse_seen) == (len(ce), len(mse)), "every sample's losses are accounted for"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encode_pack_on_gpu_matches_cpu(tiny):
+    """The training step's side on the GPU: tensors moved, images encoded there (float32 tiny model)."""
+    model, processor = tiny
+    config = PackingConfig.from_model_config(model.config, processor.special_token_ids)
+    builder = PlanBuilder(processor.tokenizer, **SMALL_SIZES)
+    pack = pack_samples([builder.text_to_image("a", _pil(64, 32)), builder.edit([_pil(48, 48, 1), _pil(48, 48, 2)], ["b"])],
+                        config, torch.Generator().manual_seed(0))  # fmt: skip
+    cpu = encode_pack(model, pack, "cpu", sample=False)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, to compare with the CPU
+    try:
+        gpu = encode_pack(model.to("cuda"), pack, "cuda", sample=False)
+        assert gpu["padded_latent"].is_cuda and gpu["packed_text_ids"].is_cuda
+        torch.testing.assert_close(gpu["padded_latent"].cpu(), cpu["padded_latent"], rtol=1e-4, atol=1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        model.to("cpu")
