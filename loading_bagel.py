@@ -460,6 +460,11 @@ def save_bagel_pretrained(model, save_directory, is_main_process, state_dict, sa
     if not safe_serialization:
         raise ValueError("BAGEL checkpoints are safetensors only (ema.safetensors / ae.safetensors): "
                          "use safe_serialization=True.")
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            "This model was quantized when loaded; the released layout holds unquantized weights. Save the model "
+            "loaded without quantization_config, and quantize when loading it."
+        )
     if not is_main_process:
         return
     directory = Path(save_directory)

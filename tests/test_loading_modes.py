@@ -148,6 +148,8 @@ def test_torchao_int8_weight_only_at_load(tiny, bf16):
     )
     assert not any(info.values())
     assert config.modules_to_not_convert is None  # the caller's config is not modified
+    with pytest.raises(ValueError, match="quantized when loaded"):
+        model.save_pretrained(tiny.parent / "quantized")
     kinds = _weight_kinds(model)
     quantized = {name for name, kind in kinds.items() if kind != "Parameter"}
     # UND and GEN projections of every decoder layer, and the ViT, are int8 ...
