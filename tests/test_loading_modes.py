@@ -36,9 +36,10 @@ def _image() -> Image.Image:
     return Image.fromarray((np.arange(48 * 48 * 3) % 251).astype(np.uint8).reshape(48, 48, 3))
 
 
-def _generate(model) -> dict[str, torch.Tensor]:
+def _generate(model, high_level: bool = True) -> dict[str, torch.Tensor]:
     """Greedy chat ids and their step logits, and the latents of a guided text-to-image run, from
-    the context API (fixed noise), plus the high-level chat and generate_image results."""
+    the context API (fixed noise), plus the high-level chat, generate_image and edit_image
+    results (the edit encodes its input with the VAE)."""
     proc = model.processor
     special = SpecialTokenIds(proc.bos_token_id, proc.eos_token_id, *list(proc.special_token_ids.values())[2:])
     context = model.new_context()
@@ -50,12 +51,17 @@ def _generate(model) -> dict[str, torch.Tensor]:
     noise = [torch.randn(16, 64, generator=torch.Generator().manual_seed(0))]
     params = GuidanceParams(num_timesteps=4, cfg_text_scale=4.0)
     latents = model.generate_latents(prompt, model.new_context(), prompt, [(64, 64)], special, params, init_noise=noise)
+    outputs = {"ids": torch.tensor(ids[0]), "logits": logits[0].float(), "latents": latents[0].float()}
+    if not high_level:
+        return outputs
     return {
-        "ids": torch.tensor(ids[0]),
-        "logits": logits[0].float(),
-        "latents": latents[0].float(),
+        **outputs,
         "chat": model.chat(_image(), "what is it", max_new_tokens=4),
         "image": np.asarray(model.generate_image("a cat", height=64, width=64, num_steps=3, seed=0, progress=False)),
+        # The edit encodes a processor-sized image with the VAE: only in float32 (bf16 convolutions
+        # are very slow on the CPU).
+        **({"edited": np.asarray(model.edit_image(_image(), "make it blue", num_steps=3, seed=0, progress=False))}
+           if model.dtype == torch.float32 else {}),
     }
 
 
@@ -110,7 +116,8 @@ def test_device_map_auto_with_max_memory_offloads_and_matches_one_device(tiny, t
     )
     placed = set(model.hf_device_map.values())
     assert placed == {"cpu", "disk"}, model.hf_device_map  # split between the two by transformers
-    _assert_same(_generate(model), one_device)
+    outputs = _generate(model, high_level=False)  # every weight read from disk per call: slow
+    _assert_same(outputs, {key: one_device[key] for key in outputs})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,3 +255,19 @@ def test_vit_rope_checkpoint_loads_with_rope_on(tiny, tmp_path, layout):
         shuffled = loaded.model.embed_vit_tokens(pixels, positions.flip(0), [8])
     assert torch.equal(out, expected)
     assert not torch.allclose(out, shuffled)  # positions matter: the rotary embedding is applied
+
+
+def test_user_key_mapping_renames_checkpoint_keys(tiny, tmp_path):
+    """`key_mapping` works as in transformers, next to the VAE's own mapping."""
+    repo = tmp_path / "renamed"
+    shutil.copytree(tiny, repo)
+    state = load_file(str(repo / "ema.safetensors"))
+    state = {k.replace("connector.", "projector.", 1) if k.startswith("connector.") else k: v for k, v in state.items()}
+    save_file(state, str(repo / "ema.safetensors"))
+    with pytest.raises(ValueError, match="projector.fc1.weight"):
+        BagelForUnifiedMultimodal.from_pretrained(repo)
+    model, info = BagelForUnifiedMultimodal.from_pretrained(repo, key_mapping={r"^projector\.": "connector."},
+                                                            output_loading_info=True)  # fmt: skip
+    assert not any(info.values())
+    assert torch.equal(model.model.connector.fc1.weight, state["projector.fc1.weight"])
+    assert torch.equal(model.vae.decoder.conv_in.weight, load_file(str(tiny / "ae.safetensors"))["decoder.conv_in.weight"])
