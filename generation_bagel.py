@@ -10,6 +10,7 @@ generation step run as extra sequences of the same forward.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -392,16 +393,23 @@ class BagelGenerationMixin:
         top_p: float = 1.0,
         generator: torch.Generator | list[torch.Generator | None] | None = None,
         return_logits: bool = False,
+        streamer=None,
     ):
         """Decode every sequence from bos until eos or `max_length` ids (bos included, eos not,
         as the reference returns them). Returns a list of id lists, and with `return_logits` the
         list of per-step logits (steps, vocab) of each sequence. `generator` may be one per
-        sequence, so that sampled text does not depend on what else is in the batch."""
+        sequence, so that sampled text does not depend on what else is in the batch.
+        `streamer` (one sequence only) is a transformers streamer (`TextStreamer`,
+        `TextIteratorStreamer`): as `generate()` does, it gets the prompt first (here the bos
+        that decoding starts from; `skip_prompt=True` skips it), then each id as it is decoded
+        (eos not included), then `end()`."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError(f"Sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
         batch = context.batch_size
+        if streamer is not None and batch != 1:
+            raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
@@ -409,6 +417,8 @@ class BagelGenerationMixin:
         cache = _DecodeCache(context, max(context.lengths) + max_length, heads)
         step = self._decode_step_fn(cache)
         active = set(range(batch))
+        if streamer is not None:
+            streamer.put(torch.tensor([special.bos]))
 
         def take(chosen: tuple[torch.Tensor, torch.cuda.Event | None], logits: torch.Tensor | None) -> bool:
             """Record one step's tokens; False once every sequence has finished."""
@@ -424,6 +434,8 @@ class BagelGenerationMixin:
                     active.discard(seq)
                 else:
                     outputs[seq].append(token)
+                    if streamer is not None:
+                        streamer.put(torch.tensor([token]))
             return bool(active)
 
         tokens = torch.full((batch,), special.bos, dtype=torch.long, device=cache.rows.device)
@@ -439,6 +451,8 @@ class BagelGenerationMixin:
             previous = current
         else:
             take(*previous)
+        if streamer is not None:
+            streamer.end()
         if return_logits:
             return outputs, [torch.stack(rows) for rows in step_logits]
         return outputs
@@ -464,6 +478,12 @@ class BagelGenerationMixin:
                 "Image generation and VAE inputs need a stage-2 model with its VAE: load it with stage=2 "
                 "from a checkpoint that has ae.safetensors."
             )
+
+    def _largest_image_side(self, processor) -> int:
+        """The largest image side this checkpoint generates: what its latent position table
+        (`max_latent_size`) covers, at most the processor's VAE size (1024 for BAGEL-7B-MoT)."""
+        stride = self.vae.downsample * self.config.latent_patch_size
+        return min(processor.vae_max_size // stride, self.config.max_latent_size) * stride
 
     def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image size in pixels -> latent token grid, with clear errors."""
@@ -508,11 +528,11 @@ class BagelGenerationMixin:
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
         all_branches = BagelContext.concat(branches)
         timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
-        steps = range(len(timesteps) - 1)
+        steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="Denoising")
+            steps = tqdm(steps, desc="Denoising", total=len(steps))
         for i in steps:
             t = timesteps[i]
             use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
@@ -568,29 +588,39 @@ class BagelGenerationMixin:
         do_sample: bool = False,
         temperature: float = 0.3,
         top_p: float = 1.0,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         params: GuidanceParams = GuidanceParams(),
         seed: int | list[int] | None = None,
         progress: bool = True,
         processor=None,
+        streamer=None,
     ) -> list:
         """The reference's interleaved inference: `inputs` is a list of strings and PIL images (or a
         list of such lists, all of the same shape, for a batch). Returns what the model produces:
         `[text]` with `understanding_output`, else `[image]` (`[thinking, image]` with `think`);
-        a list of those for a batch. Images in the input are resized by the VAE rule first; a
-        generated image then has the size of the last input image, else `height` x `width`.
-        `seed` (one per request, or one int: request i uses seed + i) makes sampling reproducible
-        and independent of batching."""
+        a list of those for a batch. Images in the input are resized by the VAE rule first (at
+        most the largest side the checkpoint generates); a generated image then has the size of
+        the last input image, else `height` x `width` (default: the largest square the checkpoint
+        generates, 1024 x 1024 for BAGEL-7B-MoT). `seed` (one per request, or one int: request i
+        uses seed + i) makes sampling reproducible and independent of batching. `streamer` (one
+        request) gets the generated text as it is decoded (see `generate_text_ids`)."""
         processor = self._processor(processor)
+        if not isinstance(inputs, (list, tuple)):
+            raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
         batched = bool(inputs) and isinstance(inputs[0], (list, tuple))
         batch = [list(x) for x in inputs] if batched else [list(inputs)]
         _check_interleaved(batch)
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=1)
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
                                   processor.start_of_image_id, processor.end_of_image_id)  # fmt: skip
+        generators = _generators(seed, len(batch))
+        vae_max_size = processor.vae_max_size
         if not understanding_output:
             self._require_generation()
-        generators = _generators(seed, len(batch))
+            vae_max_size = self._largest_image_side(processor)
+            height = vae_max_size if height is None else _check_int("height", height)
+            width = vae_max_size if width is None else _check_int("width", width)
         sizes = [(height, width)] * len(batch)
         gen = self.new_context(len(batch))
         cfg_text = cfg_img = gen
@@ -604,14 +634,17 @@ class BagelGenerationMixin:
                 gen = self.add_text_tokens(gen, ids, special)
                 cfg_img = gen if shared else self.add_text_tokens(cfg_img, ids, special)
             else:
-                from .processing_bagel import check_image_size, resize_image, to_rgb
+                from .processing_bagel import check_image_size, image_to_tensor, resize_image, to_rgb
+
+                def vae_resize(img):  # the processor's VAE rule, within what this checkpoint generates
+                    return resize_image(to_rgb(img), vae_max_size, min(processor.vae_min_size, vae_max_size),
+                                        processor.vae_stride, processor.max_pixels)  # fmt: skip
 
                 for img in items:
                     check_image_size(img)  # before converting, so a huge image fails cheaply
-                images = [resize_image(to_rgb(img), processor.vae_max_size, processor.vae_min_size,
-                                       processor.vae_stride, processor.max_pixels) for img in items]  # fmt: skip
-                if not understanding_output:
-                    gen = self.add_vae_images(gen, [processor.vae_transform(img) for img in images], special)
+                images = [vae_resize(img) for img in items]
+                if not understanding_output:  # resized twice, as the reference does (its vae_transform resizes)
+                    gen = self.add_vae_images(gen, [image_to_tensor(vae_resize(img)) for img in images], special)
                 gen = self.add_vit_images(gen, [processor.vit_transform(img) for img in images], special)
                 sizes = [(img.height, img.width) for img in images]
                 cfg_text = gen
@@ -621,7 +654,8 @@ class BagelGenerationMixin:
         outputs: list[list] = [[] for _ in batch]
         if understanding_output or think:
             texts = self.generate_text_ids(gen, special, max_length=max_new_tokens + 1, do_sample=do_sample,
-                                           temperature=temperature, top_p=top_p, generator=generators)  # fmt: skip
+                                           temperature=temperature, top_p=top_p, generator=generators,
+                                           streamer=streamer)  # fmt: skip
             for out, ids in zip(outputs, texts):
                 out.append(processor.decode(ids[1:]))
             if understanding_output:
@@ -640,25 +674,30 @@ class BagelGenerationMixin:
         return outputs if batched else outputs[0]
 
     def chat(self, images, prompt, think: bool = False, max_new_tokens: int = 512, do_sample: bool = False,
-             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None):  # fmt: skip
+             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None, streamer=None):  # fmt: skip
         """Answer `prompt` about `images` (None, one PIL image or a list). A list of prompts is a
-        batch; `images` is then a list with one entry (None, image or list) per prompt."""
+        batch; `images` is then a list with one entry (None, image or list) per prompt.
+        `streamer`: a transformers streamer that gets the answer as it is decoded, e.g.
+        `TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True)` (one request only)."""
         prompts, image_lists = _as_batch(prompt, images)
         batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
         out = self.interleave(batch, understanding_output=True, think=think, max_new_tokens=max_new_tokens,
-                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor)  # fmt: skip
+                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor,
+                              streamer=streamer)  # fmt: skip
         texts = [o[0] for o in out]
         return texts if isinstance(prompt, (list, tuple)) else texts[0]
 
-    def generate_image(self, prompt, height: int = 1024, width: int = 1024, think: bool = False,
+    def generate_image(self, prompt, height: int | None = None, width: int | None = None, think: bool = False,
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
                        timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
                        processor=None):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
-        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking)."""
-        params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
-                                cfg_renorm_type, cfg_renorm_min)  # fmt: skip
+        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking).
+        `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
+        BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations)."""
+        params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
+                           cfg_renorm_min)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
@@ -669,10 +708,11 @@ class BagelGenerationMixin:
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
                    max_think_tokens: int = 1000, processor=None):  # fmt: skip
-        """Edit `image` as `prompt` says; the result has the size of the VAE-resized input. Lists of
-        images and prompts (same length) are a batch."""
-        params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
-                                cfg_renorm_type, cfg_renorm_min)  # fmt: skip
+        """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
+        the largest side the checkpoint generates). Lists of images and prompts (same length) are
+        a batch. `num_steps` is the number of denoising steps (model evaluations)."""
+        params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
+                           cfg_renorm_min)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
         if any(len(imgs) != 1 for imgs in image_lists):
             raise ValueError("edit_image takes exactly one image per prompt.")
@@ -682,25 +722,64 @@ class BagelGenerationMixin:
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
 
+def _check_int(name: str, value, minimum: int | None = None) -> int:
+    """`value` as an int (at least `minimum`), or an error that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min):
+    """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
+    reference's `num_timesteps` counts the points of the schedule, one more."""
+    num_steps = _check_int("num_steps", num_steps, minimum=1)
+    for name, value in (("timestep_shift", timestep_shift), ("cfg_text_scale", cfg_text_scale),
+                        ("cfg_img_scale", cfg_img_scale), ("cfg_renorm_min", renorm_min)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    if not isinstance(cfg_interval, (list, tuple)) or len(cfg_interval) != 2:
+        raise TypeError(f"cfg_interval must be a pair (lo, hi), got {cfg_interval!r}.")
+    return GuidanceParams(num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
+                          renorm_type, renorm_min)  # fmt: skip
+
+
 def _generators(seed, batch: int) -> list:
     if seed is None:
         return [None] * batch
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [_check_seed(seed) + i for i in range(batch)]
     if len(seeds) != batch:
         raise ValueError(f"Got {len(seeds)} seeds for {batch} requests.")
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [torch.Generator().manual_seed(_check_seed(s)) for s in seeds]
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer or a list of integers (one per request), got {seed!r}.")
+    return int(seed)
 
 
 def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
     """Normalise (prompt, images) of one request or of a batch to per-request lists."""
+    from PIL import Image
+
+    for p in prompt if isinstance(prompt, (list, tuple)) else [prompt]:
+        if not isinstance(p, str):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(p).__name__}: {p!r}.")
     if isinstance(prompt, (list, tuple)):
         prompts = list(prompt)
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise ValueError(
+                f"Got a list of {len(prompts)} prompts and one {type(images).__name__}: a batch needs a list of "
+                f"{len(prompts)} image entries, one per prompt (None, an image or a list of images); for the same "
+                f"image in every request pass [image] * {len(prompts)}."
+            )
         per_request = [None] * len(prompts) if images is None else list(images)
         if len(per_request) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(per_request)} image entries; give one per prompt.")
     else:
         prompts, per_request = [prompt], [images]
-    from PIL import Image
 
     as_list = lambda x: [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
     image_lists = [as_list(x) for x in per_request]
@@ -725,10 +804,25 @@ def _check_interleaved(batch: list[list]) -> None:
             if isinstance(item, str):
                 if not item.strip():
                     raise ValueError("Empty prompt: give some text to condition on.")
+                if _looks_like_image_path(item):
+                    raise TypeError(
+                        f"{item!r} looks like an image file path, but inputs take images as PIL.Image.Image (as chat "
+                        f"and edit_image do): pass PIL.Image.open({item!r}) instead."
+                    )
             elif not isinstance(item, Image.Image):
                 raise TypeError(f"Inputs must be str or PIL.Image.Image, got {type(item).__name__}.")
             if isinstance(item, str) != isinstance(first, str):
                 raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
+
+
+def _looks_like_image_path(text: str) -> bool:
+    """One word ending in an image file extension PIL knows (.png, .jpg, ...)."""
+    from PIL import Image
+
+    if any(c.isspace() for c in text):
+        return False
+    suffix = "." + text.rsplit(".", 1)[-1].lower() if "." in text else ""
+    return suffix in Image.registered_extensions()
 
 
 def _advance(context: BagelContext, steps: list[int]) -> BagelContext:

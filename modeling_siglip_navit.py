@@ -73,14 +73,25 @@ def _trains_master_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def computes_in_float32(weight: torch.Tensor) -> bool:
+    """bf16/fp16 weights on the CPU, which are computed in float32: CPUs without native bf16
+    (AVX2) have no fast low-precision kernels, and a bf16 matmul there runs ~180x, a bf16 conv2d
+    (aten's slow_conv2d) ~700x slower than in float32. The weights stay stored in low precision."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, except when float32 weights are trained under CUDA autocast. Autocast would give
-    the weight a bf16 gradient and then cast it to float32, an extra kernel per weight and a
-    rounding; here one GEMM writes the float32 gradient directly. The forward is autocast's."""
+    """nn.Linear, except (1) when float32 weights are trained under CUDA autocast: autocast would
+    give the weight a bf16 gradient and then cast it to float32, an extra kernel per weight and a
+    rounding; here one GEMM writes the float32 gradient directly (the forward is autocast's);
+    (2) with bf16/fp16 weights on the CPU, computed in float32 (`computes_in_float32`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _trains_master_weights(x, self.weight):
             return _stacked_linear(x, (self,))
+        if computes_in_float32(self.weight):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return super().forward(x)
 
 

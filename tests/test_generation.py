@@ -348,12 +348,72 @@ def test_empty_prompt(model, processor):
         model.interleave([], processor=processor)
 
 
-@pytest.mark.parametrize("steps", [0, 1, -3])
+@pytest.mark.parametrize("steps", [0, -1, -3])
 def test_too_few_steps(model, processor, steps):
-    with pytest.raises(ValueError, match="num_timesteps must be at least 2"):
+    with pytest.raises(ValueError, match=f"num_steps must be at least 1, got {steps}"):
         model.generate_image("a cat", height=64, width=64, num_steps=steps, progress=False, processor=processor)
-    with pytest.raises(ValueError, match="num_timesteps must be at least 2"):
+    with pytest.raises(ValueError, match=f"num_steps must be at least 1, got {steps}"):
         model.edit_image(_pil(64, 64), "blue", num_steps=steps, progress=False, processor=processor)
+
+
+@pytest.mark.parametrize("steps", [2.5, "4", True, None])
+def test_num_steps_must_be_an_integer(model, processor, steps):
+    with pytest.raises(TypeError, match="num_steps must be an integer"):
+        model.generate_image("a cat", height=64, width=64, num_steps=steps, progress=False, processor=processor)
+    with pytest.raises(TypeError, match="num_steps must be an integer"):
+        model.edit_image(_pil(64, 64), "blue", num_steps=steps, progress=False, processor=processor)
+
+
+def test_wrong_argument_types_are_refused_by_name(model, processor):
+    kwargs = dict(num_steps=1, progress=False, processor=processor)
+    with pytest.raises(TypeError, match="seed must be an integer or a list of integers.*'abc'"):
+        model.generate_image("a cat", height=64, width=64, seed="abc", **kwargs)
+    with pytest.raises(TypeError, match="seed must be an integer.*1.5"):
+        model.generate_image(["a cat", "a dog"], height=64, width=64, seed=[1, 1.5], **kwargs)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        model.chat(None, "hi", seed="0", max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match=r"height must be an integer, got 64\.0"):
+        model.generate_image("a cat", height=64.0, width=64, **kwargs)
+    with pytest.raises(TypeError, match="width must be an integer, got '64'"):
+        model.generate_image("a cat", height=64, width="64", **kwargs)
+    with pytest.raises(TypeError, match="prompt must be a str or a list of str, got int"):
+        model.generate_image(42, height=64, width=64, **kwargs)
+    with pytest.raises(TypeError, match="prompt must be a str or a list of str, got NoneType"):
+        model.chat(_pil(64, 64), [None], max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match="max_new_tokens must be an integer"):
+        model.chat(None, "hi", max_new_tokens=2.0, processor=processor)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        model.chat(None, "hi", max_new_tokens=0, processor=processor)
+    with pytest.raises(TypeError, match="cfg_text_scale must be a number, got '4'"):
+        model.generate_image("a cat", height=64, width=64, cfg_text_scale="4", **kwargs)
+    with pytest.raises(TypeError, match="inputs must be a list"):
+        model.interleave("a cat", processor=processor)
+
+
+def test_one_image_for_a_batch_of_prompts_says_what_is_expected(model, processor):
+    image = _pil(64, 64)
+    expected = r"list of 2 prompts and one Image: a batch needs a list of 2 image entries.*\[image\] \* 2"
+    with pytest.raises(ValueError, match=expected):
+        model.chat(image, ["a?", "b?"], max_new_tokens=2, processor=processor)
+    with pytest.raises(ValueError, match=expected):
+        model.edit_image(image, ["blue", "red"], num_steps=1, progress=False, processor=processor)
+    # What the message suggests works, and gives each request the same answer as alone.
+    answers = model.chat([image] * 2, ["a?", "b?"], max_new_tokens=3, processor=processor)
+    assert answers[1] == model.chat(image, "b?", max_new_tokens=3, processor=processor)
+
+
+@pytest.mark.parametrize("path", ["cat.png", "photos/Cat.JPG", "/tmp/x.webp"])
+def test_image_paths_in_interleave_are_refused(model, processor, path):
+    with pytest.raises(TypeError, match=r"looks like an image file path.*PIL\.Image\.open"):
+        model.interleave([path, "Describe it."], understanding_output=True, max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match="looks like an image file path"):
+        model.interleave([[path, "a"], [path, "b"]], understanding_output=True, max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match="PIL.Image"):  # chat refuses them too
+        model.chat(path, "Describe it.", max_new_tokens=2, processor=processor)
+    # Prompts that merely mention a file, or end in a dot, are prompts.
+    for prompt in (f"Describe {path}", "Describe it.", "e.g."):
+        out = model.interleave([prompt], understanding_output=True, max_new_tokens=2, processor=processor)
+        assert isinstance(out[0], str)
 
 
 def test_bad_guidance_params(model, processor):
@@ -532,7 +592,56 @@ def test_edit_image_batch_matches_single(model, processor):
         assert _max_pixel_diff(image, model.edit_image(source, prompt, seed=seed, **kwargs)) <= 1
 
 
-def test_progress_bar(model, processor, capsys):
+def test_progress_bar_counts_num_steps(model, processor, capsys, monkeypatch):
+    calls = []
+    predict = model._predict_velocity
+    monkeypatch.setattr(model, "_predict_velocity", lambda *args: calls.append(1) or predict(*args))
     image = model.generate_image("a cat", height=32, width=32, num_steps=3, seed=0, progress=True, processor=processor)
     assert image.size == (32, 32)
-    assert "Denoising" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Denoising" in err and "3/3" in err and "2/2" not in err
+    assert len(calls) == 3  # num_steps model evaluations, as the bar says
+
+
+def test_default_size_is_the_largest_the_checkpoint_generates(model, processor):
+    """tiny-a's latent table is 8 x 8 tokens of 16 pixels: 128 x 128 (BAGEL-7B-MoT's: 1024 x 1024)."""
+    stride = model.vae.downsample * model.config.latent_patch_size
+    assert model.config.max_latent_size * stride == 128 and processor.vae_max_size == 128
+    assert model.generate_image("a cat", num_steps=1, seed=0, progress=False, processor=processor).size == (128, 128)
+    # The processor's VAE size caps it, and editing resizes its input within the same limit.
+    small = BagelProcessor(processor.tokenizer, **dict(PROCESSOR_SIZES, vae_max_size=64))
+    assert model.generate_image("a cat", num_steps=1, seed=0, progress=False, processor=small).size == (64, 64)
+    big = BagelProcessor(processor.tokenizer, **dict(PROCESSOR_SIZES, vae_max_size=1024, vae_min_size=512))
+    assert model.edit_image(_pil(300, 200), "blue", num_steps=1, seed=0, progress=False, processor=big).size == (128, 80)
+
+
+def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
+    from transformers import TextIteratorStreamer
+
+    from bagel_remote import generation_bagel
+
+    image = _pil(90, 60, 3)
+    answer = model.chat(image, "what is this?", max_new_tokens=12, processor=processor)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
+    assert model.chat(image, "what is this?", max_new_tokens=12, processor=processor, streamer=streamer) == answer
+    assert "".join(streamer) == answer and len(answer) > 0
+
+    steps, puts = [], []  # decoding steps taken when each id reached the streamer
+    next_tokens = generation_bagel._next_tokens
+    monkeypatch.setattr(generation_bagel, "_next_tokens", lambda *a: steps.append(1) or next_tokens(*a))
+
+    class Recording:
+        def put(self, ids):
+            puts.append((ids.tolist(), len(steps)))
+
+        def end(self):
+            puts.append(("end", len(steps)))
+
+    model.chat(image, "what is this?", max_new_tokens=12, processor=processor, streamer=Recording())
+    ids = [i for i, _ in puts[1:-1] for i in i]
+    assert puts[0][0] == [processor.bos_token_id] and puts[-1][0] == "end"  # the prompt first, as generate() does
+    assert all(len(i) == 1 for i, _ in puts[1:-1]) and processor.decode(ids) == answer
+    arrival = [n for _, n in puts[1:-1]]
+    assert arrival == sorted(arrival) and arrival[0] < arrival[-1]  # one by one while decoding, not at the end
+    with pytest.raises(ValueError, match="streamer follows one request"):
+        model.chat(None, ["a", "b"], max_new_tokens=2, processor=processor, streamer=Recording())
