@@ -15,6 +15,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, assert_close
 from PIL import Image
 
@@ -601,6 +602,20 @@ def test_progress_bar_counts_num_steps(model, processor, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Denoising" in err and "3/3" in err and "2/2" not in err
     assert len(calls) == 3  # num_steps model evaluations, as the bar says
+
+
+def test_bf16_model_on_the_cpu_computes_matmuls_and_convolutions_in_float32(parity, processor, monkeypatch):
+    """The README snippet with device_map="cpu" and bf16 must not fall to the CPU's slow bf16 kernels."""
+    model = BagelForUnifiedMultimodal.from_pretrained(parity.checkpoint, dtype=torch.bfloat16, device_map="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    seen = set()
+    for name in ("linear", "conv2d"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda x, w, *a, _real=real, _name=name, **k: seen.add((_name, w.dtype)) or _real(x, w, *a, **k))
+    image = model.generate_image("a cat", height=32, width=32, num_steps=1, seed=0, progress=False, processor=processor)
+    assert seen == {("linear", torch.float32), ("conv2d", torch.float32)}
+    answer = model.chat(image, "what is this?", max_new_tokens=3, processor=processor)
+    assert isinstance(answer, str) and seen == {("linear", torch.float32), ("conv2d", torch.float32)}
 
 
 def test_default_size_is_the_largest_the_checkpoint_generates(model, processor):
