@@ -14,6 +14,14 @@ changed twice.
 
 from __future__ import annotations
 
+if not __package__:  # `import configuration_bagel` from a clone (no package for the relative imports)
+    raise ImportError(
+        "configuration_bagel.py is remote code whose modules import each other relatively, so it is not imported "
+        "as a plain module. From a clone use transformers.dynamic_module_utils.get_class_from_dynamic_module("
+        "'configuration_bagel.BagelConfig', 'path/to/the/clone'), or examples/quickstart.py --model "
+        "(README: Use from a clone)."
+    )
+
 import difflib
 import inspect
 import json

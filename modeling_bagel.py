@@ -9,6 +9,14 @@ GEN weights, and all tokens share one packed attention. Everything works on pack
 
 from __future__ import annotations
 
+if not __package__:  # `import modeling_bagel` from a clone (no package for the relative imports)
+    raise ImportError(
+        "modeling_bagel.py is remote code whose modules import each other relatively, so it is not imported as a "
+        "plain module. From a clone use transformers.dynamic_module_utils.get_class_from_dynamic_module("
+        "'modeling_bagel.BagelForUnifiedMultimodal', 'path/to/the/clone'), or examples/quickstart.py --model "
+        "(README: Use from a clone)."
+    )
+
 import ast
 import contextlib
 import copy
