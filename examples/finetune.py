@@ -91,12 +91,12 @@ def resolve_checkpoint(name: str) -> Path:
     return Path(snapshot_download(name, allow_patterns=["*.json", "*.py", "*.txt", "*.jinja", *WEIGHT_FILES.values()]))
 
 
-def build_meta_model(config):
-    """BAGEL on the meta device from its config (the checkpoint's own remote code)."""
+def build_meta_model(config, model_class=None):
+    """BAGEL on the meta device from its config, by default with the checkpoint's own remote code."""
     from transformers import AutoModel
 
     with torch.device("meta"):
-        return AutoModel.from_config(config, trust_remote_code=True)
+        return model_class(config) if model_class else AutoModel.from_config(config, trust_remote_code=True)
 
 
 def sibling_module(model, name: str):
@@ -237,10 +237,10 @@ def load_and_shard(model, reader: CheckpointReader | None, device: torch.device,
     return missing
 
 
-def build_model(cfg: dict, checkpoint_dir: Path | None, config, device: torch.device, mesh):
+def build_model(cfg: dict, checkpoint_dir: Path | None, config, device: torch.device, mesh, model_class=None):
     """The sharded training model and its PEFT LoRA config (None without LoRA). Without a
     checkpoint directory the weights are random (benchmarks)."""
-    model = build_meta_model(config)
+    model = build_meta_model(config, model_class)
     model_class = type(model)
     apply_freezing(model, cfg)
     lora = None
@@ -439,7 +439,11 @@ def save_final(model, lora, ema: EMA | None, cfg: dict, checkpoint_dir: Path | N
         fresh = adapted.merge_and_unload()
     else:
         fresh.load_state_dict(full, assign=True)
-    fresh._bagel_checkpoint_dir = checkpoint_dir  # where save_pretrained finds processor / code files
+    fresh._bagel_checkpoint_dir = checkpoint_dir  # where save_pretrained finds the code files
+    if checkpoint_dir is not None and (checkpoint_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoProcessor  # saved with the model, so `final` is complete
+
+        fresh.processor = AutoProcessor.from_pretrained(checkpoint_dir, trust_remote_code=True)
     fresh.save_pretrained(str(out / "final"))
 
 

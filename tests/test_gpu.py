@@ -278,3 +278,23 @@ def test_fused_rms_norm_rotary_matches_eager():
         err = ((a.float() - b).abs().max() / b.abs().max()).item()
         print(f"fused rms_norm+rotary vs eager float32, {name}: max relative error {err:.2e}")
         assert err < (5e-3 if name != "d_weight" else 1e-4), name  # bf16 rounding of out and d_x
+
+
+def test_lora_wrapped_projections_step_aside_from_the_stacked_gemm():
+    """Float32 weights trained under autocast take the stacked q/k/v GEMM; once PEFT wraps the
+    projections, each wrapper's own forward runs, so the adapters' outputs count."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    attn = modeling_siglip_navit.SiglipAttention(modeling_siglip_navit.SiglipVisionConfig(
+        hidden_size=64, num_attention_heads=2, intermediate_size=128)).cuda()  # fmt: skip
+    layers = lambda: (attn.q_proj, attn.k_proj, attn.v_proj)  # noqa: E731
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]), attn)
+    for module in layers():
+        module.lora_B["default"].weight.data.normal_()  # a non-zero adapter
+        module.base_layer.weight.requires_grad_(True)  # the base trains too: the stacked path's case
+    x = torch.randn(8, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = modeling_siglip_navit.parallel_linears(x, layers())
+        each = tuple(layer(x) for layer in layers())
+    for a, b in zip(fused, each):
+        torch.testing.assert_close(a, b)
