@@ -34,8 +34,6 @@ def load_finetune():
 
 
 def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
-    from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
-
     kind, _, ac = mode.partition("+")
     if kind not in MODES or ac not in ("", "ac"):
         raise SystemExit(f"Unknown mode {mode!r}: one of {', '.join(MODES)}, each optionally with +ac.")
@@ -43,7 +41,7 @@ def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
     cfg.update(MODES[kind], activation_checkpointing=bool(ac), lora_alpha=64, max_steps=1000, warmup_steps=0)
     config = full_size_config()
     torch.manual_seed(0)
-    model, _ = finetune.build_model(cfg, None, config, device, mesh, model_class=BagelForUnifiedMultimodal)
+    model, _ = finetune.build_model(cfg, None, config, device, mesh)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=tuple(cfg["betas"]), eps=cfg["eps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, finetune.warmup_cosine(cfg))

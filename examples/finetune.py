@@ -6,11 +6,11 @@
 One config file (examples/finetune.yaml); any key can be overridden as `key=value` (YAML values).
 
 How it runs:
-- Model: every rank builds BAGEL on the meta device (the checkpoint's own remote code, through
-  `AutoModel.from_config`), then materialises, fills and shards one decoder / ViT layer at a
-  time (`fully_shard` right after), then the rest (`fully_shard` of the root). Weights are read
-  from the checkpoint's safetensors files one tensor at a time (memory-mapped), so no rank holds
-  more than one layer unsharded, on the device or in host RAM. (transformers' loader builds the
+- Code: this checkout's (imported as the package `bagel_remote`; the final save copies it).
+- Model: every rank builds BAGEL on the meta device, then materialises, fills and shards one
+  decoder / ViT layer at a time (`fully_shard` right after), then the rest (`fully_shard` of
+  the root). Weights are read from the checkpoint's safetensors files one tensor at a time
+  (memory-mapped), so no rank holds more than one layer unsharded, on the device or in host RAM. (transformers' loader builds the
   whole model on one device; it cannot fill FSDP2 shards layer by layer, hence `load_and_shard`.)
 - Precision: on CUDA the trained weights are float32 master weights, computed in bf16
   (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), frozen weights are stored in
@@ -26,7 +26,7 @@ How it runs:
 
 from __future__ import annotations
 
-import importlib
+import io
 import json
 import math
 import os
@@ -47,6 +47,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from repo_package import import_repo  # noqa: E402
+
+import_repo()  # this checkout, as the package `bagel_remote` (its modules import each other relatively)
+from bagel_remote import data_bagel, packing_bagel  # noqa: E402
+from bagel_remote.configuration_bagel import BagelConfig  # noqa: E402
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal  # noqa: E402
+from bagel_remote.processing_bagel import BagelProcessor  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).with_suffix(".yaml")
 WEIGHT_FILES = {"model.": "ema.safetensors", "vae.": "ae.safetensors"}  # native prefix -> released file
@@ -91,17 +100,18 @@ def resolve_checkpoint(name: str) -> Path:
     return Path(snapshot_download(name, allow_patterns=["*.json", "*.py", "*.txt", "*.jinja", *WEIGHT_FILES.values()]))
 
 
-def build_meta_model(config, model_class=None):
-    """BAGEL on the meta device from its config, by default with the checkpoint's own remote code."""
-    from transformers import AutoModel
+def load_model_config(directory: Path) -> BagelConfig:
+    """config.json, or the released llm_config.json + vit_config.json."""
+    if (directory / "config.json").is_file():
+        return BagelConfig.from_pretrained(directory)
+    return BagelConfig.from_released_files(directory)
 
-    with torch.device("meta"):
-        return model_class(config) if model_class else AutoModel.from_config(config, trust_remote_code=True)
 
-
-def sibling_module(model, name: str):
-    """A module of the model's remote code (e.g. `packing_bagel`), from the package it came from."""
-    return importlib.import_module(type(model).__module__.rpartition(".")[0] + "." + name)
+def load_processor(directory: Path, config: BagelConfig) -> BagelProcessor | None:
+    """The checkpoint's processor (tokenizer and image rules), None when it has no tokenizer."""
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    return BagelProcessor.from_pretrained(str(directory), config=config)
 
 
 def apply_freezing(model, cfg: dict) -> None:
@@ -237,11 +247,11 @@ def load_and_shard(model, reader: CheckpointReader | None, device: torch.device,
     return missing
 
 
-def build_model(cfg: dict, checkpoint_dir: Path | None, config, device: torch.device, mesh, model_class=None):
+def build_model(cfg: dict, checkpoint_dir: Path | None, config: BagelConfig, device: torch.device, mesh):
     """The sharded training model and its PEFT LoRA config (None without LoRA). Without a
     checkpoint directory the weights are random (benchmarks)."""
-    model = build_meta_model(config, model_class)
-    model_class = type(model)
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(config)
     apply_freezing(model, cfg)
     lora = None
     if cfg["lora_rank"]:
@@ -262,7 +272,6 @@ def build_model(cfg: dict, checkpoint_dir: Path | None, config, device: torch.de
     if missing and reader is not None and dist.get_rank() == 0:
         print(f"Initialised {len(missing)} weight(s) the checkpoint lacks: {missing[:8]}", file=sys.stderr)
     model.train()
-    model.model_class = model_class
     return model, lora
 
 
@@ -295,19 +304,49 @@ class PackFile:
         self.position = state["position"]
 
 
-def build_dataset(cfg: dict, model, rank: int, world: int):
-    """The training data of this rank: an iterable of packs with `state_dict` / `load_state_dict`
-    (its position, for exact resume). Wire other datasets in here."""
-    if not cfg["data"]:
-        raise SystemExit("Set data=<file>: a torch.save'd list of packs (the training forward's keyword arguments).")
-    return PackFile(cfg["data"], rank, world)
+SOURCES = {"t2i": "T2IParquet", "edit": "EditParquet", "llava": "LlavaJsonl"}  # data_bagel readers
+
+
+def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int):
+    """This rank's packs, with `state_dict` / `load_state_dict` (its position, for exact resume).
+
+    `data` is either a file of packs (`PackFile`), or the readers of the checkpoint's `data_bagel`
+    with `BagelPackedDataset`'s packing limits:
+    `{sources: [{kind: t2i | edit | llava, path: ..., image_dir: ... (llava)}], weights: [...],
+    max_num_tokens: ..., expected_num_tokens: ..., max_num_tokens_per_sample: ...}`; with
+    `num_workers` > 0, read in a torchdata `StatefulDataLoader` (its state covers the workers')."""
+    data = cfg["data"]
+    if not data:
+        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see build_dataset in finetune.py).")
+    if not isinstance(data, dict):
+        return PackFile(data, rank, world)
+    processor = load_processor(checkpoint_dir, model.config)
+    if processor is None:
+        raise SystemExit(f"{checkpoint_dir} has no tokenizer files: reading data needs the checkpoint's tokenizer.")
+    sources = []
+    for source in data["sources"]:
+        source = dict(source)
+        kind = source.pop("kind")
+        if kind not in SOURCES:
+            raise SystemExit(f"data source kind {kind!r}: use one of {', '.join(SOURCES)}.")
+        paths = {"jsonl_path" if kind == "llava" else "paths": source.pop("path"), **source}
+        sources.append(getattr(data_bagel, SOURCES[kind])(**paths))
+    limits = {k: v for k, v in data.items() if k not in ("sources", "weights", "num_workers")}
+    dataset = data_bagel.BagelPackedDataset(
+        sources, packing_bagel.PlanBuilder(processor.tokenizer),
+        packing_bagel.PackingConfig.from_model_config(model.config, processor.special_token_ids),
+        weights=data.get("weights"), seed=cfg["seed"], rank=rank, world_size=world, **limits,
+    )  # fmt: skip
+    if not data.get("num_workers"):
+        return dataset
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=data["num_workers"], pin_memory=True)
 
 
 def to_forward_kwargs(model, pack: dict, device: torch.device) -> dict:
-    """A pack on the device; images still in pixels are encoded by the VAE first."""
-    if "padded_images" in pack:
-        return sibling_module(model, "packing_bagel").encode_pack(model, pack, device)
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
+    """A pack on the device, its images (`padded_images`) encoded by the VAE (`encode_pack`)."""
+    return packing_bagel.encode_pack(model, pack, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,8 +422,17 @@ def training_state(model, optimizer, scheduler, ema: EMA | None, dataset, step: 
     return {
         "model": model_sd, "optim": optim_sd, "ema": ema.shadow if ema else {},
         "trainer": {"step": step, "scheduler": scheduler.state_dict()},
-        f"rank{rank}": {"rng": rng, "data": dataset.state_dict()},  # each rank's own
+        # Each rank's own, as one opaque blob: DCP matches nested entries against the structure of
+        # the state it loads into, which for the data (waiting samples, workers) is not known ahead.
+        f"rank{rank}": _blob({"rng": rng, "data": dataset.state_dict()}),
     }  # fmt: skip
+
+
+def _blob(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -401,7 +449,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, ema: EMA | None, da
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=DCP_LOAD_OPTIONS)  # fmt: skip
     scheduler.load_state_dict(state["trainer"]["scheduler"])
-    mine = state[f"rank{dist.get_rank()}"]
+    mine = state[f"rank{dist.get_rank()}"]  # DCP hands a blob back loaded
+    if isinstance(mine, io.BytesIO):
+        mine = torch.load(mine, weights_only=False)
     dataset.load_state_dict(mine["data"])
     torch.set_rng_state(mine["rng"]["cpu"])
     if "cuda" in mine["rng"]:
@@ -429,7 +479,7 @@ def save_final(model, lora, ema: EMA | None, cfg: dict, checkpoint_dir: Path | N
     config = model.config
     config.text_config.freeze_und = freeze_und  # the switch of this run, not of the saved model
     with torch.device("meta"):
-        fresh = model.model_class(config)
+        fresh = BagelForUnifiedMultimodal(config)
     if lora is not None:
         from peft import get_peft_model
 
@@ -439,11 +489,7 @@ def save_final(model, lora, ema: EMA | None, cfg: dict, checkpoint_dir: Path | N
         fresh = adapted.merge_and_unload()
     else:
         fresh.load_state_dict(full, assign=True)
-    fresh._bagel_checkpoint_dir = checkpoint_dir  # where save_pretrained finds the code files
-    if checkpoint_dir is not None and (checkpoint_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoProcessor  # saved with the model, so `final` is complete
-
-        fresh.processor = AutoProcessor.from_pretrained(checkpoint_dir, trust_remote_code=True)
+    fresh.processor = load_processor(checkpoint_dir, config)  # saved with it: `final` is complete
     fresh.save_pretrained(str(out / "final"))
 
 
@@ -484,17 +530,16 @@ def train_step(model, batch: dict, cfg: dict, optimizer, scheduler, params: list
 
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
-    from transformers import AutoConfig
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     rank, world, device = init_distributed()
     mesh = init_device_mesh(device.type, (world,))
     out_dir = Path(cfg["out_dir"])
-    for turn in (0, 1):  # rank 0 first (download, remote-code copy), then the others from the cache
+    for turn in (0, 1):  # rank 0 first (a Hub download), then the others from the cache
         if (rank == 0) == (turn == 0):
             checkpoint_dir = resolve_checkpoint(cfg["model"])
-            config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=True)
         dist.barrier()
+    config = load_model_config(checkpoint_dir)
     torch.manual_seed(cfg["seed"])  # the same random init (LoRA, missing weights) on every rank
     freeze_und = config.text_config.freeze_und
     model, lora = build_model(cfg, checkpoint_dir, config, device, mesh)
@@ -504,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
                                   weight_decay=cfg["weight_decay"])  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
     ema = EMA(trained, cfg["ema_decay"]) if cfg["ema_decay"] else None
-    dataset = build_dataset(cfg, model, rank, world)
+    dataset = build_dataset(cfg, model, checkpoint_dir, rank, world)
     torch.manual_seed(cfg["seed"] + rank)  # noise and timesteps differ between ranks
 
     step = 0
