@@ -87,8 +87,9 @@ def train_flops(config, batch, trains: str = "full") -> float:
     dense = per_layer * text.num_hidden_layers * (und_f * n_und + gen_f * n_gen)
     dense += vit_layer * vit.num_hidden_layers * batch["packed_vit_tokens"].shape[0] * vit_f
     dense += d * text.vocab_size * batch["ce_loss_indexes"].shape[0] * head_f
+    backward = lambda mode: 1 if trains == "gen" and mode != "noise" else 3  # noqa: E731
     attn = sum(  # within-split keys (half of them when causal); earlier splits are small
-        attention_flops(text, n, n) * (0.5 if mode == "causal" else 1.0) * (3 if trains != "gen" or mode == "noise" else 1)
+        attention_flops(text, n, n) * (0.5 if mode == "causal" else 1.0) * backward(mode)
         for n, mode in zip(batch["split_lens"], batch["attn_modes"])
     )
     vit_attn = sum(attention_flops(vit, int(s), int(s)) for s in batch["vit_token_seqlens"])

@@ -10,8 +10,9 @@ How it runs:
 - Model: every rank builds BAGEL on the meta device, then materialises, fills and shards one
   decoder / ViT layer at a time (`fully_shard` right after), then the rest (`fully_shard` of
   the root). Weights are read from the checkpoint's safetensors files one tensor at a time
-  (memory-mapped), so no rank holds more than one layer unsharded, on the device or in host RAM. (transformers' loader builds the
-  whole model on one device; it cannot fill FSDP2 shards layer by layer, hence `load_and_shard`.)
+  (memory-mapped), so no rank holds more than one layer unsharded, on the device or in host RAM.
+  (transformers' loader builds the whole model on one device; it cannot fill FSDP2 shards layer
+  by layer, hence `load_and_shard`.)
 - Precision: on CUDA the trained weights are float32 master weights, computed in bf16
   (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), frozen weights are stored in
   bf16; on CPU (gloo) everything is float32. The VAE is never trained and never sharded.

@@ -213,7 +213,8 @@ def test_finetune_lora_on_t2i_parquet_adapter_and_merged_model(workspace):
     """A LoRA run on the GEN projections reading a text-to-image parquet through data_bagel (images
     encoded by the VAE in the training step); its adapter and its merged final model agree."""
     parquet = write_t2i(workspace / "t2i", files=1, row_groups=1, rows=2)
-    data = f"data={{sources: [{{kind: t2i, path: {parquet}}}], max_num_tokens: 1200, expected_num_tokens: 1000, max_num_tokens_per_sample: 1200}}"
+    limits = "max_num_tokens: 1200, expected_num_tokens: 1000, max_num_tokens_per_sample: 1200"
+    data = f"data={{sources: [{{kind: t2i, path: {parquet}}}], {limits}}}"
     run = workspace / "lora"
     log = torchrun(workspace, run, data, "max_steps=3", "save_every=100", "lora_rank=4", "lora_sides=[gen]")
     assert len(log) == 3 and all(entry["mse"] > 0 for entry in log)
