@@ -1,9 +1,10 @@
 """Fine-tune BAGEL with torch FSDP2: full, GEN-only, frozen-tower or LoRA runs, resumable.
 
-    torchrun --nproc_per_node 8 examples/finetune.py examples/finetune.yaml data=packs.pt out_dir=runs/full
-    torchrun --nproc_per_node 1 examples/finetune.py examples/finetune.yaml data=packs.pt lora_rank=64
+    torchrun --nproc_per_node 8 examples/finetune.py my_run.yaml out_dir=runs/full
+    torchrun --nproc_per_node 1 examples/finetune.py my_run.yaml out_dir=runs/lora lora_rank=64
 
-One config file (examples/finetune.yaml); any key can be overridden as `key=value` (YAML values).
+One config file (a copy of examples/finetune.yaml, its data filled in); any key can be overridden
+as `key=value` (YAML values). Needs torch >= 2.7 (`fully_shard` with `ignored_params`).
 
 How it runs:
 - Code: this checkout's (imported as the package `bagel_remote`; the final save copies it).
@@ -102,8 +103,10 @@ def resolve_checkpoint(name: str) -> Path:
 
 
 def load_model_config(directory: Path) -> BagelConfig:
-    """config.json, or the released llm_config.json + vit_config.json."""
-    if (directory / "config.json").is_file():
+    """A BAGEL config.json, or else the released llm_config.json + vit_config.json (the original
+    release's config.json is the Qwen2 LLM's)."""
+    file = directory / "config.json"
+    if file.is_file() and json.loads(file.read_text()).get("model_type") == BagelConfig.model_type:
         return BagelConfig.from_pretrained(directory)
     return BagelConfig.from_released_files(directory)
 
