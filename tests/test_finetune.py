@@ -190,6 +190,19 @@ def test_finetune_overfits_resumes_exactly_and_saves_loadable(workspace):
     first, last = log[0]["loss"], min(entry["loss"] for entry in log[-3:])
     assert last < first / 2, (first, last)
     assert {"ce", "mse", "tokens_per_s", "grad_norm", "lr"} <= log[0].keys()
+    # step 1 (rank 0: pack 0, rank 1: pack 1, both with fixed noise) in one process: the spec's
+    # reduction over both ranks gives the logged loss, and its gradient the logged norm (so the
+    # per-rank loss is scaled right for FSDP's gradient average)
+    model = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").train()
+    packs = torch.load(workspace / "packs.pt", weights_only=False)
+    outs = [model(**packs[0]), model(**packs[1])]
+    ce = torch.cat([o["ce"] for o in outs]).mean()
+    mse = torch.cat([o["mse"] for o in outs]).mean(-1).mean()
+    (ce + mse).backward()
+    norm = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]).norm()
+    assert log[0]["loss"] == pytest.approx((ce + mse).item(), rel=1e-5)
+    assert log[0]["ce"] == pytest.approx(ce.item(), rel=1e-5) and log[0]["mse"] == pytest.approx(mse.item(), rel=1e-5)
+    assert log[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
 
     # resume from step 5 in a fresh directory: the same losses, to the bit, and the same final model
     resumed = workspace / "resumed"
