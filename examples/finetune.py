@@ -314,8 +314,8 @@ SOURCES = {"t2i": "T2IParquet", "edit": "EditParquet", "llava": "LlavaJsonl"}  #
 def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int):
     """This rank's packs, with `state_dict` / `load_state_dict` (its position, for exact resume).
 
-    `data` is either a file of packs (`PackFile`), or the readers of the checkpoint's `data_bagel`
-    with `BagelPackedDataset`'s packing limits:
+    `data` is either a file of packs (`PackFile`), or data_bagel's readers with
+    `BagelPackedDataset`'s packing limits:
     `{sources: [{kind: t2i | edit | llava, path: ..., image_dir: ... (llava)}], weights: [...],
     max_num_tokens: ..., expected_num_tokens: ..., max_num_tokens_per_sample: ...}`; with
     `num_workers` > 0, read in a torchdata `StatefulDataLoader` (its state covers the workers')."""
@@ -345,12 +345,8 @@ def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int)
         return dataset
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    return StatefulDataLoader(dataset, batch_size=None, num_workers=data["num_workers"], pin_memory=True)
-
-
-def to_forward_kwargs(model, pack: dict, device: torch.device) -> dict:
-    """A pack on the device, its images (`padded_images`) encoded by the VAE (`encode_pack`)."""
-    return packing_bagel.encode_pack(model, pack, device)
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=data["num_workers"],
+                              pin_memory=torch.cuda.is_available())  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
     packs = iter(dataset)
     while step < cfg["max_steps"]:
         start = time.perf_counter()
-        batch = to_forward_kwargs(model, next(packs), device)
+        batch = packing_bagel.encode_pack(model, next(packs), device)  # on the device, images VAE-encoded
         metrics = train_step(model, batch, cfg, optimizer, scheduler, params, ema)
         tokens = torch.tensor(float(batch["sequence_length"]), device=device)
         dist.all_reduce(tokens)
