@@ -323,7 +323,7 @@ class _DecodePool:
     """Decode runners kept across `generate_text_ids` calls, keyed by shape (batch size, capacity
     bucket, dtype, device, graphed), least recently used dropped first. At most `max_entries`
     runners and `max_bytes` of KV cache (None: an eighth of the GPU's memory, 1 GiB on the CPU); a
-    runner bigger than that serves its call and is dropped. Built for one set of decoder weights:
+    runner bigger than that serves its call and is dropped, leaving the others. Built for one set of decoder weights:
     when their storage changes (moved, cast, replaced, adapters added) the pool starts over.
     `lock` serialises decoding on the model. Pickling or deep-copying the model gives an empty pool."""
 
@@ -370,11 +370,11 @@ class _DecodePool:
         runner = self.runners.pop(key, None)
         if runner is None:
             limit = self.byte_limit(key[3])
-            while self.runners and (len(self.runners) >= self.max_entries or self.nbytes + nbytes > limit):
+            if nbytes > limit or self.max_entries == 0:
+                return build()  # serves this call only; the kept runners stay
+            while len(self.runners) >= self.max_entries or self.nbytes + nbytes > limit:
                 self.runners.popitem(last=False)  # free the memory before allocating the new cache
             runner = build()
-            if nbytes > limit or self.max_entries == 0:
-                return runner  # serves this call only
         self.runners[key] = runner
         return runner
 
