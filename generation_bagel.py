@@ -327,7 +327,7 @@ class _DecodePool:
     when their storage changes (moved, cast, replaced, adapters added) the pool starts over.
     `lock` serialises decoding on the model. Pickling or deep-copying the model gives an empty pool."""
 
-    def __init__(self, max_entries: int = 4, max_bytes: int | None = None):
+    def __init__(self, max_entries: int = 16, max_bytes: int | None = None):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.lock = threading.RLock()
         self.runners: OrderedDict[tuple, _DecodeRunner] = OrderedDict()
@@ -572,7 +572,7 @@ class BagelGenerationMixin:
             with pool.lock:
                 pool.clear()
 
-    def set_generation_cache_limits(self, max_entries: int = 4, max_bytes: int | None = None) -> None:
+    def set_generation_cache_limits(self, max_entries: int = 16, max_bytes: int | None = None) -> None:
         """How much `generate_text_ids` keeps for reuse: at most `max_entries` decode shapes (batch
         size, cache length bucket) and `max_bytes` of KV cache (None: an eighth of the GPU's memory;
         1 GiB on the CPU). 0 entries keeps nothing."""
