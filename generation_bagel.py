@@ -261,6 +261,7 @@ class _DecodeRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output
         self.warmed_up = False
+        self.done: torch.cuda.Event | None = None  # recorded after the last step of the last call
         self.lag = _HOST_LAG if tokens.is_cuda else 0
         if tokens.is_cuda:  # lag + 1 slots: a slot is written again only after the host has read it
             self.host = torch.empty((self.lag + 1, tokens.shape[0]), dtype=torch.long, pin_memory=True)
@@ -269,11 +270,27 @@ class _DecodeRunner:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache.keys + self.cache.values)
+        """GPU (or CPU) memory the runner holds: its cache, and the graph's outputs and state."""
+        cache = self.cache
+        held = [*cache.keys, *cache.values, self.tokens, self.logits, cache.write_rows, cache.used_keys, cache.mask]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def start(self, context: BagelContext, bos: int) -> None:
+        if self.done is not None:  # the last call (maybe on another stream) may still be stepping
+            torch.cuda.current_stream().wait_event(self.done)
         self.cache.load(context)
         self.tokens.fill_(bos)
+
+    def finish(self) -> None:
+        """Mark the end of this call's steps: the GPU may still run the last few (the host lag)."""
+        if self.tokens.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def release(self) -> None:
+        """Wait until the GPU is done with this runner, so that it can be dropped."""
+        if self.done is not None:
+            self.done.synchronize()
 
     def step(self) -> torch.Tensor:
         """One token per sequence: advances the cache, leaves the greedy choice in `tokens` and
@@ -290,10 +307,11 @@ class _DecodeRunner:
             self.warmed_up = True
             return logits
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
             # thread_local: other threads may keep using the GPU (eagerly) during the capture.
-            with torch.cuda.graph(self.graph, stream=self.graph_stream, capture_error_mode="thread_local"):
-                self.logits = self._step()
+            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"):
+                logits = self._step()
+            self.graph, self.logits = graph, logits
             if self._on_capture is not None:
                 self._on_capture()
         self.graph.replay()
@@ -311,9 +329,9 @@ class _DecodeRunner:
 
 
 def _capacity_bucket(rows: int) -> int:
-    """Cache rows for `rows` tokens, rounded up to the next of 256, 384, 512, 768, 1024, 1536, ...
+    """Cache rows for `rows` tokens, rounded up to the next of 64, 96, 128, 192, 256, 384, ...
     (powers of two and their midpoints: at most 1.5x the rows, few distinct shapes)."""
-    bucket = 256
+    bucket = 64
     while bucket < rows:
         bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
     return bucket
@@ -340,10 +358,12 @@ class _DecodePool:
 
     @property
     def nbytes(self) -> int:
-        """KV cache bytes held by the kept runners."""
+        """Memory held by the kept runners (mostly their KV caches)."""
         return sum(runner.nbytes for runner in self.runners.values())
 
     def clear(self) -> None:
+        for runner in self.runners.values():
+            runner.release()
         self.runners.clear()
         self.weights = None
 
@@ -373,7 +393,7 @@ class _DecodePool:
             if nbytes > limit or self.max_entries == 0:
                 return build()  # serves this call only; the kept runners stay
             while len(self.runners) >= self.max_entries or self.nbytes + nbytes > limit:
-                self.runners.popitem(last=False)  # free the memory before allocating the new cache
+                self.runners.popitem(last=False)[1].release()  # free memory before allocating the new cache
             runner = build()
         self.runners[key] = runner
         return runner
@@ -560,6 +580,9 @@ class BagelGenerationMixin:
             else:
                 while queued and take(*queued.popleft()):
                     pass
+            runner.finish()
+            if runner not in pool.runners.values():  # served this call only: wait, then drop it
+                runner.release()
         if return_logits:
             return outputs, [torch.stack(rows) for rows in step_logits]
         return outputs

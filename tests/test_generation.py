@@ -543,7 +543,7 @@ def test_progress_bar(model, processor, capsys):
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode(model, special, prompts, max_length=8, **kwargs):
+def _decode(model, special, prompts, max_length=6, **kwargs):
     ctx = model.add_text_tokens(model.new_context(len(prompts)), prompts, special)
     return model.generate_text_ids(ctx, special, max_length=max_length, return_logits=True, **kwargs)
 
@@ -567,10 +567,10 @@ def test_decode_state_is_reused_across_calls(model, special):
     pool = model._decode_pool()
     longer = model.add_vit_images(model.new_context(1), [_image_tensor(98, 28, 1)], special)
     longer = model.add_text_tokens(longer, [PROMPT_B], special)
-    reused = [model.generate_text_ids(longer, special, max_length=8, return_logits=True), _decode(model, special, [PROMPT_A])]
+    reused = [model.generate_text_ids(longer, special, max_length=6, return_logits=True), _decode(model, special, [PROMPT_A])]
     assert len(pool.runners) == 1  # both fit one capacity bucket
     (key, runner), = pool.runners.items()
-    assert key[:2] == (1, 256) and runner.cache.capacity == 256
+    assert key[:2] == (1, 64) and runner.cache.capacity == 64
     again = _decode(model, special, [PROMPT_A])
     assert pool.runners[key] is runner
     model.clear_generation_cache()
@@ -578,7 +578,7 @@ def test_decode_state_is_reused_across_calls(model, special):
     _assert_same_decode(reused[1], _decode(model, special, [PROMPT_A]))  # fresh cache
     _assert_same_decode(reused[1], again)
     model.clear_generation_cache()
-    _assert_same_decode(reused[0], model.generate_text_ids(longer, special, max_length=8, return_logits=True))
+    _assert_same_decode(reused[0], model.generate_text_ids(longer, special, max_length=6, return_logits=True))
 
 
 def test_decode_pool_is_bounded_in_entries_and_bytes(model, special):
@@ -651,7 +651,7 @@ def test_host_reading_steps_behind_returns_the_same_ids(model, special):
     prompts = [PROMPT_A, PROMPT_B]
     greedy = _decode(model, special, prompts)[0]
     stop = dataclasses.replace(special, eos=greedy[0][3])
-    cases = [(special, 8), (stop, 8), (stop, 3), (special, 1)]
+    cases = [(special, 6), (stop, 6), (stop, 3), (special, 1)]
     expected = [_decode(model, stop_or_not, prompts, max_length=n) for stop_or_not, n in cases]
     runner = next(r for key, r in model._decode_pool().runners.items() if key[0] == 2)
     runner.lag = 3
