@@ -225,7 +225,8 @@ class _DecodeCache:
         keys.index_copy_(0, self.write_rows, k)
         values.index_copy_(0, self.write_rows, v)
         if self.use_varlen:
-            return varlen_kernel(q, keys, values, self.cu_queries, self.cu_keys, 1, self.capacity, False, self.used_keys)
+            cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
+            return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)
         # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
         batch, heads, dim = q.shape
         kv_heads = keys.shape[1]
@@ -341,9 +342,10 @@ class _DecodePool:
     """Decode runners kept across `generate_text_ids` calls, keyed by shape (batch size, capacity
     bucket, dtype, device, graphed), least recently used dropped first. At most `max_entries`
     runners and `max_bytes` of KV cache (None: an eighth of the GPU's memory, 1 GiB on the CPU); a
-    runner bigger than that serves its call and is dropped, leaving the others. Built for one set of decoder weights:
-    when their storage changes (moved, cast, replaced, adapters added) the pool starts over.
-    `lock` serialises decoding on the model. Pickling or deep-copying the model gives an empty pool."""
+    runner bigger than that serves its call and is dropped, leaving the others. Built for one set
+    of decoder weights: when their storage changes (moved, cast, replaced, adapters added) the pool
+    starts over. `lock` serialises decoding on the model. Pickling or deep-copying the model gives
+    an empty pool."""
 
     def __init__(self, max_entries: int = 16, max_bytes: int | None = None):
         self.max_entries, self.max_bytes = max_entries, max_bytes
@@ -623,9 +625,10 @@ class BagelGenerationMixin:
         moves weights during the forward). Quantized weights (tensor subclasses, integer data) and
         models spread over devices decode eagerly."""
         lm = self.model.language_model
+        plain = lambda p: type(p) is nn.Parameter and p.device == device and p.dtype.is_floating_point
         return (
             device.type == "cuda"
-            and all(type(p) is nn.Parameter and p.device == device and p.dtype.is_floating_point for p in lm.parameters())
+            and all(plain(p) for p in lm.parameters())
             and not any(hasattr(module, "_hf_hook") for module in lm.modules())
         )
 

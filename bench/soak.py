@@ -99,7 +99,8 @@ def main():
     end = memory()
     growth = {}
     if baseline is not None:
-        growth = dict(growth_mb=round(((end["allocated"] - end["pool"]) - (baseline["allocated"] - baseline["pool"])) / MB, 1),
+        outside_pool = lambda m: m["allocated"] - m["pool"]
+        growth = dict(growth_mb=round((outside_pool(end) - outside_pool(baseline)) / MB, 1),
                       allocated_growth_mb=round((end["allocated"] - baseline["allocated"]) / MB, 1),
                       reserved_growth_mb=round((end["reserved"] - baseline["reserved"]) / MB, 1))  # fmt: skip
     report(workload="soak", calls=calls, **counts, seconds=round(seconds, 1), calls_per_s=round(calls / seconds, 2),

@@ -567,7 +567,8 @@ def test_decode_state_is_reused_across_calls(model, special):
     pool = model._decode_pool()
     longer = model.add_vit_images(model.new_context(1), [_image_tensor(98, 28, 1)], special)
     longer = model.add_text_tokens(longer, [PROMPT_B], special)
-    reused = [model.generate_text_ids(longer, special, max_length=6, return_logits=True), _decode(model, special, [PROMPT_A])]
+    reused = [model.generate_text_ids(longer, special, max_length=6, return_logits=True)]
+    reused.append(_decode(model, special, [PROMPT_A]))
     assert len(pool.runners) == 1  # both fit one capacity bucket
     (key, runner), = pool.runners.items()
     assert key[:2] == (1, 64) and runner.cache.capacity == 64

@@ -273,9 +273,10 @@ def test_graphed_decode_with_early_stop_matches_eager(parity, monkeypatch):
     context = model.add_text_tokens(model.new_context(2), [prompt, prompt[: len(prompt) // 2]], special)
     greedy, _ = model.generate_text_ids(context, special, max_length=12, return_logits=True)
     stop = SpecialTokenIds(special.bos, greedy[0][4], special.start_of_image, special.end_of_image)
-    graphed = [model.generate_text_ids(context, s, max_length=n, return_logits=True) for s in (special, stop) for n in (12, 3)]
+    cases = [(special, 12), (special, 3), (stop, 12), (stop, 3)]
+    graphed = [model.generate_text_ids(context, s, max_length=n, return_logits=True) for s, n in cases]
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
-    for (ids_g, logits_g), s, n in zip(graphed, (special, special, stop, stop), (12, 3, 12, 3)):
+    for (ids_g, logits_g), (s, n) in zip(graphed, cases):
         ids_e, logits_e = model.generate_text_ids(context, s, max_length=n, return_logits=True)
         assert ids_g == ids_e
         assert [x.shape for x in logits_g] == [x.shape for x in logits_e]
