@@ -2,6 +2,7 @@
 from a clone with the released repository."""
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -111,17 +112,18 @@ def test_readme_training_example_runs(tiny):
 
 def _released_copy(tiny: Path, dst: Path, keep_config: bool) -> Path:
     """The released repository's layout: weights, sidecar configs and tokenizer, no code and no
-    auto_map (the tiny VAE needs a config.json for its size; without one, stage 1)."""
+    auto_map (the tiny VAE needs a config.json for its size; without one, stage 1). The tiny
+    processor's sizes are kept (without its auto_map) so that images stay small."""
     dst.mkdir()
     for file in tiny.iterdir():
         if file.suffix != ".py" and file.name not in ("processor_config.json", "config.json", "ae.safetensors"):
             shutil.copyfile(file, dst / file.name)
+    names = ("processor_config.json", "config.json") if keep_config else ("processor_config.json",)
+    for name in names:
+        data = json.loads((tiny / name).read_text())
+        del data["auto_map"]
+        (dst / name).write_text(json.dumps(data))
     if keep_config:
-        import json
-
-        config = json.loads((tiny / "config.json").read_text())
-        del config["auto_map"]
-        (dst / "config.json").write_text(json.dumps(config))
         shutil.copyfile(tiny / "ae.safetensors", dst / "ae.safetensors")
     return dst
 
