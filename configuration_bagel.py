@@ -49,7 +49,9 @@ DEFAULT_VAE_CONFIG = {
     "shift_factor": 0.1159,
 }
 MOT_LAYER, PLAIN_LAYER = "Qwen2MoTDecoderLayer", "Qwen2DecoderLayer"
-INT_FIELDS = ("max_latent_size", "latent_patch_size", "vit_patch_size", "vit_max_num_patch_per_side", "vit_select_layer")
+INT_FIELDS = (
+    "max_latent_size", "latent_patch_size", "vit_patch_size", "vit_max_num_patch_per_side", "vit_select_layer"
+)
 FLOAT_FIELDS = ("text_cond_dropout_prob", "vae_cond_dropout_prob", "vit_cond_dropout_prob", "timestep_shift")
 # Keys every transformers config takes or writes (config.json holds them), beyond BagelConfig's own.
 PRETRAINED_CONFIG_KEYS = frozenset(inspect.signature(PretrainedConfig.__init__).parameters) | frozenset(

@@ -494,7 +494,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             noise = torch.randn_like(clean) if packed_noise is None else packed_noise.to(clean)
             if noise.shape != clean.shape:
                 raise ValueError(f"packed_noise must have shape {tuple(clean.shape)}, got {tuple(noise.shape)}.")
-            checks += _timestep_checks(split_lens, attn_modes, packed_vae_token_indexes, packed_timesteps, mse_loss_indexes)
+            checks += _timestep_checks(
+                split_lens, attn_modes, packed_vae_token_indexes, packed_timesteps, mse_loss_indexes
+            )
             timesteps = shift_timesteps(torch.sigmoid(packed_timesteps.float()), self.config.timestep_shift)
             x_t = (1 - timesteps[:, None]) * clean + timesteps[:, None] * noise
             target = (noise - clean)[timesteps > 0]  # the velocity of noised tokens (this waits for the GPU)

@@ -99,6 +99,21 @@ def test_readme_use_snippet_runs_on_the_cpu_in_bf16(tiny, tmp_path, monkeypatch)
     assert len(namespace["images"]) == 2 and isinstance(namespace["thought"], str)
 
 
+def test_readme_streaming_snippet_prints_the_answer(tiny, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModel
+
+    code = _blocks(_section("Use"), "python")[1]
+    assert "TextIteratorStreamer" in code
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (80, 60), "orange").save("cat.png")
+    model = AutoModel.from_pretrained(str(tiny), trust_remote_code=True)
+    model.chat = functools.partial(model.chat, max_new_tokens=12)
+    answer = model.chat(Image.open("cat.png"), "What is the cat doing?")
+    capsys.readouterr()
+    exec(compile(code, "README streaming", "exec"), {"model": model, "Image": Image})
+    assert capsys.readouterr().out == answer and answer
+
+
 def test_readme_training_example_runs(tiny):
     code = _blocks(_section("Training inputs"), "python")[0]
     namespace = {"REPO": str(tiny)}
