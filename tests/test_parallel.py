@@ -43,6 +43,7 @@ def _run_ranks(tmp_path, model, world: int, case: str) -> list[dict]:
 
     def rank_main(rank: int) -> None:
         torch.set_num_threads(1)  # the ranks share the machine's cores
+        torch.manual_seed(rank)  # unseeded ranks would draw different noise
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=rank, world_size=world)
         try:
             result = CASES[case](model, rank)
@@ -65,15 +66,16 @@ def _noise(model, h: int, w: int, seed: int) -> torch.Tensor:
 
 
 def _t2i(model, rank: int, layouts: list, batch: int) -> dict:
-    """Text-to-image latents (sizes 64x96 and 48x32, 6 steps: guided in (0.4, 1], then unguided)
+    """Text-to-image latents (sizes 64x96 and 48x32, 5 steps: 3 guided in (0.4, 1], 2 unguided)
     for each layout, and on rank 0 the single-process ones."""
     sizes = [(64, 96), (48, 32)][:batch]
     noise = [_noise(model, h // 16, w // 16, 11 + i) for i, (h, w) in enumerate(sizes)]
-    params = GuidanceParams(num_timesteps=6, cfg_text_scale=4.0, cfg_interval=(0.4, 1.0))
+    params = GuidanceParams(num_timesteps=6, timestep_shift=1.0, cfg_text_scale=4.0, cfg_interval=(0.4, 1.0))
     full = model.add_text_tokens(model.new_context(batch), PROMPTS[:batch], SPECIAL)
-    run = lambda parallel: model.generate_latents(full, model.new_context(batch), full, sizes, SPECIAL, params,  # noqa: E731
-                                                  init_noise=noise, parallel=parallel)  # fmt: skip
+    run = lambda parallel, noise=noise: model.generate_latents(full, model.new_context(batch), full, sizes, SPECIAL,  # noqa: E731
+                                                               params, init_noise=noise, parallel=parallel)  # fmt: skip
     out = {str(layout): run(layout) for layout in layouts}
+    out["unseeded"] = run(layouts[0], None)  # every rank's own noise: rank 0's wins
     if rank == 0:
         out["single"] = run(None)
     return out
@@ -159,6 +161,7 @@ def test_cfg_parallel_two_ranks_equals_one_process(tmp_path, model):
     computes another way: equal to float rounding then."""
     results = _run_ranks(tmp_path, model, 2, "cfg2")
     _assert_same_on_every_rank(results, "cfg")
+    _assert_same_on_every_rank(results, "unseeded")
     single = results[0]["single"]
     assert all(torch.equal(a, b) for a, b in zip(results[0]["cfg"], single)), _max_diff(results[0]["cfg"], single)
     one = [r["one"] for r in results]
