@@ -230,6 +230,43 @@ def test_batch_parallel_api(tmp_path, model):
 
 
 # ----------------------------------------------------------------------------------------------
+# On GPUs (NCCL, bf16): skipped with fewer than 2
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_rank_main(rank: int, world: int, store: str, out: str, checkpoint: str) -> None:
+    """One spawned rank of the GPU test (CUDA cannot be forked): the tiny model in bf16 on cuda:rank."""
+    from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = BagelForUnifiedMultimodal.from_pretrained(checkpoint).to(f"cuda:{rank}", torch.bfloat16)
+        layouts = ["cfg", "sp"] if world == 2 else [BagelParallel(cfg=2, sp=2), "sp", BagelParallel(batch=2, cfg=2)]
+        result = {"t2i": _t2i(model, rank, layouts, 2), "edit": _edit(model, rank, layouts)}
+    finally:
+        dist.destroy_process_group()
+    cpu = lambda d: {k: cpu(v) if isinstance(v, dict) else [x.float().cpu() for x in v] for k, v in d.items()}  # noqa: E731
+    torch.save(cpu(result), f"{out}/{rank}.pt")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
+def test_parallel_layouts_on_gpus(tmp_path, parity):
+    """Every layout that fits 2 (or 4) GPUs: the same latents on every rank, and one GPU's to bf16
+    rounding (the largest relative difference is printed: pytest -s)."""
+    world = 4 if torch.cuda.device_count() >= 4 else 2
+    mp.spawn(_gpu_rank_main, args=(world, str(tmp_path / "store"), str(tmp_path), str(parity.checkpoint)), nprocs=world)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
+    for case in ("t2i", "edit"):
+        per_case = [r[case] for r in results]
+        for key in (k for k in per_case[0] if k not in ("single", "unseeded")):
+            _assert_same_on_every_rank(per_case, key)
+            for a, b in zip(per_case[0][key], per_case[0]["single"]):
+                print(f"{case} {key}: max |diff| / max |ref| = {((a - b).abs().max() / b.abs().max()).item():.2e}")
+                assert_close(a, b, 5e-2, f"{case} {key}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad layouts: clear errors
 # ----------------------------------------------------------------------------------------------
 
