@@ -238,7 +238,7 @@ class UlyssesShard:
         pad = self.chunk - (stop - start)
         embeds = F.pad(embeds[start:stop], (0, 0, 0, pad))
         position_ids = F.pad(position_ids[start:stop], (0, pad))
-        if gen_index is not None:
+        if gen_index is not None:  # (waits for the GPU once a step: the route needs its size)
             gen_index = gen_index[(gen_index >= start) & (gen_index < stop)] - start
         self.step = _CacheStep(self._my_kv_heads(context), new_lengths, store=False)
         return embeds, position_ids, gen_index, self
