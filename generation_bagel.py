@@ -10,12 +10,15 @@ generation step run as extra sequences of the same forward.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, varlen_kernel
+from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, to_device, varlen_kernel
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 
 VLM_THINK_SYSTEM_PROMPT = (
@@ -162,47 +165,50 @@ class _CacheStep:
 class _DecodeCache:
     """A preallocated cache for decoding one token per sequence per step: (B, capacity, kv_heads,
     head_dim) per layer, written in place, so every step has the same shapes and runs as one CUDA
-    graph on the GPU. Attention is exact, over each sequence's cached prefix and new token.
+    graph on the GPU; `load` starts it over from another context, so one cache serves every call
+    of its shape. Attention is exact, over each sequence's cached prefix and new token; rows past a
+    sequence's length hold stale (finite) values that are never read.
 
-    On the GPU (bf16/fp16) one varlen kernel call serves all sequences: segment 2b is sequence b's
-    query over its valid rows, segment 2b+1 a dummy query over the rest of its rows up to the next
-    sequence (the kernel's key segments must be back to back; one request needs no dummy). With one query per segment the kernel takes its fast decoding
-    path (query heads of a kv head packed together, keys split across the GPU): 27 us a layer for
-    one request on an H100, against 113 us for SDPA with a mask. Elsewhere SDPA with a mask does
-    the same."""
+    On the GPU (bf16/fp16) one varlen kernel call serves all sequences: key segment b is sequence
+    b's slot of `capacity` rows, of which the kernel reads the first length + 1 (`used_keys`). With
+    one query per segment the kernel takes its fast decoding path (query heads of a kv head packed
+    together, keys split across the GPU): 27 us a layer for one request on an H100, against 113 us
+    for SDPA with a mask. Elsewhere SDPA with a mask does the same."""
 
-    def __init__(self, context: BagelContext, capacity: int, num_heads: int):
-        keys0 = context.keys[0]
-        batch, heads, dim = context.batch_size, keys0.shape[1], keys0.shape[2]
-        device = keys0.device
-        # One spare row keeps every dummy segment non-empty; aligned rows keep kernels fast.
-        capacity = -(-(capacity + 1) // 64) * 64
+    def __init__(self, batch: int, capacity: int, num_layers: int, like: torch.Tensor):
+        """`like`: a (T, kv_heads, head_dim) tensor with the cache's dtype and device."""
+        heads, dim = like.shape[1:]
+        device = like.device
         self.capacity = capacity
-        self.lengths = torch.tensor(context.lengths, device=device)
-        self.positions = torch.tensor(context.positions, device=device)
+        # Zeros, not empty: masked SDPA multiplies unused rows by a zero weight, so they must be finite.
+        self.keys = [like.new_zeros(batch, capacity, heads, dim) for _ in range(num_layers)]
+        self.values = [like.new_zeros(batch, capacity, heads, dim) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(self.lengths)
         self.rows = torch.arange(batch, device=device)
-        self.use_varlen = has_varlen_kernel(keys0)
-        if self.use_varlen:  # the kernel's queries: sequence b's at row 2b, dummies (zero) between
-            self.queries = keys0.new_zeros(2 * batch - 1, num_heads, dim) if batch > 1 else None
-            self.cu_queries = torch.arange(2 * batch, device=device, dtype=torch.int32)
-        self.write_rows = self.cu_keys = self.mask = None  # set by begin_step
-        seq = torch.repeat_interleave(self.rows, self.lengths)  # packed row -> (sequence, slot)
-        slot = torch.arange(seq.shape[0], device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[:-1][seq]
+        self.use_varlen = has_varlen_kernel(like)
+        if self.use_varlen:
+            self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
+            self.cu_keys = self.cu_queries * capacity
+        self.write_rows = self.used_keys = self.mask = None  # set by begin_step
 
-        def preallocated(packed: torch.Tensor) -> torch.Tensor:
-            cache = packed.new_zeros(batch, capacity, heads, dim)
-            cache[seq, slot] = packed
-            return cache
-
-        self.keys = [preallocated(k) for k in context.keys]
-        self.values = [preallocated(v) for v in context.values]
+    def load(self, context: BagelContext) -> None:
+        """Start over from `context`'s sequences: their keys/values copied into the slots, without
+        waiting for the GPU."""
+        device = self.rows.device
+        self.lengths.copy_(to_device(list(context.lengths), device))
+        self.positions.copy_(to_device(list(context.positions), device))
+        total = sum(context.lengths)
+        seq = torch.repeat_interleave(self.rows, self.lengths, output_size=total)  # packed row -> sequence
+        slot = torch.arange(total, device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[seq]
+        for cache, packed in zip(self.keys + self.values, context.keys + context.values):
+            cache[seq, slot] = packed.to(cache.dtype)
 
     def begin_step(self) -> None:
         """Where this step's token goes, and what each sequence sees; shared by all layers."""
         self.write_rows = self.rows * self.capacity + self.lengths  # flat row of each new token
         if self.use_varlen:
-            ends = torch.stack([self.write_rows + 1, (self.rows + 1) * self.capacity], dim=1).reshape(-1)
-            self.cu_keys = F.pad(ends[:-1], (1, 0)).int()
+            self.used_keys = (self.lengths + 1).int()
         else:
             slots = torch.arange(self.capacity, device=self.rows.device)
             hidden = slots[None, :] > self.lengths[:, None]
@@ -218,13 +224,11 @@ class _DecodeCache:
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
         keys.index_copy_(0, self.write_rows, k)
         values.index_copy_(0, self.write_rows, v)
-        batch, heads, dim = q.shape
         if self.use_varlen:
-            if self.queries is not None:
-                self.queries[0::2] = q
-                q = self.queries
-            return varlen_kernel(q, keys, values, self.cu_queries, self.cu_keys, 1, self.capacity)[0::2]
+            cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
+            return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)
         # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
+        batch, heads, dim = q.shape
         kv_heads = keys.shape[1]
         grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
         k_all = self.keys[layer_idx].transpose(1, 2)
@@ -233,35 +237,171 @@ class _DecodeCache:
         return out.reshape(batch, heads, dim)
 
 
-class _GraphedStep:
-    """A decode step on the GPU: the first call runs eagerly on a side stream (the warm-up a
-    capture needs, doing real work), the second is captured as a CUDA graph, and every call after
-    replays it (launching ~1000 small kernels a step one by one would dominate decoding). The
-    returned logits are valid until the next call."""
+# How many decode steps the host may queue before it reads a step's tokens (GPU only). The host
+# never waits for the step it just queued, so the GPU runs steps back to back; the price is up to
+# this many steps decoded past the point where every sequence has finished.
+_HOST_LAG = 4
 
-    def __init__(self, step):
-        self.step = step
-        self.tokens: torch.Tensor | None = None
+
+class _DecodeRunner:
+    """Decoding at one shape, kept across calls: the cache, the static token buffer `tokens` (B,)
+    that the step reads and into which it writes the greedy choice (so greedy decoding feeds
+    itself), and pinned host slots that each step's tokens are copied to.
+
+    With `graph_stream` (a CUDA device) the step is a CUDA graph: the first step of the runner's
+    life runs eagerly on that side stream (the warm-up a capture needs, doing real work), the
+    second is captured on it, and every later step, of this call and of later ones, replays it
+    (launching ~1000 small kernels a step one by one would dominate decoding). One side stream
+    serves every runner of a model: each new stream gets its own cuBLAS workspace (32 MiB on
+    Hopper) and its own cached blocks, which stay allocated for the life of the process."""
+
+    def __init__(self, step, cache: _DecodeCache, tokens: torch.Tensor, graph_stream: torch.cuda.Stream | None,
+                 on_capture=None):  # fmt: skip
+        self._step, self.cache, self.tokens = step, cache, tokens
+        self.graph_stream, self._on_capture = graph_stream, on_capture
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None  # the graph's output
+        self.warmed_up = False
+        self.done: torch.cuda.Event | None = None  # recorded after the last step of the last call
+        self.lag = _HOST_LAG if tokens.is_cuda else 0
+        if tokens.is_cuda:  # lag + 1 slots: a slot is written again only after the host has read it
+            self.host = torch.empty((self.lag + 1, tokens.shape[0]), dtype=torch.long, pin_memory=True)
+            self.ready = [torch.cuda.Event() for _ in range(self.lag + 1)]
+            self.copies = 0
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.tokens is None:
-            self.tokens = tokens.clone()
-            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                logits = self.step(self.tokens)
-            main.wait_stream(side)
+    @property
+    def nbytes(self) -> int:
+        """GPU (or CPU) memory the runner holds: its cache, and the graph's outputs and state."""
+        cache = self.cache
+        held = [*cache.keys, *cache.values, self.tokens, self.logits, cache.write_rows, cache.used_keys, cache.mask]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def start(self, context: BagelContext, bos: int) -> None:
+        if self.done is not None:  # the last call (maybe on another stream) may still be stepping
+            torch.cuda.current_stream().wait_event(self.done)
+        self.cache.load(context)
+        self.tokens.fill_(bos)
+
+    def finish(self) -> None:
+        """Mark the end of this call's steps: the GPU may still run the last few (the host lag)."""
+        if self.tokens.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def release(self) -> None:
+        """Wait until the GPU is done with this runner, so that it can be dropped."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def step(self) -> torch.Tensor:
+        """One token per sequence: advances the cache, leaves the greedy choice in `tokens` and
+        returns the logits (B, vocab) in float32, valid until the next step."""
+        if self.graph_stream is None:
+            return self._step()
+        main = torch.cuda.current_stream()
+        if not self.warmed_up:
+            self.graph_stream.wait_stream(main)
+            with torch.cuda.stream(self.graph_stream):
+                logits = self._step()
+            main.wait_stream(self.graph_stream)
             logits.record_stream(main)
+            self.warmed_up = True
             return logits
-        self.tokens.copy_(tokens)
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.step(self.tokens)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads may keep using the GPU (eagerly) during the capture.
+            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"):
+                logits = self._step()
+            self.graph, self.logits = graph, logits
+            if self._on_capture is not None:
+                self._on_capture()
         self.graph.replay()
         return self.logits
+
+    def tokens_to_host(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying this step's tokens to the host, without waiting: (host tensor, ready event)."""
+        if not self.tokens.is_cuda:
+            return self.tokens.clone(), None
+        slot = self.copies % len(self.ready)
+        self.copies += 1
+        self.host[slot].copy_(self.tokens, non_blocking=True)
+        self.ready[slot].record()
+        return self.host[slot], self.ready[slot]
+
+
+def _capacity_bucket(rows: int) -> int:
+    """Cache rows for `rows` tokens, rounded up to the next of 64, 96, 128, 192, 256, 384, ...
+    (powers of two and their midpoints: at most 1.5x the rows, few distinct shapes)."""
+    bucket = 64
+    while bucket < rows:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return bucket
+
+
+class _DecodePool:
+    """Decode runners kept across `generate_text_ids` calls, keyed by shape (batch size, capacity
+    bucket, dtype, device, graphed), least recently used dropped first. At most `max_entries`
+    runners and `max_bytes` of KV cache (None: an eighth of the GPU's memory, 1 GiB on the CPU); a
+    runner bigger than that serves its call and is dropped, leaving the others. Built for one set
+    of decoder weights: when their storage changes (moved, cast, replaced, adapters added) the pool
+    starts over. `lock` serialises decoding on the model. Pickling or deep-copying the model gives
+    an empty pool."""
+
+    def __init__(self, max_entries: int = 16, max_bytes: int | None = None):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.lock = threading.RLock()
+        self.runners: OrderedDict[tuple, _DecodeRunner] = OrderedDict()
+        self.weights: tuple | None = None
+        self.captures = 0  # CUDA graphs captured, over the pool's life
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __reduce__(self):
+        return _DecodePool, (self.max_entries, self.max_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the kept runners (mostly their KV caches)."""
+        return sum(runner.nbytes for runner in self.runners.values())
+
+    def clear(self) -> None:
+        for runner in self.runners.values():
+            runner.release()
+        self.runners.clear()
+        self.weights = None
+
+    def byte_limit(self, device: torch.device) -> int:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 8
+        return 1 << 30
+
+    def graph_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def count_capture(self) -> None:
+        self.captures += 1
+
+    def get(self, key: tuple, nbytes: int, weights: tuple, build) -> _DecodeRunner:
+        """The runner for `key`, built by `build()` (after making room for its `nbytes`) if missing."""
+        if weights != self.weights:
+            self.clear()
+            self.weights = weights
+        runner = self.runners.pop(key, None)
+        if runner is None:
+            limit = self.byte_limit(key[3])
+            if nbytes > limit or self.max_entries == 0:
+                return build()  # serves this call only; the kept runners stay
+            while len(self.runners) >= self.max_entries or self.nbytes + nbytes > limit:
+                self.runners.popitem(last=False)[1].release()  # free memory before allocating the new cache
+            runner = build()
+        self.runners[key] = runner
+        return runner
+
+
+_POOL_CREATION_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +544,11 @@ class BagelGenerationMixin:
         """Decode every sequence from bos until eos or `max_length` ids (bos included, eos not,
         as the reference returns them). Returns a list of id lists, and with `return_logits` the
         list of per-step logits (steps, vocab) of each sequence. `generator` may be one per
-        sequence, so that sampled text does not depend on what else is in the batch."""
+        sequence, so that sampled text does not depend on what else is in the batch.
+
+        The decode cache and CUDA graph of each shape are kept for later calls (see
+        `clear_generation_cache`). Calls from several threads on one model take turns: each
+        gets what it would get alone."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
@@ -413,16 +557,13 @@ class BagelGenerationMixin:
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
-        heads = self.config.text_config.num_attention_heads
-        cache = _DecodeCache(context, max(context.lengths) + max_length, heads)
-        step = self._decode_step_fn(cache)
         active = set(range(batch))
 
-        def take(chosen: tuple[torch.Tensor, torch.cuda.Event | None], logits: torch.Tensor | None) -> bool:
+        def take(ids: torch.Tensor, ready: torch.cuda.Event | None, logits: torch.Tensor | None) -> bool:
             """Record one step's tokens; False once every sequence has finished."""
-            ids, ready = chosen
             if ready is not None:
                 ready.synchronize()
+            # This step's tokens are on the host here, in decoding order (where a streamer gets them).
             for seq, token in enumerate(ids.tolist()):
                 if seq not in active:  # finished sequences keep stepping (static shapes); ignore them
                     continue
@@ -434,35 +575,103 @@ class BagelGenerationMixin:
                     outputs[seq].append(token)
             return bool(active)
 
-        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=cache.rows.device)
-        previous = None
-        for _ in range(max_length):
-            logits = step(tokens)
-            tokens = _next_tokens(logits, do_sample, temperature, top_p, generators)
-            current = (_to_host(tokens), logits.clone() if return_logits else None)
-            # The GPU runs this step while the host reads the previous one's tokens; a step past
-            # the last eos is the price.
-            if previous is not None and not take(*previous):
-                break
-            previous = current
-        else:
-            take(*previous)
+        pool = self._decode_pool()
+        with pool.lock:
+            runner = self._decode_runner(pool, context, max(context.lengths) + max_length)
+            runner.start(context, special.bos)
+            queued = deque()  # steps whose tokens the host has not read yet
+            for _ in range(max_length):
+                logits = runner.step()
+                if do_sample:
+                    runner.tokens.copy_(_sample_tokens(logits, temperature, top_p, generators))
+                queued.append((*runner.tokens_to_host(), logits.clone() if return_logits else None))
+                if len(queued) > runner.lag and not take(*queued.popleft()):
+                    break
+            else:
+                while queued and take(*queued.popleft()):
+                    pass
+            runner.finish()
+            if runner not in pool.runners.values():  # served this call only: wait, then drop it
+                runner.release()
         if return_logits:
             return outputs, [torch.stack(rows) for rows in step_logits]
         return outputs
 
-    def _decode_step_fn(self, cache: _DecodeCache):
-        """tokens (B,) -> next-token logits (B, vocab), advancing the cache; graphed on the GPU."""
-        decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
-        route = TokenRoute(cache.rows.shape[0])
+    def clear_generation_cache(self) -> None:
+        """Free the decode caches and CUDA graphs kept for reuse by `generate_text_ids` (and so by
+        `chat` and `interleave`). Moving or casting the model (`.to`, `.half`, ...) does it too."""
+        pool = self.__dict__.get("_generation_pool")
+        if pool is not None:
+            with pool.lock:
+                pool.clear()
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
+    def set_generation_cache_limits(self, max_entries: int = 16, max_bytes: int | None = None) -> None:
+        """How much `generate_text_ids` keeps for reuse: at most `max_entries` decode shapes (batch
+        size, cache length bucket) and `max_bytes` of KV cache (None: an eighth of the GPU's memory;
+        1 GiB on the CPU). 0 entries keeps nothing."""
+        if not isinstance(max_entries, int) or max_entries < 0:
+            raise ValueError(f"max_entries must be an int >= 0, got {max_entries!r}.")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}.")
+        pool = self._decode_pool()
+        with pool.lock:
+            pool.max_entries, pool.max_bytes = max_entries, max_bytes
+            pool.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the weights makes the captured graphs and the caches stale: free them.
+        self.clear_generation_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _decode_pool(self) -> _DecodePool:
+        with _POOL_CREATION_LOCK:  # in __dict__, not a submodule or a buffer: nothing to save or move
+            return self.__dict__.setdefault("_generation_pool", _DecodePool())
+
+    def _can_graph(self, device: torch.device) -> bool:
+        """Whether the decode step may run as a CUDA graph: every weight of the language model a
+        plain floating-point Parameter on `device`, a CUDA device, and no accelerate hook (offloading
+        moves weights during the forward). Quantized weights (tensor subclasses, integer data) and
+        models spread over devices decode eagerly."""
+        lm = self.model.language_model
+        plain = lambda p: type(p) is nn.Parameter and p.device == device and p.dtype.is_floating_point
+        return (
+            device.type == "cuda"
+            and all(plain(p) for p in lm.parameters())
+            and not any(hasattr(module, "_hf_hook") for module in lm.modules())
+        )
+
+    def _decode_runner(self, pool: _DecodePool, context: BagelContext, rows: int) -> _DecodeRunner:
+        """The pooled runner for this context's batch size and `rows` cache rows per sequence."""
+        like, batch, layers = context.keys[0], context.batch_size, len(context.keys)
+        graphed = self._can_graph(like.device)
+        capacity = _capacity_bucket(rows)
+        nbytes = 2 * layers * batch * capacity * like.shape[1] * like.shape[2] * like.element_size()
+        weights = tuple((p.data_ptr(), p.dtype) for p in self.model.language_model.parameters())
+
+        def build() -> _DecodeRunner:
+            cache = _DecodeCache(batch, capacity, layers, like)
+            tokens = torch.zeros(batch, dtype=torch.long, device=like.device)
+            stream = pool.graph_stream(like.device) if graphed else None
+            return _DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, stream, pool.count_capture)
+
+        return pool.get((batch, capacity, like.dtype, like.device, graphed), nbytes, weights, build)
+
+    def _decode_step_fn(self, cache: _DecodeCache, tokens: torch.Tensor):
+        """A step reading `tokens` (B,): advances the cache, writes the greedy next tokens back into
+        `tokens` and returns the next-token logits (B, vocab) in float32. Embedding, decoder, lm
+        head and argmax all run inside it (inside the graph on the GPU)."""
+        decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
+        route = TokenRoute(tokens.shape[0])
+
+        def step() -> torch.Tensor:
             cache.begin_step()
             hidden = decoder(embed(tokens), cache.positions, None, route, cache=cache)
             cache.end_step()
-            return head(hidden).float()
+            logits = head(hidden).float()
+            tokens.copy_(logits.argmax(dim=-1))
+            return logits
 
-        return _GraphedStep(step) if cache.rows.is_cuda else step
+        return step
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -788,22 +997,9 @@ def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
     return BagelContext(context.keys, context.values, context.lengths, positions)
 
 
-def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying tokens to the host without waiting for the GPU: (host tensor, ready event)."""
-    if not tokens.is_cuda:
-        return tokens, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
-
-
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generators: list) -> torch.Tensor:
-    """Greedy, or sampling with temperature and nucleus (top-p) filtering, each row with its own
-    generator. logits (B, vocab)."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
+def _sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators: list) -> torch.Tensor:
+    """Sampling with temperature and nucleus (top-p) filtering, each row with its own generator.
+    logits (B, vocab) -> (B,)."""
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

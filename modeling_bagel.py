@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
@@ -119,10 +120,13 @@ class Qwen2MoTAttention(nn.Module):
         return route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan)).flatten(1)
 
 
-class Qwen2MoTDecoderLayer(nn.Module):
+class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm decoder layer; in MoT form (stage 2) every weight has a `_moe_gen` twin. Tokens
     are routed block by block (norm + projections, output projection, norm + MLP): one
-    concatenation per output instead of one per op."""
+    concatenation per output instead of one per op. `model.gradient_checkpointing_enable()`
+    recomputes it in the backward (transformers' `GradientCheckpointingLayer`); its forward is
+    deterministic given its arguments (the plan and route are read, never changed), so the
+    recomputation gives the same values."""
 
     def __init__(self, config, layer_idx: int, mot: bool):
         super().__init__()
@@ -340,7 +344,7 @@ def _convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConf
 class BagelPreTrainedModel(PreTrainedModel):
     config_class = BagelConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # decoder and ViT layers (GradientCheckpointingLayer)
     _no_split_modules = ["Qwen2MoTDecoderLayer", "SiglipEncoderLayer"]
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from transformers import SiglipVisionConfig
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, packed_attention
 
@@ -89,7 +90,9 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch
     master weights are trained, it is one GEMM each way: the weights are cast into one bf16
     matrix (the cast autocast makes anyway), x is cast and saved once, and x's gradient needs no
     sum. (Gate/up stay two GEMMs: one 2 x 18944-row matrix measured slower on an H100.)"""
-    if not _trains_master_weights(x, layers[0].weight):
+    # A layer that is not our plain Linear (a PEFT LoRA wrapper, say) runs its own forward: the
+    # stacked GEMM reads `.weight` alone and would skip whatever the wrapper adds.
+    if not all(type(layer) is Linear for layer in layers) or not _trains_master_weights(x, layers[0].weight):
         return tuple(layer(x) for layer in layers)
     return _stacked_linear(x, layers).split([layer.out_features for layer in layers], dim=-1)
 
@@ -225,7 +228,9 @@ class SiglipMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SiglipEncoderLayer(nn.Module):
+class SiglipEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT layer, recomputed in the backward under `gradient_checkpointing_enable()`."""
+
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

@@ -536,3 +536,157 @@ def test_progress_bar(model, processor, capsys):
     image = model.generate_image("a cat", height=32, width=32, num_steps=3, seed=0, progress=True, processor=processor)
     assert image.size == (32, 32)
     assert "Denoising" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Decoding state kept across calls (the pool), and calls from several threads
+# ----------------------------------------------------------------------------------------------
+
+
+def _decode(model, special, prompts, max_length=6, **kwargs):
+    ctx = model.add_text_tokens(model.new_context(len(prompts)), prompts, special)
+    return model.generate_text_ids(ctx, special, max_length=max_length, return_logits=True, **kwargs)
+
+
+def _assert_same_decode(a, b, rtol: float = 0.0) -> None:
+    """Same ids, and logits equal (within `rtol`: weights in new memory may take other CPU GEMM paths)."""
+    (ids_a, logits_a), (ids_b, logits_b) = a, b
+    assert ids_a == ids_b
+    assert len(logits_a) == len(logits_b)
+    for x, y in zip(logits_a, logits_b):
+        if rtol:
+            assert_close(x, y, rtol, "logits")
+        else:
+            assert torch.equal(x, y)
+
+
+def test_decode_state_is_reused_across_calls(model, special):
+    """One runner serves every call of its shape, and a reused one (stale rows of a longer
+    context in its cache) gives exactly what a fresh one gives."""
+    model.set_generation_cache_limits()  # defaults, empty
+    pool = model._decode_pool()
+    longer = model.add_vit_images(model.new_context(1), [_image_tensor(98, 28, 1)], special)
+    longer = model.add_text_tokens(longer, [PROMPT_B], special)
+    reused = [model.generate_text_ids(longer, special, max_length=6, return_logits=True)]
+    reused.append(_decode(model, special, [PROMPT_A]))
+    assert len(pool.runners) == 1  # both fit one capacity bucket
+    (key, runner), = pool.runners.items()
+    assert key[:2] == (1, 64) and runner.cache.capacity == 64
+    again = _decode(model, special, [PROMPT_A])
+    assert pool.runners[key] is runner
+    model.clear_generation_cache()
+    assert not pool.runners and pool.nbytes == 0
+    _assert_same_decode(reused[1], _decode(model, special, [PROMPT_A]))  # fresh cache
+    _assert_same_decode(reused[1], again)
+    model.clear_generation_cache()
+    _assert_same_decode(reused[0], model.generate_text_ids(longer, special, max_length=6, return_logits=True))
+
+
+def test_decode_pool_is_bounded_in_entries_and_bytes(model, special):
+    prompts = [PROMPT_A, PROMPT_B, PROMPT_A[:3]]
+    alone = {n: _decode(model, special, prompts[:n]) for n in (1, 2, 3)}
+    pool = model._decode_pool()
+    try:
+        model.set_generation_cache_limits(max_entries=2)
+        for n in (1, 2, 3, 2, 1):  # least recently used out: batch 3 goes when batch 1 comes back
+            _assert_same_decode(_decode(model, special, prompts[:n]), alone[n])
+        assert [key[0] for key in pool.runners] == [2, 1]
+        one_runner = pool.runners[next(k for k in pool.runners if k[0] == 1)].nbytes
+        model.set_generation_cache_limits(max_bytes=2 * one_runner)  # batch 1 or 2 fits, not both
+        for n in (1, 2, 3):
+            _assert_same_decode(_decode(model, special, prompts[:n]), alone[n])
+            assert pool.nbytes <= 2 * one_runner
+        assert [key[0] for key in pool.runners] == [2]  # batch 3 (1.5x the bytes) served its call only
+        model.set_generation_cache_limits(max_entries=0)
+        _assert_same_decode(_decode(model, special, prompts[:1]), alone[1])
+        assert not pool.runners
+        with pytest.raises(ValueError, match="max_entries"):
+            model.set_generation_cache_limits(max_entries=-1)
+    finally:
+        model.set_generation_cache_limits()
+
+
+def test_decode_pool_is_cleared_when_weights_move_or_change(model, special):
+    pool = model._decode_pool()
+    expected = _decode(model, special, [PROMPT_A])
+    assert pool.runners
+    head = model.get_output_embeddings()
+    original = head.weight
+    try:
+        model.double()  # any _apply: .to, .cuda, .half, ...
+        assert not pool.runners
+        ids, logits = _decode(model, special, [PROMPT_A])
+        assert [key[2] for key in pool.runners] == [torch.float64] and logits[0].dtype == torch.float32
+        assert ids == expected[0]
+        model.float()
+        assert not pool.runners
+        _assert_same_decode(_decode(model, special, [PROMPT_A]), expected, 1e-5)
+        # Weights replaced without _apply (load_state_dict(assign=True), adapters): the captured
+        # state is rebuilt for the new tensors.
+        runner = next(iter(pool.runners.values()))
+        head.weight = torch.nn.Parameter(head.weight.detach() * 2)
+        doubled = _decode(model, special, [PROMPT_A])
+        assert next(iter(pool.runners.values())) is not runner
+        assert_close(doubled[1][0], expected[1][0] * 2, 1e-5, "logits with the doubled lm head")
+    finally:
+        head.weight = original
+        model.clear_generation_cache()
+    _assert_same_decode(_decode(model, special, [PROMPT_A]), expected, 1e-5)
+
+
+def test_decode_pool_travels_as_an_empty_pool(model, special):
+    """Deep copies and pickles of a model (EMA copies, torch.save) get an empty pool of their own."""
+    import copy
+    import pickle
+
+    _decode(model, special, [PROMPT_A])
+    pool = model._decode_pool()
+    assert pool.runners
+    for clone in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+        assert not clone.runners and clone.lock is not pool.lock and clone.max_entries == pool.max_entries
+
+
+def test_host_reading_steps_behind_returns_the_same_ids(model, special):
+    """On the GPU the host reads each step's tokens a few steps late; with eos stops and max_length
+    the ids and logits are those of reading every step at once."""
+    prompts = [PROMPT_A, PROMPT_B]
+    greedy = _decode(model, special, prompts)[0]
+    stop = dataclasses.replace(special, eos=greedy[0][3])
+    cases = [(special, 6), (stop, 6), (stop, 3), (special, 1)]
+    expected = [_decode(model, stop_or_not, prompts, max_length=n) for stop_or_not, n in cases]
+    runner = next(r for key, r in model._decode_pool().runners.items() if key[0] == 2)
+    runner.lag = 3
+    try:
+        for (stop_or_not, n), want in zip(cases, expected):
+            _assert_same_decode(_decode(model, stop_or_not, prompts, max_length=n), want)
+    finally:
+        runner.lag = 0
+
+
+def test_decoding_from_two_threads_gives_sequential_results(model, special, monkeypatch):
+    """Two threads decoding on one model (same shape, so the same pooled cache) take turns."""
+    import threading
+    import time
+
+    from bagel_remote import generation_bagel
+
+    contexts = [model.add_text_tokens(model.new_context(1), [p], special) for p in (PROMPT_A, PROMPT_B)]
+    expected = [model.generate_text_ids(ctx, special, max_length=6) for ctx in contexts]
+    end_step = generation_bagel._DecodeCache.end_step
+
+    def slow_end_step(cache):  # lets the other thread run between steps, if nothing stops it
+        time.sleep(0.002)
+        end_step(cache)
+
+    monkeypatch.setattr(generation_bagel._DecodeCache, "end_step", slow_end_step)
+    results: dict[int, list] = {}
+
+    def worker(i: int) -> None:
+        results[i] = [model.generate_text_ids(contexts[i], special, max_length=6) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {0: [expected[0]] * 3, 1: [expected[1]] * 3}
