@@ -85,7 +85,8 @@ def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", default="lora+ac0.25,lora+ac,gen+ac0.5,gen+ac", help="comma-separated, e.g. lora+ac0.25,gen+ac")
+    parser.add_argument("--modes", default="lora+ac0.25,lora+ac,gen+ac0.5,gen+ac",
+                        help="comma-separated, e.g. lora+ac0.25,gen+ac")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gpus", type=int, default=1, help="> 1: relaunch under torchrun with this many GPUs")
     args = parser.parse_args()
