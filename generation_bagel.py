@@ -433,15 +433,23 @@ class BagelGenerationMixin:
         causal: bool,
         gen_index: torch.Tensor | None = None,
         store: bool = True,
+        shard=None,
     ) -> tuple[torch.Tensor, BagelContext | None]:
         """Run new tokens (packed, sequence after sequence) against the context.
-        Returns the last hidden state (N, hidden) and, with `store`, the extended context."""
+        Returns the last hidden state (N, hidden) and, with `store`, the extended context.
+        `shard` (parallel_bagel's sequence parallelism, without `store`) runs only this rank's
+        slice of the new tokens and gathers the hidden states of all of them."""
         if len(new_lengths) != context.batch_size:
             raise ValueError(f"Got inputs for {len(new_lengths)} sequences but the context holds {context.batch_size}.")
         plan = AttentionPlan.segments(new_lengths, [o + n for o, n in zip(context.lengths, new_lengths)], causal)
+        if shard is None:
+            step = _CacheStep(context, new_lengths, store)
+        else:
+            embeds, position_ids, gen_index, step = shard.local(context, embeds, new_lengths, position_ids, gen_index)
         route = TokenRoute(embeds.shape[0], gen_index)
-        step = _CacheStep(context, new_lengths, store)
         hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step)
+        if shard is not None:
+            hidden = shard.gather(hidden)
         if not store:
             return hidden, None
         lengths = tuple(o + n for o, n in zip(context.lengths, new_lengths))
@@ -717,9 +725,12 @@ class BagelGenerationMixin:
         init_noise: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        parallel=None,
     ) -> list[torch.Tensor]:
         """Flow-matching sampling of one image per sequence. `image_sizes` are (height, width) in
-        pixels; returns the final latent tokens (h*w, p*p*C) of each sequence."""
+        pixels; returns the final latent tokens (h*w, p*p*C) of each sequence. `parallel` spreads
+        the guidance branches and the latent tokens over processes (see parallel_bagel.py); every
+        process then returns the same latents."""
         self._require_generation()
         device = self.get_input_embeddings().weight.device
         grids = [self._latent_grid(h, w) for h, w in image_sizes]
@@ -735,7 +746,12 @@ class BagelGenerationMixin:
         guided = params.cfg_text_scale > 1.0
         branches = [context] + ([cfg_text_context] if guided else [])
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
-        all_branches = BagelContext.concat(branches)
+        if parallel is None:
+            velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token)
+        else:
+            from .parallel_bagel import parallel_velocity
+
+            x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token)
         timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
         steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
         if progress:
@@ -745,23 +761,35 @@ class BagelGenerationMixin:
         for i in steps:
             t = timesteps[i]
             use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
-            ctx = all_branches if use_cfg else context
-            n_branches = len(branches) if use_cfg else 1
-            velocities = self._predict_velocity(ctx, x, t, pos, counts, n_branches, special).chunk(n_branches)
-            v = _guide(velocities, params, seq_of_token, len(counts)) if use_cfg else velocities[0]
-            x = x - v * (t - timesteps[i + 1])
+            x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
         return list(x.split(counts))
 
-    def _predict_velocity(self, context, x, t, pos, counts, n_branches, special) -> torch.Tensor:
+    def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token):
+        """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
+        forward for all) combined by `_guide`, else the full-context branch alone."""
+        all_branches = BagelContext.concat(branches)
+
+        def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
+            if not use_cfg:
+                return self._predict_velocity(branches[0], x, t, pos, counts, 1, special)
+            n = len(branches)
+            velocities = self._predict_velocity(all_branches, x, t, pos, counts, n, special).chunk(n)
+            return _guide(velocities, params, seq_of_token, len(counts))
+
+        return velocity
+
+    def _predict_velocity(self, context, x, t, pos, counts, n_branches, special, shard=None) -> torch.Tensor:
         """One flow step's velocity for every sequence of `context`: the latents x (N, p*p*C) of
-        the B images, repeated for each of the `n_branches` guidance branches (B sequences each)."""
+        the B images, repeated for each of the `n_branches` guidance branches (B sequences each).
+        `shard`: sequence parallelism (`_forward_step`)."""
         x_all, pos_all = x.repeat(n_branches, 1), pos.repeat(n_branches)
         timestep = torch.full((x_all.shape[0],), t, device=x.device)
         latents = self.model.embed_latent_tokens(x_all, timestep, pos_all)
         embeds, gen_rows = self._image_blocks(list(latents.split(counts * n_branches)), special)
         lengths = [n + 2 for n in counts * n_branches]
         positions = self._block_positions(context, lengths, x.device)
-        hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False)
+        hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False,
+                                       shard=shard)  # fmt: skip
         return self.model.llm2vae(hidden[gen_rows]).float()
 
     @torch.no_grad()
@@ -803,6 +831,7 @@ class BagelGenerationMixin:
         seed: int | list[int] | None = None,
         progress: bool = True,
         processor=None,
+        parallel=None,
         streamer=None,
     ) -> list:
         """The reference's interleaved inference: `inputs` is a list of strings and PIL images (or a
@@ -812,8 +841,10 @@ class BagelGenerationMixin:
         most the largest side the checkpoint generates); a generated image then has the size of
         the last input image, else `height` x `width` (default: the largest square the checkpoint
         generates, 1024 x 1024 for BAGEL-7B-MoT). `seed` (one per request, or one int: request i
-        uses seed + i) makes sampling reproducible and independent of batching. `streamer` (one
-        request) gets the generated text as it is decoded (see `generate_text_ids`)."""
+        uses seed + i) makes sampling reproducible and independent of batching. `parallel`
+        ("batch", "cfg", "sp" or a dict of sizes, in a torchrun launch) spreads the work over
+        processes; see parallel_bagel.py. `streamer` (one request) gets the generated text as it
+        is decoded (see `generate_text_ids`)."""
         processor = self._processor(processor)
         if not isinstance(inputs, (list, tuple)):
             raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
@@ -821,6 +852,16 @@ class BagelGenerationMixin:
         batch = [list(x) for x in inputs] if batched else [list(inputs)]
         _check_interleaved(batch)
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=1)
+        if parallel is not None:
+            from .parallel_bagel import ParallelLayout
+
+            parallel = ParallelLayout.of(parallel, self.device)
+            if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
+                run = lambda requests, seeds, inner: self.interleave(  # noqa: E731
+                    requests, understanding_output, think, max_new_tokens, do_sample, temperature, top_p, height,
+                    width, params, seeds, progress, processor, inner)  # fmt: skip
+                outputs = parallel.run_requests(run, batch, seed)
+                return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
                                   processor.start_of_image_id, processor.end_of_image_id)  # fmt: skip
         generators = _generators(seed, len(batch))
@@ -875,7 +916,8 @@ class BagelGenerationMixin:
             dim = self.config.latent_patch_size**2 * self.model.latent_channel
             grids = [self._latent_grid(h, w) for h, w in sizes]
             noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
-        latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress)
+        latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress,
+                                        parallel=parallel)  # fmt: skip
         from .processing_bagel import tensor_to_image
 
         for out, image in zip(outputs, self.decode_latents(latents, sizes)):
@@ -883,7 +925,8 @@ class BagelGenerationMixin:
         return outputs if batched else outputs[0]
 
     def chat(self, images, prompt, think: bool = False, max_new_tokens: int = 512, do_sample: bool = False,
-             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None, streamer=None):  # fmt: skip
+             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None, parallel=None,
+             streamer=None):  # fmt: skip
         """Answer `prompt` about `images` (None, one PIL image or a list). A list of prompts is a
         batch; `images` is then a list with one entry (None, image or list) per prompt.
         `streamer`: a transformers streamer that gets the answer as it is decoded, e.g.
@@ -892,7 +935,7 @@ class BagelGenerationMixin:
         batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
         out = self.interleave(batch, understanding_output=True, think=think, max_new_tokens=max_new_tokens,
                               do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor,
-                              streamer=streamer)  # fmt: skip
+                              parallel=parallel, streamer=streamer)  # fmt: skip
         texts = [o[0] for o in out]
         return texts if isinstance(prompt, (list, tuple)) else texts[0]
 
@@ -900,33 +943,37 @@ class BagelGenerationMixin:
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
                        timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
-                       processor=None):  # fmt: skip
+                       processor=None, parallel=None):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
         with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking).
         `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
-        BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations)."""
+        BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
+        `parallel`: several GPUs (README, "Several GPUs")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
-                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
+                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
+                              parallel=parallel)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
     def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   max_think_tokens: int = 1000, processor=None):  # fmt: skip
+                   max_think_tokens: int = 1000, processor=None, parallel=None):  # fmt: skip
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
-        a batch. `num_steps` is the number of denoising steps (model evaluations)."""
+        a batch. `num_steps` is the number of denoising steps (model evaluations). `parallel`:
+        several GPUs (README, "Several GPUs")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
         if any(len(imgs) != 1 for imgs in image_lists):
             raise ValueError("edit_image takes exactly one image per prompt.")
         out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
-                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
+                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
+                              parallel=parallel)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
@@ -954,19 +1001,25 @@ def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_inte
                           renorm_type, renorm_min)  # fmt: skip
 
 
-def _generators(seed, batch: int) -> list:
-    if seed is None:
-        return [None] * batch
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [_check_seed(seed) + i for i in range(batch)]
-    if len(seeds) != batch:
-        raise ValueError(f"Got {len(seeds)} seeds for {batch} requests.")
-    return [torch.Generator().manual_seed(_check_seed(s)) for s in seeds]
-
-
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer or a list of integers (one per request), got {seed!r}.")
     return int(seed)
+
+
+def _request_seeds(seed, batch: int) -> list[int] | None:
+    """One seed per request: a list as given, or one int: request i uses seed + i."""
+    if seed is None:
+        return None
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [_check_seed(seed) + i for i in range(batch)]
+    if len(seeds) != batch:
+        raise ValueError(f"Got {len(seeds)} seeds for {batch} requests.")
+    return [_check_seed(s) for s in seeds]
+
+
+def _generators(seed, batch: int) -> list:
+    seeds = _request_seeds(seed, batch)
+    return [None] * batch if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _as_batch(prompt, images) -> tuple[list[str], list[list]]:

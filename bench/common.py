@@ -33,6 +33,16 @@ def full_size_config(num_llm_layers: int | None = None, stage: int = 2):
     return config
 
 
+def tiny_config():
+    """The tiny random model's configuration (scripts/make_tiny_checkpoint.py), for checking a
+    benchmark's code path on CPU."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from make_tiny_checkpoint import tiny_config as make_config
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    return make_config(build_tiny_tokenizer(None, vocab_size=320))
+
+
 def build_model(config, dtype=torch.bfloat16, device: str = "cuda"):
     """Random-weight model built directly on the GPU in `dtype` (never on the CPU first)."""
     from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
@@ -99,20 +109,24 @@ def train_flops(config, batch, trains: str = "full") -> float:
 def special_ids(config):
     from bagel_remote.generation_bagel import SpecialTokenIds
 
+    if config.text_config.vocab_size < 151654:  # the tiny tokenizer's (scripts/tiny_tokenizer.py)
+        return SpecialTokenIds(10, 11, 12, 13)
     # Qwen2 / BAGEL ids: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
     return SpecialTokenIds(151644, 151645, 151652, 151653)
 
 
 class Timer:
-    """Wall time of a CUDA region (synchronised)."""
+    """Wall time of a CUDA region (synchronised; plain wall time without CUDA)."""
 
     def __enter__(self):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
 
 

@@ -5,10 +5,12 @@ text-to-image samples (30 text tokens + a 512x512 noised latent) and 2 understan
 (490x490 ViT image + 600 text tokens with CE). One JSON line per mode: tokens/s (per GPU), MFU
 (model FLOPs, recomputation not counted: bench/common.train_flops), peak GB.
 
-Modes: `lora` (rank 64 on UND and GEN projections, bf16 base), `gen` (GEN-only: `freeze_und`),
-`full` (every weight; several GPUs), each with `+ac` for activation checkpointing.
+Modes: `lora` (rank 64 on UND and GEN projections, bf16 base, AdamW), `gen` (GEN-only:
+`freeze_und`, torchao's 8-bit AdamW: float32 states do not fit one GPU), `full` (every weight,
+AdamW; several GPUs), each with `+ac` for activation checkpointing of every layer or `+acF` of a
+fraction F of the layers (finetune.py's `activation_checkpointing: F`).
 
-    python bench/finetune.py                                  # one GPU: lora+ac lora gen+ac gen
+    python bench/finetune.py                                  # one GPU: lora+ac0.25 lora+ac gen+ac0.5 gen+ac
     python bench/finetune.py --gpus 4 --modes full+ac         # relaunches itself under torchrun
 """
 
@@ -23,7 +25,20 @@ import torch.distributed as dist
 from common import PEAK_BF16_FLOPS, REPO_ROOT, Timer, full_size_config, report, train_flops
 from train_step import packed_batch
 
-MODES = {"lora": {"lora_rank": 64}, "gen": {"freeze_und": True}, "full": {}}
+MODES = {"lora": {"lora_rank": 64}, "gen": {"freeze_und": True, "optimizer": "adamw8bit"}, "full": {}}
+
+
+def parse_mode(mode: str) -> tuple[str, float]:
+    """`lora+ac0.25` -> ("lora", 0.25); `+ac` alone is 1.0 (every layer), no `+ac` is 0.0."""
+    kind, plus, ac = mode.partition("+")
+    try:
+        fraction = float(ac[2:] or 1) if ac.startswith("ac") else (0.0 if not plus else -1.0)
+    except ValueError:
+        fraction = -1.0
+    if kind not in MODES or not 0.0 <= fraction <= 1.0:
+        raise SystemExit(f"Unknown mode {mode!r}: one of {', '.join(MODES)}, each optionally with +ac "
+                         "(every layer) or +acF (a fraction F of the layers, e.g. lora+ac0.25).")  # fmt: skip
+    return kind, fraction
 
 
 def load_finetune():
@@ -34,23 +49,22 @@ def load_finetune():
 
 
 def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
-    kind, _, ac = mode.partition("+")
-    if kind not in MODES or ac not in ("", "ac"):
-        raise SystemExit(f"Unknown mode {mode!r}: one of {', '.join(MODES)}, each optionally with +ac.")
+    kind, fraction = parse_mode(mode)
     cfg = finetune.load_config([])
-    cfg.update(MODES[kind], activation_checkpointing=bool(ac), lora_alpha=64, max_steps=1000, warmup_steps=0)
+    cfg.update(MODES[kind], activation_checkpointing=fraction, lora_alpha=64, lr=1e-5, max_steps=1000, warmup_steps=0)
     config = full_size_config()
     torch.manual_seed(0)
     model, _ = finetune.build_model(cfg, None, config, device, mesh)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=tuple(cfg["betas"]), eps=cfg["eps"])
+    optimizer = finetune.build_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, finetune.warmup_cosine(cfg))
     batch = packed_batch(config, device=device, t2i_samples=12, und_samples=2, und_text=600)
     step = lambda: finetune.train_step(model, batch, cfg, optimizer, scheduler, params, None)  # noqa: E731
     result = dict(workload="finetune", mode=mode, gpus=dist.get_world_size(), tokens=batch["sequence_length"],
+                  optimizer=cfg["optimizer"], activation_checkpointing=fraction,
                   trained_params=sum(p.numel() for p in params))  # DTensor numel: the whole tensor  # fmt: skip
     try:
-        for _ in range(2):  # warm-up: optimizer state, allocator
+        for _ in range(2):  # warm-up: optimizer state (torchao compiles its step), allocator
             step()
         torch.cuda.reset_peak_memory_stats()
         with Timer() as t:
@@ -71,7 +85,8 @@ def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", default="lora+ac,lora,gen+ac,gen", help="comma-separated, e.g. lora+ac,gen")
+    parser.add_argument("--modes", default="lora+ac0.25,lora+ac,gen+ac0.5,gen+ac",
+                        help="comma-separated, e.g. lora+ac0.25,gen+ac")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gpus", type=int, default=1, help="> 1: relaunch under torchrun with this many GPUs")
     args = parser.parse_args()

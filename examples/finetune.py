@@ -251,6 +251,30 @@ def load_and_shard(model, reader: CheckpointReader | None, device: torch.device,
     return missing
 
 
+def enable_activation_checkpointing(model, setting: bool | float) -> None:
+    """`activation_checkpointing`: true (every decoder and ViT layer recomputes in the backward),
+    false, or a fraction in [0, 1]: the first round(fraction * n) layers of each stack recompute,
+    the others keep their activations (every layer of a stack keeps the same amount, so which
+    ones does not matter). Full recomputation adds a forward of every layer to the step (LoRA's
+    backward skips the frozen weights' gradients: 6/4 of its FLOPs); a fraction spends the memory
+    that full checkpointing leaves unused on speed. Built on `gradient_checkpointing_enable()`
+    (transformers' GradientCheckpointingLayer flags); transformers' own `every_n_layers` exists
+    only in recent versions and counts the ViT and decoder layers as one sequence."""
+    fraction = float(setting) if isinstance(setting, (bool, int, float)) else -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise SystemExit(f"activation_checkpointing={setting!r}: use true, false or a fraction of the layers "
+                         "in [0, 1] (e.g. 0.25).")  # fmt: skip
+    if fraction == 0.0:
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    for stack in model.modules():
+        if isinstance(stack, torch.nn.ModuleList) and all(hasattr(layer, "gradient_checkpointing") for layer in stack):
+            recomputed = round(fraction * len(stack))
+            for index, layer in enumerate(stack):
+                layer.gradient_checkpointing = index < recomputed
+
+
 def build_model(cfg: dict, checkpoint_dir: Path | None, config: BagelConfig, device: torch.device, mesh):
     """The sharded training model and its PEFT LoRA config (None without LoRA). Without a
     checkpoint directory the weights are random (benchmarks)."""
@@ -263,9 +287,7 @@ def build_model(cfg: dict, checkpoint_dir: Path | None, config: BagelConfig, dev
 
         lora = lora_config(cfg)
         get_peft_model(model, lora)  # wraps the projections in place; only LoRA weights train
-    if cfg["activation_checkpointing"]:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+    enable_activation_checkpointing(model, cfg["activation_checkpointing"])
     cuda = device.type == "cuda"
     mp_policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32 if cuda else None,
@@ -374,6 +396,32 @@ def reduce_losses(out: dict, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict
     metrics = {"ce": ce_sum / ce_den, "mse": mse_sum / mse_den}
     metrics["loss"] = cfg["ce_weight"] * metrics["ce"] + cfg["mse_weight"] * metrics["mse"]
     return loss * dist.get_world_size(), metrics
+
+
+def build_optimizer(cfg: dict, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over the trained weights, by `optimizer`:
+    - `adamw`: torch's, fused on CUDA (one kernel, in place: the default multi-tensor version
+      makes temporaries as large as all the trained weights, 26 GB for GEN-only's 6.5B);
+      float32 states, 8 bytes per trained weight.
+    - `adamw8bit`: torchao's `AdamW8bit`, block-wise 8-bit states (2 bytes per weight; weights
+      under 4096 values keep float32 states), which GEN-only training needs to fit one 141 GB GPU
+      (float32 master weights + gradients + states: 6.5B x 16 bytes = 105 GB before activations;
+      8-bit states: 65 GB). Chosen over bitsandbytes' AdamW8bit because torchao's takes FSDP2's
+      DTensor parameters and keeps its states sharded like them (bitsandbytes' kernels need plain
+      tensors: bitsandbytes-foundation/bitsandbytes#1633); gradients stay float32 and global-norm
+      clipping works as with `adamw`. Its step is compiled (torch.compile) on first use."""
+    kwargs = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        fused = bool(params) and all(p.device.type == "cuda" for p in params)
+        return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+    if cfg["optimizer"] == "adamw8bit":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError as err:
+            raise SystemExit("optimizer=adamw8bit needs torchao's 8-bit AdamW: pip install torchao "
+                             "(or use optimizer=adamw).") from err  # fmt: skip
+        return AdamW8bit(params, **kwargs)
+    raise SystemExit(f"optimizer={cfg['optimizer']!r}: use adamw or adamw8bit.")
 
 
 def warmup_cosine(cfg: dict):
@@ -519,7 +567,7 @@ def train_step(model, batch: dict, cfg: dict, optimizer, scheduler, params: list
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
     metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics["lr"] = float(scheduler.get_last_lr()[0])  # a tensor with torchao's optimizers
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -545,8 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     model, lora = build_model(cfg, checkpoint_dir, config, device, mesh)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = list(trained.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-                                  weight_decay=cfg["weight_decay"])  # fmt: skip
+    optimizer = build_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
     ema = EMA(trained, cfg["ema_decay"]) if cfg["ema_decay"] else None
     dataset = build_dataset(cfg, model, checkpoint_dir, rank, world)

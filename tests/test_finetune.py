@@ -79,6 +79,37 @@ def test_activation_checkpointing_same_loss_and_gradients():
     assert calls == {"decoder": 1, "vit": 1}
 
 
+def test_checkpointing_a_fraction_of_the_layers():
+    """`activation_checkpointing: 0.5` recomputes the first of each stack's two layers only, with
+    the plain gradients; true / false / bad values."""
+    model = trained_model()
+    batch = make_batch(model.config, JOINT_PACK)
+    loss, grads = loss_and_grads(model, batch)
+    decoder, vit = model.model.language_model.model.layers, model.model.vit_model.vision_model.encoder.layers
+    calls = {}
+    for name, stack in (("decoder", decoder), ("vit", vit)):
+        for index, layer in enumerate(stack):
+            key = f"{name}{index}"
+            calls[key] = 0
+            layer.mlp.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    finetune.enable_activation_checkpointing(model, 0.5)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
+    assert calls == {"decoder0": 2, "decoder1": 1, "vit0": 2, "vit1": 1}
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
+
+    flags = lambda: [layer.gradient_checkpointing for layer in [*decoder, *vit]]  # noqa: E731
+    finetune.enable_activation_checkpointing(model, True)
+    assert flags() == [True] * 4
+    fresh = trained_model()
+    finetune.enable_activation_checkpointing(fresh, False)
+    assert not any(layer.gradient_checkpointing for layer in fresh.model.language_model.model.layers)
+    for bad in (1.5, -0.1, "yes"):
+        with pytest.raises(SystemExit, match="activation_checkpointing=.*a fraction of the layers"):
+            finetune.enable_activation_checkpointing(fresh, bad)
+
+
 def test_checkpointing_keeps_freeze_und_detach():
     model = trained_model()
     model.config.text_config.freeze_und = True
@@ -259,6 +290,33 @@ def test_config_overrides_and_errors(tmp_path):
     factor = finetune.warmup_cosine({"warmup_steps": 4, "max_steps": 14, "min_lr_ratio": 0.1})
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(9) == pytest.approx(0.55) and factor(14) == pytest.approx(0.1)
+
+
+def test_optimizer_choice(monkeypatch):
+    """`optimizer`: torch's AdamW, torchao's AdamW8bit (lazily imported, a clear error without
+    torchao), anything else refused."""
+    cfg = finetune.load_config(["lr=3e-4", "weight_decay=0.1", "betas=[0.8,0.9]", "eps=1e-6"])
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    adamw = finetune.build_optimizer(cfg, params)
+    assert type(adamw) is torch.optim.AdamW and not adamw.defaults["fused"]  # fused on CUDA only
+    assert (adamw.defaults["lr"], adamw.defaults["weight_decay"], adamw.defaults["betas"]) == (3e-4, 0.1, (0.8, 0.9))
+
+    class FakeAdamW8bit:
+        def __init__(self, params, **kwargs):
+            self.params, self.kwargs = params, kwargs
+
+    fake = type(sys)("torchao.optim")
+    fake.AdamW8bit = FakeAdamW8bit
+    monkeypatch.setitem(sys.modules, "torchao.optim", fake)
+    eight_bit = finetune.build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
+    assert eight_bit.params is params
+    assert eight_bit.kwargs == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
+    with pytest.raises(SystemExit, match="needs torchao.*pip install torchao"):
+        finetune.build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
+    with pytest.raises(SystemExit, match="optimizer='sgd': use adamw or adamw8bit"):
+        finetune.build_optimizer({**cfg, "optimizer": "sgd"}, params)
 
 
 def test_freeze_switches():
