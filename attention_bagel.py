@@ -218,15 +218,19 @@ def has_varlen_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _TORCH_HAS_VARLEN
 
 
-def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool = False) -> torch.Tensor:
+def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool = False,
+                  used_k: torch.Tensor | None = None) -> torch.Tensor:
     """torch's varlen flash kernel over segments given by device offsets (`max_q` / `max_k` may be
     upper bounds); fewer KV heads than query heads are native, causal is aligned bottom-right.
+    `used_k` (int32, one per segment) reads only the first `used_k[i]` keys of key segment i: a
+    preallocated cache holds each sequence in a fixed-size slot of which it fills a prefix.
 
     This is the op that `torch.nn.attention.varlen.varlen_attn` wraps, called directly: that
     wrapper is a Python custom op whose backward waits for the GPU and which costs about 0.4 ms of
     host time a call, against 0.06 ms here (the op's backward is C++); a training step makes 84 of
     them (bench/train_step.py: 280 -> 272 ms on an H100)."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)[0]
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                                   seqused_k=used_k)[0]  # fmt: skip
 
 
 def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:

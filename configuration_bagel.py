@@ -14,7 +14,19 @@ changed twice.
 
 from __future__ import annotations
 
+if not __package__:  # `import configuration_bagel` from a clone (no package for the relative imports)
+    raise ImportError(
+        "configuration_bagel.py is remote code whose modules import each other relatively, so it is not imported "
+        "as a plain module. From a clone use transformers.dynamic_module_utils.get_class_from_dynamic_module("
+        "'configuration_bagel.BagelConfig', 'path/to/the/clone'), or examples/quickstart.py --model "
+        "(README: Use from a clone)."
+    )
+
+import difflib
+import inspect
 import json
+import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +49,18 @@ DEFAULT_VAE_CONFIG = {
     "shift_factor": 0.1159,
 }
 MOT_LAYER, PLAIN_LAYER = "Qwen2MoTDecoderLayer", "Qwen2DecoderLayer"
+INT_FIELDS = (
+    "max_latent_size", "latent_patch_size", "vit_patch_size", "vit_max_num_patch_per_side", "vit_select_layer"
+)
+FLOAT_FIELDS = ("text_cond_dropout_prob", "vae_cond_dropout_prob", "vit_cond_dropout_prob", "timestep_shift")
+# Keys every transformers config takes or writes (config.json holds them), beyond BagelConfig's own.
+PRETRAINED_CONFIG_KEYS = frozenset(inspect.signature(PretrainedConfig.__init__).parameters) | frozenset(
+    vars(PretrainedConfig())
+) | {"auto_map", "model_type", "torch_dtype", "name_or_path", "output_attentions", "tie_word_embeddings",
+     "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class", "prefix",
+     "task_specific_params", "num_labels", "use_cache", "attn_implementation"}  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 
 def rope_theta(text_config: Qwen2Config) -> float:
@@ -72,6 +96,29 @@ def _vision_config(value: Any) -> SiglipVisionConfig | None:
     if value is not None and not hasattr(value, "rope"):
         value.rope = False
     return value
+
+
+def _check_numbers(config: "BagelConfig") -> None:
+    """Numeric fields hold numbers (a quoted "64" in a config.json fails much later, obscurely)."""
+    for name, kind, number in [(n, "an integer", numbers.Integral) for n in INT_FIELDS] + [
+        (n, "a number", numbers.Real) for n in FLOAT_FIELDS
+    ]:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise TypeError(
+                f"BagelConfig.{name} must be {kind}, got {value!r} ({type(value).__name__}); "
+                "write numbers without quotes in config.json."
+            )
+
+
+def _warn_unknown_keys(kwargs: Mapping[str, Any]) -> None:
+    """Keys that neither BagelConfig nor PretrainedConfig knows are kept (as transformers does) but
+    used by nothing: most likely a misspelling, so say so."""
+    own = set(inspect.signature(BagelConfig.__init__).parameters)
+    for key in sorted(set(kwargs) - own - PRETRAINED_CONFIG_KEYS):
+        close = difflib.get_close_matches(key, sorted(own - {"self", "kwargs"}), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        logger.warning(f"BagelConfig got an unknown key {key!r}, which nothing reads{hint}")
 
 
 class BagelConfig(PretrainedConfig):
@@ -129,6 +176,8 @@ class BagelConfig(PretrainedConfig):
         self.vit_cond_dropout_prob = vit_cond_dropout_prob
         self.timestep_shift = timestep_shift
         self.reference_overrides_applied = reference_overrides_applied
+        _check_numbers(self)
+        _warn_unknown_keys(kwargs)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         if self.pad_token_id is None:

@@ -10,13 +10,16 @@ generation step run as extra sequences of the same forward.
 
 from __future__ import annotations
 
+import numbers
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, varlen_kernel
+from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, to_device, varlen_kernel
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 
 VLM_THINK_SYSTEM_PROMPT = (
@@ -177,47 +180,50 @@ class _CacheStep:
 class _DecodeCache:
     """A preallocated cache for decoding one token per sequence per step: (B, capacity, kv_heads,
     head_dim) per layer, written in place, so every step has the same shapes and runs as one CUDA
-    graph on the GPU. Attention is exact, over each sequence's cached prefix and new token.
+    graph on the GPU; `load` starts it over from another context, so one cache serves every call
+    of its shape. Attention is exact, over each sequence's cached prefix and new token; rows past a
+    sequence's length hold stale (finite) values that are never read.
 
-    On the GPU (bf16/fp16) one varlen kernel call serves all sequences: segment 2b is sequence b's
-    query over its valid rows, segment 2b+1 a dummy query over the rest of its rows up to the next
-    sequence (the kernel's key segments must be back to back; one request needs no dummy). With one query per segment the kernel takes its fast decoding
-    path (query heads of a kv head packed together, keys split across the GPU): 27 us a layer for
-    one request on an H100, against 113 us for SDPA with a mask. Elsewhere SDPA with a mask does
-    the same."""
+    On the GPU (bf16/fp16) one varlen kernel call serves all sequences: key segment b is sequence
+    b's slot of `capacity` rows, of which the kernel reads the first length + 1 (`used_keys`). With
+    one query per segment the kernel takes its fast decoding path (query heads of a kv head packed
+    together, keys split across the GPU): 27 us a layer for one request on an H100, against 113 us
+    for SDPA with a mask. Elsewhere SDPA with a mask does the same."""
 
-    def __init__(self, context: BagelContext, capacity: int, num_heads: int):
-        keys0 = context.keys[0]
-        batch, heads, dim = context.batch_size, keys0.shape[1], keys0.shape[2]
-        device = keys0.device
-        # One spare row keeps every dummy segment non-empty; aligned rows keep kernels fast.
-        capacity = -(-(capacity + 1) // 64) * 64
+    def __init__(self, batch: int, capacity: int, num_layers: int, like: torch.Tensor):
+        """`like`: a (T, kv_heads, head_dim) tensor with the cache's dtype and device."""
+        heads, dim = like.shape[1:]
+        device = like.device
         self.capacity = capacity
-        self.lengths = torch.tensor(context.lengths, device=device)
-        self.positions = torch.tensor(context.positions, device=device)
+        # Zeros, not empty: masked SDPA multiplies unused rows by a zero weight, so they must be finite.
+        self.keys = [like.new_zeros(batch, capacity, heads, dim) for _ in range(num_layers)]
+        self.values = [like.new_zeros(batch, capacity, heads, dim) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(self.lengths)
         self.rows = torch.arange(batch, device=device)
-        self.use_varlen = has_varlen_kernel(keys0)
-        if self.use_varlen:  # the kernel's queries: sequence b's at row 2b, dummies (zero) between
-            self.queries = keys0.new_zeros(2 * batch - 1, num_heads, dim) if batch > 1 else None
-            self.cu_queries = torch.arange(2 * batch, device=device, dtype=torch.int32)
-        self.write_rows = self.cu_keys = self.mask = None  # set by begin_step
-        seq = torch.repeat_interleave(self.rows, self.lengths)  # packed row -> (sequence, slot)
-        slot = torch.arange(seq.shape[0], device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[:-1][seq]
+        self.use_varlen = has_varlen_kernel(like)
+        if self.use_varlen:
+            self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
+            self.cu_keys = self.cu_queries * capacity
+        self.write_rows = self.used_keys = self.mask = None  # set by begin_step
 
-        def preallocated(packed: torch.Tensor) -> torch.Tensor:
-            cache = packed.new_zeros(batch, capacity, heads, dim)  # on its layer's device
-            cache[seq.to(packed.device), slot.to(packed.device)] = packed
-            return cache
-
-        self.keys = [preallocated(k) for k in context.keys]
-        self.values = [preallocated(v) for v in context.values]
+    def load(self, context: BagelContext) -> None:
+        """Start over from `context`'s sequences: their keys/values copied into the slots, without
+        waiting for the GPU."""
+        device = self.rows.device
+        self.lengths.copy_(to_device(list(context.lengths), device))
+        self.positions.copy_(to_device(list(context.positions), device))
+        total = sum(context.lengths)
+        seq = torch.repeat_interleave(self.rows, self.lengths, output_size=total)  # packed row -> sequence
+        slot = torch.arange(total, device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[seq]
+        for cache, packed in zip(self.keys + self.values, context.keys + context.values):
+            cache[seq, slot] = packed.to(cache.dtype)
 
     def begin_step(self) -> None:
         """Where this step's token goes, and what each sequence sees; shared by all layers."""
         self.write_rows = self.rows * self.capacity + self.lengths  # flat row of each new token
         if self.use_varlen:
-            ends = torch.stack([self.write_rows + 1, (self.rows + 1) * self.capacity], dim=1).reshape(-1)
-            self.cu_keys = F.pad(ends[:-1], (1, 0)).int()
+            self.used_keys = (self.lengths + 1).int()
         else:
             slots = torch.arange(self.capacity, device=self.rows.device)
             hidden = slots[None, :] > self.lengths[:, None]
@@ -231,64 +237,191 @@ class _DecodeCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
-        write_rows = self.write_rows.to(keys.device)  # a no-op unless the layers are spread
-        keys.index_copy_(0, write_rows, k)
-        values.index_copy_(0, write_rows, v)
-        batch, heads, dim = q.shape
+        keys.index_copy_(0, self.write_rows, k)
+        values.index_copy_(0, self.write_rows, v)
         if self.use_varlen:
-            if self.queries is not None:
-                self.queries[0::2] = q
-                q = self.queries
-            cu_queries, cu_keys = self.cu_queries.to(keys.device), self.cu_keys.to(keys.device)
-            return varlen_kernel(q, keys, values, cu_queries, cu_keys, 1, self.capacity)[0::2]
+            cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
+            return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)
         # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
+        batch, heads, dim = q.shape
         kv_heads = keys.shape[1]
         grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
         k_all = self.keys[layer_idx].transpose(1, 2)
         v_all = self.values[layer_idx].transpose(1, 2)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.mask.to(k_all.device))
+        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.mask)
         return out.reshape(batch, heads, dim)
 
 
-class _GraphedStep:
-    """A decode step on the GPU: the first call runs eagerly on a side stream (the warm-up a
-    capture needs, doing real work), the second is captured as a CUDA graph, and every call after
-    replays it (launching ~1000 small kernels a step one by one would dominate decoding). The
-    returned logits are valid until the next call."""
+# How many decode steps the host may queue before it reads a step's tokens (GPU only). The host
+# never waits for the step it just queued, so the GPU runs steps back to back; the price is up to
+# this many steps decoded past the point where every sequence has finished.
+_HOST_LAG = 4
 
-    def __init__(self, step):
-        self.step = step
-        self.tokens: torch.Tensor | None = None
+
+class _DecodeRunner:
+    """Decoding at one shape, kept across calls: the cache, the static token buffer `tokens` (B,)
+    that the step reads and into which it writes the greedy choice (so greedy decoding feeds
+    itself), and pinned host slots that each step's tokens are copied to.
+
+    With `graph_stream` (a CUDA device) the step is a CUDA graph: the first step of the runner's
+    life runs eagerly on that side stream (the warm-up a capture needs, doing real work), the
+    second is captured on it, and every later step, of this call and of later ones, replays it
+    (launching ~1000 small kernels a step one by one would dominate decoding). One side stream
+    serves every runner of a model: each new stream gets its own cuBLAS workspace (32 MiB on
+    Hopper) and its own cached blocks, which stay allocated for the life of the process."""
+
+    def __init__(self, step, cache: _DecodeCache, tokens: torch.Tensor, graph_stream: torch.cuda.Stream | None,
+                 on_capture=None):  # fmt: skip
+        self._step, self.cache, self.tokens = step, cache, tokens
+        self.graph_stream, self._on_capture = graph_stream, on_capture
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None  # the graph's output
+        self.warmed_up = False
+        self.done: torch.cuda.Event | None = None  # recorded after the last step of the last call
+        self.lag = _HOST_LAG if tokens.is_cuda else 0
+        if tokens.is_cuda:  # lag + 1 slots: a slot is written again only after the host has read it
+            self.host = torch.empty((self.lag + 1, tokens.shape[0]), dtype=torch.long, pin_memory=True)
+            self.ready = [torch.cuda.Event() for _ in range(self.lag + 1)]
+            self.copies = 0
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.tokens is None:
-            self.tokens = tokens.clone()
-            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                logits = self.step(self.tokens)
-            main.wait_stream(side)
+    @property
+    def nbytes(self) -> int:
+        """GPU (or CPU) memory the runner holds: its cache, and the graph's outputs and state."""
+        cache = self.cache
+        held = [*cache.keys, *cache.values, self.tokens, self.logits, cache.write_rows, cache.used_keys, cache.mask]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def start(self, context: BagelContext, bos: int) -> None:
+        if self.done is not None:  # the last call (maybe on another stream) may still be stepping
+            torch.cuda.current_stream().wait_event(self.done)
+        self.cache.load(context)
+        self.tokens.fill_(bos)
+
+    def finish(self) -> None:
+        """Mark the end of this call's steps: the GPU may still run the last few (the host lag)."""
+        if self.tokens.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def release(self) -> None:
+        """Wait until the GPU is done with this runner, so that it can be dropped."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def step(self) -> torch.Tensor:
+        """One token per sequence: advances the cache, leaves the greedy choice in `tokens` and
+        returns the logits (B, vocab) in float32, valid until the next step."""
+        if self.graph_stream is None:
+            return self._step()
+        main = torch.cuda.current_stream()
+        if not self.warmed_up:
+            self.graph_stream.wait_stream(main)
+            with torch.cuda.stream(self.graph_stream):
+                logits = self._step()
+            main.wait_stream(self.graph_stream)
             logits.record_stream(main)
+            self.warmed_up = True
             return logits
-        self.tokens.copy_(tokens)
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.step(self.tokens)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads may keep using the GPU (eagerly) during the capture.
+            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"):
+                logits = self._step()
+            self.graph, self.logits = graph, logits
+            if self._on_capture is not None:
+                self._on_capture()
         self.graph.replay()
         return self.logits
+
+    def tokens_to_host(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying this step's tokens to the host, without waiting: (host tensor, ready event)."""
+        if not self.tokens.is_cuda:
+            return self.tokens.clone(), None
+        slot = self.copies % len(self.ready)
+        self.copies += 1
+        self.host[slot].copy_(self.tokens, non_blocking=True)
+        self.ready[slot].record()
+        return self.host[slot], self.ready[slot]
+
+
+def _capacity_bucket(rows: int) -> int:
+    """Cache rows for `rows` tokens, rounded up to the next of 64, 96, 128, 192, 256, 384, ...
+    (powers of two and their midpoints: at most 1.5x the rows, few distinct shapes)."""
+    bucket = 64
+    while bucket < rows:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return bucket
+
+
+class _DecodePool:
+    """Decode runners kept across `generate_text_ids` calls, keyed by shape (batch size, capacity
+    bucket, dtype, device, graphed), least recently used dropped first. At most `max_entries`
+    runners and `max_bytes` of KV cache (None: an eighth of the GPU's memory, 1 GiB on the CPU); a
+    runner bigger than that serves its call and is dropped, leaving the others. Built for one set
+    of decoder weights: when their storage changes (moved, cast, replaced, adapters added) the pool
+    starts over. `lock` serialises decoding on the model. Pickling or deep-copying the model gives
+    an empty pool."""
+
+    def __init__(self, max_entries: int = 16, max_bytes: int | None = None):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.lock = threading.RLock()
+        self.runners: OrderedDict[tuple, _DecodeRunner] = OrderedDict()
+        self.weights: tuple | None = None
+        self.captures = 0  # CUDA graphs captured, over the pool's life
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __reduce__(self):
+        return _DecodePool, (self.max_entries, self.max_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the kept runners (mostly their KV caches)."""
+        return sum(runner.nbytes for runner in self.runners.values())
+
+    def clear(self) -> None:
+        for runner in self.runners.values():
+            runner.release()
+        self.runners.clear()
+        self.weights = None
+
+    def byte_limit(self, device: torch.device) -> int:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 8
+        return 1 << 30
+
+    def graph_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def count_capture(self) -> None:
+        self.captures += 1
+
+    def get(self, key: tuple, nbytes: int, weights: tuple, build) -> _DecodeRunner:
+        """The runner for `key`, built by `build()` (after making room for its `nbytes`) if missing."""
+        if weights != self.weights:
+            self.clear()
+            self.weights = weights
+        runner = self.runners.pop(key, None)
+        if runner is None:
+            limit = self.byte_limit(key[3])
+            if nbytes > limit or self.max_entries == 0:
+                return build()  # serves this call only; the kept runners stay
+            while len(self.runners) >= self.max_entries or self.nbytes + nbytes > limit:
+                self.runners.popitem(last=False)[1].release()  # free memory before allocating the new cache
+            runner = build()
+        self.runners[key] = runner
+        return runner
+
+
+_POOL_CREATION_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------------------
 # The mixin: context operations and generation on BagelForUnifiedMultimodal
 # ----------------------------------------------------------------------------------------------
-
-
-#: Quantized layers whose forward waits for the host, which a CUDA graph cannot capture:
-#: bitsandbytes' LLM.int8 picks its outlier columns by value (data-dependent shapes).
-_UNGRAPHABLE_LAYERS = ("Linear8bitLt",)
 
 
 class BagelGenerationMixin:
@@ -314,15 +447,23 @@ class BagelGenerationMixin:
         causal: bool,
         gen_index: torch.Tensor | None = None,
         store: bool = True,
+        shard=None,
     ) -> tuple[torch.Tensor, BagelContext | None]:
         """Run new tokens (packed, sequence after sequence) against the context.
-        Returns the last hidden state (N, hidden) and, with `store`, the extended context."""
+        Returns the last hidden state (N, hidden) and, with `store`, the extended context.
+        `shard` (parallel_bagel's sequence parallelism, without `store`) runs only this rank's
+        slice of the new tokens and gathers the hidden states of all of them."""
         if len(new_lengths) != context.batch_size:
             raise ValueError(f"Got inputs for {len(new_lengths)} sequences but the context holds {context.batch_size}.")
         plan = AttentionPlan.segments(new_lengths, [o + n for o, n in zip(context.lengths, new_lengths)], causal)
+        if shard is None:
+            step = _CacheStep(context, new_lengths, store)
+        else:
+            embeds, position_ids, gen_index, step = shard.local(context, embeds, new_lengths, position_ids, gen_index)
         route = TokenRoute(embeds.shape[0], gen_index)
-        step = _CacheStep(context, new_lengths, store)
         hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step)
+        if shard is not None:
+            hidden = shard.gather(hidden)
         if not store:
             return hidden, None
         lengths = tuple(o + n for o, n in zip(context.lengths, new_lengths))
@@ -414,29 +555,39 @@ class BagelGenerationMixin:
         top_p: float = 1.0,
         generator: torch.Generator | list[torch.Generator | None] | None = None,
         return_logits: bool = False,
+        streamer=None,
     ):
         """Decode every sequence from bos until eos or `max_length` ids (bos included, eos not,
         as the reference returns them). Returns a list of id lists, and with `return_logits` the
         list of per-step logits (steps, vocab) of each sequence. `generator` may be one per
-        sequence, so that sampled text does not depend on what else is in the batch."""
+        sequence, so that sampled text does not depend on what else is in the batch.
+        `streamer` (one sequence only) is a transformers streamer (`TextStreamer`,
+        `TextIteratorStreamer`): as `generate()` does, it gets the prompt first (here the bos
+        that decoding starts from; `skip_prompt=True` skips it), then each id as the host reads
+        it (eos not included), then `end()`.
+
+        The decode cache and CUDA graph of each shape are kept for later calls (see
+        `clear_generation_cache`). Calls from several threads on one model take turns: each
+        gets what it would get alone."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}.")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError(f"Sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
         batch = context.batch_size
+        if streamer is not None and batch != 1:
+            raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
-        heads = self.config.text_config.num_attention_heads
-        cache = _DecodeCache(context, max(context.lengths) + max_length, heads)
-        step = self._decode_step_fn(cache)
         active = set(range(batch))
+        if streamer is not None:
+            streamer.put(torch.tensor([special.bos]))
 
-        def take(chosen: tuple[torch.Tensor, torch.cuda.Event | None], logits: torch.Tensor | None) -> bool:
+        def take(ids: torch.Tensor, ready: torch.cuda.Event | None, logits: torch.Tensor | None) -> bool:
             """Record one step's tokens; False once every sequence has finished."""
-            ids, ready = chosen
             if ready is not None:
                 ready.synchronize()
+            # This step's tokens are on the host here, in decoding order (where a streamer gets them).
             for seq, token in enumerate(ids.tolist()):
                 if seq not in active:  # finished sequences keep stepping (static shapes); ignore them
                     continue
@@ -446,52 +597,113 @@ class BagelGenerationMixin:
                     active.discard(seq)
                 else:
                     outputs[seq].append(token)
+                    if streamer is not None:
+                        streamer.put(torch.tensor([token]))
             return bool(active)
 
-        tokens = torch.full((batch,), special.bos, dtype=torch.long, device=cache.rows.device)
-        previous = None
-        for _ in range(max_length):
-            logits = step(tokens)
-            tokens = _next_tokens(logits, do_sample, temperature, top_p, generators)
-            current = (_to_host(tokens), logits.clone() if return_logits else None)
-            # The GPU runs this step while the host reads the previous one's tokens; a step past
-            # the last eos is the price.
-            if previous is not None and not take(*previous):
-                break
-            previous = current
-        else:
-            take(*previous)
+        pool = self._decode_pool()
+        with pool.lock:
+            runner = self._decode_runner(pool, context, max(context.lengths) + max_length)
+            runner.start(context, special.bos)
+            queued = deque()  # steps whose tokens the host has not read yet
+            for _ in range(max_length):
+                logits = runner.step()
+                if do_sample:
+                    runner.tokens.copy_(_sample_tokens(logits, temperature, top_p, generators))
+                queued.append((*runner.tokens_to_host(), logits.clone() if return_logits else None))
+                if len(queued) > runner.lag and not take(*queued.popleft()):
+                    break
+            else:
+                while queued and take(*queued.popleft()):
+                    pass
+            runner.finish()
+            if runner not in pool.runners.values():  # served this call only: wait, then drop it
+                runner.release()
+        if streamer is not None:
+            streamer.end()
         if return_logits:
             return outputs, [torch.stack(rows) for rows in step_logits]
         return outputs
 
-    def _decode_step_fn(self, cache: _DecodeCache):
-        """tokens (B,) -> next-token logits (B, vocab), advancing the cache; graphed on the GPU."""
-        decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
-        route = TokenRoute(cache.rows.shape[0])
+    def clear_generation_cache(self) -> None:
+        """Free the decode caches and CUDA graphs kept for reuse by `generate_text_ids` (and so by
+        `chat` and `interleave`). Moving or casting the model (`.to`, `.half`, ...) does it too."""
+        pool = self.__dict__.get("_generation_pool")
+        if pool is not None:
+            with pool.lock:
+                pool.clear()
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
+    def set_generation_cache_limits(self, max_entries: int = 16, max_bytes: int | None = None) -> None:
+        """How much `generate_text_ids` keeps for reuse: at most `max_entries` decode shapes (batch
+        size, cache length bucket) and `max_bytes` of KV cache (None: an eighth of the GPU's memory;
+        1 GiB on the CPU). 0 entries keeps nothing."""
+        if not isinstance(max_entries, int) or max_entries < 0:
+            raise ValueError(f"max_entries must be an int >= 0, got {max_entries!r}.")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}.")
+        pool = self._decode_pool()
+        with pool.lock:
+            pool.max_entries, pool.max_bytes = max_entries, max_bytes
+            pool.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the weights makes the captured graphs and the caches stale: free them.
+        self.clear_generation_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _decode_pool(self) -> _DecodePool:
+        with _POOL_CREATION_LOCK:  # in __dict__, not a submodule or a buffer: nothing to save or move
+            return self.__dict__.setdefault("_generation_pool", _DecodePool())
+
+    def _can_graph(self, device: torch.device) -> bool:
+        """Whether the decode step may run as a CUDA graph: every weight of the language model a
+        plain floating-point Parameter on `device`, a CUDA device, and no accelerate hook (offloading
+        moves weights during the forward). Quantized weights (tensor subclasses, integer data) and
+        models spread over devices decode eagerly."""
+        lm = self.model.language_model
+        plain = lambda p: type(p) is nn.Parameter and p.device == device and p.dtype.is_floating_point
+        return (
+            device.type == "cuda"
+            and all(plain(p) for p in lm.parameters())
+            and not any(hasattr(module, "_hf_hook") for module in lm.modules())
+        )
+
+    def _decode_runner(self, pool: _DecodePool, context: BagelContext, rows: int) -> _DecodeRunner:
+        """The pooled runner for this context's batch size and `rows` cache rows per sequence."""
+        like, batch, layers = context.keys[0], context.batch_size, len(context.keys)
+        graphed = self._can_graph(like.device)
+        capacity = _capacity_bucket(rows)
+        nbytes = 2 * layers * batch * capacity * like.shape[1] * like.shape[2] * like.element_size()
+        weights = tuple((p.data_ptr(), p.dtype) for p in self.model.language_model.parameters())
+
+        def build() -> _DecodeRunner:
+            cache = _DecodeCache(batch, capacity, layers, like)
+            tokens = torch.zeros(batch, dtype=torch.long, device=like.device)
+            stream = pool.graph_stream(like.device) if graphed else None
+            return _DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, stream, pool.count_capture)
+
+        return pool.get((batch, capacity, like.dtype, like.device, graphed), nbytes, weights, build)
+
+    def _decode_step_fn(self, cache: _DecodeCache, tokens: torch.Tensor):
+        """A step reading `tokens` (B,): advances the cache, writes the greedy next tokens back into
+        `tokens` and returns the next-token logits (B, vocab) in float32. Embedding, decoder, lm
+        head and argmax all run inside it (inside the graph on the GPU)."""
+        decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
+        route = TokenRoute(tokens.shape[0])
+
+        def step() -> torch.Tensor:
             cache.begin_step()
             hidden = decoder(embed(tokens), cache.positions, None, route, cache=cache)
             cache.end_step()
-            return head(hidden).float()
+            logits = head(hidden).float()
+            tokens.copy_(logits.argmax(dim=-1))
+            return logits
 
-        graphable = not self._hooks_move_tensors() and not any(
-            type(module).__name__ in _UNGRAPHABLE_LAYERS for module in decoder.modules()
-        )
-        return _GraphedStep(step) if cache.rows.is_cuda and graphable else step
+        return step
 
     def _main_device(self) -> torch.device:
         """Where generation starts: the device the token embeddings compute on."""
         return execution_device(self.get_input_embeddings())
-
-    def _hooks_move_tensors(self) -> bool:
-        """Whether accelerate hooks move weights or activations during a forward (a `device_map`
-        over several devices, or offloaded to the CPU or disk while computing on the GPU): a CUDA
-        graph cannot replay those copies."""
-        devices = {str(device) for device in (getattr(self, "hf_device_map", None) or {}).values()}
-        offloaded = bool(devices & {"cpu", "disk"}) and self._main_device().type != "cpu"
-        return len(devices) > 1 or offloaded
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -501,6 +713,12 @@ class BagelGenerationMixin:
                 "Image generation and VAE inputs need a stage-2 model with its VAE: load it with stage=2 "
                 "from a checkpoint that has ae.safetensors."
             )
+
+    def _largest_image_side(self, processor) -> int:
+        """The largest image side this checkpoint generates: what its latent position table
+        (`max_latent_size`) covers, at most the processor's VAE size (1024 for BAGEL-7B-MoT)."""
+        stride = self.vae.downsample * self.config.latent_patch_size
+        return min(processor.vae_max_size // stride, self.config.max_latent_size) * stride
 
     def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image size in pixels -> latent token grid, with clear errors."""
@@ -525,9 +743,12 @@ class BagelGenerationMixin:
         init_noise: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        parallel=None,
     ) -> list[torch.Tensor]:
         """Flow-matching sampling of one image per sequence. `image_sizes` are (height, width) in
-        pixels; returns the final latent tokens (h*w, p*p*C) of each sequence."""
+        pixels; returns the final latent tokens (h*w, p*p*C) of each sequence. `parallel` spreads
+        the guidance branches and the latent tokens over processes (see parallel_bagel.py); every
+        process then returns the same latents."""
         self._require_generation()
         device = self._main_device()
         grids = [self._latent_grid(h, w) for h, w in image_sizes]
@@ -543,33 +764,50 @@ class BagelGenerationMixin:
         guided = params.cfg_text_scale > 1.0
         branches = [context] + ([cfg_text_context] if guided else [])
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
-        all_branches = BagelContext.concat(branches)
+        if parallel is None:
+            velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token)
+        else:
+            from .parallel_bagel import parallel_velocity
+
+            x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token)
         timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
-        steps = range(len(timesteps) - 1)
+        steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="Denoising")
+            steps = tqdm(steps, desc="Denoising", total=len(steps))
         for i in steps:
             t = timesteps[i]
             use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
-            ctx = all_branches if use_cfg else context
-            n_branches = len(branches) if use_cfg else 1
-            velocities = self._predict_velocity(ctx, x, t, pos, counts, n_branches, special).chunk(n_branches)
-            v = _guide(velocities, params, seq_of_token, len(counts)) if use_cfg else velocities[0]
-            x = x - v * (t - timesteps[i + 1])
+            x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
         return list(x.split(counts))
 
-    def _predict_velocity(self, context, x, t, pos, counts, n_branches, special) -> torch.Tensor:
+    def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token):
+        """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
+        forward for all) combined by `_guide`, else the full-context branch alone."""
+        all_branches = BagelContext.concat(branches)
+
+        def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
+            if not use_cfg:
+                return self._predict_velocity(branches[0], x, t, pos, counts, 1, special)
+            n = len(branches)
+            velocities = self._predict_velocity(all_branches, x, t, pos, counts, n, special).chunk(n)
+            return _guide(velocities, params, seq_of_token, len(counts))
+
+        return velocity
+
+    def _predict_velocity(self, context, x, t, pos, counts, n_branches, special, shard=None) -> torch.Tensor:
         """One flow step's velocity for every sequence of `context`: the latents x (N, p*p*C) of
-        the B images, repeated for each of the `n_branches` guidance branches (B sequences each)."""
+        the B images, repeated for each of the `n_branches` guidance branches (B sequences each).
+        `shard`: sequence parallelism (`_forward_step`)."""
         x_all, pos_all = x.repeat(n_branches, 1), pos.repeat(n_branches)
         timestep = torch.full((x_all.shape[0],), t, device=x.device)
         latents = self.model.embed_latent_tokens(x_all, timestep, pos_all)
         embeds, gen_rows = self._image_blocks(list(latents.split(counts * n_branches)), special)
         lengths = [n + 2 for n in counts * n_branches]
         positions = self._block_positions(context, lengths, x.device)
-        hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False)
+        hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False,
+                                       shard=shard)  # fmt: skip
         return self.model.llm2vae(hidden[gen_rows]).float()
 
     @torch.no_grad()
@@ -606,29 +844,52 @@ class BagelGenerationMixin:
         do_sample: bool = False,
         temperature: float = 0.3,
         top_p: float = 1.0,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         params: GuidanceParams = GuidanceParams(),
         seed: int | list[int] | None = None,
         progress: bool = True,
         processor=None,
+        parallel=None,
+        streamer=None,
     ) -> list:
         """The reference's interleaved inference: `inputs` is a list of strings and PIL images (or a
         list of such lists, all of the same shape, for a batch). Returns what the model produces:
         `[text]` with `understanding_output`, else `[image]` (`[thinking, image]` with `think`);
-        a list of those for a batch. Images in the input are resized by the VAE rule first; a
-        generated image then has the size of the last input image, else `height` x `width`.
-        `seed` (one per request, or one int: request i uses seed + i) makes sampling reproducible
-        and independent of batching."""
+        a list of those for a batch. Images in the input are resized by the VAE rule first (at
+        most the largest side the checkpoint generates); a generated image then has the size of
+        the last input image, else `height` x `width` (default: the largest square the checkpoint
+        generates, 1024 x 1024 for BAGEL-7B-MoT). `seed` (one per request, or one int: request i
+        uses seed + i) makes sampling reproducible and independent of batching. `parallel`
+        ("batch", "cfg", "sp" or a dict of sizes, in a torchrun launch) spreads the work over
+        processes; see parallel_bagel.py. `streamer` (one request) gets the generated text as it
+        is decoded (see `generate_text_ids`)."""
         processor = self._processor(processor)
+        if not isinstance(inputs, (list, tuple)):
+            raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
         batched = bool(inputs) and isinstance(inputs[0], (list, tuple))
         batch = [list(x) for x in inputs] if batched else [list(inputs)]
         _check_interleaved(batch)
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=1)
+        if parallel is not None:
+            from .parallel_bagel import ParallelLayout
+
+            parallel = ParallelLayout.of(parallel, self.device)
+            if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
+                run = lambda requests, seeds, inner: self.interleave(  # noqa: E731
+                    requests, understanding_output, think, max_new_tokens, do_sample, temperature, top_p, height,
+                    width, params, seeds, progress, processor, inner)  # fmt: skip
+                outputs = parallel.run_requests(run, batch, seed)
+                return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
                                   processor.start_of_image_id, processor.end_of_image_id)  # fmt: skip
+        generators = _generators(seed, len(batch))
+        vae_max_size = processor.vae_max_size
         if not understanding_output:
             self._require_generation()
-        generators = _generators(seed, len(batch))
+            vae_max_size = self._largest_image_side(processor)
+            height = vae_max_size if height is None else _check_int("height", height)
+            width = vae_max_size if width is None else _check_int("width", width)
         sizes = [(height, width)] * len(batch)
         gen = self.new_context(len(batch))
         cfg_text = cfg_img = gen
@@ -642,14 +903,17 @@ class BagelGenerationMixin:
                 gen = self.add_text_tokens(gen, ids, special)
                 cfg_img = gen if shared else self.add_text_tokens(cfg_img, ids, special)
             else:
-                from .processing_bagel import check_image_size, resize_image, to_rgb
+                from .processing_bagel import check_image_size, image_to_tensor, resize_image, to_rgb
+
+                def vae_resize(img):  # the processor's VAE rule, within what this checkpoint generates
+                    return resize_image(to_rgb(img), vae_max_size, min(processor.vae_min_size, vae_max_size),
+                                        processor.vae_stride, processor.max_pixels)  # fmt: skip
 
                 for img in items:
                     check_image_size(img)  # before converting, so a huge image fails cheaply
-                images = [resize_image(to_rgb(img), processor.vae_max_size, processor.vae_min_size,
-                                       processor.vae_stride, processor.max_pixels) for img in items]  # fmt: skip
-                if not understanding_output:
-                    gen = self.add_vae_images(gen, [processor.vae_transform(img) for img in images], special)
+                images = [vae_resize(img) for img in items]
+                if not understanding_output:  # resized twice, as the reference does (its vae_transform resizes)
+                    gen = self.add_vae_images(gen, [image_to_tensor(vae_resize(img)) for img in images], special)
                 gen = self.add_vit_images(gen, [processor.vit_transform(img) for img in images], special)
                 sizes = [(img.height, img.width) for img in images]
                 cfg_text = gen
@@ -659,7 +923,8 @@ class BagelGenerationMixin:
         outputs: list[list] = [[] for _ in batch]
         if understanding_output or think:
             texts = self.generate_text_ids(gen, special, max_length=max_new_tokens + 1, do_sample=do_sample,
-                                           temperature=temperature, top_p=top_p, generator=generators)  # fmt: skip
+                                           temperature=temperature, top_p=top_p, generator=generators,
+                                           streamer=streamer)  # fmt: skip
             for out, ids in zip(outputs, texts):
                 out.append(processor.decode(ids[1:]))
             if understanding_output:
@@ -670,7 +935,8 @@ class BagelGenerationMixin:
             dim = self.config.latent_patch_size**2 * self.model.latent_channel
             grids = [self._latent_grid(h, w) for h, w in sizes]
             noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
-        latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress)
+        latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress,
+                                        parallel=parallel)  # fmt: skip
         from .processing_bagel import tensor_to_image
 
         for out, image in zip(outputs, self.decode_latents(latents, sizes)):
@@ -678,67 +944,123 @@ class BagelGenerationMixin:
         return outputs if batched else outputs[0]
 
     def chat(self, images, prompt, think: bool = False, max_new_tokens: int = 512, do_sample: bool = False,
-             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None):  # fmt: skip
+             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None, parallel=None,
+             streamer=None):  # fmt: skip
         """Answer `prompt` about `images` (None, one PIL image or a list). A list of prompts is a
-        batch; `images` is then a list with one entry (None, image or list) per prompt."""
+        batch; `images` is then a list with one entry (None, image or list) per prompt.
+        `streamer`: a transformers streamer that gets the answer as it is decoded, e.g.
+        `TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True)` (one request only)."""
         prompts, image_lists = _as_batch(prompt, images)
         batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
         out = self.interleave(batch, understanding_output=True, think=think, max_new_tokens=max_new_tokens,
-                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor)  # fmt: skip
+                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor,
+                              parallel=parallel, streamer=streamer)  # fmt: skip
         texts = [o[0] for o in out]
         return texts if isinstance(prompt, (list, tuple)) else texts[0]
 
-    def generate_image(self, prompt, height: int = 1024, width: int = 1024, think: bool = False,
+    def generate_image(self, prompt, height: int | None = None, width: int | None = None, think: bool = False,
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
                        timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
-                       processor=None):  # fmt: skip
+                       processor=None, parallel=None):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
-        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking)."""
-        params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
-                                cfg_renorm_type, cfg_renorm_min)  # fmt: skip
+        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking).
+        `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
+        BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
+        `parallel`: several GPUs (README, "Several GPUs")."""
+        params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
+                           cfg_renorm_min)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
-                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
+                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
+                              parallel=parallel)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
     def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   max_think_tokens: int = 1000, processor=None):  # fmt: skip
-        """Edit `image` as `prompt` says; the result has the size of the VAE-resized input. Lists of
-        images and prompts (same length) are a batch."""
-        params = GuidanceParams(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
-                                cfg_renorm_type, cfg_renorm_min)  # fmt: skip
+                   max_think_tokens: int = 1000, processor=None, parallel=None):  # fmt: skip
+        """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
+        the largest side the checkpoint generates). Lists of images and prompts (same length) are
+        a batch. `num_steps` is the number of denoising steps (model evaluations). `parallel`:
+        several GPUs (README, "Several GPUs")."""
+        params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
+                           cfg_renorm_min)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
         if any(len(imgs) != 1 for imgs in image_lists):
             raise ValueError("edit_image takes exactly one image per prompt.")
         out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
-                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor)  # fmt: skip
+                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
+                              parallel=parallel)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
 
-def _generators(seed, batch: int) -> list:
+def _check_int(name: str, value, minimum: int | None = None) -> int:
+    """`value` as an int (at least `minimum`), or an error that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min):
+    """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
+    reference's `num_timesteps` counts the points of the schedule, one more."""
+    num_steps = _check_int("num_steps", num_steps, minimum=1)
+    for name, value in (("timestep_shift", timestep_shift), ("cfg_text_scale", cfg_text_scale),
+                        ("cfg_img_scale", cfg_img_scale), ("cfg_renorm_min", renorm_min)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    if not isinstance(cfg_interval, (list, tuple)) or len(cfg_interval) != 2:
+        raise TypeError(f"cfg_interval must be a pair (lo, hi), got {cfg_interval!r}.")
+    return GuidanceParams(num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
+                          renorm_type, renorm_min)  # fmt: skip
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer or a list of integers (one per request), got {seed!r}.")
+    return int(seed)
+
+
+def _request_seeds(seed, batch: int) -> list[int] | None:
+    """One seed per request: a list as given, or one int: request i uses seed + i."""
     if seed is None:
-        return [None] * batch
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+        return None
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [_check_seed(seed) + i for i in range(batch)]
     if len(seeds) != batch:
         raise ValueError(f"Got {len(seeds)} seeds for {batch} requests.")
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [_check_seed(s) for s in seeds]
+
+
+def _generators(seed, batch: int) -> list:
+    seeds = _request_seeds(seed, batch)
+    return [None] * batch if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
     """Normalise (prompt, images) of one request or of a batch to per-request lists."""
+    from PIL import Image
+
+    for p in prompt if isinstance(prompt, (list, tuple)) else [prompt]:
+        if not isinstance(p, str):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(p).__name__}: {p!r}.")
     if isinstance(prompt, (list, tuple)):
         prompts = list(prompt)
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise ValueError(
+                f"Got a list of {len(prompts)} prompts and one {type(images).__name__}: a batch needs a list of "
+                f"{len(prompts)} image entries, one per prompt (None, an image or a list of images); for the same "
+                f"image in every request pass [image] * {len(prompts)}."
+            )
         per_request = [None] * len(prompts) if images is None else list(images)
         if len(per_request) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(per_request)} image entries; give one per prompt.")
     else:
         prompts, per_request = [prompt], [images]
-    from PIL import Image
 
     as_list = lambda x: [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
     image_lists = [as_list(x) for x in per_request]
@@ -763,10 +1085,25 @@ def _check_interleaved(batch: list[list]) -> None:
             if isinstance(item, str):
                 if not item.strip():
                     raise ValueError("Empty prompt: give some text to condition on.")
+                if _looks_like_image_path(item):
+                    raise TypeError(
+                        f"{item!r} looks like an image file path, but inputs take images as PIL.Image.Image (as chat "
+                        f"and edit_image do): pass PIL.Image.open({item!r}) instead."
+                    )
             elif not isinstance(item, Image.Image):
                 raise TypeError(f"Inputs must be str or PIL.Image.Image, got {type(item).__name__}.")
             if isinstance(item, str) != isinstance(first, str):
                 raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
+
+
+def _looks_like_image_path(text: str) -> bool:
+    """One word ending in an image file extension PIL knows (.png, .jpg, ...)."""
+    from PIL import Image
+
+    if any(c.isspace() for c in text):
+        return False
+    suffix = "." + text.rsplit(".", 1)[-1].lower() if "." in text else ""
+    return suffix in Image.registered_extensions()
 
 
 def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
@@ -775,22 +1112,9 @@ def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
     return BagelContext(context.keys, context.values, context.lengths, positions)
 
 
-def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying tokens to the host without waiting for the GPU: (host tensor, ready event)."""
-    if not tokens.is_cuda:
-        return tokens, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
-
-
-def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generators: list) -> torch.Tensor:
-    """Greedy, or sampling with temperature and nucleus (top-p) filtering, each row with its own
-    generator. logits (B, vocab)."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
+def _sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators: list) -> torch.Tensor:
+    """Sampling with temperature and nucleus (top-p) filtering, each row with its own generator.
+    logits (B, vocab) -> (B,)."""
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

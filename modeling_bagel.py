@@ -9,6 +9,14 @@ GEN weights, and all tokens share one packed attention. Everything works on pack
 
 from __future__ import annotations
 
+if not __package__:  # `import modeling_bagel` from a clone (no package for the relative imports)
+    raise ImportError(
+        "modeling_bagel.py is remote code whose modules import each other relatively, so it is not imported as a "
+        "plain module. From a clone use transformers.dynamic_module_utils.get_class_from_dynamic_module("
+        "'modeling_bagel.BagelForUnifiedMultimodal', 'path/to/the/clone'), or examples/quickstart.py --model "
+        "(README: Use from a clone)."
+    )
+
 import contextlib
 import math
 import os
@@ -19,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
@@ -120,10 +129,13 @@ class Qwen2MoTAttention(nn.Module):
         return route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan)).flatten(1)
 
 
-class Qwen2MoTDecoderLayer(nn.Module):
+class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm decoder layer; in MoT form (stage 2) every weight has a `_moe_gen` twin. Tokens
     are routed block by block (norm + projections, output projection, norm + MLP): one
-    concatenation per output instead of one per op."""
+    concatenation per output instead of one per op. `model.gradient_checkpointing_enable()`
+    recomputes it in the backward (transformers' `GradientCheckpointingLayer`); its forward is
+    deterministic given its arguments (the plan and route are read, never changed), so the
+    recomputation gives the same values."""
 
     def __init__(self, config, layer_idx: int, mot: bool):
         super().__init__()
@@ -343,7 +355,7 @@ def _convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConf
 class BagelPreTrainedModel(PreTrainedModel):
     config_class = BagelConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # decoder and ViT layers (GradientCheckpointingLayer)
     _no_split_modules = ["Qwen2MoTDecoderLayer", "SiglipEncoderLayer"]
     # attention_bagel picks its kernel itself (SDPA or a varlen kernel); this only lets the
     # standard `attn_implementation="sdpa"` argument through.
@@ -493,6 +505,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             noise = torch.randn_like(clean) if packed_noise is None else packed_noise.to(clean)
             if noise.shape != clean.shape:
                 raise ValueError(f"packed_noise must have shape {tuple(clean.shape)}, got {tuple(noise.shape)}.")
+            checks += _timestep_checks(
+                split_lens, attn_modes, packed_vae_token_indexes, packed_timesteps, mse_loss_indexes
+            )
             timesteps = shift_timesteps(torch.sigmoid(packed_timesteps.float()), self.config.timestep_shift)
             x_t = (1 - timesteps[:, None]) * clean + timesteps[:, None] * noise
             target = (noise - clean)[timesteps > 0]  # the velocity of noised tokens (this waits for the GPU)
@@ -643,6 +658,37 @@ def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> 
     hits = torch.zeros(sequence_length, dtype=torch.int32, device=index.device)
     hits.index_add_(0, index.clamp(0, sequence_length - 1), in_range.int())
     return in_range.all() & (hits == 1).all(), message
+
+
+def _timestep_checks(split_lens, attn_modes, vae_indexes, timesteps, mse_indexes) -> list[tuple[torch.Tensor, str]]:
+    """The pack's conventions for VAE tokens, as checks for `_raise_failed`: those of `noise` splits
+    have finite raw timesteps, all others -inf (clean, t = 0); `mse_loss_indexes` are exactly the
+    noised ones, in packed order (the order the MSE target is taken in)."""
+    if timesteps.shape != vae_indexes.shape:
+        raise ValueError(
+            f"packed_timesteps has shape {tuple(timesteps.shape)}; it needs one raw timestep per VAE token "
+            f"({tuple(vae_indexes.shape)}, as packed_vae_token_indexes)."
+        )
+    device = vae_indexes.device
+    split_ends = torch.tensor(split_lens, device=device).cumsum(0)
+    noise_split = torch.tensor([mode == "noise" for mode in attn_modes], device=device)
+    noised = noise_split[torch.searchsorted(split_ends, vae_indexes, right=True).clamp(max=len(split_lens) - 1)]
+    clean = timesteps == float("-inf")
+    checks = [
+        ((noised | clean).all(), "A VAE token outside a `noise` split has a finite timestep: clean images (`full` "
+         "splits) take packed_timesteps = -inf (t = 0, no noise); only `noise` splits are noised."),
+        ((~noised | ~(clean | timesteps.isnan())).all(), "A VAE token in a `noise` split has timestep -inf or NaN: "
+         "noised images take a finite raw timestep (before the sigmoid), e.g. one torch.randn(()) per image; "
+         "clean images go in `full` splits."),
+    ]  # fmt: skip
+    if mse_indexes is not None:
+        n = mse_indexes.shape[0]
+        slot = torch.where(noised, noised.long().cumsum(0) - 1, n).clamp(max=n)
+        in_order = vae_indexes.new_full((n + 1,), -1).scatter(0, slot, vae_indexes)[:n]
+        checks.append(((noised.sum() == n) & (in_order == mse_indexes).all(), "mse_loss_indexes selects other "
+                       "positions than the noised VAE tokens: it must list exactly the VAE tokens of `noise` splits, "
+                       "in packed order."))  # fmt: skip
+    return checks
 
 
 def _vit_lengths_check(seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, str]:

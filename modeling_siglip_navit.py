@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from transformers import SiglipVisionConfig
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, packed_attention
 
@@ -73,14 +74,25 @@ def _trains_master_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def computes_in_float32(weight: torch.Tensor) -> bool:
+    """bf16/fp16 weights on the CPU, which are computed in float32: CPUs without native bf16
+    (AVX2) have no fast low-precision kernels, and a bf16 matmul there runs ~180x, a bf16 conv2d
+    (aten's slow_conv2d) ~700x slower than in float32. The weights stay stored in low precision."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, except when float32 weights are trained under CUDA autocast. Autocast would give
-    the weight a bf16 gradient and then cast it to float32, an extra kernel per weight and a
-    rounding; here one GEMM writes the float32 gradient directly. The forward is autocast's."""
+    """nn.Linear, except (1) when float32 weights are trained under CUDA autocast: autocast would
+    give the weight a bf16 gradient and then cast it to float32, an extra kernel per weight and a
+    rounding; here one GEMM writes the float32 gradient directly (the forward is autocast's);
+    (2) with bf16/fp16 weights on the CPU, computed in float32 (`computes_in_float32`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _trains_master_weights(x, self.weight):
             return _stacked_linear(x, (self,))
+        if computes_in_float32(self.weight):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return super().forward(x)
 
 
@@ -89,7 +101,9 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch
     master weights are trained, it is one GEMM each way: the weights are cast into one bf16
     matrix (the cast autocast makes anyway), x is cast and saved once, and x's gradient needs no
     sum. (Gate/up stay two GEMMs: one 2 x 18944-row matrix measured slower on an H100.)"""
-    if not _trains_master_weights(x, layers[0].weight):
+    # A layer that is not our plain Linear (a PEFT LoRA wrapper, say) runs its own forward: the
+    # stacked GEMM reads `.weight` alone and would skip whatever the wrapper adds.
+    if not all(type(layer) is Linear for layer in layers) or not _trains_master_weights(x, layers[0].weight):
         return tuple(layer(x) for layer in layers)
     return _stacked_linear(x, layers).split([layer.out_features for layer in layers], dim=-1)
 
@@ -226,7 +240,9 @@ class SiglipMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SiglipEncoderLayer(nn.Module):
+class SiglipEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT layer, recomputed in the backward under `gradient_checkpointing_enable()`."""
+
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

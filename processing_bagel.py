@@ -88,12 +88,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
         TypeError: ``image`` is not a ``PIL.Image.Image``.
     """
     image = _require_pil(image)
+    if image.mode.startswith(("I", "F")):
+        image = _to_8bit(image)
     if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.getchannel("A"))
         return white
     return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (``I;16*``), 32-bit integer (``I``) or float (``F``) grayscale image as 8-bit ``L``, scaled
+    into 0..255. PIL's own conversion clips instead, so such images came out almost all white or black.
+
+    ``I;16*`` and ``I`` span 0..65535 (PIL opens 16-bit PNG and TIFF files as either); ``F`` spans 0..1,
+    or 0..255 when its values exceed 1. Values outside those ranges raise a ``ValueError``.
+    """
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        full_scale = 1.0 if high <= 1.0 else 255.0
+    else:
+        full_scale = 65535.0
+    if low < 0 or high > full_scale or not np.isfinite(values).all():
+        raise ValueError(
+            f"a mode {image.mode!r} image with values in [{low:g}, {high:g}]: expected 0..{full_scale:g}"
+            f"{' (or 0..1)' if image.mode == 'F' else ''}; scale it to 8 bits yourself and pass "
+            "PIL.Image.fromarray(array_uint8)."
+        )
+    return Image.fromarray(np.rint(values * (255.0 / full_scale)).astype(np.uint8))
 
 
 def _make_divisible(value: float, stride: int) -> int:

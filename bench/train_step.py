@@ -9,7 +9,7 @@ layers (--layers), full ViT.
 import argparse
 
 import torch
-from common import PEAK_BF16_FLOPS, Timer, attention_flops, build_model, full_size_config, report
+from common import PEAK_BF16_FLOPS, Timer, build_model, full_size_config, report, train_flops
 
 
 def packed_batch(config, device="cuda", t2i_samples=5, und_samples=2, text_len=30, latent_side=32, vit_side=35,
@@ -80,26 +80,6 @@ def packed_batch(config, device="cuda", t2i_samples=5, und_samples=2, text_len=3
         ce_loss_indexes=long(ce_idx),
         packed_label_ids=torch.randint(0, vocab, (len(ce_idx),), device=device),
     )
-
-
-def train_flops(config, batch) -> float:
-    """Model FLOPs of forward + backward (6 per weight per token, plus attention)."""
-    text = config.text_config
-    d, hd = text.hidden_size, text.hidden_size // text.num_attention_heads
-    kv = text.num_key_value_heads * hd
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * text.intermediate_size
-    vit = config.vision_config
-    vit_layer = 4 * vit.hidden_size**2 + 2 * vit.hidden_size * vit.intermediate_size
-    n_vit = batch["packed_vit_tokens"].shape[0]
-    dense = per_layer * text.num_hidden_layers * batch["sequence_length"] + vit_layer * vit.num_hidden_layers * n_vit
-    dense += d * text.vocab_size * batch["ce_loss_indexes"].shape[0]
-    # attention: forward FLOPs, times 3 with backward
-    attn = sum(  # within-split keys (half of them when causal); earlier splits are small
-        attention_flops(text, n, n) * (0.5 if mode == "causal" else 1.0)
-        for n, mode in zip(batch["split_lens"], batch["attn_modes"])
-    )
-    vit_attn = sum(attention_flops(vit, int(s), int(s)) for s in batch["vit_token_seqlens"])
-    return 6 * dense + 3 * (attn + vit_attn)
 
 
 def make_step(model, batch):

@@ -11,7 +11,8 @@ the processor module exists, and the remote-code ``.py`` files, so it loads with
 Shapes: LLM hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 320; ViT hidden 32, 3 layers in
 ``vit_config.json`` (2 built), patch 14, image_size 980 so that its position table covers the
 processor's 70 x 70 patch grid; VAE ch 32, ch_mult [1, 1, 1, 1] (8x downsampling), one res block,
-16 latent channels. Weights come from the model's own initialisation under ``torch.manual_seed(seed)``,
+16 latent channels. The processor resizes VAE images to at most 256 x 256 (the tiny model's default
+image size; the latent table, max_latent_size 64, covers 1024 x 1024 as BAGEL-7B-MoT's). Weights come from the model's own initialisation under ``torch.manual_seed(seed)``,
 except ``llm2vae`` (zeros at init) which gets small random values so that generation is non-trivial.
 The same seed gives byte-identical files.
 """
@@ -71,6 +72,9 @@ TINY_VAE_CONFIG = dict(
     shift_factor=0.1159,
 )
 LLM2VAE_STD = 0.02
+# The processor's VAE resize rule: images up to 256 x 256, the tiny model's default generation size
+# (the reference's 1024 / 512 would make every call of the tiny model take seconds to minutes).
+TINY_VAE_MAX_SIZE, TINY_VAE_MIN_SIZE = 256, 128
 
 
 def tiny_config(tokenizer):
@@ -128,6 +132,8 @@ def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
             tokenizer,
             vit_patch_size=config.vit_patch_size,
             vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
+            vae_max_size=TINY_VAE_MAX_SIZE,
+            vae_min_size=TINY_VAE_MIN_SIZE,
         )
         processor.save_pretrained(str(out))
     return out

@@ -9,6 +9,8 @@ import shutil
 import pytest
 from transformers import Qwen2Config, SiglipVisionConfig
 
+from conftest import REPO_ROOT
+
 from bagel_remote.configuration_bagel import BAGEL_PAD_TOKEN_ID, BagelConfig, normalize_stage
 
 LLM = dict(
@@ -208,3 +210,43 @@ def test_setting_stage_updates_visual_gen_and_layer_module():
     # Explicit stage wins over a contradicting visual_gen.
     assert make(stage=1, visual_gen=True).visual_gen is False
     assert make(stage=2, visual_gen=False).visual_gen is True
+
+
+# ----------------------------------------------------------------------------------------------
+# Silent mistakes: misspelt keys, quoted numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_unknown_keys_warn_with_the_likely_key(caplog, tmp_path):
+    with caplog.at_level("WARNING", logger="bagel_remote.configuration_bagel"):
+        config = make(max_latnet_size=16, my_note="x")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("unknown key 'max_latnet_size'" in m and "did you mean 'max_latent_size'" in m for m in messages)
+    assert any("unknown key 'my_note'" in m for m in messages)
+    assert config.max_latent_size == 8  # the misspelt key changed nothing
+    # Known keys, from BagelConfig or from transformers, and a saved and reloaded config: no warning.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bagel_remote.configuration_bagel"):
+        config = make(tie_word_embeddings=False, output_hidden_states=False, problem_type=None, stage=1)
+        config.save_pretrained(tmp_path)
+        BagelConfig.from_pretrained(tmp_path)
+        BagelConfig.from_pretrained(REPO_ROOT)
+    assert not [r for r in caplog.records if "unknown key" in r.getMessage()]
+
+
+@pytest.mark.parametrize("field, value, kind", [("latent_patch_size", "2", "an integer"),
+                                                ("max_latent_size", 64.0, "an integer"),
+                                                ("vit_select_layer", True, "an integer"),
+                                                ("timestep_shift", "3.0", "a number")])  # fmt: skip
+def test_numeric_fields_refuse_other_types_by_name(field, value, kind):
+    with pytest.raises(TypeError, match=rf"BagelConfig\.{field} must be {kind}, got {re.escape(repr(value))}.*quotes"):
+        BagelConfig(**{field: value})
+
+
+def test_quoted_number_in_config_json_is_refused_by_name(tmp_path):
+    make().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["max_latent_size"] = "8"
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(TypeError, match=r"BagelConfig\.max_latent_size must be an integer, got '8'"):
+        BagelConfig.from_pretrained(tmp_path)

@@ -15,6 +15,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, assert_close
 from PIL import Image
 
@@ -348,12 +349,72 @@ def test_empty_prompt(model, processor):
         model.interleave([], processor=processor)
 
 
-@pytest.mark.parametrize("steps", [0, 1, -3])
+@pytest.mark.parametrize("steps", [0, -1, -3])
 def test_too_few_steps(model, processor, steps):
-    with pytest.raises(ValueError, match="num_timesteps must be at least 2"):
+    with pytest.raises(ValueError, match=f"num_steps must be at least 1, got {steps}"):
         model.generate_image("a cat", height=64, width=64, num_steps=steps, progress=False, processor=processor)
-    with pytest.raises(ValueError, match="num_timesteps must be at least 2"):
+    with pytest.raises(ValueError, match=f"num_steps must be at least 1, got {steps}"):
         model.edit_image(_pil(64, 64), "blue", num_steps=steps, progress=False, processor=processor)
+
+
+@pytest.mark.parametrize("steps", [2.5, "4", True, None])
+def test_num_steps_must_be_an_integer(model, processor, steps):
+    with pytest.raises(TypeError, match="num_steps must be an integer"):
+        model.generate_image("a cat", height=64, width=64, num_steps=steps, progress=False, processor=processor)
+    with pytest.raises(TypeError, match="num_steps must be an integer"):
+        model.edit_image(_pil(64, 64), "blue", num_steps=steps, progress=False, processor=processor)
+
+
+def test_wrong_argument_types_are_refused_by_name(model, processor):
+    kwargs = dict(num_steps=1, progress=False, processor=processor)
+    with pytest.raises(TypeError, match="seed must be an integer or a list of integers.*'abc'"):
+        model.generate_image("a cat", height=64, width=64, seed="abc", **kwargs)
+    with pytest.raises(TypeError, match="seed must be an integer.*1.5"):
+        model.generate_image(["a cat", "a dog"], height=64, width=64, seed=[1, 1.5], **kwargs)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        model.chat(None, "hi", seed="0", max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match=r"height must be an integer, got 64\.0"):
+        model.generate_image("a cat", height=64.0, width=64, **kwargs)
+    with pytest.raises(TypeError, match="width must be an integer, got '64'"):
+        model.generate_image("a cat", height=64, width="64", **kwargs)
+    with pytest.raises(TypeError, match="prompt must be a str or a list of str, got int"):
+        model.generate_image(42, height=64, width=64, **kwargs)
+    with pytest.raises(TypeError, match="prompt must be a str or a list of str, got NoneType"):
+        model.chat(_pil(64, 64), [None], max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match="max_new_tokens must be an integer"):
+        model.chat(None, "hi", max_new_tokens=2.0, processor=processor)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        model.chat(None, "hi", max_new_tokens=0, processor=processor)
+    with pytest.raises(TypeError, match="cfg_text_scale must be a number, got '4'"):
+        model.generate_image("a cat", height=64, width=64, cfg_text_scale="4", **kwargs)
+    with pytest.raises(TypeError, match="inputs must be a list"):
+        model.interleave("a cat", processor=processor)
+
+
+def test_one_image_for_a_batch_of_prompts_says_what_is_expected(model, processor):
+    image = _pil(64, 64)
+    expected = r"list of 2 prompts and one Image: a batch needs a list of 2 image entries.*\[image\] \* 2"
+    with pytest.raises(ValueError, match=expected):
+        model.chat(image, ["a?", "b?"], max_new_tokens=2, processor=processor)
+    with pytest.raises(ValueError, match=expected):
+        model.edit_image(image, ["blue", "red"], num_steps=1, progress=False, processor=processor)
+    # What the message suggests works, and gives each request the same answer as alone.
+    answers = model.chat([image] * 2, ["a?", "b?"], max_new_tokens=3, processor=processor)
+    assert answers[1] == model.chat(image, "b?", max_new_tokens=3, processor=processor)
+
+
+@pytest.mark.parametrize("path", ["cat.png", "photos/Cat.JPG", "/tmp/x.webp"])
+def test_image_paths_in_interleave_are_refused(model, processor, path):
+    with pytest.raises(TypeError, match=r"looks like an image file path.*PIL\.Image\.open"):
+        model.interleave([path, "Describe it."], understanding_output=True, max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match="looks like an image file path"):
+        model.interleave([[path, "a"], [path, "b"]], understanding_output=True, max_new_tokens=2, processor=processor)
+    with pytest.raises(TypeError, match="PIL.Image"):  # chat refuses them too
+        model.chat(path, "Describe it.", max_new_tokens=2, processor=processor)
+    # Prompts that merely mention a file, or end in a dot, are prompts.
+    for prompt in (f"Describe {path}", "Describe it.", "e.g."):
+        out = model.interleave([prompt], understanding_output=True, max_new_tokens=2, processor=processor)
+        assert isinstance(out[0], str)
 
 
 def test_bad_guidance_params(model, processor):
@@ -532,7 +593,224 @@ def test_edit_image_batch_matches_single(model, processor):
         assert _max_pixel_diff(image, model.edit_image(source, prompt, seed=seed, **kwargs)) <= 1
 
 
-def test_progress_bar(model, processor, capsys):
+def test_progress_bar_counts_num_steps(model, processor, capsys, monkeypatch):
+    calls = []
+    predict = model._predict_velocity
+    monkeypatch.setattr(model, "_predict_velocity", lambda *args: calls.append(1) or predict(*args))
     image = model.generate_image("a cat", height=32, width=32, num_steps=3, seed=0, progress=True, processor=processor)
     assert image.size == (32, 32)
-    assert "Denoising" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Denoising" in err and "3/3" in err and "2/2" not in err
+    assert len(calls) == 3  # num_steps model evaluations, as the bar says
+
+
+def test_bf16_model_on_the_cpu_computes_matmuls_and_convolutions_in_float32(parity, processor, monkeypatch):
+    """The README snippet with device_map="cpu" and bf16 must not fall to the CPU's slow bf16 kernels."""
+    model = BagelForUnifiedMultimodal.from_pretrained(parity.checkpoint, dtype=torch.bfloat16, device_map="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    seen = set()
+    for name in ("linear", "conv2d"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda x, w, *a, _real=real, _name=name, **k: seen.add((_name, w.dtype)) or _real(x, w, *a, **k))
+    image = model.generate_image("a cat", height=32, width=32, num_steps=1, seed=0, progress=False, processor=processor)
+    assert seen == {("linear", torch.float32), ("conv2d", torch.float32)}
+    answer = model.chat(image, "what is this?", max_new_tokens=3, processor=processor)
+    assert isinstance(answer, str) and seen == {("linear", torch.float32), ("conv2d", torch.float32)}
+
+
+def test_default_size_is_the_largest_the_checkpoint_generates(model, processor):
+    """tiny-a's latent table is 8 x 8 tokens of 16 pixels: 128 x 128 (BAGEL-7B-MoT's: 1024 x 1024)."""
+    stride = model.vae.downsample * model.config.latent_patch_size
+    assert model.config.max_latent_size * stride == 128 and processor.vae_max_size == 128
+    assert model.generate_image("a cat", num_steps=1, seed=0, progress=False, processor=processor).size == (128, 128)
+    # The processor's VAE size caps it, and editing resizes its input within the same limit.
+    small = BagelProcessor(processor.tokenizer, **dict(PROCESSOR_SIZES, vae_max_size=64))
+    assert model.generate_image("a cat", num_steps=1, seed=0, progress=False, processor=small).size == (64, 64)
+    big = BagelProcessor(processor.tokenizer, **dict(PROCESSOR_SIZES, vae_max_size=1024, vae_min_size=512))
+    assert model.edit_image(_pil(300, 200), "blue", num_steps=1, seed=0, progress=False, processor=big).size == (128, 80)
+
+
+def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
+    from transformers import TextIteratorStreamer
+
+    from bagel_remote import generation_bagel
+
+    image = _pil(90, 60, 3)
+    answer = model.chat(image, "what is this?", max_new_tokens=12, processor=processor)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
+    assert model.chat(image, "what is this?", max_new_tokens=12, processor=processor, streamer=streamer) == answer
+    assert "".join(streamer) == answer and len(answer) > 0
+
+    steps, puts = [], []  # decoding steps taken when each id reached the streamer
+    runner_step = generation_bagel._DecodeRunner.step
+    monkeypatch.setattr(generation_bagel._DecodeRunner, "step", lambda self: steps.append(1) or runner_step(self))
+
+    class Recording:
+        def put(self, ids):
+            puts.append((ids.tolist(), len(steps)))
+
+        def end(self):
+            puts.append(("end", len(steps)))
+
+    model.chat(image, "what is this?", max_new_tokens=12, processor=processor, streamer=Recording())
+    ids = [i for i, _ in puts[1:-1] for i in i]
+    assert puts[0][0] == [processor.bos_token_id] and puts[-1][0] == "end"  # the prompt first, as generate() does
+    assert all(len(i) == 1 for i, _ in puts[1:-1]) and processor.decode(ids) == answer
+    arrival = [n for _, n in puts[1:-1]]
+    assert arrival == sorted(arrival) and arrival[0] < arrival[-1]  # one by one while decoding, not at the end
+    with pytest.raises(ValueError, match="streamer follows one request"):
+        model.chat(None, ["a", "b"], max_new_tokens=2, processor=processor, streamer=Recording())
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Decoding state kept across calls (the pool), and calls from several threads
+# ----------------------------------------------------------------------------------------------
+
+
+def _decode(model, special, prompts, max_length=6, **kwargs):
+    ctx = model.add_text_tokens(model.new_context(len(prompts)), prompts, special)
+    return model.generate_text_ids(ctx, special, max_length=max_length, return_logits=True, **kwargs)
+
+
+def _assert_same_decode(a, b, rtol: float = 0.0) -> None:
+    """Same ids, and logits equal (within `rtol`: weights in new memory may take other CPU GEMM paths)."""
+    (ids_a, logits_a), (ids_b, logits_b) = a, b
+    assert ids_a == ids_b
+    assert len(logits_a) == len(logits_b)
+    for x, y in zip(logits_a, logits_b):
+        if rtol:
+            assert_close(x, y, rtol, "logits")
+        else:
+            assert torch.equal(x, y)
+
+
+def test_decode_state_is_reused_across_calls(model, special):
+    """One runner serves every call of its shape, and a reused one (stale rows of a longer
+    context in its cache) gives exactly what a fresh one gives."""
+    model.set_generation_cache_limits()  # defaults, empty
+    pool = model._decode_pool()
+    longer = model.add_vit_images(model.new_context(1), [_image_tensor(98, 28, 1)], special)
+    longer = model.add_text_tokens(longer, [PROMPT_B], special)
+    reused = [model.generate_text_ids(longer, special, max_length=6, return_logits=True)]
+    reused.append(_decode(model, special, [PROMPT_A]))
+    assert len(pool.runners) == 1  # both fit one capacity bucket
+    (key, runner), = pool.runners.items()
+    assert key[:2] == (1, 64) and runner.cache.capacity == 64
+    again = _decode(model, special, [PROMPT_A])
+    assert pool.runners[key] is runner
+    model.clear_generation_cache()
+    assert not pool.runners and pool.nbytes == 0
+    _assert_same_decode(reused[1], _decode(model, special, [PROMPT_A]))  # fresh cache
+    _assert_same_decode(reused[1], again)
+    model.clear_generation_cache()
+    _assert_same_decode(reused[0], model.generate_text_ids(longer, special, max_length=6, return_logits=True))
+
+
+def test_decode_pool_is_bounded_in_entries_and_bytes(model, special):
+    prompts = [PROMPT_A, PROMPT_B, PROMPT_A[:3]]
+    alone = {n: _decode(model, special, prompts[:n]) for n in (1, 2, 3)}
+    pool = model._decode_pool()
+    try:
+        model.set_generation_cache_limits(max_entries=2)
+        for n in (1, 2, 3, 2, 1):  # least recently used out: batch 3 goes when batch 1 comes back
+            _assert_same_decode(_decode(model, special, prompts[:n]), alone[n])
+        assert [key[0] for key in pool.runners] == [2, 1]
+        one_runner = pool.runners[next(k for k in pool.runners if k[0] == 1)].nbytes
+        model.set_generation_cache_limits(max_bytes=2 * one_runner)  # batch 1 or 2 fits, not both
+        for n in (1, 2, 3):
+            _assert_same_decode(_decode(model, special, prompts[:n]), alone[n])
+            assert pool.nbytes <= 2 * one_runner
+        assert [key[0] for key in pool.runners] == [2]  # batch 3 (1.5x the bytes) served its call only
+        model.set_generation_cache_limits(max_entries=0)
+        _assert_same_decode(_decode(model, special, prompts[:1]), alone[1])
+        assert not pool.runners
+        with pytest.raises(ValueError, match="max_entries"):
+            model.set_generation_cache_limits(max_entries=-1)
+    finally:
+        model.set_generation_cache_limits()
+
+
+def test_decode_pool_is_cleared_when_weights_move_or_change(model, special):
+    pool = model._decode_pool()
+    expected = _decode(model, special, [PROMPT_A])
+    assert pool.runners
+    head = model.get_output_embeddings()
+    original = head.weight
+    try:
+        model.double()  # any _apply: .to, .cuda, .half, ...
+        assert not pool.runners
+        ids, logits = _decode(model, special, [PROMPT_A])
+        assert [key[2] for key in pool.runners] == [torch.float64] and logits[0].dtype == torch.float32
+        assert ids == expected[0]
+        model.float()
+        assert not pool.runners
+        _assert_same_decode(_decode(model, special, [PROMPT_A]), expected, 1e-5)
+        # Weights replaced without _apply (load_state_dict(assign=True), adapters): the captured
+        # state is rebuilt for the new tensors.
+        runner = next(iter(pool.runners.values()))
+        head.weight = torch.nn.Parameter(head.weight.detach() * 2)
+        doubled = _decode(model, special, [PROMPT_A])
+        assert next(iter(pool.runners.values())) is not runner
+        assert_close(doubled[1][0], expected[1][0] * 2, 1e-5, "logits with the doubled lm head")
+    finally:
+        head.weight = original
+        model.clear_generation_cache()
+    _assert_same_decode(_decode(model, special, [PROMPT_A]), expected, 1e-5)
+
+
+def test_decode_pool_travels_as_an_empty_pool(model, special):
+    """Deep copies and pickles of a model (EMA copies, torch.save) get an empty pool of their own."""
+    import copy
+    import pickle
+
+    _decode(model, special, [PROMPT_A])
+    pool = model._decode_pool()
+    assert pool.runners
+    for clone in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+        assert not clone.runners and clone.lock is not pool.lock and clone.max_entries == pool.max_entries
+
+
+def test_host_reading_steps_behind_returns_the_same_ids(model, special):
+    """On the GPU the host reads each step's tokens a few steps late; with eos stops and max_length
+    the ids and logits are those of reading every step at once."""
+    prompts = [PROMPT_A, PROMPT_B]
+    greedy = _decode(model, special, prompts)[0]
+    stop = dataclasses.replace(special, eos=greedy[0][3])
+    cases = [(special, 6), (stop, 6), (stop, 3), (special, 1)]
+    expected = [_decode(model, stop_or_not, prompts, max_length=n) for stop_or_not, n in cases]
+    runner = next(r for key, r in model._decode_pool().runners.items() if key[0] == 2)
+    runner.lag = 3
+    try:
+        for (stop_or_not, n), want in zip(cases, expected):
+            _assert_same_decode(_decode(model, stop_or_not, prompts, max_length=n), want)
+    finally:
+        runner.lag = 0
+
+
+def test_decoding_from_two_threads_gives_sequential_results(model, special, monkeypatch):
+    """Two threads decoding on one model (same shape, so the same pooled cache) take turns."""
+    import threading
+    import time
+
+    from bagel_remote import generation_bagel
+
+    contexts = [model.add_text_tokens(model.new_context(1), [p], special) for p in (PROMPT_A, PROMPT_B)]
+    expected = [model.generate_text_ids(ctx, special, max_length=6) for ctx in contexts]
+    end_step = generation_bagel._DecodeCache.end_step
+
+    def slow_end_step(cache):  # lets the other thread run between steps, if nothing stops it
+        time.sleep(0.002)
+        end_step(cache)
+
+    monkeypatch.setattr(generation_bagel._DecodeCache, "end_step", slow_end_step)
+    results: dict[int, list] = {}
+
+    def worker(i: int) -> None:
+        results[i] = [model.generate_text_ids(contexts[i], special, max_length=6) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {0: [expected[0]] * 3, 1: [expected[1]] * 3}

@@ -24,6 +24,7 @@ from bagel_remote.modeling_bagel import (
     sincos_2d,
 )
 from bagel_remote.modeling_siglip_navit import (
+    Linear,
     SiglipRotary2D,
     SiglipVisionEmbeddings,
     apply_rotary,
@@ -566,6 +567,34 @@ def test_error_mse_indexes_and_noise_shape(tiny_stage2):
         tiny_stage2(**dict(batch, packed_noise=batch["packed_noise"][:-1]))
 
 
+def test_error_timesteps_that_contradict_the_split_modes(tiny_stage2):
+    batch = make_batch(tiny_stage2.config, JOINT_PACK)
+    t = batch["packed_timesteps"]
+    clean = torch.isinf(t)
+    assert clean.any() and (~clean).any()  # JOINT_PACK: a clean image (full split), then a noised one
+    finite_on_clean = torch.where(clean, torch.tensor(0.3), t)
+    with pytest.raises(ValueError, match=r"outside a `noise` split has a finite timestep.*-inf"):
+        tiny_stage2(**dict(batch, packed_timesteps=finite_on_clean))
+    for bad in (float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="in a `noise` split has timestep -inf or NaN"):
+            tiny_stage2(**dict(batch, packed_timesteps=torch.where(clean, t, torch.tensor(bad))))
+    with pytest.raises(ValueError, match="packed_timesteps has shape"):
+        tiny_stage2(**dict(batch, packed_timesteps=t[:-1]))
+    # The clean image relabelled `noise` (with its -inf timesteps): refused, not silently clean.
+    modes = ["noise"] + batch["attn_modes"][1:]
+    assert batch["attn_modes"][0] == "full"
+    with pytest.raises(ValueError, match="in a `noise` split has timestep -inf"):
+        tiny_stage2(**dict(batch, attn_modes=modes))
+    # MSE indexes that are the noised tokens' count but not their positions, or out of order.
+    mse = batch["mse_loss_indexes"]
+    with pytest.raises(ValueError, match="mse_loss_indexes selects other positions.*in packed order"):
+        tiny_stage2(**dict(batch, mse_loss_indexes=mse.flip(0)))
+    with pytest.raises(ValueError, match="mse_loss_indexes selects other positions"):
+        tiny_stage2(**dict(batch, mse_loss_indexes=mse - 1))
+    with torch.no_grad():  # the consistent pack itself passes
+        assert tiny_stage2(**batch)["mse"].shape == (mse.shape[0], 64)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. Weight initialisation and the PreTrainedModel API
 # ----------------------------------------------------------------------------------------------
@@ -691,6 +720,22 @@ def _patchify(image: torch.Tensor, p: int) -> torch.Tensor:
     """(C, H, W) -> (H/p * W/p, p*p*C) in (row, col, py, px, c) order."""
     c, h, w = image.shape
     return image.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0).reshape(-1, p * p * c)
+
+
+def test_low_precision_linear_on_the_cpu_computes_in_float32(monkeypatch):
+    """A bf16 matmul on a CPU without native bf16 (AVX2) is ~180x slower than float32."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    linear, weights_seen = F.linear, []
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: weights_seen.append((x.dtype, w.dtype)) or linear(x, w, b))
+    for bias in (True, False):
+        layer = Linear(16, 8, bias=bias).to(torch.bfloat16)
+        weights_seen.clear()
+        out = layer(x.bfloat16())
+        assert weights_seen == [(torch.float32, torch.float32)] and out.dtype == torch.bfloat16
+        expected = linear(x.bfloat16().float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
+        assert layer.weight.dtype == torch.bfloat16  # stored in low precision
 
 
 def test_convert_conv2d_to_linear_matches_conv():

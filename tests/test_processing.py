@@ -155,6 +155,34 @@ def test_to_rgb_la_palette_and_plain_modes():
     assert to_rgb(rgb_in).getpixel((0, 0)) == (1, 2, 3)
 
 
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+    ("I;16B", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+    ("I", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+    ("F", [0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),
+    ("F", [0.0, 63.6, 128.0, 255.0], [0, 64, 128, 255]),  # a float image of 0..255
+])  # fmt: skip
+def test_to_rgb_scales_16_bit_integer_and_float_images(mode, values, expected):
+    import numpy as np
+
+    dtype = {"I;16": "<u2", "I;16B": ">u2", "I": "<i4", "F": "<f4"}[mode]
+    image = Image.frombytes(mode, (4, 1), np.array(values, dtype=dtype).tobytes())
+    assert image.mode == mode
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (4, 1)
+    assert [rgb.getpixel((i, 0)) for i in range(4)] == [(v, v, v) for v in expected]
+
+
+@pytest.mark.parametrize("mode, values", [("I", [0, 70000]), ("I", [-5, 10]), ("F", [0.0, 300.0]), ("F", [-0.5, 1.0]),
+                                          ("F", [0.0, float("nan")])])  # fmt: skip
+def test_to_rgb_refuses_values_outside_the_mode_range(mode, values):
+    import numpy as np
+
+    image = Image.frombytes(mode, (2, 1), np.array(values, dtype="<i4" if mode == "I" else "<f4").tobytes())
+    with pytest.raises(ValueError, match=f"a mode '{mode}' image with values in .*PIL.Image.fromarray"):
+        to_rgb(image)
+
+
 @pytest.mark.parametrize("bad", ["image.png", torch.zeros(3, 4, 4)])
 def test_to_rgb_rejects_non_pil(bad):
     with pytest.raises(TypeError, match="PIL.Image") as info:

@@ -1,10 +1,12 @@
 """The BAGEL VAE (FLUX autoencoder): parity with the reference on tiny-a, sampling, input checks, full size."""
 
+import copy
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close
 
 from bagel_remote.autoencoder_bagel import BagelAutoEncoder
@@ -147,3 +149,32 @@ def test_full_size_on_meta():
     assert shapes["decoder.up.3.upsample.conv.weight"] == (512, 512, 3, 3)
     assert "encoder.down.3.downsample.conv.weight" not in shapes
     assert "decoder.up.0.upsample.conv.weight" not in shapes
+
+
+def test_low_precision_on_the_cpu_computes_in_float32(tiny_vae, monkeypatch):
+    """bf16/fp16 convolutions on the CPU fall to aten's slow_conv2d (minutes for one decode): a
+    low-precision VAE there runs its convolutions in float32 and returns its own dtype."""
+    convs = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **k: convs.append((x.dtype, w.dtype)) or conv2d(x, w, *a, **k))
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for dtype in (torch.bfloat16, torch.float16):
+        low = copy.deepcopy(tiny_vae).to(dtype)
+        same_weights = copy.deepcopy(low).float()  # float32 with the low-precision values
+        with torch.no_grad():
+            convs.clear()
+            latent = low.encode(image.to(dtype))
+            decoded = low.decode(latent)
+            assert convs and set(convs) == {(torch.float32, torch.float32)}, dtype
+            assert latent.dtype == decoded.dtype == dtype
+            assert {p.dtype for p in low.parameters()} == {dtype}  # the weights stay stored in low precision
+            # The same float32 computation as a float32 VAE holding the low-precision values.
+            moments = same_weights.encoder(image.to(dtype).float()).to(dtype)
+            assert torch.equal(low.encode_moments(image.to(dtype)), moments), dtype
+            z = latent / low.scale_factor + low.shift_factor
+            assert torch.equal(decoded, same_weights.decoder(z.float()).to(dtype)), dtype
+            assert_close(decoded, same_weights.decode(latent.float()), rtol=3e-2, name=f"{dtype} decode")
+    with torch.no_grad():  # float32 stays on the plain path
+        convs.clear()
+        tiny_vae.decode(torch.zeros(1, 16, 2, 2))
+        assert set(convs) == {(torch.float32, torch.float32)}

@@ -1,0 +1,342 @@
+"""Tests of fine-tuning: activation checkpointing, LoRA through PEFT, and examples/finetune.py run
+with `torchrun --nproc_per_node 2` on CPU (gloo) on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from test_data import write_t2i
+from test_modeling import JOINT_PACK, make_batch, tiny_model
+
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+peft = pytest.importorskip("peft")
+
+
+def load_finetune():
+    spec = importlib.util.spec_from_file_location("finetune", REPO_ROOT / "examples" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = load_finetune()
+
+
+def trained_model(seed=0):
+    """A tiny stage-2 model whose generation head is not zero (so MSE gradients reach the decoder)."""
+    model = tiny_model(stage=2, seed=seed, vit_rope=True).train()
+    with torch.no_grad():
+        model.model.llm2vae.weight.normal_(0, 0.02)
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    loss = out["ce"].mean() + out["mse"].mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_same_loss_and_gradients():
+    model = trained_model()
+    batch = make_batch(model.config, JOINT_PACK)
+    loss, grads = loss_and_grads(model, batch)
+
+    calls = {"decoder": 0, "vit": 0}
+    # pre-hooks: a recomputation stops as soon as it has what the backward needs, maybe mid-module
+    model.model.language_model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    model.model.vit_model.vision_model.encoder.layers[0].mlp.register_forward_pre_hook(
+        lambda *_: calls.__setitem__("vit", calls["vit"] + 1))  # fmt: skip
+    model.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
+    # each layer runs once forward and once more when the backward recomputes it
+    assert calls == {"decoder": 2, "vit": 2}
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 50
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
+
+    model.gradient_checkpointing_disable()
+    calls.update(decoder=0, vit=0)
+    loss_and_grads(model, batch)
+    assert calls == {"decoder": 1, "vit": 1}
+
+
+def test_checkpointing_a_fraction_of_the_layers():
+    """`activation_checkpointing: 0.5` recomputes the first of each stack's two layers only, with
+    the plain gradients; true / false / bad values."""
+    model = trained_model()
+    batch = make_batch(model.config, JOINT_PACK)
+    loss, grads = loss_and_grads(model, batch)
+    decoder, vit = model.model.language_model.model.layers, model.model.vit_model.vision_model.encoder.layers
+    calls = {}
+    for name, stack in (("decoder", decoder), ("vit", vit)):
+        for index, layer in enumerate(stack):
+            key = f"{name}{index}"
+            calls[key] = 0
+            layer.mlp.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    finetune.enable_activation_checkpointing(model, 0.5)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
+    assert calls == {"decoder0": 2, "decoder1": 1, "vit0": 2, "vit1": 1}
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
+
+    flags = lambda: [layer.gradient_checkpointing for layer in [*decoder, *vit]]  # noqa: E731
+    finetune.enable_activation_checkpointing(model, True)
+    assert flags() == [True] * 4
+    fresh = trained_model()
+    finetune.enable_activation_checkpointing(fresh, False)
+    assert not any(layer.gradient_checkpointing for layer in fresh.model.language_model.model.layers)
+    for bad in (1.5, -0.1, "yes"):
+        with pytest.raises(SystemExit, match="activation_checkpointing=.*a fraction of the layers"):
+            finetune.enable_activation_checkpointing(fresh, bad)
+
+
+def test_checkpointing_keeps_freeze_und_detach():
+    model = trained_model()
+    model.config.text_config.freeze_und = True
+    model.gradient_checkpointing_enable()
+    _, grads = loss_and_grads(model, make_batch(model.config, JOINT_PACK))
+    layer = "model.language_model.model.layers.0."
+    assert layer + "self_attn.q_proj.weight" not in grads  # UND outputs detached, recomputed too
+    assert grads[layer + "self_attn.q_proj_moe_gen.weight"].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA through PEFT
+# ----------------------------------------------------------------------------------------------
+
+LORA_CFG = {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+@pytest.mark.parametrize("sides", [["und"], ["gen"], ["und", "gen"]])
+def test_lora_targets_the_chosen_sides(sides):
+    model = peft.get_peft_model(trained_model(), finetune.lora_config({**LORA_CFG, "lora_sides": sides}))
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    und = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    gen = {"q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen"}
+    expected = (und if "und" in sides else set()) | (gen if "gen" in sides else set())
+    if sides == ["gen"]:
+        expected |= {"gate_proj", "up_proj", "down_proj"}  # under mlp_moe_gen
+    assert wrapped == expected
+    vit = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "vit_model" in n]
+    assert vit == []  # the ViT's q/k/v are not BAGEL's UND projections
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_trains_only_adapters_and_merge_gives_unmerged_outputs():
+    model = trained_model()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = peft.get_peft_model(model, finetune.lora_config({**LORA_CFG, "lora_sides": ["und", "gen"]}))
+    batch = make_batch(model.config, JOINT_PACK)
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        _, grads = loss_and_grads(model, batch)
+        assert grads and all("lora_" in n for n in grads)
+        optimizer.step()
+    for name, param in model.named_parameters():  # base weights untouched, B moved off zero
+        if "lora_" not in name:
+            assert torch.equal(param, base[name.replace(".base_layer", "")]), name
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**batch, output_hidden_states=True)
+        assert not torch.allclose(unmerged["last_hidden_state"],
+                                  _fresh_outputs(base, model.config, batch)["last_hidden_state"])  # fmt: skip
+        merged_model = adapted.merge_and_unload()
+        assert not any(hasattr(m, "lora_A") for m in merged_model.modules())
+        merged = merged_model(**batch, output_hidden_states=True)
+    for key in ("ce", "mse", "last_hidden_state"):
+        torch.testing.assert_close(merged[key], unmerged[key], rtol=1e-5, atol=1e-5)
+
+
+def _fresh_outputs(state, config, batch):
+    model = BagelForUnifiedMultimodal(config).eval()
+    model.load_state_dict(state)
+    return model(**batch, output_hidden_states=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# examples/finetune.py under torchrun, 2 CPU ranks (gloo)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny checkpoint in the released layout and a file of 3 packs: rank 0 alternates packs 0
+    and 2, so resuming needs its data position back; pack 2 carries no noise, so the forward draws
+    it and resuming needs the RNG states back. (Packs 0 and 1 fix their noise: the MSE of random
+    noise cannot fall much, and the loss is to halve in a few steps.)"""
+    root = tmp_path_factory.mktemp("finetune")
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    make_tiny_checkpoint(root / "checkpoint")  # with a tokenizer, which the final save must carry over
+    config = BagelForUnifiedMultimodal.config_class.from_pretrained(root / "checkpoint")
+    packs = [make_batch(config, JOINT_PACK, seed=seed) for seed in range(3)]
+    packs[2].pop("packed_noise")
+    torch.save(packs, root / "packs.pt")
+    return root
+
+
+def torchrun(workspace: Path, out_dir: Path, *overrides: str) -> list[dict]:
+    """Run examples/finetune.py on 2 CPU ranks; returns its log (one dict per step)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO_ROOT / "examples" / "finetune.py"), f"model={workspace / 'checkpoint'}",
+        f"data={workspace / 'packs.pt'}", f"out_dir={out_dir}", "lr=3e-2", "warmup_steps=2", "save_dtype=float32",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "HF_MODULES_CACHE": str(workspace / "modules")}  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_overfits_resumes_exactly_and_saves_loadable(workspace):
+    run = workspace / "full"
+    log = torchrun(workspace, run, "max_steps=14", "save_every=5", "ema_decay=0.5")
+    assert [entry["step"] for entry in log] == list(range(1, 15))
+    first, last = log[0]["loss"], min(entry["loss"] for entry in log[-3:])
+    assert last < first / 2, (first, last)
+    assert {"ce", "mse", "tokens_per_s", "grad_norm", "lr"} <= log[0].keys()
+    # step 1 (rank 0: pack 0, rank 1: pack 1, both with fixed noise) in one process: the spec's
+    # reduction over both ranks gives the logged loss, and its gradient the logged norm (so the
+    # per-rank loss is scaled right for FSDP's gradient average)
+    model = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").train()
+    packs = torch.load(workspace / "packs.pt", weights_only=False)
+    outs = [model(**packs[0]), model(**packs[1])]
+    ce = torch.cat([o["ce"] for o in outs]).mean()
+    mse = torch.cat([o["mse"] for o in outs]).mean(-1).mean()
+    (ce + mse).backward()
+    norm = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]).norm()
+    assert log[0]["loss"] == pytest.approx((ce + mse).item(), rel=1e-5)
+    assert log[0]["ce"] == pytest.approx(ce.item(), rel=1e-5) and log[0]["mse"] == pytest.approx(mse.item(), rel=1e-5)
+    assert log[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+
+    # resume from step 5 in a fresh directory: the same losses, to the bit, and the same final model
+    resumed = workspace / "resumed"
+    shutil.copytree(run / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    log_resumed = torchrun(workspace, resumed, "max_steps=14", "save_every=5", "ema_decay=0.5")
+    assert [entry["step"] for entry in log_resumed] == list(range(6, 15))
+    assert [entry["loss"] for entry in log_resumed] == [entry["loss"] for entry in log[5:]]
+
+    final = BagelForUnifiedMultimodal.from_pretrained(run / "final")
+    again = BagelForUnifiedMultimodal.from_pretrained(resumed / "final")
+    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint")
+    final_state, start_state = final.state_dict(), start.state_dict()
+    changed = [k for k in final_state if not torch.equal(final_state[k], start_state[k])]
+    assert any("_moe_gen" in k for k in changed) and any("vit_model" in k for k in changed)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in final_state.items())
+    assert final.config.text_config.freeze_und is False
+    assert final.processor is not None
+
+
+def test_finetune_lora_on_t2i_parquet_adapter_and_merged_model(workspace):
+    """A LoRA run on the GEN projections reading a text-to-image parquet through data_bagel (images
+    encoded by the VAE in the training step); its adapter and its merged final model agree."""
+    parquet = write_t2i(workspace / "t2i", files=1, row_groups=1, rows=2)
+    limits = "max_num_tokens: 1200, expected_num_tokens: 1000, max_num_tokens_per_sample: 1200"
+    data = f"data={{sources: [{{kind: t2i, path: {parquet}}}], {limits}}}"
+    run = workspace / "lora"
+    log = torchrun(workspace, run, data, "max_steps=3", "save_every=100", "lora_rank=4", "lora_sides=[gen]")
+    assert len(log) == 3 and all(entry["mse"] > 0 for entry in log)
+    adapter = peft.PeftModel.from_pretrained(BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint"),
+                                             str(run / "adapter"))  # fmt: skip
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k and "_moe_gen" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # the adapter trained
+
+    merged = BagelForUnifiedMultimodal.from_pretrained(run / "final")
+    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint")
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+    assert changed and all("_moe_gen" in k for k in changed)  # only GEN projections moved
+    batch = make_batch(merged.config, JOINT_PACK, seed=7)
+    with torch.no_grad():
+        want = adapter.eval().base_model.model(**batch, output_hidden_states=True)
+        got = merged.eval()(**batch, output_hidden_states=True)
+    for key in ("ce", "mse", "last_hidden_state"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = finetune.load_config(["lr=3e-4", "lora_sides=[und]", "freeze_vit=true"])
+    assert cfg["lr"] == 3e-4 and cfg["lora_sides"] == ["und"] and cfg["freeze_vit"] is True
+    with pytest.raises(SystemExit, match="Unknown override 'lrr=1'"):
+        finetune.load_config(["lrr=1"])
+    factor = finetune.warmup_cosine({"warmup_steps": 4, "max_steps": 14, "min_lr_ratio": 0.1})
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(9) == pytest.approx(0.55) and factor(14) == pytest.approx(0.1)
+
+
+def test_optimizer_choice(monkeypatch):
+    """`optimizer`: torch's AdamW, torchao's AdamW8bit (lazily imported, a clear error without
+    torchao), anything else refused."""
+    cfg = finetune.load_config(["lr=3e-4", "weight_decay=0.1", "betas=[0.8,0.9]", "eps=1e-6"])
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    adamw = finetune.build_optimizer(cfg, params)
+    assert type(adamw) is torch.optim.AdamW and not adamw.defaults["fused"]  # fused on CUDA only
+    assert (adamw.defaults["lr"], adamw.defaults["weight_decay"], adamw.defaults["betas"]) == (3e-4, 0.1, (0.8, 0.9))
+
+    class FakeAdamW8bit:
+        def __init__(self, params, **kwargs):
+            self.params, self.kwargs = params, kwargs
+
+    fake = type(sys)("torchao.optim")
+    fake.AdamW8bit = FakeAdamW8bit
+    monkeypatch.setitem(sys.modules, "torchao.optim", fake)
+    eight_bit = finetune.build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
+    assert eight_bit.params is params
+    assert eight_bit.kwargs == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
+    with pytest.raises(SystemExit, match="needs torchao.*pip install torchao"):
+        finetune.build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
+    with pytest.raises(SystemExit, match="optimizer='sgd': use adamw or adamw8bit"):
+        finetune.build_optimizer({**cfg, "optimizer": "sgd"}, params)
+
+
+def test_freeze_switches():
+    model = trained_model()
+    base = {"freeze_vit": False, "freeze_und": False, "freeze_llm": False}
+    trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+
+    finetune.apply_freezing(model, base)
+    everything = trainable(model)
+    assert not any(n.startswith("vae.") for n in everything)  # the VAE never trains
+
+    model = trained_model()
+    finetune.apply_freezing(model, {**base, "freeze_und": True})
+    assert model.config.text_config.freeze_und
+    left = trainable(model)
+    assert left and all("_moe_gen" in n or n.startswith(("model.time_embedder", "model.vae2llm", "model.llm2vae"))
+                        for n in left)  # fmt: skip
+
+    model = trained_model()
+    finetune.apply_freezing(model, {**base, "freeze_vit": True, "freeze_llm": True})
+    left = trainable(model)
+    assert left and not any(n.startswith(("model.vit_model", "model.language_model")) for n in left)
+    assert any(n.startswith("model.connector") for n in left)
