@@ -233,9 +233,7 @@ class PositionEmbedding2D(nn.Module):
     def __init__(self, max_num_patch_per_side: int, hidden_size: int):
         super().__init__()
         self.max_num_patch_per_side = max_num_patch_per_side
-        # A checkpoint tensor, but never trained: a persistent buffer (transformers' loader makes
-        # every loaded parameter trainable).
-        self.register_buffer("pos_embed", torch.zeros(max_num_patch_per_side**2, hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(max_num_patch_per_side**2, hidden_size), requires_grad=False)
 
     def reset_table(self) -> None:
         with torch.no_grad():
@@ -586,9 +584,14 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
         `edit_image`), else None. The model is returned in eval mode.
         """
-        return load_pretrained(
+        loaded = load_pretrained(
             super().from_pretrained, pretrained_model_name_or_path, model_args, stage=stage, strict=strict, kwargs=kwargs
         )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for module in model.modules():  # transformers' loader makes every loaded parameter trainable
+            if isinstance(module, PositionEmbedding2D):
+                module.pos_embed.requires_grad_(False)
+        return loaded
 
     def save_pretrained(
         self,
