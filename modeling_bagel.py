@@ -339,6 +339,17 @@ def _prepare_config_for_stage(config: BagelConfig) -> None:
     config.apply_reference_overrides()
 
 
+def _plain_linears(model: nn.Module) -> None:
+    """Turn our `Linear` layers into plain `nn.Linear` (same parameters): transformers' quantizers
+    replace only modules whose type is exactly `nn.Linear` (bitsandbytes checks `type(m) is
+    nn.Linear`), and our subclass only adds the float32-master-weight training path, which
+    quantized weights never take. transformers sets `config.quantization_config` before it builds
+    the model, so this runs before the quantizer looks for layers."""
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = nn.Linear
+
+
 def _convert_patch_embedding_for_packed_vit(model: BagelModel, config: BagelConfig) -> None:
     """Swap the ViT's conv patch embedding for the Linear that takes flattened patches."""
     if config.visual_und:
@@ -397,6 +408,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         self.model = BagelModel(config)
         _convert_patch_embedding_for_packed_vit(self.model, config)
         self.vae = BagelAutoEncoder(config.vae_config) if config.visual_gen else None
+        if getattr(config, "quantization_config", None) is not None:
+            _plain_linears(self)
         self.post_init()
         # Per instance (transformers reads the instance's): what this config leaves unread.
         self._keys_to_ignore_on_load_unexpected = unexpected_key_patterns(config)

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import torch
 from common import Timer, build_model, full_size_config, report, special_ids
 
 GB = 1e9
+_CHILD = "BAGEL_MEMORY_BENCH_MODE"  # set in the process that runs one mode
 
 
 def _bnb(**kwargs):
@@ -183,14 +187,15 @@ def main():
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     directory = Path(args.dir)
-    ensure_checkpoint(directory, args)
-    for name in modes:
-        try:
-            run_mode(name, directory, args)
-        except Exception as err:  # one failing mode must not hide the others' numbers
-            report(workload="memory", mode=name, error=f"{type(err).__name__}: {err}"[:500])
-            gc.collect()
-            torch.cuda.empty_cache()
+    if not os.environ.get(_CHILD):  # each mode in a fresh process: a memory cap counts what was reserved before
+        ensure_checkpoint(directory, args)
+        for name in modes:
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--modes", name], env={**os.environ, _CHILD: "1"})
+        return
+    try:
+        run_mode(modes[0], directory, args)
+    except Exception as err:  # a failing mode reports why, and the next mode still runs
+        report(workload="memory", mode=modes[0], error=f"{type(err).__name__}: {err}"[:500])
 
 
 if __name__ == "__main__":

@@ -178,6 +178,25 @@ def test_torchao_quantize_after_load(tiny, bf16):
     _assert_int8_close(_generate(model), bf16)
 
 
+def test_quantizers_find_plain_linear_layers(tiny):
+    """bitsandbytes' replacement takes only modules whose type is exactly nn.Linear: under a
+    quantization config the model builds its projections as such (same parameter names), while
+    without one they keep the master-weight `Linear`."""
+    from bagel_remote.modeling_siglip_navit import Linear
+
+    config = BagelConfig.from_pretrained(tiny)
+    with torch.device("meta"):
+        plain = BagelForUnifiedMultimodal(config)
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    with torch.device("meta"):
+        quantizable = BagelForUnifiedMultimodal(config)
+    linears = [name for name, m in plain.named_modules() if type(m) is Linear]
+    assert f"{LM}model.layers.0.self_attn.q_proj" in linears and "model.llm2vae" in linears
+    assert all(type(quantizable.get_submodule(name)) is torch.nn.Linear for name in linears)
+    assert not any(type(m) is Linear for m in quantizable.modules())
+    assert dict(quantizable.named_parameters()).keys() == dict(plain.named_parameters()).keys()
+
+
 def test_unquantized_modules_default_only_when_the_user_names_none():
     from bagel_remote.loading_bagel import UNQUANTIZED_MODULES, with_unquantized_defaults
 
