@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Timer, build_model, full_size_config, report, special_ids
+from common import Timer, build_model, full_size_config, import_repo, report, special_ids
 
 GB = 1e9
 _CHILD = "BAGEL_MEMORY_BENCH_MODE"  # set in the process that runs one mode
@@ -130,6 +130,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_mode(name: str, directory: Path, args) -> None:
+    import_repo()
     from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
     cap, stage, make_kwargs = MODES[name]
