@@ -17,10 +17,11 @@ from repo_package import import_repo  # noqa: E402
 import_repo()
 
 
-def _require_parity() -> Path:
-    if PARITY_DIR.is_dir():
-        return PARITY_DIR
-    reason = f"parity fixtures not found at {PARITY_DIR} (they live in ../shared/parity beside the repo)"
+def require_fixture(directory: Path) -> Path:
+    """A reference fixture directory of ../shared/parity; skip without it, fail under CI=true."""
+    if directory.is_dir():
+        return directory
+    reason = f"reference fixture not found at {directory} (fixtures live in ../shared/parity beside the repo)"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -67,7 +68,7 @@ class Parity:
 
 @pytest.fixture(scope="session")
 def parity() -> Parity:
-    return Parity(_require_parity())
+    return Parity(require_fixture(PARITY_DIR))
 
 
 def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:

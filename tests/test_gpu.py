@@ -36,6 +36,17 @@ def _train_inputs(parity, dtype=torch.float32):
                 output_hidden_states=True)
 
 
+def _loss_and_grads(model, inputs: dict, autocast: bool = True) -> tuple[torch.Tensor, dict]:
+    """One training step's loss (ce + mse means, bf16 autocast unless asked) and the gradients."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**inputs)
+    loss = out["ce"].mean() + out["mse"].mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 def test_train_parity_on_gpu_float32(parity):
     model = _parity_model(parity)
     with torch.no_grad():
@@ -100,19 +111,10 @@ def test_master_weight_gradients_match_autocast(parity, monkeypatch):
     model = _parity_model(parity).train()
     inputs = dict(_train_inputs(parity), output_hidden_states=False)
 
-    def loss_and_grads(autocast=True):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(**inputs)
-        loss = out["ce"].mean() + out["mse"].mean()
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
-    loss, grads = loss_and_grads()
-    exact_loss, exact_grads = loss_and_grads(autocast=False)
+    loss, grads = _loss_and_grads(model, inputs)
+    exact_loss, exact_grads = _loss_and_grads(model, inputs, autocast=False)
     monkeypatch.setattr(modeling_siglip_navit, "_MM_HAS_OUT_DTYPE", False)  # plain nn.Linear
-    plain_loss, plain_grads = loss_and_grads()
+    plain_loss, plain_grads = _loss_and_grads(model, inputs)
     assert ((loss - plain_loss).abs() / plain_loss.abs()).item() < 1e-3
     assert grads.keys() == plain_grads.keys() == exact_grads.keys() and len(grads) > 100
     assert all(g.dtype == torch.float32 for g in grads.values())
@@ -133,18 +135,9 @@ def test_activation_checkpointing_same_gradients_on_the_fast_paths(parity):
     model = _parity_model(parity).train()
     inputs = dict(_train_inputs(parity), output_hidden_states=False)
 
-    def loss_and_grads():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**inputs)
-        loss = out["ce"].mean() + out["mse"].mean()
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
-    loss, grads = loss_and_grads()
+    loss, grads = _loss_and_grads(model, inputs)
     model.gradient_checkpointing_enable()
-    loss_ckpt, grads_ckpt = loss_and_grads()
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, inputs)
     assert torch.equal(loss, loss_ckpt)
     assert grads.keys() == grads_ckpt.keys() and len(grads) > 100
     for name in grads:  # atomics in some backward kernels: equal up to summation order

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+
+from conftest import REPO_ROOT, require_fixture
 
 from bagel_remote.packing_bagel import (
     ImageSizes,
@@ -24,18 +24,10 @@ from bagel_remote.packing_bagel import (
     pack_samples,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR = REPO_ROOT.parent / "shared" / "parity" / "pack-a"
 BOS, EOS, START, END = 10, 11, 12, 13
 
 
-def _require_pack_fixture() -> Path:
-    if PACK_DIR.is_dir():
-        return PACK_DIR
-    reason = f"packing fixture not found at {PACK_DIR} (it lives in ../shared/parity beside the repo)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 def small_config(**overrides) -> PackingConfig:
@@ -55,7 +47,7 @@ def small_config(**overrides) -> PackingConfig:
 def pack_fixture():
     from safetensors.torch import load_file
 
-    root = _require_pack_fixture()
+    root = require_fixture(PACK_DIR)
     meta = json.loads((root / "fixture.json").read_text())
     return meta, load_file(str(root / "inputs.safetensors")), load_file(str(root / "expected.safetensors"))
 
