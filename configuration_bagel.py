@@ -272,7 +272,12 @@ class BagelConfig(PretrainedConfig):
         path = Path(pretrained_model_name_or_path)
         if path.is_dir() and not (path / "config.json").is_file():
             return cls.from_released_files(path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        wants_unused = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs)
+        if wants_unused:
+            return config, unused
+        _warn_unknown_keys(unused)  # transformers drops keyword arguments no config attribute takes
+        return config
 
     @classmethod
     def from_released_files(cls, directory: str | os.PathLike, **kwargs: Any) -> "BagelConfig":

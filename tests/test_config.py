@@ -234,6 +234,21 @@ def test_unknown_keys_warn_with_the_likely_key(caplog, tmp_path):
     assert not [r for r in caplog.records if "unknown key" in r.getMessage()]
 
 
+def test_from_pretrained_keyword_arguments_that_nothing_takes_warn(caplog, tmp_path):
+    """transformers drops a keyword argument of `from_pretrained` that no config attribute takes;
+    a misspelt one warns, known ones apply, and the model's loader (which asks for the unused
+    arguments back, its own among them) gets them without a warning."""
+    make().save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="bagel_remote.configuration_bagel"):
+        config = BagelConfig.from_pretrained(tmp_path, vit_ropee=True, max_latent_size=16)
+    assert any("unknown key 'vit_ropee'" in r.getMessage() and "'vit_rope'" in r.getMessage() for r in caplog.records)
+    assert config.max_latent_size == 16 and not config.vit_rope
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bagel_remote.configuration_bagel"):
+        _, unused = BagelConfig.from_pretrained(tmp_path, device_map="cpu", return_unused_kwargs=True)
+    assert unused == {"device_map": "cpu"} and not caplog.records
+
+
 @pytest.mark.parametrize("field, value, kind", [("latent_patch_size", "2", "an integer"),
                                                 ("max_latent_size", 64.0, "an integer"),
                                                 ("vit_select_layer", True, "an integer"),
