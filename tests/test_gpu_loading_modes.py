@@ -5,8 +5,6 @@ bf16 are printed (`pytest -s`)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -15,18 +13,15 @@ from PIL import Image
 from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
-from conftest import REPO_ROOT
-
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LM = "model.language_model."
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("bagel_tiny_gpu", REPO_ROOT / "scripts" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpu") / "bagel_tiny", seed=0)
+    from make_tiny_checkpoint import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpu") / "bagel_tiny", seed=0)
 
 
 def _run(model) -> dict:

@@ -17,7 +17,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bagel_remote import state_dict_adapter as sda
 from bagel_remote.configuration_bagel import DEFAULT_VAE_CONFIG, BagelConfig
 from bagel_remote.modeling_bagel import AUTO_MAP, BagelForUnifiedMultimodal, remote_code_files
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict

@@ -4,7 +4,6 @@ checkpoints of a ViT trained with RoPE. (bitsandbytes needs CUDA: tests/test_gpu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,17 +18,14 @@ from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
-from conftest import REPO_ROOT
-
 LM = "model.language_model."
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("bagel_tiny_modes", REPO_ROOT / "scripts" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_modes") / "bagel_tiny", seed=0)
+    from make_tiny_checkpoint import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_modes") / "bagel_tiny", seed=0)
 
 
 def _image() -> Image.Image:

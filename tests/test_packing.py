@@ -3,9 +3,7 @@ packer's buffering, the task builders, and per-token losses of a pack against ea
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
@@ -293,22 +291,14 @@ def test_task_builders_follow_the_reference_plans():
 # ----------------------------------------------------------------------------------------------
 
 
-def _script(name: str):
-    module_name = f"bagel_script_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
     from bagel_remote.processing_bagel import BagelProcessor
 
-    path = _script("make_tiny_checkpoint").make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+    from make_tiny_checkpoint import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
     return BagelForUnifiedMultimodal.from_pretrained(path).eval(), BagelProcessor.from_pretrained(path)
 
 

@@ -9,14 +9,13 @@ sp 2 gives each rank its own KV head and sp 4 makes two ranks share one.
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO_ROOT, assert_close
+from conftest import assert_close
 
 from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
 from bagel_remote.parallel_bagel import BagelParallel, ParallelLayout, ulysses_kv_heads
@@ -104,10 +103,9 @@ def _edit(model, rank: int, layouts: list) -> dict:
 def _processor():
     from bagel_remote.processing_bagel import BagelProcessor
 
-    spec = importlib.util.spec_from_file_location("bagel_tiny_tokenizer", REPO_ROOT / "scripts" / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return BagelProcessor(module.build_tiny_tokenizer(None, vocab_size=320), vit_max_num_patch_per_side=8,
+    from tiny_tokenizer import build_tiny_tokenizer  # scripts/ is on sys.path (conftest)
+
+    return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), vit_max_num_patch_per_side=8,
                           vit_max_size=112, vit_min_size=28, vae_max_size=128, vae_min_size=64)  # fmt: skip
 
 
