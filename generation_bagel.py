@@ -656,15 +656,14 @@ class BagelGenerationMixin:
             return self.__dict__.setdefault("_generation_pool", _DecodePool())
 
     def _can_graph(self, device: torch.device) -> bool:
-        """Whether the decode step may run as a CUDA graph: every weight of the language model a
-        plain floating-point Parameter on `device`, a CUDA device, and no accelerate hook (offloading
-        moves weights during the forward). Quantized weights (tensor subclasses, integer data) and
-        models spread over devices decode eagerly."""
+        """Whether the decode step may run as a CUDA graph: a CUDA device, every weight of the
+        language model on it and capturable (`_capturable_weight`), and no accelerate hook
+        (offloading moves weights during the forward). Models spread over devices, offloaded or in
+        bitsandbytes 8-bit decode eagerly."""
         lm = self.model.language_model
-        plain = lambda p: type(p) is nn.Parameter and p.device == device and p.dtype.is_floating_point
         return (
             device.type == "cuda"
-            and all(plain(p) for p in lm.parameters())
+            and all(p.device == device and _capturable_weight(p) for p in lm.parameters())
             and not any(hasattr(module, "_hf_hook") for module in lm.modules())
         )
 
@@ -995,6 +994,19 @@ class BagelGenerationMixin:
                               parallel=parallel)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
+
+
+def _capturable_weight(p: torch.Tensor) -> bool:
+    """Whether a decoder weight's forward can be captured in a CUDA graph: a plain floating-point
+    Parameter, a bitsandbytes 4-bit weight (its GEMV and dequantisation are kernels on the current
+    stream) or a torchao quantized tensor (int8 weight-only, float8: scaling, dequantisation and
+    GEMMs all on the GPU). Not bitsandbytes 8-bit: LLM.int8() looks for outlier columns on the host."""
+    kind = type(p)
+    if kind is nn.Parameter:
+        return p.dtype.is_floating_point
+    if kind.__name__ == "Params4bit" and kind.__module__.startswith("bitsandbytes"):
+        return True
+    return kind.__module__.startswith("torchao")
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> int:

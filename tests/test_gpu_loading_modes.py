@@ -53,6 +53,23 @@ def bf16(tiny) -> dict:
     return _run(BagelForUnifiedMultimodal.from_pretrained(tiny, dtype=torch.bfloat16, device_map={"": 0}))
 
 
+def _graphed_decode_matches_eager(model, monkeypatch) -> None:
+    """The CUDA-graph decode of a quantized model gives the eager decode's ids and logits."""
+    proc = model.processor
+    special = SpecialTokenIds(proc.bos_token_id, -1, *list(proc.special_token_ids.values())[2:])  # no stop
+    context = model.add_text_tokens(model.new_context(2), [proc.encode_text(t) for t in ("a red cat", "hi")], special)
+    pool = model._decode_pool()
+    captures = pool.captures
+    graphed = model.generate_text_ids(context, special, max_length=10, return_logits=True)
+    assert pool.captures == captures + 1  # the quantized step was captured, not skipped
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model), "_can_graph", lambda self, device: False)
+        eager = model.generate_text_ids(context, special, max_length=10, return_logits=True)
+    assert graphed[0] == eager[0]
+    for a, b in zip(graphed[1], eager[1]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
 def _check(name: str, model, reference: dict, bound: float) -> None:
     out = _run(model)
     errors = {key: _relative_error(out[key], reference[key]) for key in ("logits", "latents")}
@@ -62,7 +79,7 @@ def _check(name: str, model, reference: dict, bound: float) -> None:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_bitsandbytes_chat_and_t2i(tiny, bf16, bits):
+def test_bitsandbytes_chat_and_t2i(tiny, bf16, bits, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
@@ -79,12 +96,15 @@ def test_bitsandbytes_chat_and_t2i(tiny, bf16, bits):
     assert type(layer.self_attn.q_proj).__name__ == kind and type(layer.mlp_moe_gen.down_proj).__name__ == kind
     for name in (f"{LM}lm_head", "model.llm2vae", "model.vae2llm"):  # left in bf16
         assert model.get_submodule(name).weight.dtype == torch.bfloat16
-    assert not model._can_graph(torch.device("cuda", 0))  # quantized weights: the decode runs eagerly
+    # 4-bit decodes as a CUDA graph; LLM.int8() looks for outliers on the host: eager
+    assert model._can_graph(torch.device("cuda", 0)) == (bits == 4)
+    if bits == 4:
+        _graphed_decode_matches_eager(model, monkeypatch)
     _check(f"bnb {bits}-bit", model, bf16, 0.3 if bits == 4 else 0.1)
 
 
 @pytest.mark.parametrize("kind", ["int8", "float8"])
-def test_torchao_chat_and_t2i(tiny, bf16, kind):
+def test_torchao_chat_and_t2i(tiny, bf16, kind, monkeypatch):
     pytest.importorskip("torchao")
     if kind == "float8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs compute capability 8.9+")
@@ -95,6 +115,8 @@ def test_torchao_chat_and_t2i(tiny, bf16, kind):
     model = BagelForUnifiedMultimodal.from_pretrained(tiny, dtype=torch.bfloat16, device_map={"": 0},
                                                       quantization_config=config)  # fmt: skip
     assert type(model.model.language_model.model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"
+    assert model._can_graph(torch.device("cuda", 0))
+    _graphed_decode_matches_eager(model, monkeypatch)
     _check(f"torchao {kind}", model, bf16, 0.1)
 
 

@@ -174,6 +174,26 @@ def test_torchao_quantize_after_load(tiny, bf16):
     _assert_int8_close(_generate(model), bf16)
 
 
+def test_which_quantized_weights_decode_as_a_cuda_graph():
+    """torchao tensors and bitsandbytes 4-bit weights are captured; 8-bit LLM.int8() (outlier
+    search on the host) and integer Parameters are not."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from bagel_remote.generation_bagel import _capturable_weight
+
+    layer = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
+    assert _capturable_weight(layer.weight)
+    quantize_(layer, Int8WeightOnlyConfig())
+    assert type(layer.weight) is not torch.nn.Parameter and _capturable_weight(layer.weight)
+    assert not _capturable_weight(torch.nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False))
+
+    def bnb_param(name: str):  # a stand-in of bitsandbytes' class (it needs CUDA to import usefully)
+        kind = type(name, (torch.nn.Parameter,), {"__module__": "bitsandbytes.nn.modules"})
+        return kind(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+
+    assert _capturable_weight(bnb_param("Params4bit")) and not _capturable_weight(bnb_param("Int8Params"))
+
+
 def test_quantizers_find_plain_linear_layers(tiny):
     """bitsandbytes' replacement takes only modules whose type is exactly nn.Linear: under a
     quantization config the model builds its projections as such (same parameter names), while
