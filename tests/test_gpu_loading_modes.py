@@ -56,15 +56,16 @@ def bf16(tiny) -> dict:
 def _graphed_decode_matches_eager(model, monkeypatch) -> None:
     """The CUDA-graph decode of a quantized model gives the eager decode's ids and logits."""
     proc = model.processor
-    special = SpecialTokenIds(proc.bos_token_id, -1, *list(proc.special_token_ids.values())[2:])  # no stop
+    special = SpecialTokenIds(proc.bos_token_id, proc.eos_token_id, *list(proc.special_token_ids.values())[2:])
+    no_stop = SpecialTokenIds(special.bos, -1, special.start_of_image, special.end_of_image)  # decode every step
     context = model.add_text_tokens(model.new_context(2), [proc.encode_text(t) for t in ("a red cat", "hi")], special)
     pool = model._decode_pool()
     captures = pool.captures
-    graphed = model.generate_text_ids(context, special, max_length=10, return_logits=True)
+    graphed = model.generate_text_ids(context, no_stop, max_length=10, return_logits=True)
     assert pool.captures == captures + 1  # the quantized step was captured, not skipped
     with monkeypatch.context() as patch:
         patch.setattr(type(model), "_can_graph", lambda self, device: False)
-        eager = model.generate_text_ids(context, special, max_length=10, return_logits=True)
+        eager = model.generate_text_ids(context, no_stop, max_length=10, return_logits=True)
     assert graphed[0] == eager[0]
     for a, b in zip(graphed[1], eager[1]):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
