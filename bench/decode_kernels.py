@@ -1,0 +1,89 @@
+"""The kernels of one decode step, alone: each bf16 GEMM of a full-size layer (and the lm head) at
+1 and 16 rows, and the decode attention over a 4,950-token cache, each replayed from a CUDA graph
+with enough copies of its weights that none stays in L2. Prints one JSON line per kernel with its
+time and the HBM bandwidth it reaches (bytes of weights / KV read, over time): what a faster
+decode step would have to beat.
+
+    python bench/decode_kernels.py
+"""
+
+import torch
+import torch.nn.functional as F
+from common import import_repo, report
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3584, 18944, 28, 4, 128, 152064
+L2_FLUSH_BYTES = 1 << 30  # copies of the operands cycled through: 1 GB, far more than the 60 MB L2
+
+
+def graphed_us(run, copies: int, repeats: int = 20) -> float:
+    """Mean microseconds of `run(i)` over the copies, replayed from one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):  # warm-up (and cuBLAS workspace) outside the capture
+            run(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            run(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (repeats * copies)
+
+
+def gemm(name: str, out_features: int, in_features: int, rows: int) -> None:
+    weight_bytes = out_features * in_features * 2
+    copies = max(2, L2_FLUSH_BYTES // weight_bytes)
+    weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+    us = graphed_us(lambda i: F.linear(x, weights[i]), copies)
+    report(kernel=f"linear {name}", rows=rows, shape=[out_features, in_features], us=round(us, 2),
+           tb_per_s=round(weight_bytes / us / 1e6, 2))  # fmt: skip
+
+
+def attention(batch: int, cached: int) -> None:
+    from bagel_remote.attention_bagel import varlen_kernel
+
+    capacity = cached + 128
+    layer_bytes = 2 * batch * capacity * KV_HEADS * HEAD_DIM * 2
+    copies = max(2, L2_FLUSH_BYTES // layer_bytes)
+    caches = [torch.randn(2, batch * capacity, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+              for _ in range(copies)]  # fmt: skip
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    used = torch.full((batch,), cached + 1, dtype=torch.int32, device="cuda")
+    read_bytes = 2 * batch * (cached + 1) * KV_HEADS * HEAD_DIM * 2
+    variants = {
+        "varlen, used keys": lambda i: varlen_kernel(q, caches[i][0], caches[i][1], cu_q, cu_q * capacity, 1, capacity,
+                                                     False, used),  # fmt: skip
+        "sdpa gqa, exact length": lambda i: F.scaled_dot_product_attention(
+            q[:, :, None], caches[i][0].view(batch, capacity, KV_HEADS, HEAD_DIM)[:, : cached + 1].transpose(1, 2),
+            caches[i][1].view(batch, capacity, KV_HEADS, HEAD_DIM)[:, : cached + 1].transpose(1, 2), enable_gqa=True),
+    }
+    for name, run in variants.items():
+        us = graphed_us(run, copies)
+        report(kernel=f"attention {name}", batch=batch, cached=cached, us=round(us, 2),
+               tb_per_s=round(read_bytes / us / 1e6, 2))  # fmt: skip
+
+
+def main():
+    import_repo()
+    torch.manual_seed(0)
+    shapes = {"q": (HEADS * HEAD_DIM, HIDDEN), "k or v": (KV_HEADS * HEAD_DIM, HIDDEN), "q+k+v stacked": (
+        (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "o": (HIDDEN, HEADS * HEAD_DIM), "gate or up": (INTER, HIDDEN),
+        "gate+up stacked": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm head": (VOCAB, HIDDEN)}
+    for rows in (1, 16):
+        for name, (out_features, in_features) in shapes.items():
+            gemm(name, out_features, in_features, rows)
+    for batch in (1, 16):
+        attention(batch, 4950)
+
+
+if __name__ == "__main__":
+    main()
