@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, to_device, varlen_kernel
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
+from .modeling_siglip_navit import graph_branches
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -266,14 +267,17 @@ class _DecodeRunner:
     With `graph_stream` (a CUDA device) the step is a CUDA graph: the first step of the runner's
     life runs eagerly on that side stream (the warm-up a capture needs, doing real work), the
     second is captured on it, and every later step, of this call and of later ones, replays it
-    (launching ~1000 small kernels a step one by one would dominate decoding). One side stream
-    serves every runner of a model: each new stream gets its own cuBLAS workspace (32 MiB on
-    Hopper) and its own cached blocks, which stay allocated for the life of the process."""
+    (launching ~1000 small kernels a step one by one would dominate decoding). One set of streams
+    (the capture stream and two for parallel branches) serves every runner of a model: each new
+    stream gets its own cuBLAS workspace (32 MiB on Hopper) and its own cached blocks, which stay
+    allocated for the life of the process."""
 
-    def __init__(self, step, cache: _DecodeCache, tokens: torch.Tensor, graph_stream: torch.cuda.Stream | None,
-                 on_capture=None):  # fmt: skip
+    def __init__(self, step, cache: _DecodeCache, tokens: torch.Tensor, streams: tuple | None, on_capture=None):
+        """`streams` (None on the CPU or to decode eagerly): the stream the graph is captured on, then
+        the side streams of its parallel branches (`graph_branches`)."""
         self._step, self.cache, self.tokens = step, cache, tokens
-        self.graph_stream, self._on_capture = graph_stream, on_capture
+        self.graph_stream, self.branch_streams = (streams[0], streams[1:]) if streams else (None, ())
+        self._on_capture = on_capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output
         self.warmed_up = False
@@ -325,7 +329,8 @@ class _DecodeRunner:
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads may keep using the GPU (eagerly) during the capture.
-            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"), \
+                    graph_branches(self.branch_streams):  # fmt: skip
                 logits = self._step()
             self.graph, self.logits = graph, logits
             if self._on_capture is not None:
@@ -368,7 +373,7 @@ class _DecodePool:
         self.runners: OrderedDict[tuple, _DecodeRunner] = OrderedDict()
         self.weights: tuple | None = None
         self.captures = 0  # CUDA graphs captured, over the pool's life
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, ...]] = {}
 
     def __reduce__(self):
         return _DecodePool, (self.max_entries, self.max_bytes)
@@ -391,9 +396,10 @@ class _DecodePool:
             return torch.cuda.get_device_properties(device).total_memory // 8
         return 1 << 30
 
-    def graph_stream(self, device: torch.device) -> torch.cuda.Stream:
+    def graph_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, ...]:
+        """The capture stream and the two branch streams (k and v beside q) of every runner here."""
         if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
+            self._streams[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
         return self._streams[device]
 
     def count_capture(self) -> None:
@@ -678,8 +684,8 @@ class BagelGenerationMixin:
         def build() -> _DecodeRunner:
             cache = _DecodeCache(batch, capacity, layers, like)
             tokens = torch.zeros(batch, dtype=torch.long, device=like.device)
-            stream = pool.graph_stream(like.device) if graphed else None
-            return _DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, stream, pool.count_capture)
+            streams = pool.graph_streams(like.device) if graphed else None
+            return _DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, streams, pool.count_capture)
 
         return pool.get((batch, capacity, like.dtype, like.device, graphed), nbytes, weights, build)
 

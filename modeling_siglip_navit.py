@@ -8,6 +8,7 @@ image and never across images. Parameter names equal the released checkpoint und
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -102,9 +103,11 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch
     """`tuple(layer(x) for layer in layers)` for Linears of one input (q/k/v). When float32
     master weights are trained, it is one GEMM each way: the weights are cast into one bf16
     matrix (the cast autocast makes anyway), x is cast and saved once, and x's gradient needs no
-    sum. (Gate/up stay two GEMMs: one 2 x 18944-row matrix measured slower on an H100.)"""
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _graph_branches(x, layers)
+    sum. (Gate/up stay two GEMMs: one 2 x 18944-row matrix measured slower on an H100.) While a
+    decode graph is captured (`graph_branches`), the layers are parallel branches of the graph."""
+    branch_streams = getattr(_CAPTURE, "branch_streams", ())
+    if x.is_cuda and 0 < len(layers) - 1 <= len(branch_streams):
+        return _graph_branches(x, layers, branch_streams)
     # A layer that is not our plain Linear (a PEFT LoRA wrapper, say) runs its own forward: the
     # stacked GEMM reads `.weight` alone and would skip whatever the wrapper adds.
     if not all(type(layer) is Linear for layer in layers) or not _trains_master_weights(x, layers[0].weight):
@@ -112,22 +115,25 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch
     return _stacked_linear(x, layers).split([layer.out_features for layer in layers], dim=-1)
 
 
-_BRANCH_STREAMS: dict[tuple[torch.device, int], list[torch.cuda.Stream]] = {}
-_BRANCH_STREAMS_LOCK = threading.Lock()
+_CAPTURE = threading.local()  # .branch_streams: set by `graph_branches` in the thread capturing
 
 
-def _graph_branches(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
-    """The layers as parallel branches of the CUDA graph being captured (the decode step). With a
-    few rows the small k and v GEMVs are latency-bound (8 us each for 3.7 MB on an H200, against
-    10.5 us for q's 26 MB, `bench/decode_kernels.py`); side by side with q the three take about
-    as long as q alone, as one stacked GEMM would, without a stacked copy of the weights. Side
-    streams are per device and thread: two threads may capture at once."""
-    key = (x.device, threading.get_ident())
-    with _BRANCH_STREAMS_LOCK:
-        if key not in _BRANCH_STREAMS:
-            _BRANCH_STREAMS[key] = []
-        streams = _BRANCH_STREAMS[key]
-        streams.extend(torch.cuda.Stream(x.device) for _ in range(len(layers) - 1 - len(streams)))
+@contextlib.contextmanager
+def graph_branches(streams: tuple[torch.cuda.Stream, ...]):
+    """Within it, `parallel_linears` runs its layers as parallel branches of the CUDA graph this
+    thread captures, the first on the capturing stream and the others on `streams`."""
+    _CAPTURE.branch_streams = streams
+    try:
+        yield
+    finally:
+        _CAPTURE.branch_streams = ()
+
+
+def _graph_branches(x: torch.Tensor, layers: tuple[nn.Module, ...], streams) -> tuple[torch.Tensor, ...]:
+    """The layers side by side in the graph being captured (the decode step). With a few rows the
+    small k and v GEMVs are latency-bound (8 us each for 3.7 MB on an H200, against 10.5 us for
+    q's 26 MB, `bench/decode_kernels.py`); beside q the three take about as long as q alone, as
+    one stacked GEMM would, without a stacked copy of the weights."""
     main = torch.cuda.current_stream(x.device)
     outputs = [None] * len(layers)
     for i, (layer, stream) in enumerate(zip(layers[1:], streams), start=1):

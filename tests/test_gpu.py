@@ -237,11 +237,13 @@ def test_graphed_varlen_decode_matches_plain_decode(parity, monkeypatch):
     monkeypatch.setattr(generation_bagel, "varlen_kernel", lambda *args: calls.append(1) or varlen_kernel(*args))
     from bagel_remote import modeling_siglip_navit
 
-    modeling_siglip_navit._BRANCH_STREAMS.clear()
+    branched, graph_branches = [], modeling_siglip_navit._graph_branches
+    monkeypatch.setattr(modeling_siglip_navit, "_graph_branches",
+                        lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams))
     _, fast = model.generate_text_ids(context, no_stop, max_length=8, return_logits=True)
-    assert len(calls) == 2 * model.config.text_config.num_hidden_layers  # the eager step and the capture
-    # the capture ran k and v beside q, on two side streams of this thread
-    assert [len(s) for s in modeling_siglip_navit._BRANCH_STREAMS.values()] == [2]
+    layers = model.config.text_config.num_hidden_layers
+    assert len(calls) == 2 * layers  # the eager step and the capture
+    assert branched == [3] * layers  # the capture ran k and v beside q, in every layer
     monkeypatch.setattr(generation_bagel, "has_varlen_kernel", lambda x: False)
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
     for i, ids_i in enumerate(prompts):
