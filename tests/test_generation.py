@@ -770,6 +770,29 @@ def test_decode_pool_travels_as_an_empty_pool(model, special):
         assert not clone.runners and clone.lock is not pool.lock and clone.max_entries == pool.max_entries
 
 
+def test_graph_branches_are_set_for_the_capturing_thread_only():
+    """`graph_branches` hands parallel_linears its side streams in this thread, for its duration
+    (also when the capture fails); other threads and CPU inputs never branch."""
+    import threading
+
+    from bagel_remote import modeling_siglip_navit as navit
+
+    layers = tuple(torch.nn.Linear(4, n) for n in (4, 2, 2))
+    x = torch.randn(3, 4)
+    seen = []
+    with navit.graph_branches(("side 1", "side 2")):
+        thread = threading.Thread(target=lambda: seen.append(getattr(navit._CAPTURE, "branch_streams", ())))
+        thread.start()
+        thread.join()
+        assert navit._CAPTURE.branch_streams == ("side 1", "side 2") and seen == [()]
+        outputs = navit.parallel_linears(x, layers)  # on the CPU: plain, no stream touched
+        assert all(torch.equal(out, layer(x)) for out, layer in zip(outputs, layers))
+    assert navit._CAPTURE.branch_streams == ()
+    with pytest.raises(RuntimeError), navit.graph_branches(("side",)):
+        raise RuntimeError("capture failed")
+    assert navit._CAPTURE.branch_streams == ()
+
+
 def test_host_reading_steps_behind_returns_the_same_ids(model, special):
     """On the GPU the host reads each step's tokens a few steps late; with eos stops and max_length
     the ids and logits are those of reading every step at once."""
