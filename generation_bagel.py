@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, to_device, varlen_kernel
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
+from .kernels_bagel import decode_attention, fuses_decode_attention
 from .modeling_siglip_navit import graph_branches
 
 VLM_THINK_SYSTEM_PROMPT = (
@@ -185,11 +186,11 @@ class _DecodeCache:
     of its shape. Attention is exact, over each sequence's cached prefix and new token; rows past a
     sequence's length hold stale (finite) values that are never read.
 
-    On the GPU (bf16/fp16) one varlen kernel call serves all sequences: key segment b is sequence
-    b's slot of `capacity` rows, of which the kernel reads the first length + 1 (`used_keys`). With
-    one query per segment the kernel takes its fast decoding path (query heads of a kv head packed
-    together, keys split across the GPU): 27 us a layer for one request on an H100, against 113 us
-    for SDPA with a mask. Elsewhere SDPA with a mask does the same."""
+    On the GPU one kernel call serves all sequences: sequence b's keys are its slot of `capacity`
+    rows, of which the kernel reads the first length + 1 (`used_keys`), its query heads grouped by
+    kv head and the keys split across the GPU: our Triton `decode_attention`, else torch's varlen
+    flash kernel (bf16/fp16; 27 us a layer for one request on an H100, against 113 us for SDPA
+    with a mask). Elsewhere SDPA with a mask does the same."""
 
     def __init__(self, batch: int, capacity: int, num_layers: int, like: torch.Tensor):
         """`like`: a (T, kv_heads, head_dim) tensor with the cache's dtype and device."""
@@ -206,7 +207,7 @@ class _DecodeCache:
         if self.use_varlen:
             self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
             self.cu_keys = self.cu_queries * capacity
-        self.write_rows = self.used_keys = self.mask = None  # set by begin_step
+        self.write_rows = self.used_keys = self.mask = None  # set by begin_step (the mask when first needed)
 
     def load(self, context: BagelContext) -> None:
         """Start over from `context`'s sequences: their keys/values copied into the slots, without
@@ -223,13 +224,17 @@ class _DecodeCache:
     def begin_step(self) -> None:
         """Where this step's token goes, and what each sequence sees; shared by all layers."""
         self.write_rows = self.rows * self.capacity + self.lengths  # flat row of each new token
-        if self.use_varlen:
-            self.used_keys = (self.lengths + 1).int()
-        else:
+        self.used_keys = (self.lengths + 1).int()
+        self.mask = None
+
+    def _sdpa_mask(self) -> torch.Tensor:
+        """(B, 1, 1, capacity): 0 on the keys each sequence sees, -inf past them (made once a step)."""
+        if self.mask is None:
             slots = torch.arange(self.capacity, device=self.rows.device)
             hidden = slots[None, :] > self.lengths[:, None]
             mask = torch.zeros(hidden.shape, dtype=self.keys[0].dtype, device=hidden.device)
-            self.mask = mask.masked_fill(hidden, float("-inf"))[:, None, None]  # (B, 1, 1, capacity)
+            self.mask = mask.masked_fill(hidden, float("-inf"))[:, None, None]
+        return self.mask
 
     def end_step(self) -> None:
         self.lengths += 1
@@ -240,6 +245,8 @@ class _DecodeCache:
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
         keys.index_copy_(0, self.write_rows, k)
         values.index_copy_(0, self.write_rows, v)
+        if fuses_decode_attention(q, keys):
+            return decode_attention(q, keys, values, self.used_keys, self.capacity)
         if self.use_varlen:
             cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
             return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)
@@ -249,7 +256,7 @@ class _DecodeCache:
         grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
         k_all = self.keys[layer_idx].transpose(1, 2)
         v_all = self.values[layer_idx].transpose(1, 2)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self.mask)
+        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self._sdpa_mask())
         return out.reshape(batch, heads, dim)
 
 

@@ -10,6 +10,10 @@ CUDA builds); plain torch ops everywhere else.
 - `rms_norm_rotary`: the q/k RMSNorm and the rotary embedding after it, one pass over q or k
   each way instead of four (norm, and rotary's product, half swap and multiply-add), reading q
   and k where the projection wrote them (strided rows when q/k/v come out of one GEMM).
+- `decode_attention`: one new query per sequence against a preallocated KV cache (the decode
+  step), the keys split across the GPU (flash-decoding) and the query heads of one KV head
+  together. torch's varlen flash kernel does the same in two kernels, but its combine kernel
+  takes 13 us of its 21 us a layer on an H200 (`bench/decode_kernels.py`).
 """
 
 from __future__ import annotations
@@ -94,6 +98,47 @@ class _RMSNormRotary(torch.autograd.Function):
         return grad_x, grad_weight.sum(0).to(weight.dtype), None, None, None
 
 
+def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether `decode_attention` can take q (B, heads, dim) against keys (rows, kv_heads, dim):
+    Triton on CUDA, dim a power of two of at least 16, whole groups of heads."""
+    heads, dim = q.shape[1:]
+    return (triton is not None and q.is_cuda and dim >= 16 and dim & (dim - 1) == 0
+            and heads % keys.shape[1] == 0 and q.is_contiguous() and keys.stride()[1:] == (dim, 1))  # fmt: skip
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
+                     capacity: int) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(dim)) v for one query per sequence: q (B, heads, dim); keys, values
+    (B * capacity, kv_heads, dim), sequence b in rows [b * capacity, (b + 1) * capacity) of which
+    it sees the first `used[b]` (>= 1; int32, on the GPU, so a CUDA graph can replay it as the
+    cache grows). Query head h reads kv head h // (heads // kv_heads). -> (B, heads, dim) in q's
+    dtype. Only where `fuses_decode_attention`."""
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    split = _decode_split(batch * kv_heads, capacity, q.device)
+    splits = triton.cdiv(capacity, split)
+    partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    _decode_attention_splits[(batch * kv_heads, splits)](
+        q, keys, values, used, partial, lse, capacity, keys.stride(0), dim**-0.5, KV_HEADS=kv_heads, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLIT=split, BLOCK_N=_DECODE_BLOCK_N)  # fmt: skip
+    out = torch.empty_like(q)
+    _decode_attention_combine[(batch * heads,)](partial, lse, out, splits, DIM=dim,
+                                                SPLITS_PAD=triton.next_power_of_2(splits))  # fmt: skip
+    return out
+
+
+_DECODE_BLOCK_N = 64  # keys per inner step of a split
+
+
+def _decode_split(programs_per_split: int, capacity: int, device: torch.device) -> int:
+    """Keys per split: enough splits for about two programs per SM, at least 2 inner steps each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    splits = max(1, 2 * sms // programs_per_split)
+    return max(2 * _DECODE_BLOCK_N, triton.cdiv(triton.cdiv(capacity, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N)
+
+
 if triton is not None:
 
     @triton.jit
@@ -176,3 +221,53 @@ if triton is not None:
         tl.store(grad_up_ptr + offsets, (grad * silu).to(grad_up_ptr.dtype.element_ty), mask=mask)
         d_silu = sigmoid * (1 + gate * (1 - sigmoid))
         tl.store(grad_gate_ptr + offsets, (grad * up * d_silu).to(grad_gate_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _decode_attention_splits(q_ptr, k_ptr, v_ptr, used_ptr, partial_ptr, lse_ptr, capacity, row_stride, scale,
+                                 KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                                 DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """One (sequence, kv head, split of the keys): the split's attention output for the kv
+        head's query heads, normalised, and its log-sum-exp (-inf for a split past the keys)."""
+        seq, kv_head = tl.program_id(0) // KV_HEADS, tl.program_id(0) % KV_HEADS
+        split, splits = tl.program_id(1), tl.num_programs(1)
+        rows = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, DIM)
+        head = kv_head * GROUP + rows
+        q_rows = (seq * KV_HEADS * GROUP + head).to(tl.int64)
+        q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=(rows < GROUP)[:, None], other=0.0)
+        start = split * SPLIT
+        end = tl.minimum(start + SPLIT, tl.load(used_ptr + seq))
+        best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
+        for first in range(start, end, BLOCK_N):
+            keys = first + tl.arange(0, BLOCK_N)
+            valid = keys < end
+            offsets = ((seq * capacity + keys).to(tl.int64) * row_stride + kv_head * DIM)[:, None] + dims[None, :]
+            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0)
+            scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))  # finite: the step's first key is valid
+            p = tl.exp(scores - new_best[:, None])
+            rescale = tl.exp(best - new_best)
+            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            total = total * rescale + tl.sum(p, 1)
+            best = new_best
+        slot = q_rows * splits + split  # (sequence, head, split) of the outputs
+        lse = tl.where(total > 0, best + tl.log(total), float("-inf"))
+        tl.store(lse_ptr + slot, lse, mask=rows < GROUP)
+        out = acc / tl.maximum(total, 1e-30)[:, None]
+        tl.store(partial_ptr + slot[:, None] * DIM + dims[None, :], out, mask=(rows < GROUP)[:, None])
+
+    @triton.jit
+    def _decode_attention_combine(partial_ptr, lse_ptr, out_ptr, splits, DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        """One (sequence, head): the splits' outputs weighted by their share of the softmax."""
+        row = tl.program_id(0).to(tl.int64)
+        parts = tl.arange(0, SPLITS_PAD)
+        dims = tl.arange(0, DIM)
+        lse = tl.load(lse_ptr + row * splits + parts, mask=parts < splits, other=float("-inf"))
+        weights = tl.exp(lse - tl.max(lse, 0))  # split 0 always has a key: the max is finite
+        outs = tl.load(partial_ptr + (row * splits + parts)[:, None] * DIM + dims[None, :],
+                       mask=(parts < splits)[:, None], other=0.0)  # fmt: skip
+        out = tl.sum(outs * weights[:, None], 0) / tl.sum(weights, 0)
+        tl.store(out_ptr + row * DIM + dims, out.to(out_ptr.dtype.element_ty))

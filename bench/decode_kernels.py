@@ -49,6 +49,7 @@ def gemm(name: str, out_features: int, in_features: int, rows: int) -> None:
 
 def attention(batch: int, cached: int) -> None:
     from bagel_remote.attention_bagel import varlen_kernel
+    from bagel_remote.kernels_bagel import decode_attention
 
     capacity = cached + 128
     layer_bytes = 2 * batch * capacity * KV_HEADS * HEAD_DIM * 2
@@ -60,6 +61,7 @@ def attention(batch: int, cached: int) -> None:
     used = torch.full((batch,), cached + 1, dtype=torch.int32, device="cuda")
     read_bytes = 2 * batch * (cached + 1) * KV_HEADS * HEAD_DIM * 2
     variants = {
+        "triton decode_attention": lambda i: decode_attention(q, caches[i][0], caches[i][1], used, capacity),
         "varlen, used keys": lambda i: varlen_kernel(q, caches[i][0], caches[i][1], cu_q, cu_q * capacity, 1, capacity,
                                                      False, used),  # fmt: skip
         "sdpa gqa, exact length": lambda i: F.scaled_dot_product_attention(

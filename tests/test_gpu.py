@@ -221,8 +221,9 @@ def test_inference_parity_on_gpu(parity):
 
 
 def test_graphed_varlen_decode_matches_plain_decode(parity, monkeypatch):
-    """Two requests of different lengths decoded together through the graphed varlen step, against
-    each request alone through the plain (SDPA with a mask, eager) step, same bf16 model."""
+    """Two requests of different lengths decoded together through the graphed step (the Triton
+    decode attention, else the varlen kernel), against each request alone through the plain (SDPA
+    with a mask, eager) step, same bf16 model."""
     from bagel_remote import generation_bagel
     from bagel_remote.generation_bagel import SpecialTokenIds
 
@@ -233,8 +234,10 @@ def test_graphed_varlen_decode_matches_plain_decode(parity, monkeypatch):
     prompt = parity.meta["cases"]["chat"]["prompt_ids"]
     prompts = [prompt, prompt[: len(prompt) // 2]]
     context = model.add_text_tokens(model.new_context(2), prompts, special)
-    calls, varlen_kernel = [], generation_bagel.varlen_kernel
-    monkeypatch.setattr(generation_bagel, "varlen_kernel", lambda *args: calls.append(1) or varlen_kernel(*args))
+    calls = []
+    kernel = "decode_attention" if kernels_bagel.triton is not None else "varlen_kernel"
+    original = getattr(generation_bagel, kernel)
+    monkeypatch.setattr(generation_bagel, kernel, lambda *args: calls.append(1) or original(*args))
     from bagel_remote import modeling_siglip_navit
 
     branched, graph_branches = [], modeling_siglip_navit._graph_branches
@@ -245,6 +248,7 @@ def test_graphed_varlen_decode_matches_plain_decode(parity, monkeypatch):
     assert len(calls) == 2 * layers  # the eager step and the capture
     assert branched == [3] * layers  # the capture ran k and v beside q, in every layer
     monkeypatch.setattr(generation_bagel, "has_varlen_kernel", lambda x: False)
+    monkeypatch.setattr(generation_bagel, "fuses_decode_attention", lambda q, keys: False)
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
     for i, ids_i in enumerate(prompts):
         alone = model.add_text_tokens(model.new_context(1), [ids_i], special)
@@ -307,6 +311,30 @@ def test_graphed_decode_with_early_stop_matches_eager(parity, monkeypatch):
         for a, b in zip(logits_g, logits_e):
             assert ((a - b).abs().max() / b.abs().max()).item() < 1e-2
     assert graphed[2][0][0] == greedy[0][: greedy[0].index(stop.eos)]  # request 0 stopped at its eos
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_matches_exact_attention(dtype):
+    """The Triton decode attention against float32 SDPA over each sequence's used keys: BAGEL's
+    heads (28 over 4 kv heads, dim 128), one to all keys used, a split's boundary, a batch whose
+    lengths differ, and a small head layout."""
+    if kernels_bagel.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    cases = [(28, 4, 128, 6144, [4951]), (28, 4, 128, 384, [1, 128, 129, 384]), (8, 2, 32, 256, [1, 130, 256])]
+    for heads, kv_heads, dim, capacity, used in cases:
+        batch = len(used)
+        q = torch.randn(batch, heads, dim, device="cuda", dtype=dtype)
+        keys, values = (torch.randn(batch * capacity, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
+        assert kernels_bagel.fuses_decode_attention(q, keys)
+        out = kernels_bagel.decode_attention(q, keys, values, torch.tensor(used, dtype=torch.int32, device="cuda"),
+                                             capacity)  # fmt: skip
+        for b, n in enumerate(used):
+            rows = slice(b * capacity, b * capacity + n)
+            k, v = (t[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1) for t in (keys, values))
+            exact = torch.nn.functional.scaled_dot_product_attention(q[b].float()[:, None], k, v)[:, 0]
+            err = ((out[b].float() - exact).abs().max() / exact.abs().max()).item()
+            assert out.dtype == dtype and err < 2e-2, (heads, capacity, n, err)
 
 
 def test_fused_silu_mul_matches_eager():
