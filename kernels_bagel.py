@@ -132,6 +132,22 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 _DECODE_BLOCK_N = 64  # keys per inner step of a split
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16,
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:  # fmt: skip
+    """x @ weight.T (+ bias) for a few rows (decoding): x (M <= 16, K), weight (N, K) contiguous ->
+    (M, N) in x's dtype, float32 accumulation. Each program streams `block_n` whole weight rows
+    (no split-K, so no second reduction kernel); one row of x is a multiply and a row sum, more
+    use tensor cores. Block sizes are arguments while they are tuned (`bench/decode_kernels.py`)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    out = x.new_empty(rows, n)
+    block_m = 1 if rows == 1 else 16
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, rows, n, k, x.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)  # fmt: skip
+    return out
+
+
 def _decode_split(programs_per_split: int, capacity: int, device: torch.device) -> int:
     """Keys per split: enough splits for about two programs per SM, at least 2 inner steps each."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -271,3 +287,23 @@ if triton is not None:
                        mask=(parts < splits)[:, None], other=0.0)  # fmt: skip
         out = tl.sum(outs * weights[:, None], 0) / tl.sum(weights, 0)
         tl.store(out_ptr + row * DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, rows, n, k, x_stride, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
+        m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start in range(0, k, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k), other=0.0)
+            x = tl.load(x_ptr + m[:, None] * x_stride + ks[None, :], mask=(m[:, None] < rows) & (ks[None, :] < k),
+                        other=0.0)  # fmt: skip
+            if BLOCK_M == 1:
+                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+        mask = (m[:, None] < rows) & (cols[None, :] < n)
+        tl.store(out_ptr + m[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

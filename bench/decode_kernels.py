@@ -4,8 +4,10 @@ with enough copies of its weights that none stays in L2. Prints one JSON line pe
 time and the HBM bandwidth it reaches (bytes of weights / KV read, over time): what a faster
 decode step would have to beat.
 
-    python bench/decode_kernels.py
+    python bench/decode_kernels.py [--gemv]
 """
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ def graphed_us(run, copies: int, repeats: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (repeats * copies)
 
 
-def gemm(name: str, out_features: int, in_features: int, rows: int) -> None:
+def gemm(name: str, out_features: int, in_features: int, rows: int, args) -> None:
     weight_bytes = out_features * in_features * 2
     copies = max(2, L2_FLUSH_BYTES // weight_bytes)
     weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -45,6 +47,23 @@ def gemm(name: str, out_features: int, in_features: int, rows: int) -> None:
     us = graphed_us(lambda i: F.linear(x, weights[i]), copies)
     report(kernel=f"linear {name}", rows=rows, shape=[out_features, in_features], us=round(us, 2),
            tb_per_s=round(weight_bytes / us / 1e6, 2))  # fmt: skip
+    if args.gemv:  # the Triton GEMV's block sizes, swept: its best against cuBLAS's
+        from bagel_remote.kernels_bagel import gemv
+
+        best = None
+        for block_n, block_k, warps, stages in GEMV_CONFIGS:
+            if rows > 1 and block_n < 16:  # tensor-core tiles need 16 columns
+                continue
+            config = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+            torch.testing.assert_close(gemv(x, weights[0], **config), F.linear(x, weights[0]), rtol=2e-2, atol=2e-2)
+            us_triton = graphed_us(lambda i: gemv(x, weights[i], **config), copies)
+            if best is None or us_triton < best[0]:
+                best = (us_triton, config)
+        report(kernel=f"triton gemv {name}", rows=rows, shape=[out_features, in_features], us=round(best[0], 2),
+               tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), **best[1])  # fmt: skip
+
+
+GEMV_CONFIGS = [(bn, bk, w, st) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) for st in (2, 4)]
 
 
 def attention(batch: int, cached: int) -> None:
@@ -75,6 +94,9 @@ def attention(batch: int, cached: int) -> None:
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gemv", action="store_true", help="also sweep the Triton GEMV's block sizes")
+    args = parser.parse_args()
     import_repo()
     torch.manual_seed(0)
     shapes = {"q": (HEADS * HEAD_DIM, HIDDEN), "k or v": (KV_HEADS * HEAD_DIM, HIDDEN), "q+k+v stacked": (
@@ -82,7 +104,7 @@ def main():
         "gate+up stacked": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm head": (VOCAB, HIDDEN)}
     for rows in (1, 16):
         for name, (out_features, in_features) in shapes.items():
-            gemm(name, out_features, in_features, rows)
+            gemm(name, out_features, in_features, rows, args)
     for batch in (1, 16):
         attention(batch, 4950)
 
