@@ -882,8 +882,10 @@ class BagelGenerationMixin:
             parallel = ParallelLayout.of(parallel, self.device)
             if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
                 run = lambda requests, seeds, inner: self.interleave(  # noqa: E731
-                    requests, understanding_output, think, max_new_tokens, do_sample, temperature, top_p, height,
-                    width, params, seeds, progress, processor, inner)  # fmt: skip
+                    requests, understanding_output=understanding_output, think=think, max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_p=top_p, height=height, width=width,
+                    params=params, seed=seeds, progress=progress, processor=processor, parallel=inner,
+                    streamer=streamer)  # fmt: skip
                 outputs = parallel.run_requests(run, batch, seed)
                 return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
