@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .configuration_bagel import BagelConfig, normalize_stage
-from .state_dict_adapter import GEN_PATTERNS, BagelStateDictAdapter, _classify
+from .state_dict_adapter import GEN_PATTERNS, BagelStateDictAdapter, checkpoint_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def build_index(headers: dict[str, dict]) -> dict:
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
 
-def _config_from_directory(directory: Path) -> BagelConfig:
+def config_from_directory(directory: Path) -> BagelConfig:
     """`config.json`, or the released `llm_config.json` + `vit_config.json` when there is no
     config.json or when it is not a BAGEL one (e.g. a copy of the Qwen2 LLM config)."""
     file = directory / CONFIG_NAME
@@ -265,7 +265,7 @@ def loadable_directory(directory: Path, headers: dict[str, dict], config: BagelC
         ):
             return directory, None
     if config is None:
-        config = _config_from_directory(directory)
+        config = config_from_directory(directory)
         if config.dtype is None:  # "auto" then means the model weights' dtype, not the VAE's
             config.dtype = next((dt for dt, _ in headers[WEIGHTS_NAME].values() if dt and dt.is_floating_point), None)
     shadow = tempfile.mkdtemp(prefix="bagel-load-")
@@ -371,7 +371,7 @@ def _check_loading_info(model, info: dict, headers: dict, directory: Path, stric
     random_vae = model.vae is not None and VAE_WEIGHTS_NAME not in headers
     lacking = [k for k in missing if not (random_vae and k.startswith("vae."))]
     if lacking and strict:
-        gen_only = all(_classify(k) == "gen" for k in lacking)
+        gen_only = all(checkpoint_bucket(k) == "gen" for k in lacking)
         hint = (
             " These are the generation (GEN) weights: the checkpoint is understanding-only; load it with stage=1."
             if gen_only and model.config.stage == 2 else ""
