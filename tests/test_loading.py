@@ -332,6 +332,12 @@ def test_dtype_auto_follows_the_checkpoint(tiny, tmp_path):
     again = BagelForUnifiedMultimodal.from_pretrained(tmp_path / "bf16", stage=1, dtype="auto")
     assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in BagelForUnifiedMultimodal.from_pretrained(tiny).parameters()} == {torch.float32}
+    # a float32 VAE beside bf16 model weights, and a config without a dtype passed in: still bf16
+    shutil.copy(tiny / "ae.safetensors", tmp_path / "bf16" / "ae.safetensors")
+    config = BagelConfig.from_pretrained(tiny)
+    config.dtype = None  # as in the Hub repository's config.json
+    again = BagelForUnifiedMultimodal.from_pretrained(tmp_path / "bf16", config=config)
+    assert again.model.language_model.lm_head.weight.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
