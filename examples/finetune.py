@@ -359,7 +359,8 @@ def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int)
 
 def reduce_losses(out: dict, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """This rank's share of the global loss, scaled by the world size (FSDP averages gradients
-    over ranks), and the global CE, MSE and loss for logging."""
+    over ranks), and the global CE, MSE and loss for logging, and the tokens of all ranks' packs
+    (`tokens`): one all-reduce for all of them."""
     ce, mse = out["ce"], out["mse"]
     zero = next(t for t in (ce, mse) if t is not None).new_zeros(())
     weights = batch.get("ce_loss_weights")
@@ -368,13 +369,14 @@ def reduce_losses(out: dict, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict
     local = torch.stack([
         (ce * weights).sum() if ce is not None else zero, weights.sum().float() if ce is not None else zero,
         mse.mean(-1).sum() if mse is not None else zero, zero + (mse.shape[0] if mse is not None else 0),
+        zero + batch["sequence_length"],
     ])  # fmt: skip
     totals = local.detach().clone()
     dist.all_reduce(totals)
-    ce_sum, weight_sum, mse_sum, mse_count = totals.tolist()
+    ce_sum, weight_sum, mse_sum, mse_count, tokens = totals.tolist()
     ce_den, mse_den = max(weight_sum, 1e-12), max(mse_count, 1.0)
     loss = cfg["ce_weight"] * local[0] / ce_den + cfg["mse_weight"] * local[2] / mse_den
-    metrics = {"ce": ce_sum / ce_den, "mse": mse_sum / mse_den}
+    metrics = {"ce": ce_sum / ce_den, "mse": mse_sum / mse_den, "tokens": tokens}
     metrics["loss"] = cfg["ce_weight"] * metrics["ce"] + cfg["mse_weight"] * metrics["mse"]
     return loss * dist.get_world_size(), metrics
 
@@ -596,10 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         batch = packing_bagel.encode_pack(model, next(packs), device)  # on the device, images VAE-encoded
         metrics = train_step(model, batch, cfg, optimizer, scheduler, params, ema)
-        tokens = torch.tensor(float(batch["sequence_length"]), device=device)
-        dist.all_reduce(tokens)
         step += 1
-        metrics.update(step=step, tokens_per_s=tokens.item() / (time.perf_counter() - start))
+        metrics.update(step=step, tokens_per_s=metrics.pop("tokens") / (time.perf_counter() - start))
         if rank == 0 and step % cfg["log_every"] == 0:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
