@@ -3,6 +3,7 @@ random weights straight on the GPU, time and measure."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -113,6 +114,11 @@ def special_ids(config):
         return SpecialTokenIds(10, 11, 12, 13)
     # Qwen2 / BAGEL ids: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
     return SpecialTokenIds(151644, 151645, 151652, 151653)
+
+
+def no_stop(special):
+    """The special ids with no eos: decoding runs every step it is given (benchmarks time a fixed count)."""
+    return dataclasses.replace(special, eos=-1)
 
 
 class Timer:
