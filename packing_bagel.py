@@ -33,7 +33,19 @@ import torch
 from PIL import Image
 
 from .generation_bagel import latent_position_ids
-from .processing_bagel import DEFAULT_MAX_PIXELS, image_to_tensor, patchify_vit, resize_image, to_rgb
+from .processing_bagel import (
+    DEFAULT_MAX_PIXELS,
+    VAE_MAX_SIZE,
+    VAE_MIN_SIZE,
+    VAE_STRIDE,
+    VIT_MAX_SIZE,
+    VIT_MIN_SIZE,
+    VIT_STRIDE,
+    image_to_tensor,
+    patchify_vit,
+    resize_image,
+    to_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -462,9 +474,9 @@ class ImageSizes:
 
 #: The reference's training transforms: VAE images (generation and editing), ViT images of
 #: understanding samples, ViT images of editing / interleaved samples.
-VAE_SIZES = ImageSizes(1024, 512, 16)
-VIT_SIZES = ImageSizes(980, 378, 14, 2_007_040)
-EDIT_VIT_SIZES = ImageSizes(518, 224, 14)
+VAE_SIZES = ImageSizes(VAE_MAX_SIZE, VAE_MIN_SIZE, VAE_STRIDE)
+VIT_SIZES = ImageSizes(VIT_MAX_SIZE, 378, VIT_STRIDE, 2_007_040)
+EDIT_VIT_SIZES = ImageSizes(518, VIT_MIN_SIZE, VIT_STRIDE)
 
 
 class PlanBuilder:
