@@ -109,20 +109,18 @@ class ParquetSource(DataSource):
         import pyarrow.parquet as pq
 
         self.files = _parquet_files(paths)
+        self._chunks = []  # read once here, from each file's footer; every rank and worker shards them
         for file in self.files:
-            missing = set(self.columns) - set(pq.read_schema(file).names)
+            parquet = pq.ParquetFile(file)
+            missing = set(self.columns) - set(parquet.schema_arrow.names)
             if missing:
                 raise ValueError(f"{file} lacks the column(s) {sorted(missing)} that {type(self).__name__} reads "
                                  f"(it needs {list(self.columns)}).")
+            metadata = parquet.metadata
+            self._chunks += [Chunk(file, g, 0, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
 
     def chunks(self) -> list[Chunk]:
-        import pyarrow.parquet as pq
-
-        chunks = []
-        for file in self.files:
-            metadata = pq.ParquetFile(file).metadata
-            chunks += [Chunk(file, g, 0, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
-        return chunks
+        return list(self._chunks)
 
     def read_chunk(self, chunk: Chunk) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
@@ -228,17 +226,17 @@ class SourceStream:
     ):
         self.source, self.builder, self.index = source, builder, index
         self.chunks = shard_chunks(source.chunks(), shard, num_shards)
+        self.num_rows = sum(c.num_rows for c in self.chunks)
         self.seed = (seed, index, shard)
         self.position = [0, 0, 0]
         self._cached: tuple[tuple[int, int], list, list[int]] | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return sum(c.num_rows for c in self.chunks)
+        self._epoch_order: tuple[int, list[int]] | None = None  # (epoch, its chunk order)
 
     def _chunk(self, epoch: int, chunk_pos: int) -> Chunk:
-        order = torch.randperm(len(self.chunks), generator=seeded_generator(*self.seed, epoch))
-        return self.chunks[int(order[chunk_pos])]
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = torch.randperm(len(self.chunks), generator=seeded_generator(*self.seed, epoch)).tolist()
+            self._epoch_order = (epoch, order)
+        return self.chunks[self._epoch_order[1][chunk_pos]]
 
     def _rows(self, epoch: int, chunk_pos: int) -> tuple[list, list[int]]:
         if self._cached is None or self._cached[0] != (epoch, chunk_pos):

@@ -889,8 +889,10 @@ class BagelGenerationMixin:
             parallel = ParallelLayout.of(parallel, self.device)
             if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
                 run = lambda requests, seeds, inner: self.interleave(  # noqa: E731
-                    requests, understanding_output, think, max_new_tokens, do_sample, temperature, top_p, height,
-                    width, params, seeds, progress, processor, inner)  # fmt: skip
+                    requests, understanding_output=understanding_output, think=think, max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_p=top_p, height=height, width=width,
+                    params=params, seed=seeds, progress=progress, processor=processor, parallel=inner,
+                    streamer=streamer)  # fmt: skip
                 outputs = parallel.run_requests(run, batch, seed)
                 return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
@@ -915,17 +917,11 @@ class BagelGenerationMixin:
                 gen = self.add_text_tokens(gen, ids, special)
                 cfg_img = gen if shared else self.add_text_tokens(cfg_img, ids, special)
             else:
-                from .processing_bagel import check_image_size, image_to_tensor, resize_image, to_rgb
-
-                def vae_resize(img):  # the processor's VAE rule, within what this checkpoint generates
-                    return resize_image(to_rgb(img), vae_max_size, min(processor.vae_min_size, vae_max_size),
-                                        processor.vae_stride, processor.max_pixels)  # fmt: skip
-
-                for img in items:
-                    check_image_size(img)  # before converting, so a huge image fails cheaply
-                images = [vae_resize(img) for img in items]
+                # the processor's VAE rule, within what this checkpoint generates
+                images = [processor.vae_resize(img, vae_max_size) for img in items]
                 if not understanding_output:  # resized twice, as the reference does (its vae_transform resizes)
-                    gen = self.add_vae_images(gen, [image_to_tensor(vae_resize(img)) for img in images], special)
+                    gen = self.add_vae_images(gen, [processor.vae_transform(img, vae_max_size) for img in images],
+                                              special)  # fmt: skip
                 gen = self.add_vit_images(gen, [processor.vit_transform(img) for img in images], special)
                 sizes = [(img.height, img.width) for img in images]
                 cfg_text = gen

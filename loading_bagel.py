@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .configuration_bagel import BagelConfig, normalize_stage
-from .state_dict_adapter import GEN_PATTERNS, BagelStateDictAdapter, _classify
+from .state_dict_adapter import GEN_PATTERNS, BagelStateDictAdapter, checkpoint_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ def weight_headers(directory: Path) -> dict[str, dict]:
 
 
 def build_index(headers: dict[str, dict]) -> dict:
-    """The `model.safetensors.index.json` of the weight files: every tensor -> its file."""
+    """The `model.safetensors.index.json` of the weight files: every tensor -> its file, and in
+    its metadata the dtype of ema.safetensors, which transformers' `dtype="auto"` takes when the
+    config names none (else it would take the first file's: the VAE's, often float32)."""
     weight_map, total = {}, 0
     for file, header in headers.items():
         for key, (dtype, shape) in header.items():
@@ -219,10 +221,14 @@ def build_index(headers: dict[str, dict]) -> dict:
             for dim in shape:
                 numel *= dim
             total += numel * (torch.empty((), dtype=dtype).element_size() if dtype is not None else 0)
-    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    metadata = {"total_size": total}
+    model_dtype = next((dt for dt, _ in headers.get(WEIGHTS_NAME, {}).values() if dt and dt.is_floating_point), None)
+    if model_dtype is not None:
+        metadata["dtype"] = str(model_dtype).removeprefix("torch.")
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 
 
-def _config_from_directory(directory: Path) -> BagelConfig:
+def config_from_directory(directory: Path) -> BagelConfig:
     """`config.json`, or the released `llm_config.json` + `vit_config.json` when there is no
     config.json or when it is not a BAGEL one (e.g. a copy of the Qwen2 LLM config)."""
     file = directory / CONFIG_NAME
@@ -252,22 +258,15 @@ def _json_file(file: Path) -> dict:
 
 def loadable_directory(directory: Path, headers: dict[str, dict], config: BagelConfig | None) -> tuple[Path, str | None]:
     """A directory transformers' `from_pretrained` can read, and the temporary directory to remove
-    once the model is gone (None when `directory` itself is readable: a BAGEL config.json with a
-    dtype, and an index listing exactly the tensors of the weight files present)."""
+    once the model is gone (None when `directory` itself is readable: a BAGEL config.json, and the
+    index `build_index` makes of the weight files present)."""
     index = build_index(headers)
     config_file, index_file = directory / CONFIG_NAME, directory / INDEX_NAME
     if config_file.is_file() and index_file.is_file():
-        written = _json_file(config_file)
-        if (
-            written.get("model_type") == BagelConfig.model_type
-            and written.get("dtype") is not None
-            and _json_file(index_file).get("weight_map") == index["weight_map"]
-        ):
+        if _json_file(config_file).get("model_type") == BagelConfig.model_type and _json_file(index_file) == index:
             return directory, None
     if config is None:
-        config = _config_from_directory(directory)
-        if config.dtype is None:  # "auto" then means the model weights' dtype, not the VAE's
-            config.dtype = next((dt for dt, _ in headers[WEIGHTS_NAME].values() if dt and dt.is_floating_point), None)
+        config = config_from_directory(directory)
     shadow = tempfile.mkdtemp(prefix="bagel-load-")
     try:
         (Path(shadow) / CONFIG_NAME).write_text(config.to_json_string(use_diff=False), encoding="utf-8")
@@ -371,7 +370,7 @@ def _check_loading_info(model, info: dict, headers: dict, directory: Path, stric
     random_vae = model.vae is not None and VAE_WEIGHTS_NAME not in headers
     lacking = [k for k in missing if not (random_vae and k.startswith("vae."))]
     if lacking and strict:
-        gen_only = all(_classify(k) == "gen" for k in lacking)
+        gen_only = all(checkpoint_bucket(k) == "gen" for k in lacking)
         hint = (
             " These are the generation (GEN) weights: the checkpoint is understanding-only; load it with stage=1."
             if gen_only and model.config.stage == 2 else ""

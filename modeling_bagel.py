@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
-from .configuration_bagel import BagelConfig, normalize_stage, rope_theta
+from .configuration_bagel import BagelConfig, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
 from .kernels_bagel import fuses_rms_norm_rotary, rms_norm_rotary, silu_mul
 from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the loading API, importable from here
@@ -326,11 +326,6 @@ class BagelModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Stage helpers (the NeMo AutoModel API)
 # ----------------------------------------------------------------------------------------------
-
-
-def _stage_to_int(stage: int | str) -> int:
-    """1, 2, "stage1", "stage2" (any case) -> 1 or 2."""
-    return normalize_stage(stage)
 
 
 def _prepare_config_for_stage(config: BagelConfig) -> None:

@@ -32,7 +32,20 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .processing_bagel import DEFAULT_MAX_PIXELS, image_to_tensor, patchify_vit, resize_image, to_rgb
+from .generation_bagel import latent_position_ids
+from .processing_bagel import (
+    DEFAULT_MAX_PIXELS,
+    VAE_MAX_SIZE,
+    VAE_MIN_SIZE,
+    VAE_STRIDE,
+    VIT_MAX_SIZE,
+    VIT_MIN_SIZE,
+    VIT_STRIDE,
+    image_to_tensor,
+    patchify_vit,
+    resize_image,
+    to_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +266,7 @@ class PackBuilder:
         self._text_token(self.config.start_of_image)
         self.vae_images.append(item.data)
         self.latent_shapes.append((h, w))
-        rows, cols = torch.arange(h), torch.arange(w)
-        self.latent_position_ids.append((rows[:, None] * self.config.max_latent_size + cols).flatten())
+        self.latent_position_ids.append(latent_position_ids(h, w, self.config.max_latent_size))
         indexes = range(self.length, self.length + h * w)
         self.vae_indexes.extend(indexes)
         if item.loss:
@@ -462,9 +474,9 @@ class ImageSizes:
 
 #: The reference's training transforms: VAE images (generation and editing), ViT images of
 #: understanding samples, ViT images of editing / interleaved samples.
-VAE_SIZES = ImageSizes(1024, 512, 16)
-VIT_SIZES = ImageSizes(980, 378, 14, 2_007_040)
-EDIT_VIT_SIZES = ImageSizes(518, 224, 14)
+VAE_SIZES = ImageSizes(VAE_MAX_SIZE, VAE_MIN_SIZE, VAE_STRIDE)
+VIT_SIZES = ImageSizes(VIT_MAX_SIZE, 378, VIT_STRIDE, 2_007_040)
+EDIT_VIT_SIZES = ImageSizes(518, VIT_MIN_SIZE, VIT_STRIDE)
 
 
 class PlanBuilder:
@@ -504,10 +516,11 @@ class PlanBuilder:
         if not (loss or vae or vit):
             raise ValueError("an image needs at least one of loss, vae, vit.")
         items = []
+        latent_input = self.vae_sizes.transform(image) if loss or vae else None  # one resize serves both
         if loss:
-            items.append(PlanItem(VAE_IMAGE, self.vae_sizes.transform(image), loss=True))
+            items.append(PlanItem(VAE_IMAGE, latent_input, loss=True))
         if vae:
-            items.append(PlanItem(VAE_IMAGE, self.vae_sizes.transform(image), enable_cfg=enable_cfg))
+            items.append(PlanItem(VAE_IMAGE, latent_input, enable_cfg=enable_cfg))
         if vit:
             items.append(PlanItem(VIT_IMAGE, self.edit_vit_sizes.transform(image), enable_cfg=enable_cfg))
         return items

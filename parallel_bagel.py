@@ -223,6 +223,7 @@ class UlyssesShard:
         self.group, self.size, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         kv_heads_per_rank = ulysses_kv_heads(num_heads, kv_heads, self.size)
         self.kv_index = torch.tensor(kv_heads_per_rank)
+        self._kv_index_on: dict[torch.device, torch.Tensor] = {}  # kv_index copied to each device once
         self.kv_identity = kv_heads_per_rank == list(range(kv_heads))  # no copy needed
         self._contexts: dict[int, tuple[BagelContext, BagelContext]] = {}
         self.num_tokens = self.chunk = 0
@@ -248,17 +249,22 @@ class UlyssesShard:
         kept = self._contexts.get(id(context))
         if kept is None or kept[0] is not context:
             per_rank = self.kv_index.numel() // self.size
-            index = self.kv_index[self.rank * per_rank : (self.rank + 1) * per_rank].to(context.keys[0].device)
+            index = self._kv_index(context.keys[0].device)[self.rank * per_rank : (self.rank + 1) * per_rank]
             heads = lambda tensors: tuple(t.index_select(1, index) for t in tensors)  # noqa: E731
             kept = (context, BagelContext(heads(context.keys), heads(context.values), context.lengths, context.positions))
             self._contexts[id(context)] = kept
         return kept[1]
 
+    def _kv_index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._kv_index_on:
+            self._kv_index_on[device] = self.kv_index.to(device)
+        return self._kv_index_on[device]
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (chunk, H, D), k, v (chunk, H_kv, D) of this rank's tokens -> attention output (chunk, H, D)."""
         n = self.num_tokens
         if not self.kv_identity:  # KV heads shared by several ranks: each gets its own copy
-            index = self.kv_index.to(k.device)
+            index = self._kv_index(k.device)
             k, v = k.index_select(1, index), v.index_select(1, index)
         q, k, v = (self._tokens_to_heads(x)[:n] for x in (q, k, v))
         return self._heads_to_tokens(self.step.attend(layer_idx, q, k, v, plan))

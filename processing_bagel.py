@@ -346,11 +346,19 @@ class BagelProcessor(ProcessorMixin):
 
     # ---- images --------------------------------------------------------------------------------------------------
 
-    def vae_transform(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of ``vae_stride`` (VAE input)."""
+    def vae_resize(self, image: Image.Image, max_size: int | None = None) -> Image.Image:
+        """PIL image -> RGB PIL image resized by the VAE rule (sides multiples of ``vae_stride``);
+        `max_size` (default ``vae_max_size``) caps the longer side, e.g. at what a checkpoint
+        generates."""
         check_image_size(image)  # before converting, so oversized images fail cheaply
-        image = resize_image(to_rgb(image), self.vae_max_size, self.vae_min_size, self.vae_stride, self.max_pixels)
-        return image_to_tensor(image)
+        min_size = self.vae_min_size if max_size is None else min(self.vae_min_size, max_size)
+        max_size = self.vae_max_size if max_size is None else max_size
+        return resize_image(to_rgb(image), max_size, min_size, self.vae_stride, self.max_pixels)
+
+    def vae_transform(self, image: Image.Image, max_size: int | None = None) -> torch.Tensor:
+        """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of ``vae_stride`` (VAE
+        input); `max_size` as in ``vae_resize``."""
+        return image_to_tensor(self.vae_resize(image, max_size))
 
     def vit_transform(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, H, W) float32 in [-1, 1], H and W multiples of ``vit_stride`` (ViT input)."""

@@ -68,7 +68,7 @@ def _strip_root(key: str) -> str:
     return key[len(ROOT):] if key.startswith(ROOT) else key
 
 
-def _classify(key: str) -> str:
+def checkpoint_bucket(key: str) -> str:
     """The bucket of one checkpoint key (``model.`` root optional)."""
     key = _strip_root(key)
     for name, patterns in _BUCKETS:
@@ -81,7 +81,7 @@ def _partition(state_dict: dict) -> dict[str, dict]:
     """Split a state dict into the buckets ``und``, ``gen``, ``shared``, ``vae`` and ``unknown``."""
     parts: dict[str, dict] = {name: {} for name in ("und", "gen", "shared", "vae", "unknown")}
     for key, value in state_dict.items():
-        parts[_classify(key)][key] = value
+        parts[checkpoint_bucket(key)][key] = value
     return parts
 
 
@@ -106,7 +106,7 @@ class BagelStateDictAdapter:
     def select_keys(self, keys, *, stage=None, strict: bool = True) -> list[str]:
         """The checkpoint keys a stage keeps, in input order; VAE keys drop, unknown ones raise or drop."""
         stage = self.stage if stage is None else _normalize_stage(stage)
-        classified = [(key, _classify(key)) for key in keys]
+        classified = [(key, checkpoint_bucket(key)) for key in keys]
         buckets: dict[str, list[str]] = {}
         for key, name in classified:
             buckets.setdefault(name, []).append(key)

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 from common import (PEAK_BF16_FLOPS, PEAK_HBM_BYTES_PER_S, Timer, attention_flops, build_model, decoder_weights,
-                    full_size_config, report, special_ids)
+                    full_size_config, no_stop, report, special_ids)
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     config = full_size_config(stage=args.stage)
     model = build_model(config)
     special = special_ids(config)
-    no_stop = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)  # decode all tokens
+    stop_never = no_stop(special)
     images = [torch.rand(3, 980, 980, device="cuda") * 2 - 1 for _ in range(args.batch)]
     prompts = [torch.randint(0, 150000, (30,)).tolist() for _ in range(args.batch)]
 
@@ -32,12 +32,12 @@ def main():
         return model.add_text_tokens(context, prompts, special)
 
     context = prefill()
-    model.generate_text_ids(context, no_stop, max_length=8)  # warm-up
+    model.generate_text_ids(context, stop_never, max_length=8)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     with Timer() as t_prefill:
         context = prefill()
     with Timer() as t_decode:
-        ids = model.generate_text_ids(context, no_stop, max_length=args.new_tokens + 1)
+        ids = model.generate_text_ids(context, stop_never, max_length=args.new_tokens + 1)
     generated = sum(len(x) - 1 for x in ids)
     text = config.text_config
     und, head = decoder_weights(model, "und"), text.vocab_size * text.hidden_size

@@ -3,6 +3,7 @@ random weights straight on the GPU, time and measure."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +37,6 @@ def full_size_config(num_llm_layers: int | None = None, stage: int = 2):
 def tiny_config():
     """The tiny random model's configuration (scripts/make_tiny_checkpoint.py), for checking a
     benchmark's code path on CPU."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
     from make_tiny_checkpoint import tiny_config as make_config
     from tiny_tokenizer import build_tiny_tokenizer
 
@@ -107,12 +107,20 @@ def train_flops(config, batch, trains: str = "full") -> float:
 
 
 def special_ids(config):
+    """bos, eos, start and end of image: Qwen2's / BAGEL's ids, or the tiny tokenizer's for
+    `tiny_config()` (its vocabulary stops short of Qwen2's special ids)."""
     from bagel_remote.generation_bagel import SpecialTokenIds
+    from tiny_tokenizer import TINY_A_SPECIAL_TOKEN_IDS
 
-    if config.text_config.vocab_size < 151654:  # the tiny tokenizer's (scripts/tiny_tokenizer.py)
-        return SpecialTokenIds(10, 11, 12, 13)
-    # Qwen2 / BAGEL ids: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>.
+    names = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+    if config.text_config.vocab_size < 151654:
+        return SpecialTokenIds(*(TINY_A_SPECIAL_TOKEN_IDS[name] for name in names))
     return SpecialTokenIds(151644, 151645, 151652, 151653)
+
+
+def no_stop(special):
+    """The special ids with no eos: decoding runs every step it is given (benchmarks time a fixed count)."""
+    return dataclasses.replace(special, eos=-1)
 
 
 class Timer:

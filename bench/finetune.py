@@ -16,13 +16,13 @@ fraction F of the layers (finetune.py's `activation_checkpointing: F`).
 
 import argparse
 import gc
-import importlib.util
 import os
 import sys
 
 import torch
 import torch.distributed as dist
-from common import PEAK_BF16_FLOPS, REPO_ROOT, Timer, full_size_config, report, train_flops
+from common import PEAK_BF16_FLOPS, Timer, full_size_config, report, train_flops
+from repo_package import load_example
 from train_step import packed_batch
 
 MODES = {"lora": {"lora_rank": 64}, "gen": {"freeze_und": True, "optimizer": "adamw8bit"}, "full": {}}
@@ -39,13 +39,6 @@ def parse_mode(mode: str) -> tuple[str, float]:
         raise SystemExit(f"Unknown mode {mode!r}: one of {', '.join(MODES)}, each optionally with +ac "
                          "(every layer) or +acF (a fraction F of the layers, e.g. lora+ac0.25).")  # fmt: skip
     return kind, fraction
-
-
-def load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune", REPO_ROOT / "examples" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
@@ -98,7 +91,7 @@ def main():
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost"),
                        ("MASTER_PORT", "29511")):  # fmt: skip
         os.environ.setdefault(key, value)
-    finetune = load_finetune()
+    finetune = load_example("finetune")
     _, world, device = finetune.init_distributed()
     mesh = finetune.init_device_mesh("cuda", (world,))
     for mode in args.modes.split(","):

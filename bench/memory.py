@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Timer, build_model, full_size_config, import_repo, report, special_ids
+from common import Timer, build_model, full_size_config, import_repo, no_stop, report, special_ids
 
 GB = 1e9
 _CHILD = "BAGEL_MEMORY_BENCH_MODE"  # set in the process that runs one mode
@@ -50,18 +50,21 @@ def _torchao(kind: str):
     return TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig())
 
 
-# mode -> (card size emulated in GB or None, stage, from_pretrained arguments beyond dtype)
+def _nf4():
+    return _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+# mode -> (card size emulated in GB or None, stage, from_pretrained arguments beyond dtype); with
+# device_map="auto", `run_mode` adds the max_memory that leaves the rest on the CPU
 MODES = {
-    "bf16": (None, 2, lambda cap: {"device_map": {"": 0}}),
-    "offload-24": (24, 2, lambda cap: {"device_map": "auto", "max_memory": None}),
-    "offload-16": (16, 2, lambda cap: {"device_map": "auto", "max_memory": None}),
-    "nf4": (16, 2, lambda cap: {"device_map": {"": 0}, "quantization_config": _bnb(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)}),
-    "bnb-int8": (24, 2, lambda cap: {"device_map": {"": 0}, "quantization_config": _bnb(load_in_8bit=True)}),
-    "torchao-int8": (24, 2, lambda cap: {"device_map": {"": 0}, "quantization_config": _torchao("int8")}),
-    "torchao-float8": (24, 2, lambda cap: {"device_map": {"": 0}, "quantization_config": _torchao("float8")}),
-    "nf4-stage1": (8, 1, lambda cap: {"device_map": {"": 0}, "quantization_config": _bnb(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)}),
+    "bf16": (None, 2, lambda: {"device_map": {"": 0}}),
+    "offload-24": (24, 2, lambda: {"device_map": "auto"}),
+    "offload-16": (16, 2, lambda: {"device_map": "auto"}),
+    "nf4": (16, 2, lambda: {"device_map": {"": 0}, "quantization_config": _nf4()}),
+    "bnb-int8": (24, 2, lambda: {"device_map": {"": 0}, "quantization_config": _bnb(load_in_8bit=True)}),
+    "torchao-int8": (24, 2, lambda: {"device_map": {"": 0}, "quantization_config": _torchao("int8")}),
+    "torchao-float8": (24, 2, lambda: {"device_map": {"": 0}, "quantization_config": _torchao("float8")}),
+    "nf4-stage1": (8, 1, lambda: {"device_map": {"": 0}, "quantization_config": _nf4()}),
 }
 
 
@@ -71,7 +74,7 @@ class Workload:
     def __init__(self, config, args):
         generator = torch.Generator().manual_seed(1)
         self.special = special_ids(config)
-        self.no_stop = type(self.special)(self.special.bos, -1, self.special.start_of_image, self.special.end_of_image)
+        self.no_stop = no_stop(self.special)
         self.prompt = torch.randint(0, 150000, (30,), generator=generator).tolist()
         self.image = torch.rand(3, 980, 980, generator=generator) * 2 - 1
         self.size, self.steps, self.new_tokens = args.size, args.steps, args.new_tokens
@@ -136,8 +139,8 @@ def run_mode(name: str, directory: Path, args) -> None:
     cap, stage, make_kwargs = MODES[name]
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GB / total) if cap else 1.0)
-    kwargs = make_kwargs(cap)
-    if kwargs.get("max_memory", 0) is None:  # what the GPU may hold of the weights, the rest on the CPU
+    kwargs = make_kwargs()
+    if kwargs["device_map"] == "auto":  # what the GPU may hold of the weights, the rest on the CPU
         kwargs["max_memory"] = {0: int((cap - args.headroom_gb) * GB), "cpu": int(200 * GB)}
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

@@ -10,7 +10,7 @@ prints the top CUDA kernels and how long the GPU sat idle between them.
 import argparse
 
 import torch
-from common import Timer, build_model, full_size_config, report, special_ids
+from common import Timer, build_model, full_size_config, no_stop, report, special_ids
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -30,11 +30,11 @@ def t2i(model, special, args):
 
 
 def decode(model, special, args):
-    no_stop = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)
+    stop_never = no_stop(special)
     image = torch.rand(3, 980, 980, device="cuda") * 2 - 1
     context = model.add_text_tokens(model.add_vit_images(model.new_context(1), [image], special), [list(range(30))],
                                     special)  # fmt: skip
-    run = lambda: model.generate_text_ids(context, no_stop, max_length=args.tokens)
+    run = lambda: model.generate_text_ids(context, stop_never, max_length=args.tokens)
     run()
     with Timer() as t:
         run()

@@ -14,7 +14,7 @@ import random
 import time
 
 import torch
-from common import build_model, full_size_config, report, special_ids
+from common import build_model, full_size_config, no_stop, report, special_ids
 
 MB = 1e6
 
@@ -29,8 +29,8 @@ def chat(model, special, rng):
         context = model.add_vit_images(context, [image] * batch, special)
     prompts = [[rng.randrange(150000) for _ in range(int(5 * 400 ** rng.random()))] for _ in range(batch)]
     context = model.add_text_tokens(context, prompts, special)
-    no_stop = type(special)(special.bos, -1, special.start_of_image, special.end_of_image)
-    model.generate_text_ids(context, no_stop, max_length=rng.randint(8, 24) + 1)
+    stop_never = no_stop(special)
+    model.generate_text_ids(context, stop_never, max_length=rng.randint(8, 24) + 1)
 
 
 def text_to_image(model, special, rng):

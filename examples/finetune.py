@@ -57,10 +57,17 @@ import_repo()  # this checkout, as the package `bagel_remote` (its modules impor
 from bagel_remote import data_bagel, packing_bagel  # noqa: E402
 from bagel_remote.configuration_bagel import BagelConfig  # noqa: E402
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal  # noqa: E402
-from bagel_remote.processing_bagel import BagelProcessor  # noqa: E402
+from bagel_remote.loading_bagel import (  # noqa: E402
+    VAE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    config_from_directory,
+    load_processor,
+    resolve_checkpoint_dir,
+)
+from bagel_remote.state_dict_adapter import checkpoint_bucket  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).with_suffix(".yaml")
-WEIGHT_FILES = {"model.": "ema.safetensors", "vae.": "ae.safetensors"}  # native prefix -> released file
+WEIGHT_FILES = {"model.": WEIGHTS_NAME, "vae.": VAE_WEIGHTS_NAME}  # native prefix -> released file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,31 +100,6 @@ def load_config(argv: list[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(name: str) -> Path:
-    """A local checkpoint directory, or a Hub id downloaded (configs, code, tokenizer, weights)."""
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name, allow_patterns=["*.json", "*.py", "*.txt", "*.jinja", *WEIGHT_FILES.values()]))
-
-
-def load_model_config(directory: Path) -> BagelConfig:
-    """A BAGEL config.json, or else the released llm_config.json + vit_config.json (the original
-    release's config.json is the Qwen2 LLM's)."""
-    file = directory / "config.json"
-    if file.is_file() and json.loads(file.read_text()).get("model_type") == BagelConfig.model_type:
-        return BagelConfig.from_pretrained(directory)
-    return BagelConfig.from_released_files(directory)
-
-
-def load_processor(directory: Path, config: BagelConfig) -> BagelProcessor | None:
-    """The checkpoint's processor (tokenizer and image rules), None when it has no tokenizer."""
-    if not (directory / "tokenizer_config.json").is_file():
-        return None
-    return BagelProcessor.from_pretrained(str(directory), config=config)
-
-
 def apply_freezing(model, cfg: dict) -> None:
     """requires_grad per the freeze switches. The VAE is always frozen. `freeze_und` also tells the
     forward to detach the UND outputs (`text_config.freeze_und`), so no gradient flows through the
@@ -134,9 +116,8 @@ def apply_freezing(model, cfg: dict) -> None:
 
 
 def is_und_param(name: str) -> bool:
-    if name.startswith("model.language_model."):
-        return "_moe_gen" not in name
-    return name.startswith(("model.vit_model.", "model.connector.", "model.vit_pos_embed."))
+    """Whether a parameter belongs to the understanding path (its own weights or those it shares)."""
+    return checkpoint_bucket(name) in ("und", "shared")
 
 
 LORA_TARGETS = {
@@ -378,7 +359,8 @@ def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int)
 
 def reduce_losses(out: dict, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """This rank's share of the global loss, scaled by the world size (FSDP averages gradients
-    over ranks), and the global CE, MSE and loss for logging."""
+    over ranks), and the global CE, MSE and loss for logging, and the tokens of all ranks' packs
+    (`tokens`): one all-reduce for all of them."""
     ce, mse = out["ce"], out["mse"]
     zero = next(t for t in (ce, mse) if t is not None).new_zeros(())
     weights = batch.get("ce_loss_weights")
@@ -387,13 +369,14 @@ def reduce_losses(out: dict, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict
     local = torch.stack([
         (ce * weights).sum() if ce is not None else zero, weights.sum().float() if ce is not None else zero,
         mse.mean(-1).sum() if mse is not None else zero, zero + (mse.shape[0] if mse is not None else 0),
+        zero + batch["sequence_length"],
     ])  # fmt: skip
     totals = local.detach().clone()
     dist.all_reduce(totals)
-    ce_sum, weight_sum, mse_sum, mse_count = totals.tolist()
+    ce_sum, weight_sum, mse_sum, mse_count, tokens = totals.tolist()
     ce_den, mse_den = max(weight_sum, 1e-12), max(mse_count, 1.0)
     loss = cfg["ce_weight"] * local[0] / ce_den + cfg["mse_weight"] * local[2] / mse_den
-    metrics = {"ce": ce_sum / ce_den, "mse": mse_sum / mse_den}
+    metrics = {"ce": ce_sum / ce_den, "mse": mse_sum / mse_den, "tokens": tokens}
     metrics["loss"] = cfg["ce_weight"] * metrics["ce"] + cfg["mse_weight"] * metrics["mse"]
     return loss * dist.get_world_size(), metrics
 
@@ -585,9 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(cfg["out_dir"])
     for turn in (0, 1):  # rank 0 first (a Hub download), then the others from the cache
         if (rank == 0) == (turn == 0):
-            checkpoint_dir = resolve_checkpoint(cfg["model"])
+            checkpoint_dir = resolve_checkpoint_dir(cfg["model"], "", {}, None)
         dist.barrier()
-    config = load_model_config(checkpoint_dir)
+    config = config_from_directory(checkpoint_dir)
     torch.manual_seed(cfg["seed"])  # the same random init (LoRA, missing weights) on every rank
     freeze_und = config.text_config.freeze_und
     model, lora = build_model(cfg, checkpoint_dir, config, device, mesh)
@@ -615,10 +598,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         batch = packing_bagel.encode_pack(model, next(packs), device)  # on the device, images VAE-encoded
         metrics = train_step(model, batch, cfg, optimizer, scheduler, params, ema)
-        tokens = torch.tensor(float(batch["sequence_length"]), device=device)
-        dist.all_reduce(tokens)
         step += 1
-        metrics.update(step=step, tokens_per_s=tokens.item() / (time.perf_counter() - start))
+        metrics.update(step=step, tokens_per_s=metrics.pop("tokens") / (time.perf_counter() - start))
         if rank == 0 and step % cfg["log_every"] == 0:
             log.write(json.dumps(metrics) + "\n")
             log.flush()

@@ -3,7 +3,6 @@ with `torchrun --nproc_per_node 2` on CPU (gloo) on a tiny checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT
+from repo_package import load_example  # scripts/ is on sys.path (conftest)
 from test_data import write_t2i
 from test_modeling import JOINT_PACK, make_batch, tiny_model
 
@@ -22,14 +22,7 @@ from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 peft = pytest.importorskip("peft")
 
 
-def load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune", REPO_ROOT / "examples" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = load_finetune()
+finetune = load_example("finetune")
 
 
 def trained_model(seed=0):

@@ -10,13 +10,12 @@ special tokens sit at the checkpoint's ids, and a processor with small image siz
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, assert_close
+from conftest import assert_close
 from PIL import Image
 
 from bagel_remote.autoencoder_bagel import unpatchify_latent
@@ -60,10 +59,9 @@ def special(parity) -> SpecialTokenIds:
 
 @pytest.fixture(scope="module")
 def processor() -> BagelProcessor:
-    spec = importlib.util.spec_from_file_location("bagel_tiny_tokenizer", REPO_ROOT / "scripts" / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return BagelProcessor(module.build_tiny_tokenizer(None, vocab_size=320), **PROCESSOR_SIZES)
+    from tiny_tokenizer import build_tiny_tokenizer  # scripts/ is on sys.path (conftest)
+
+    return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **PROCESSOR_SIZES)
 
 
 def _params(case: dict, **overrides) -> GuidanceParams:

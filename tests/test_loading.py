@@ -4,11 +4,9 @@ AutoModel with trust_remote_code, the root config.json and the tiny checkpoint b
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import json
 import logging
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,26 +19,16 @@ from bagel_remote.configuration_bagel import DEFAULT_VAE_CONFIG, BagelConfig
 from bagel_remote.modeling_bagel import AUTO_MAP, BagelForUnifiedMultimodal, remote_code_files
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
 
+import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
 from conftest import REPO_ROOT, assert_close
 
-SCRIPTS = REPO_ROOT / "scripts"
 GEN_MARKERS = ("_moe_gen", "time_embedder", "vae2llm", "llm2vae", "latent_pos_embed")
-
-
-def _script(name: str):
-    module_name = f"bagel_script_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """A tiny random checkpoint in the released layout, with tokenizer, processor and code."""
-    return _script("make_tiny_checkpoint").make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "bagel_tiny", seed=0)
+    return make_tiny_checkpoint.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "bagel_tiny", seed=0)
 
 
 def _copy_repo(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
@@ -332,6 +320,12 @@ def test_dtype_auto_follows_the_checkpoint(tiny, tmp_path):
     again = BagelForUnifiedMultimodal.from_pretrained(tmp_path / "bf16", stage=1, dtype="auto")
     assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in BagelForUnifiedMultimodal.from_pretrained(tiny).parameters()} == {torch.float32}
+    # a float32 VAE beside bf16 model weights, and a config without a dtype passed in: still bf16
+    shutil.copy(tiny / "ae.safetensors", tmp_path / "bf16" / "ae.safetensors")
+    config = BagelConfig.from_pretrained(tiny)
+    config.dtype = None  # as in the Hub repository's config.json
+    again = BagelForUnifiedMultimodal.from_pretrained(tmp_path / "bf16", config=config)
+    assert again.model.language_model.lm_head.weight.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,7 +624,7 @@ def test_make_tiny_checkpoint(tiny, tmp_path):
     llm2vae = load_file(str(tiny / "ema.safetensors"))["llm2vae.weight"]
     assert llm2vae.abs().max() > 0  # not the zero init: generation is non-trivial
 
-    mtc = _script("make_tiny_checkpoint")
+    mtc = make_tiny_checkpoint
     state = torch.random.get_rng_state()
     mtc.main(["--out", str(tmp_path / "same"), "--seed", "0"])  # the command line
     same = tmp_path / "same"

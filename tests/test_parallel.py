@@ -109,6 +109,19 @@ def _processor():
                           vit_max_size=112, vit_min_size=28, vae_max_size=128, vae_min_size=64)  # fmt: skip
 
 
+class _Collector:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.ids, self.ended = [], False
+
+    def put(self, ids: torch.Tensor) -> None:
+        self.ids += ids.tolist()
+
+    def end(self) -> None:
+        self.ended = True
+
+
 def _api(model, rank: int) -> dict:
     """generate_image / chat through the public API, batch-parallel and CFG-parallel."""
     processor = _processor()
@@ -120,6 +133,10 @@ def _api(model, rank: int) -> dict:
         "unseeded": model.generate_image(prompts[0], parallel="cfg", **kwargs),
         "chat": model.chat(None, prompts, max_new_tokens=5, processor=processor, parallel="batch"),
     }
+    streamed = _Collector()
+    out["streamed_chat"] = model.chat(None, prompts[0], max_new_tokens=5, processor=processor, parallel="cfg",
+                                      streamer=streamed)  # fmt: skip
+    out["streamed"] = (streamed.ids, streamed.ended)
     if rank == 0:
         out["single"] = model.generate_image(prompts, seed=5, **kwargs)
         out["single_chat"] = model.chat(None, prompts, max_new_tokens=5, processor=processor)
@@ -210,7 +227,8 @@ def test_sequence_parallel_four_ranks_with_cfg(tmp_path, model):
 
 def test_batch_parallel_api(tmp_path, model):
     """Three prompts over two ranks (2 + 1): every rank gets all three images, in order, equal to
-    one process's; chat too. An unseeded CFG-parallel call gives the same image on both ranks."""
+    one process's; chat too (and a streamer follows a CFG-parallel chat). An unseeded
+    CFG-parallel call gives the same image on both ranks."""
     import numpy as np
 
     results = _run_ranks(tmp_path, model, 2, "api")
@@ -223,6 +241,10 @@ def test_batch_parallel_api(tmp_path, model):
             assert np.abs(pixels(image) - pixels(expected)).max() <= 1, f"rank {rank}, request {i}"
         assert np.abs(pixels(result["cfg"]) - pixels(single[0])).max() <= 1, f"rank {rank}, cfg"
         assert result["chat"] == results[0]["single_chat"], f"rank {rank}, chat"
+        # an unseeded CFG-parallel chat goes through run_requests: the streamer still gets the answer
+        ids, ended = result["streamed"]
+        assert ended and ids[0] == 10 and len(ids) > 1, f"rank {rank}, streamer"
+        assert result["streamed_chat"] == results[0]["single_chat"][0], f"rank {rank}, streamed chat"
     assert np.array_equal(pixels(results[0]["unseeded"]), pixels(results[1]["unseeded"]))
     assert np.abs(pixels(single[0]) - pixels(single[1])).max() > 1  # the requests differ
 

@@ -1,6 +1,5 @@
 """Tests of processing_bagel.py (image transforms, tokenizer helpers, BagelProcessor) and scripts/tiny_tokenizer.py."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -29,16 +28,11 @@ VAE_RULE = dict(max_size=1024, min_size=512, stride=16)
 VIT_RULE = dict(max_size=980, min_size=224, stride=14)
 
 
-def _load_tiny_tokenizer_module():
-    spec = importlib.util.spec_from_file_location("bagel_tiny_tokenizer", REPO_ROOT / "scripts" / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer_module():
-    return _load_tiny_tokenizer_module()
+    import tiny_tokenizer  # scripts/ is on sys.path (conftest)
+
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
