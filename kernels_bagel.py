@@ -293,16 +293,23 @@ if triton is not None:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
         m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if BLOCK_M == 1:  # products summed elementwise, one cross-thread reduction at the end
+            partial = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for start in range(0, k, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k), other=0.0)
-            x = tl.load(x_ptr + m[:, None] * x_stride + ks[None, :], mask=(m[:, None] < rows) & (ks[None, :] < k),
-                        other=0.0)  # fmt: skip
+            w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
+                        other=0.0, eviction_policy="evict_first")  # fmt: skip
             if BLOCK_M == 1:
-                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+                x = tl.load(x_ptr + ks, mask=ks < k, other=0.0, eviction_policy="evict_last")
+                partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
             else:
+                x = tl.load(x_ptr + m[:, None] * x_stride + ks[None, :], mask=(m[:, None] < rows) & (ks[None, :] < k),
+                            other=0.0, eviction_policy="evict_last")  # fmt: skip
                 acc += tl.dot(x, tl.trans(w))
+        if BLOCK_M == 1:
+            acc = tl.sum(partial, 1)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         mask = (m[:, None] < rows) & (cols[None, :] < n)

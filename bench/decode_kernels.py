@@ -63,7 +63,7 @@ def gemm(name: str, out_features: int, in_features: int, rows: int, args) -> Non
                tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), **best[1])  # fmt: skip
 
 
-GEMV_CONFIGS = [(bn, bk, w, st) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) for st in (2, 4)]
+GEMV_CONFIGS = [(bn, bk, w, st) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) for st in (1, 3)]
 
 
 def attention(batch: int, cached: int) -> None:
