@@ -132,20 +132,53 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 _DECODE_BLOCK_N = 64  # keys per inner step of a split
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16,
-         block_k: int = 512, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:  # fmt: skip
-    """x @ weight.T (+ bias) for a few rows (decoding): x (M <= 16, K), weight (N, K) contiguous ->
-    (M, N) in x's dtype, float32 accumulation. Each program streams `block_n` whole weight rows
-    (no split-K, so no second reduction kernel); one row of x is a multiply and a row sum, more
-    use tensor cores. Block sizes are arguments while they are tuned (`bench/decode_kernels.py`)."""
+DECODE_ROWS = 16  # the few-row (decoding) kernels below take at most this many rows
+
+
+def fuses_decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the few-row kernels (`gemv`, `rms_norm`) can take x (rows, features) with
+    `weights`: inference (no autograd) on CUDA with Triton, at most `DECODE_ROWS` contiguous rows,
+    and plain (not quantized, not offloaded) weights of x's dtype on x's device."""
+    return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 2
+            and x.shape[0] <= DECODE_ROWS and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16)
+            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == x.dtype and w.device == x.device
+                    and w.is_contiguous() for w in weights))  # fmt: skip
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
+         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """x @ weight.T (+ bias) for a few rows (decoding): x (M, K), weight (N, K) -> (M, N) in x's
+    dtype, float32 accumulation; with `up_weight` (N, K), SwiGLU's silu(x @ weight.T) * (x @
+    up_weight.T) in one pass over both weights. Each program streams a few whole weight rows (no
+    split-K, so no second reduction kernel): one row of x is a multiply and a row sum, more use
+    tensor cores. cuBLAS's GEMVs reach 2.3-3.7 TB/s on an H200 at these shapes, these 3.2-4.5
+    (`bench/decode_kernels.py --gemv`, which sweeps `config`: block_n, block_k, warps, stages).
+    Only where `fuses_decoding`."""
     rows, k = x.shape
     n = weight.shape[0]
+    block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[rows > 1]
     out = x.new_empty(rows, n)
-    block_m = 1 if rows == 1 else 16
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, rows, n, k, x.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)  # fmt: skip
+        x, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, out, rows, n, k,
+        HAS_BIAS=bias is not None, GATED=up_weight is not None, BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)  # fmt: skip
     return out
+
+
+_GEMV_CONFIGS = {False: (4, 1024, 4, 1), True: (32, 512, 4, 3)}  # one row, more rows: the sweep's fastest
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of x (rows, dim) with `weight` (dim,), in float32, rounded once to x's dtype; with
+    `residual`, of s = residual + x (rounded to x's dtype, as the eager add), returning (s, norm).
+    One program per row, one kernel for the decoder's residual add and the norm after it: torch's
+    norm takes 5.3 us at one row on an H200, most of it launch latency. Only where `fuses_decoding`."""
+    rows, dim = x.shape
+    out = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else out
+    _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, total, out, dim, eps,
+                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(dim))  # fmt: skip
+    return out if residual is None else (total, out)
 
 
 def _decode_split(programs_per_split: int, capacity: int, device: torch.device) -> int:
@@ -289,28 +322,57 @@ if triton is not None:
         tl.store(out_ptr + row * DIM + dims, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, rows, n, k, x_stride, HAS_BIAS: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, up_ptr, b_ptr, out_ptr, rows, n, k, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
         m = tl.arange(0, BLOCK_M)
-        if BLOCK_M == 1:  # products summed elementwise, one cross-thread reduction at the end
-            partial = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        # One row of x: products summed elementwise, one cross-thread reduction after the loop.
+        if BLOCK_M == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros_like(acc)
         for start in range(0, k, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
-                        other=0.0, eviction_policy="evict_first")  # fmt: skip
-            if BLOCK_M == 1:
-                x = tl.load(x_ptr + ks, mask=ks < k, other=0.0, eviction_policy="evict_last")
-                partial += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            else:
-                x = tl.load(x_ptr + m[:, None] * x_stride + ks[None, :], mask=(m[:, None] < rows) & (ks[None, :] < k),
-                            other=0.0, eviction_policy="evict_last")  # fmt: skip
-                acc += tl.dot(x, tl.trans(w))
+            w_offsets, w_mask = cols[:, None] * k + ks[None, :], (cols[:, None] < n) & (ks[None, :] < k)
+            x = tl.load(x_ptr + m[:, None] * k + ks[None, :], mask=(m[:, None] < rows) & (ks[None, :] < k), other=0.0,
+                        eviction_policy="evict_last")  # fmt: skip
+            w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0, eviction_policy="evict_first")
+            acc = _gemv_step(acc, x, w, BLOCK_M == 1)
+            if GATED:
+                up = tl.load(up_ptr + w_offsets, mask=w_mask, other=0.0, eviction_policy="evict_first")
+                acc_up = _gemv_step(acc_up, x, up, BLOCK_M == 1)
         if BLOCK_M == 1:
-            acc = tl.sum(partial, 1)[None, :]
+            acc = tl.sum(acc, 1)[None, :]
+            acc_up = tl.sum(acc_up, 1)[None, :]
+        dtype = out_ptr.dtype.element_ty
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
-        mask = (m[:, None] < rows) & (cols[None, :] < n)
-        tl.store(out_ptr + m[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if GATED:  # rounded where eager rounds: each projection, then silu before the product
+            gate, up = acc.to(dtype).to(tl.float32), acc_up.to(dtype).to(tl.float32)
+            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+        tl.store(out_ptr + m[:, None] * n + cols[None, :], acc.to(dtype), mask=(m[:, None] < rows) & (cols[None, :] < n))
+
+    @triton.jit
+    def _gemv_step(acc, x, w, ONE_ROW: tl.constexpr):
+        """acc + one K block's products: elementwise for one row of x (1, BLOCK_K), else a dot."""
+        if ONE_ROW:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        else:
+            acc += tl.dot(x, tl.trans(w))
+        return acc
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, total_ptr, out_ptr, dim, eps, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+        offsets = tl.program_id(0).to(tl.int64) * dim + tl.arange(0, BLOCK)
+        mask = tl.arange(0, BLOCK) < dim
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        if HAS_RESIDUAL:
+            x = (x + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(total_ptr + offsets, x, mask=mask)
+            x = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 0) / dim + eps)
+        w = tl.load(w_ptr + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, (x * rstd * w).to(dtype), mask=mask)

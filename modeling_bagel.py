@@ -33,7 +33,7 @@ from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
-from .kernels_bagel import fuses_rms_norm_rotary, rms_norm_rotary, silu_mul
+from .kernels_bagel import fuses_decoding, fuses_rms_norm_rotary, gemv, rms_norm, rms_norm_rotary, silu_mul
 from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the loading API, importable from here
     AUTO_MAP,
     load_pretrained,
@@ -54,12 +54,19 @@ class Qwen2RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (s, norm(s)) for s = residual + x (the decoder's residual add)."""
+        operands = (self.weight,) if residual is None else (self.weight, residual)
+        if fuses_decoding(x, *operands) and (residual is None or residual.shape == x.shape):
+            return rms_norm(x, self.weight, self.variance_epsilon, residual)  # one Triton kernel, add included
+        if residual is not None:
+            x = residual + x
         # One fused kernel that normalises in float32, as the reference does, and returns x's
         # dtype. CUDA autocast is off around it: it would widen bf16 input to float32 and back
         # (q/k where the fused norm + rotary kernel cannot run).
         with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():
-            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
+            normed = F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
+        return normed if residual is None else (x, normed)
 
 
 class Qwen2MLP(nn.Module):
@@ -75,8 +82,16 @@ class Qwen2MLP(nn.Module):
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # One cast of x for both projections, not one each (their input gradients add in bf16).
             x = x.to(torch.get_autocast_dtype("cuda"))
+        if self.fused_silu and _plain(self.gate_proj, self.up_proj) and fuses_decoding(x, self.gate_proj.weight,
+                                                                                        self.up_proj.weight):  # fmt: skip
+            return self.down_proj(gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight))  # one pass, silu too
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up)
+
+
+def _plain(*layers: nn.Module) -> bool:
+    """Our own Linears without bias: not a PEFT wrapper (whose forward adds its own part)."""
+    return all(type(layer) is Linear and layer.bias is None for layer in layers)
 
 
 def _with_gen_sibling(module: nn.Module, name: str, build: Callable[[], nn.Module], mot: bool) -> None:
@@ -154,8 +169,13 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def _out(self, x: torch.Tensor, side: str) -> torch.Tensor:
         return getattr(self.self_attn, "o_proj" + side)(x)
 
+    def _add_norm(self, inputs: tuple[torch.Tensor, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, attention output) -> their sum and its post-attention norm (one kernel decoding)."""
+        x, attn = inputs
+        return getattr(self, "post_attention_layernorm" + side)(attn, residual=x)
+
     def _mlp(self, x: torch.Tensor, side: str) -> torch.Tensor:
-        return getattr(self, "mlp" + side)(getattr(self, "post_attention_layernorm" + side)(x))
+        return getattr(self, "mlp" + side)(x)
 
     def _routed(self, block: Callable, x: torch.Tensor, route: TokenRoute):
         gen = (lambda part: block(part, "_moe_gen")) if self.mot else None
@@ -163,8 +183,9 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
-        x = x + self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
-        return x + self._routed(self._mlp, x, route)
+        attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
+        x, normed = self._routed(self._add_norm, (x, attn), route)
+        return x + self._routed(self._mlp, normed, route)
 
 
 class Qwen2MoTModel(nn.Module):

@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, packed_attention
+from .kernels_bagel import fuses_decoding, gemv
 
 
 def conv_to_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,8 @@ class Linear(nn.Linear):
     """nn.Linear, except (1) when float32 weights are trained under CUDA autocast: autocast would
     give the weight a bf16 gradient and then cast it to float32, an extra kernel per weight and a
     rounding; here one GEMM writes the float32 gradient directly (the forward is autocast's);
-    (2) with bf16/fp16 weights on the CPU, computed in float32 (`computes_in_float32`)."""
+    (2) with bf16/fp16 weights on the CPU, computed in float32 (`computes_in_float32`); (3) for a
+    few rows in inference on CUDA (decoding), our Triton GEMV (`kernels_bagel.gemv`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _trains_master_weights(x, self.weight):
@@ -96,6 +98,8 @@ class Linear(nn.Linear):
         if computes_in_float32(self.weight):
             bias = None if self.bias is None else self.bias.float()
             return nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        if fuses_decoding(x, self.weight, *(() if self.bias is None else (self.bias,))):
+            return gemv(x, self.weight, self.bias)  # a few rows (decoding): faster than cuBLAS's GEMVs
         return super().forward(x)
 
 

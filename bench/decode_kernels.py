@@ -48,22 +48,63 @@ def gemm(name: str, out_features: int, in_features: int, rows: int, args) -> Non
     report(kernel=f"linear {name}", rows=rows, shape=[out_features, in_features], us=round(us, 2),
            tb_per_s=round(weight_bytes / us / 1e6, 2))  # fmt: skip
     if args.gemv:  # the Triton GEMV's block sizes, swept: its best against cuBLAS's
-        from bagel_remote.kernels_bagel import gemv
-
-        best = None
-        for block_n, block_k, warps, stages in GEMV_CONFIGS:
-            if rows > 1 and block_n < 16:  # tensor-core tiles need 16 columns
-                continue
-            config = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
-            torch.testing.assert_close(gemv(x, weights[0], **config), F.linear(x, weights[0]), rtol=2e-2, atol=2e-2)
-            us_triton = graphed_us(lambda i: gemv(x, weights[i], **config), copies)
-            if best is None or us_triton < best[0]:
-                best = (us_triton, config)
+        best = sweep_gemv(x, weights, copies, lambda w: F.linear(x, w))
         report(kernel=f"triton gemv {name}", rows=rows, shape=[out_features, in_features], us=round(best[0], 2),
-               tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), **best[1])  # fmt: skip
+               tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
 
 
-GEMV_CONFIGS = [(bn, bk, w, st) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) for st in (1, 3)]
+def gated(rows: int, args) -> None:
+    """SwiGLU's gate and up projections and silu(gate) * up: cuBLAS and the fused kernel, against
+    the Triton GEMV with both weights in one pass."""
+    from bagel_remote.kernels_bagel import silu_mul
+
+    weight_bytes = 2 * INTER * HIDDEN * 2
+    copies = max(2, L2_FLUSH_BYTES // weight_bytes)
+    pairs = [(torch.randn(INTER, HIDDEN, device="cuda", dtype=torch.bfloat16),
+              torch.randn(INTER, HIDDEN, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]  # fmt: skip
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    eager = lambda pair: silu_mul(F.linear(x, pair[0]), F.linear(x, pair[1]))
+    us = graphed_us(lambda i: eager(pairs[i]), copies)
+    report(kernel="gate, up, silu_mul", rows=rows, us=round(us, 2), tb_per_s=round(weight_bytes / us / 1e6, 2))
+    if args.gemv:
+        best = sweep_gemv(x, pairs, copies, eager)
+        report(kernel="triton gemv gate+up silu", rows=rows, us=round(best[0], 2),
+               tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
+
+
+def norm(rows: int) -> None:
+    """The residual add and RMSNorm of a decoder layer: torch's two kernels against the Triton one."""
+    from bagel_remote.kernels_bagel import rms_norm
+
+    x, delta = (torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.randn(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    eager = lambda i: F.rms_norm(x + delta, (HIDDEN,), weight, 1e-6)
+    fused = lambda i: rms_norm(delta, weight, 1e-6, residual=x)
+    torch.testing.assert_close(fused(0)[1], eager(0), rtol=2e-2, atol=2e-2)
+    for name, run in (("add + rms_norm", eager), ("triton add+rms_norm", fused)):
+        report(kernel=name, rows=rows, us=round(graphed_us(run, 64), 2))
+
+
+def sweep_gemv(x, weights, copies, expected) -> tuple[float, tuple]:
+    """The fastest GEMV config (us, config) on `weights` (tensors, or (gate, up) pairs), each
+    config checked against `expected(weights[0])` first."""
+    from bagel_remote.kernels_bagel import gemv
+
+    run = lambda w, config: gemv(x, w[0], up_weight=w[1], config=config) if isinstance(w, tuple) else gemv(
+        x, w, config=config)  # fmt: skip
+    best = None
+    for config in GEMV_CONFIGS[x.shape[0] > 1]:
+        torch.testing.assert_close(run(weights[0], config), expected(weights[0]), rtol=2e-2, atol=2e-2)
+        us = graphed_us(lambda i: run(weights[i], config), copies)
+        if best is None or us < best[0]:
+            best = (us, config)
+    return best
+
+
+GEMV_CONFIGS = {  # (block_n, block_k, warps, stages); more than one row needs 16 columns for tensor cores
+    False: [(bn, bk, w, st) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8) for st in (1, 3)],
+    True: [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8) for st in (1, 3)],
+}
 
 
 def attention(batch: int, cached: int) -> None:
@@ -105,6 +146,8 @@ def main():
     for rows in (1, 16):
         for name, (out_features, in_features) in shapes.items():
             gemm(name, out_features, in_features, rows, args)
+        gated(rows, args)
+        norm(rows)
     for batch in (1, 16):
         attention(batch, 4950)
 

@@ -337,6 +337,63 @@ def test_decode_attention_matches_exact_attention(dtype):
             assert out.dtype == dtype and err < 2e-2, (heads, capacity, n, err)
 
 
+def _relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((out.float() - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoding_gemv_matches_linear(dtype):
+    """The Triton GEMV against float32 F.linear: 1, 3 and 16 rows, with and without bias, K no
+    multiple of the block, and the gated (SwiGLU) form against silu(gate) * up; and which inputs
+    `Linear` / `Qwen2MLP` route to it."""
+    if kernels_bagel.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    for rows in (1, 3, 16):
+        for n, k in ((3584, 3584), (520, 1000)):
+            x = torch.randn(rows, k, device="cuda", dtype=dtype) / k**0.5
+            w, up = (torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(2))
+            bias = torch.randn(n, device="cuda", dtype=dtype)
+            exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+            assert _relative_error(kernels_bagel.gemv(x, w, bias), exact) < 1e-2, (rows, n, k)
+            gate_up = torch.nn.functional.silu(x.float() @ w.float().T) * (x.float() @ up.float().T)
+            assert _relative_error(kernels_bagel.gemv(x, w, up_weight=up), gate_up) < 2e-2, (rows, n, k)
+    layer = modeling_siglip_navit.Linear(64, 48).to("cuda", dtype)
+    x = torch.randn(16, 64, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert kernels_bagel.fuses_decoding(x, layer.weight)
+        assert not kernels_bagel.fuses_decoding(torch.cat([x, x[:1]]), layer.weight)  # 17 rows: cuBLAS
+        assert not kernels_bagel.fuses_decoding(x.float(), layer.weight)  # dtypes differ
+        assert torch.equal(layer(x), kernels_bagel.gemv(x, layer.weight, layer.bias))
+    assert not kernels_bagel.fuses_decoding(x, layer.weight)  # autograd on: cuBLAS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoding_rms_norm_matches_eager(dtype):
+    """The Triton RMSNorm, alone and with the residual add, against float32 eager, at BAGEL's width
+    and at one no power of two, one to 16 rows; `Qwen2RMSNorm` gives both forms."""
+    if kernels_bagel.triton is None:
+        pytest.skip("Triton is not installed")
+    from bagel_remote.modeling_bagel import Qwen2RMSNorm
+
+    torch.manual_seed(0)
+    for rows, dim in ((1, 3584), (16, 3584), (5, 100)):
+        x, residual = (torch.randn(rows, dim, device="cuda", dtype=dtype) for _ in range(2))
+        weight = torch.randn(dim, device="cuda", dtype=dtype)
+        assert _relative_error(kernels_bagel.rms_norm(x, weight, 1e-6), _exact_norm(x, weight)) < 1e-2
+        total, normed = kernels_bagel.rms_norm(x, weight, 1e-6, residual=residual)
+        assert torch.equal(total, residual + x) and _relative_error(normed, _exact_norm(total, weight)) < 1e-2
+    norm = Qwen2RMSNorm(100, 1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        assert torch.equal(norm(x, residual=residual)[1], kernels_bagel.rms_norm(x, norm.weight, 1e-6, residual)[1])
+    total, normed = norm(x, residual=residual)  # autograd on: torch's ops, the same numbers to rounding
+    assert torch.equal(total, residual + x) and _relative_error(normed, _exact_norm(total, norm.weight)) < 1e-2
+
+
+def _exact_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(x.float(), weight.shape, weight.float(), 1e-6)
+
+
 def test_fused_silu_mul_matches_eager():
     """The Triton SwiGLU kernels against eager silu(gate) * up, values and both gradients; on a
     size that is no multiple of the block, and on non-contiguous inputs."""
