@@ -100,9 +100,10 @@ class _RMSNormRotary(torch.autograd.Function):
 
 def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether `decode_attention` can take q (B, heads, dim) against keys (rows, kv_heads, dim):
-    Triton on CUDA, dim a power of two of at least 16, whole groups of heads."""
+    Triton on CUDA, bf16/fp16 (float32 would take TF32 dots), dim a power of two of at least 16,
+    whole groups of heads."""
     heads, dim = q.shape[1:]
-    return (triton is not None and q.is_cuda and dim >= 16 and dim & (dim - 1) == 0
+    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and dim & (dim - 1) == 0
             and heads % keys.shape[1] == 0 and q.is_contiguous() and keys.stride()[1:] == (dim, 1))  # fmt: skip
 
 
@@ -156,7 +157,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Only where `fuses_decoding`."""
     rows, k = x.shape
     n = weight.shape[0]
-    block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[rows > 1]
+    block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1]
     out = x.new_empty(rows, n)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, out, rows, n, k,
@@ -165,7 +166,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-_GEMV_CONFIGS = {False: (4, 1024, 4, 1), True: (32, 512, 4, 3)}  # one row, more rows: the sweep's fastest
+_GEMV_CONFIGS = {  # (gated, more than one row): the sweep's fastest on an H200
+    (False, False): (4, 1024, 4, 1), (True, False): (4, 256, 4, 3),
+    (False, True): (32, 512, 4, 3), (True, True): (32, 256, 4, 3),
+}  # fmt: skip
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -11,6 +11,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+import triton
 from common import import_repo, report
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3584, 18944, 28, 4, 128, 152064
@@ -94,6 +95,10 @@ def sweep_gemv(x, weights, copies, expected) -> tuple[float, tuple]:
         x, w, config=config)  # fmt: skip
     best = None
     for config in GEMV_CONFIGS[x.shape[0] > 1]:
+        try:
+            run(weights[0], config)
+        except triton.runtime.errors.OutOfResources:  # too much shared memory for the stages
+            continue
         torch.testing.assert_close(run(weights[0], config), expected(weights[0]), rtol=2e-2, atol=2e-2)
         us = graphed_us(lambda i: run(weights[i], config), copies)
         if best is None or us < best[0]:

@@ -3,7 +3,7 @@ graphed chat decode over a 980² image context, or the training step of bench/tr
 prints the top CUDA kernels and how long the GPU sat idle between them.
 
     python bench/profiling.py t2i [--size 1024]
-    python bench/profiling.py decode [--tokens 32]
+    python bench/profiling.py decode [--tokens 32] [--step]
     python bench/profiling.py train
 """
 
@@ -73,11 +73,23 @@ def gpu_time_split(prof) -> dict:
     return {k: round(v, 1) for k, v in split.items()}
 
 
+def print_last_step(prof, steps: int) -> None:
+    """The GPU events of the last of `steps` equal decode steps, in order: what each kernel of a
+    step takes (the table above sums kernels of one name, e.g. every GEMV shape together)."""
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)  # fmt: skip
+    last = events[-(len(events) // steps):]
+    for before, event in zip([None, *last], last):
+        gap = 0 if before is None else event.time_range.start - before.time_range.end
+        print(f"{event.time_range.elapsed_us():8.2f} us  gap {gap:6.2f}  {event.name[:90]}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=["t2i", "decode", "train"])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--step", action="store_true", help="decode: also list the last step's kernels in order")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.workload == "train":  # the training benchmark's model: 8 LLM layers, float32 weights
@@ -90,6 +102,8 @@ def main():
         run()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    if args.workload == "decode" and args.step:
+        print_last_step(prof, args.tokens)
     report(workload=f"profile_{args.workload}", **numbers, **gpu_time_split(prof))
 
 

@@ -327,6 +327,7 @@ def test_decode_attention_matches_exact_attention(dtype):
         q = torch.randn(batch, heads, dim, device="cuda", dtype=dtype)
         keys, values = (torch.randn(batch * capacity, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
         assert kernels_bagel.fuses_decode_attention(q, keys)
+        assert not kernels_bagel.fuses_decode_attention(q.float(), keys.float())  # TF32 dots: SDPA instead
         out = kernels_bagel.decode_attention(q, keys, values, torch.tensor(used, dtype=torch.int32, device="cuda"),
                                              capacity)  # fmt: skip
         for b, n in enumerate(used):
