@@ -11,9 +11,15 @@ CUDA builds); plain torch ops everywhere else.
   each way instead of four (norm, and rotary's product, half swap and multiply-add), reading q
   and k where the projection wrote them (strided rows when q/k/v come out of one GEMM).
 - `decode_attention`: one new query per sequence against a preallocated KV cache (the decode
-  step), the keys split across the GPU (flash-decoding) and the query heads of one KV head
-  together. torch's varlen flash kernel does the same in two kernels, but its combine kernel
-  takes 13 us of its 21 us a layer on an H200 (`bench/decode_kernels.py`).
+  step), the new key and value written into it on the way, the keys split across the GPU
+  (flash-decoding) and the query heads of one KV head together. torch's varlen flash kernel
+  does the same in two kernels, but its combine kernel takes 13 us of its 21 us a layer on an
+  H200 (`bench/decode_kernels.py`).
+- `gemv` and `rms_norm`: the decode step's projections and norms for a few rows (`fuses_decoding`).
+  The step reads every weight once, so it is bound by HBM bandwidth and kernel count: the GEMV
+  streams whole weight rows without split-K, takes SwiGLU's gate and up in one pass and folds the
+  RMSNorm (and the residual add) before a projection into it; the norm alone is one kernel with
+  the residual add, not torch's two.
 """
 
 from __future__ import annotations
@@ -107,13 +113,15 @@ def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
             and heads % keys.shape[1] == 0 and q.is_contiguous() and keys.stride()[1:] == (dim, 1))  # fmt: skip
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: torch.Tensor,
-                     capacity: int) -> torch.Tensor:  # fmt: skip
-    """softmax(q k^T / sqrt(dim)) v for one query per sequence: q (B, heads, dim); keys, values
-    (B * capacity, kv_heads, dim), sequence b in rows [b * capacity, (b + 1) * capacity) of which
-    it sees the first `used[b]` (>= 1; int32, on the GPU, so a CUDA graph can replay it as the
-    cache grows). Query head h reads kv head h // (heads // kv_heads). -> (B, heads, dim) in q's
-    dtype. Only where `fuses_decode_attention`."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     used: torch.Tensor, capacity: int) -> torch.Tensor:  # fmt: skip
+    """The decode step's cache write and attention, one new token per sequence: k, v (B, kv_heads,
+    dim) are written into row `used[b] - 1` of sequence b's slot of the cache `keys`, `values`
+    (B * capacity, kv_heads, dim; rows [b * capacity, (b + 1) * capacity)), then q (B, heads,
+    dim) attends over the slot's first `used[b]` rows (>= 1; int32 on the GPU, so a CUDA graph
+    replays it as the cache grows); query head h reads kv head h // (heads // kv_heads).
+    -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split holding the new row
+    writes it (two index_copy kernels fewer a layer). Only where `fuses_decode_attention`."""
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -121,9 +129,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     splits = triton.cdiv(capacity, split)
     partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    k, v = k.contiguous(), v.contiguous()
     _decode_attention_splits[(batch * kv_heads, splits)](
-        q, keys, values, used, partial, lse, capacity, keys.stride(0), dim**-0.5, KV_HEADS=kv_heads, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLIT=split, BLOCK_N=_DECODE_BLOCK_N)  # fmt: skip
+        q, k, v, keys, values, used, partial, lse, capacity, keys.stride(0), dim**-0.5, KV_HEADS=kv_heads,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLIT=split,
+        BLOCK_N=_DECODE_BLOCK_N)  # fmt: skip
     out = torch.empty_like(q)
     _decode_attention_combine[(batch * heads,)](partial, lse, out, splits, DIM=dim,
                                                 SPLITS_PAD=triton.next_power_of_2(splits))  # fmt: skip
@@ -138,37 +148,46 @@ DECODE_ROWS = 16  # the few-row (decoding) kernels below take at most this many 
 
 def fuses_decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the few-row kernels (`gemv`, `rms_norm`) can take x (rows, features) with
-    `weights`: inference (no autograd) on CUDA with Triton, at most `DECODE_ROWS` contiguous rows,
-    and plain (not quantized, not offloaded) weights of x's dtype on x's device."""
+    `weights` (None skipped): inference (no autograd) on CUDA with Triton, at most `DECODE_ROWS`
+    contiguous rows, and plain (not quantized, not offloaded) weights of x's dtype on x's device."""
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 2
             and x.shape[0] <= DECODE_ROWS and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16)
             and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == x.dtype and w.device == x.device
-                    and w.is_contiguous() for w in weights))  # fmt: skip
+                    and w.is_contiguous() for w in weights if w is not None))  # fmt: skip
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
-         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+         config: tuple[int, int, int, int] | None = None):  # fmt: skip
     """x @ weight.T (+ bias) for a few rows (decoding): x (M, K), weight (N, K) -> (M, N) in x's
-    dtype, float32 accumulation; with `up_weight` (N, K), SwiGLU's silu(x @ weight.T) * (x @
-    up_weight.T) in one pass over both weights. Each program streams a few whole weight rows (no
-    split-K, so no second reduction kernel): one row of x is a multiply and a row sum, more use
-    tensor cores. cuBLAS's GEMVs reach 2.3-3.7 TB/s on an H200 at these shapes, these 3.2-4.5
-    (`bench/decode_kernels.py --gemv`, which sweeps `config`: block_n, block_k, warps, stages).
-    Only where `fuses_decoding`."""
+    dtype, float32 accumulation.
+    - `up_weight` (N, K): SwiGLU's silu(x @ weight.T) * (x @ up_weight.T), both weights in one pass.
+    - `norm` (weight (K,), eps): of RMSNorm(x) instead of x. Every program reads all of x anyway,
+      so it sums x's squares on the way and scales its outputs by 1 / rms: no norm kernel.
+    - `residual` (M, K): of s = residual + x (rounded to x's dtype, as the eager add); returns
+      (s, result), s written by the first program.
+    Each program streams a few whole weight rows (no split-K, so no second reduction kernel): one
+    row of x is a multiply and a row sum, more use tensor cores. cuBLAS's GEMVs reach 2.3-3.7
+    TB/s on an H200 at these shapes, these 3.1-4.5 (`bench/decode_kernels.py --gemv`, which sweeps
+    `config`: block_n, block_k, warps, stages). Only where `fuses_decoding`."""
     rows, k = x.shape
     n = weight.shape[0]
     block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1]
     out = x.new_empty(rows, n)
+    total = torch.empty_like(x) if residual is not None else out
+    norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, out, rows, n, k,
-        HAS_BIAS=bias is not None, GATED=up_weight is not None, BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)  # fmt: skip
-    return out
+        x, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, norm_weight,
+        residual if residual is not None else x, total, out, rows, n, k, eps, HAS_BIAS=bias is not None,
+        GATED=up_weight is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+        BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages)  # fmt: skip
+    return out if residual is None else (total, out)
 
 
 _GEMV_CONFIGS = {  # (gated, more than one row): the sweep's fastest on an H200
-    (False, False): (4, 1024, 4, 1), (True, False): (4, 256, 4, 3),
-    (False, True): (32, 512, 4, 3), (True, True): (32, 256, 4, 3),
+    (False, False): (4, 512, 4, 3), (True, False): (4, 256, 4, 3),
+    (False, True): (32, 512, 4, 3), (True, True): (32, 512, 4, 3),
 }  # fmt: skip
 
 
@@ -276,20 +295,29 @@ if triton is not None:
         tl.store(grad_gate_ptr + offsets, (grad * up * d_silu).to(grad_gate_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode_attention_splits(q_ptr, k_ptr, v_ptr, used_ptr, partial_ptr, lse_ptr, capacity, row_stride, scale,
-                                 KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                                 DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-        """One (sequence, kv head, split of the keys): the split's attention output for the kv
-        head's query heads, normalised, and its log-sum-exp (-inf for a split past the keys)."""
+    def _decode_attention_splits(q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, used_ptr, partial_ptr, lse_ptr, capacity,
+                                 row_stride, scale, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                                 GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr,
+                                 BLOCK_N: tl.constexpr):  # fmt: skip
+        """One (sequence, kv head, split of the keys): the new key / value written if the new row
+        is in this split, then the split's attention output for the kv head's query heads,
+        normalised, and its log-sum-exp (-inf for a split past the keys)."""
         seq, kv_head = tl.program_id(0) // KV_HEADS, tl.program_id(0) % KV_HEADS
         split, splits = tl.program_id(1), tl.num_programs(1)
         rows = tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, DIM)
+        start = split * SPLIT
+        used = tl.load(used_ptr + seq)
+        end = tl.minimum(start + SPLIT, used)
+        if (used - 1 >= start) & (used - 1 < end):
+            new = tl.program_id(0).to(tl.int64) * DIM + dims  # (sequence, kv head) of k / v
+            row = (seq * capacity + used - 1).to(tl.int64) * row_stride + kv_head * DIM + dims
+            tl.store(k_ptr + row, tl.load(new_k_ptr + new))
+            tl.store(v_ptr + row, tl.load(new_v_ptr + new))
+        tl.debug_barrier()  # the row written above is read below, by other threads of the program
         head = kv_head * GROUP + rows
         q_rows = (seq * KV_HEADS * GROUP + head).to(tl.int64)
         q = tl.load(q_ptr + q_rows[:, None] * DIM + dims[None, :], mask=(rows < GROUP)[:, None], other=0.0)
-        start = split * SPLIT
-        end = tl.minimum(start + SPLIT, tl.load(used_ptr + seq))
         best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
@@ -326,21 +354,31 @@ if triton is not None:
         tl.store(out_ptr + row * DIM + dims, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, up_ptr, b_ptr, out_ptr, rows, n, k, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, up_ptr, b_ptr, g_ptr, res_ptr, total_ptr, out_ptr, rows, n, k, eps,
+                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
         m = tl.arange(0, BLOCK_M)
+        dtype = out_ptr.dtype.element_ty
         # One row of x: products summed elementwise, one cross-thread reduction after the loop.
         if BLOCK_M == 1:
             acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros_like(acc)
+        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)  # of x, for the norm
         for start in range(0, k, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             w_offsets, w_mask = cols[:, None] * k + ks[None, :], (cols[:, None] < n) & (ks[None, :] < k)
-            x = tl.load(x_ptr + m[:, None] * k + ks[None, :], mask=(m[:, None] < rows) & (ks[None, :] < k), other=0.0,
-                        eviction_policy="evict_last")  # fmt: skip
+            x_offsets, x_mask = m[:, None] * k + ks[None, :], (m[:, None] < rows) & (ks[None, :] < k)
+            x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0, eviction_policy="evict_last")
+            if RESIDUAL:
+                x = (x.to(tl.float32) + tl.load(res_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)).to(dtype)
+                if tl.program_id(0) == 0:
+                    tl.store(total_ptr + x_offsets, x, mask=x_mask)
+            if NORM:  # x * norm weight here, / rms after the loop
+                squares += x.to(tl.float32) * x.to(tl.float32)
+                x = (x.to(tl.float32) * tl.load(g_ptr + ks, mask=ks < k, other=0.0).to(tl.float32)[None, :]).to(dtype)
             w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0, eviction_policy="evict_first")
             acc = _gemv_step(acc, x, w, BLOCK_M == 1)
             if GATED:
@@ -349,7 +387,10 @@ if triton is not None:
         if BLOCK_M == 1:
             acc = tl.sum(acc, 1)[None, :]
             acc_up = tl.sum(acc_up, 1)[None, :]
-        dtype = out_ptr.dtype.element_ty
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(squares, 1) / k + eps)[:, None]
+            acc *= rstd
+            acc_up *= rstd
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         if GATED:  # rounded where eager rounds: each projection, then silu before the product

@@ -56,8 +56,7 @@ class Qwen2RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (s, norm(s)) for s = residual + x (the decoder's residual add)."""
-        operands = (self.weight,) if residual is None else (self.weight, residual)
-        if fuses_decoding(x, *operands) and (residual is None or residual.shape == x.shape):
+        if fuses_decoding(x, self.weight, residual) and (residual is None or residual.shape == x.shape):
             return rms_norm(x, self.weight, self.variance_epsilon, residual)  # one Triton kernel, add included
         if residual is not None:
             x = residual + x
@@ -82,11 +81,21 @@ class Qwen2MLP(nn.Module):
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # One cast of x for both projections, not one each (their input gradients add in bf16).
             x = x.to(torch.get_autocast_dtype("cuda"))
-        if self.fused_silu and _plain(self.gate_proj, self.up_proj) and fuses_decoding(x, self.gate_proj.weight,
-                                                                                        self.up_proj.weight):  # fmt: skip
-            return self.down_proj(gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight))  # one pass, silu too
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up)
+
+    def folds_norm(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> bool:
+        """Whether `forward_folded` can take these: decoding (a few rows in inference), SwiGLU,
+        our plain Linears and every weight in place (not quantized, not offloaded)."""
+        gate, up = self.gate_proj, self.up_proj
+        return self.fused_silu and _plain(gate, up) and fuses_decoding(x, gate.weight, up.weight, norm.weight, residual)
+
+    def forward_folded(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor):
+        """(s, MLP(norm(s))) for s = residual + x: the decoder's residual add, post-attention norm,
+        gate, up and silu in one GEMV kernel (`kernels_bagel.gemv`). Only where `folds_norm`."""
+        total, h = gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight,
+                        norm=(norm.weight, norm.variance_epsilon), residual=residual)  # fmt: skip
+        return total, self.down_proj(h)
 
 
 def _plain(*layers: nn.Module) -> bool:
@@ -117,12 +126,13 @@ class Qwen2MoTAttention(nn.Module):
         _with_gen_sibling(self, "q_norm", norm, mot)
         _with_gen_sibling(self, "k_norm", norm, mot)
 
-    def project(self, x: torch.Tensor, rotary, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (n, heads, head_dim), k, v (n, kv_heads, head_dim) of x through one side's weights
-        (`side` "" for UND, "_moe_gen" for GEN), q and k normalised and rotated (`rotary`: cos and
-        signed sin (n, head_dim) of x's tokens)."""
+    def project(self, x: torch.Tensor, norm: nn.Module, rotary, side: str):
+        """q (n, heads, head_dim), k, v (n, kv_heads, head_dim) of norm(x) (the layer's input norm)
+        through one side's weights (`side` "" for UND, "_moe_gen" for GEN), q and k normalised and
+        rotated (`rotary`: cos and signed sin (n, head_dim) of x's tokens)."""
         n = x.shape[0]
-        q, k, v = parallel_linears(x, tuple(getattr(self, name + side) for name in ("q_proj", "k_proj", "v_proj")))
+        layers = tuple(getattr(self, name + side) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = parallel_linears(x, layers, norm)
         q = self._norm_rotary(q.view(n, self.num_heads, self.head_dim), getattr(self, "q_norm" + side), rotary)
         k = self._norm_rotary(k.view(n, self.num_kv_heads, self.head_dim), getattr(self, "k_norm" + side), rotary)
         return q, k, v.view(n, self.num_kv_heads, self.head_dim)
@@ -164,18 +174,19 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
 
     def _qkv(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], side: str):
         x, *rotary = inputs
-        return self.self_attn.project(getattr(self, "input_layernorm" + side)(x), rotary, side)
+        return self.self_attn.project(x, getattr(self, "input_layernorm" + side), rotary, side)
 
     def _out(self, x: torch.Tensor, side: str) -> torch.Tensor:
         return getattr(self.self_attn, "o_proj" + side)(x)
 
-    def _add_norm(self, inputs: tuple[torch.Tensor, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, attention output) -> their sum and its post-attention norm (one kernel decoding)."""
+    def _mlp(self, inputs: tuple[torch.Tensor, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, attention output) -> (s, MLP(post-attention norm(s))) for s = x + attention output."""
         x, attn = inputs
-        return getattr(self, "post_attention_layernorm" + side)(attn, residual=x)
-
-    def _mlp(self, x: torch.Tensor, side: str) -> torch.Tensor:
-        return getattr(self, "mlp" + side)(x)
+        mlp, norm = getattr(self, "mlp" + side), getattr(self, "post_attention_layernorm" + side)
+        if mlp.folds_norm(attn, norm, x):
+            return mlp.forward_folded(attn, norm, x)
+        total, normed = norm(attn, residual=x)  # modules called, for offloading hooks
+        return total, mlp(normed)
 
     def _routed(self, block: Callable, x: torch.Tensor, route: TokenRoute):
         gen = (lambda part: block(part, "_moe_gen")) if self.mot else None
@@ -184,8 +195,8 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
         attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
-        x, normed = self._routed(self._add_norm, (x, attn), route)
-        return x + self._routed(self._mlp, normed, route)
+        x, mlp = self._routed(self._mlp, (x, attn), route)
+        return x + mlp
 
 
 class Qwen2MoTModel(nn.Module):

@@ -9,6 +9,7 @@ image and never across images. Parameter names equal the released checkpoint und
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -98,25 +99,36 @@ class Linear(nn.Linear):
         if computes_in_float32(self.weight):
             bias = None if self.bias is None else self.bias.float()
             return nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        if fuses_decoding(x, self.weight, *(() if self.bias is None else (self.bias,))):
+        if fuses_decoding(x, self.weight, self.bias):
             return gemv(x, self.weight, self.bias)  # a few rows (decoding): faster than cuBLAS's GEMVs
         return super().forward(x)
 
 
-def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
-    """`tuple(layer(x) for layer in layers)` for Linears of one input (q/k/v). When float32
-    master weights are trained, it is one GEMM each way: the weights are cast into one bf16
-    matrix (the cast autocast makes anyway), x is cast and saved once, and x's gradient needs no
-    sum. (Gate/up stay two GEMMs: one 2 x 18944-row matrix measured slower on an H100.) While a
+def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...], norm: nn.Module | None = None):
+    """`tuple(layer(norm(x)) for layer in layers)` for Linears of one input (q/k/v); `norm` an
+    RMSNorm (`weight`, `variance_epsilon`) or None. When float32 master weights are trained, it is
+    one GEMM each way: the weights are cast into one bf16 matrix (the cast autocast makes anyway),
+    x is cast and saved once, and x's gradient needs no sum. (Gate/up stay two GEMMs: one 2 x
+    18944-row matrix measured slower on an H100.) Decoding, the norm rides in each GEMV; while a
     decode graph is captured (`graph_branches`), the layers are parallel branches of the graph."""
+    plain = all(type(layer) is Linear for layer in layers)
+    if norm is not None and plain and fuses_decoding(x, norm.weight, *(p for l in layers for p in (l.weight, l.bias))):
+        folded = (norm.weight, norm.variance_epsilon)
+        layers = tuple(functools.partial(_normed_gemv, layer=layer, norm=folded) for layer in layers)
+    elif norm is not None:
+        x = norm(x)
     branch_streams = getattr(_CAPTURE, "branch_streams", ())
     if x.is_cuda and 0 < len(layers) - 1 <= len(branch_streams):
         return _graph_branches(x, layers, branch_streams)
     # A layer that is not our plain Linear (a PEFT LoRA wrapper, say) runs its own forward: the
     # stacked GEMM reads `.weight` alone and would skip whatever the wrapper adds.
-    if not all(type(layer) is Linear for layer in layers) or not _trains_master_weights(x, layers[0].weight):
+    if not plain or not _trains_master_weights(x, layers[0].weight):
         return tuple(layer(x) for layer in layers)
     return _stacked_linear(x, layers).split([layer.out_features for layer in layers], dim=-1)
+
+
+def _normed_gemv(x: torch.Tensor, layer: Linear, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    return gemv(x, layer.weight, layer.bias, norm=norm)
 
 
 _CAPTURE = threading.local()  # .branch_streams: set by `graph_branches` in the thread capturing

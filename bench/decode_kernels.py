@@ -123,10 +123,12 @@ def attention(batch: int, cached: int) -> None:
               for _ in range(copies)]  # fmt: skip
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    new_kv = torch.randn(batch, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     used = torch.full((batch,), cached + 1, dtype=torch.int32, device="cuda")
     read_bytes = 2 * batch * (cached + 1) * KV_HEADS * HEAD_DIM * 2
     variants = {
-        "triton decode_attention": lambda i: decode_attention(q, caches[i][0], caches[i][1], used, capacity),
+        "triton decode_attention (and cache write)": lambda i: decode_attention(q, new_kv, new_kv, *caches[i], used,
+                                                                                capacity),  # fmt: skip
         "varlen, used keys": lambda i: varlen_kernel(q, caches[i][0], caches[i][1], cu_q, cu_q * capacity, 1, capacity,
                                                      False, used),  # fmt: skip
         "sdpa gqa, exact length": lambda i: F.scaled_dot_product_attention(

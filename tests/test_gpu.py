@@ -315,7 +315,8 @@ def test_graphed_decode_with_early_stop_matches_eager(parity, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_attention_matches_exact_attention(dtype):
-    """The Triton decode attention against float32 SDPA over each sequence's used keys: BAGEL's
+    """The Triton decode attention against float32 SDPA over each sequence's used keys, its new
+    key and value written into the cache's last used row first (the other rows untouched): BAGEL's
     heads (28 over 4 kv heads, dim 128), one to all keys used, a split's boundary, a batch whose
     lengths differ, and a small head layout."""
     if kernels_bagel.triton is None:
@@ -328,8 +329,13 @@ def test_decode_attention_matches_exact_attention(dtype):
         keys, values = (torch.randn(batch * capacity, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
         assert kernels_bagel.fuses_decode_attention(q, keys)
         assert not kernels_bagel.fuses_decode_attention(q.float(), keys.float())  # TF32 dots: SDPA instead
-        out = kernels_bagel.decode_attention(q, keys, values, torch.tensor(used, dtype=torch.int32, device="cuda"),
-                                             capacity)  # fmt: skip
+        new_k, new_v = (torch.randn(batch, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
+        expected_keys, expected_values = keys.clone(), values.clone()
+        for b, n in enumerate(used):
+            expected_keys[b * capacity + n - 1], expected_values[b * capacity + n - 1] = new_k[b], new_v[b]
+        out = kernels_bagel.decode_attention(q, new_k, new_v, keys, values,
+                                             torch.tensor(used, dtype=torch.int32, device="cuda"), capacity)  # fmt: skip
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
         for b, n in enumerate(used):
             rows = slice(b * capacity, b * capacity + n)
             k, v = (t[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1) for t in (keys, values))
@@ -359,6 +365,15 @@ def test_decoding_gemv_matches_linear(dtype):
             assert _relative_error(kernels_bagel.gemv(x, w, bias), exact) < 1e-2, (rows, n, k)
             gate_up = torch.nn.functional.silu(x.float() @ w.float().T) * (x.float() @ up.float().T)
             assert _relative_error(kernels_bagel.gemv(x, w, up_weight=up), gate_up) < 2e-2, (rows, n, k)
+            # the RMSNorm folded in, and the residual add before it
+            g, residual = torch.rand(k, device="cuda", dtype=dtype) + 0.5, torch.randn_like(x)
+            normed = _exact_norm(x, g)
+            exact = torch.nn.functional.linear(normed, w.float(), bias.float())
+            assert _relative_error(kernels_bagel.gemv(x, w, bias, norm=(g, 1e-6)), exact) < 1e-2, (rows, n, k)
+            total, out = kernels_bagel.gemv(x, w, up_weight=up, norm=(g, 1e-6), residual=residual)
+            normed = _exact_norm(total, g)
+            gate_up = torch.nn.functional.silu(normed @ w.float().T) * (normed @ up.float().T)
+            assert torch.equal(total, residual + x) and _relative_error(out, gate_up) < 2e-2, (rows, n, k)
     layer = modeling_siglip_navit.Linear(64, 48).to("cuda", dtype)
     x = torch.randn(16, 64, device="cuda", dtype=dtype)
     with torch.no_grad():
@@ -389,6 +404,29 @@ def test_decoding_rms_norm_matches_eager(dtype):
         assert torch.equal(norm(x, residual=residual)[1], kernels_bagel.rms_norm(x, norm.weight, 1e-6, residual)[1])
     total, normed = norm(x, residual=residual)  # autograd on: torch's ops, the same numbers to rounding
     assert torch.equal(total, residual + x) and _relative_error(normed, _exact_norm(total, norm.weight)) < 1e-2
+
+
+def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
+    """The bf16 decoder on 1 and 5 tokens in inference (norms folded into the GEMVs: q/k/v and
+    gate/up each one kernel) against the same decoder with autograd on (torch's kernels)."""
+    from bagel_remote import modeling_bagel
+
+    decoder = _parity_model(parity, torch.bfloat16).model.language_model.model
+    calls = []
+    for module in (modeling_bagel, modeling_siglip_navit):
+        monkeypatch.setattr(module, "gemv", lambda *a, gemv=kernels_bagel.gemv, **kw: calls.append(kw) or gemv(*a, **kw))
+    torch.manual_seed(0)
+    for n in (1, 5):
+        x = torch.randn(n, decoder.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        run = lambda: decoder(x, torch.arange(n, device="cuda"), AttentionPlan.segments([n], [n], True), TokenRoute(n))
+        calls.clear()
+        with torch.no_grad():
+            fast = run()
+        layers = decoder.config.num_hidden_layers
+        assert sum("norm" in kw for kw in calls) == 4 * layers  # q, k, v and the MLP's gate/up
+        assert sum("residual" in kw for kw in calls) == layers
+        plain = run()
+        assert _relative_error(fast, plain.detach().float()) < 3e-2, n
 
 
 def _exact_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
