@@ -112,18 +112,19 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...], norm: nn.Modul
     18944-row matrix measured slower on an H100.) Decoding, the norm rides in each GEMV; while a
     decode graph is captured (`graph_branches`), the layers are parallel branches of the graph."""
     plain = all(type(layer) is Linear for layer in layers)
+    branches = layers
     if norm is not None and plain and fuses_decoding(x, norm.weight, *(p for l in layers for p in (l.weight, l.bias))):
         folded = (norm.weight, norm.variance_epsilon)
-        layers = tuple(functools.partial(_normed_gemv, layer=layer, norm=folded) for layer in layers)
+        branches = tuple(functools.partial(_normed_gemv, layer=layer, norm=folded) for layer in layers)
     elif norm is not None:
         x = norm(x)
     branch_streams = getattr(_CAPTURE, "branch_streams", ())
-    if x.is_cuda and 0 < len(layers) - 1 <= len(branch_streams):
-        return _graph_branches(x, layers, branch_streams)
+    if x.is_cuda and 0 < len(branches) - 1 <= len(branch_streams):
+        return _graph_branches(x, branches, branch_streams)
     # A layer that is not our plain Linear (a PEFT LoRA wrapper, say) runs its own forward: the
     # stacked GEMM reads `.weight` alone and would skip whatever the wrapper adds.
-    if not plain or not _trains_master_weights(x, layers[0].weight):
-        return tuple(layer(x) for layer in layers)
+    if branches is not layers or not plain or not _trains_master_weights(x, layers[0].weight):
+        return tuple(branch(x) for branch in branches)
     return _stacked_linear(x, layers).split([layer.out_features for layer in layers], dim=-1)
 
 

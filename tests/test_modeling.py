@@ -829,3 +829,50 @@ def test_vit_position_dependence(rope):
     # Positions do matter: a permutation of the grid that is not a translation changes the output.
     swapped = _run_vit(vit, [(pixels, positions[[1, 0, 2, 3]])])
     assert not torch.allclose(swapped, base, atol=1e-4)
+
+
+def _gemv_reference(x, weight, bias=None, up_weight=None, norm=None, residual=None, config=None):
+    """What `kernels_bagel.gemv` computes, in torch (tests/test_gpu.py checks the kernel's math)."""
+    total = None
+    if residual is not None:
+        x = total = residual + x
+    if norm is not None:
+        x = F.rms_norm(x, norm[0].shape, norm[0], norm[1])
+    out = F.linear(x, weight, bias)
+    if up_weight is not None:
+        out = F.silu(out) * F.linear(x, up_weight)
+    return out if residual is None else (total, out)
+
+
+def _rms_norm_reference(x, weight, eps, residual=None):
+    total = x if residual is None else residual + x
+    out = F.rms_norm(total, weight.shape, weight, eps)
+    return out if residual is None else (total, out)
+
+
+@pytest.mark.parametrize("gen_index", [None, [1, 3]])
+def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, gen_index):
+    """The decode-time dispatch as on a GPU (`fuses_decoding` true), with the Triton kernels
+    replaced by their math in torch: the decoder folds each input norm into the q/k/v GEMVs and
+    each residual add + post-attention norm into the gate/up GEMV, on both sides of a mixed
+    UND/GEN batch, and gives what the plain path gives."""
+    from bagel_remote import modeling_bagel, modeling_siglip_navit
+
+    decoder = tiny_model(stage=2).model.language_model.model
+    n = 5
+    x, position_ids = torch.randn(n, decoder.config.hidden_size), torch.arange(n)
+    gen = None if gen_index is None else torch.tensor(gen_index)
+    run = lambda: decoder(x, position_ids, AttentionPlan.segments([n], [n], True), TokenRoute(n, gen))  # noqa: E731
+    with torch.no_grad():
+        plain = run()
+        calls = []
+        for module in (modeling_bagel, modeling_siglip_navit):
+            monkeypatch.setattr(module, "fuses_decoding", lambda *args: True)
+            monkeypatch.setattr(module, "gemv", lambda *a, **kw: calls.append(kw) or _gemv_reference(*a, **kw))
+        monkeypatch.setattr(modeling_bagel, "rms_norm", _rms_norm_reference)
+        folded = run()
+    sides = 1 if gen_index is None else 2
+    layers = decoder.config.num_hidden_layers
+    assert sum("norm" in kw for kw in calls) == 4 * layers * sides  # q, k, v and gate/up, per side
+    assert sum("residual" in kw for kw in calls) == layers * sides
+    assert_close(folded, plain, rtol=1e-5)
