@@ -33,7 +33,15 @@ from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, rope_theta
 from .generation_bagel import BagelGenerationMixin, shift_timesteps
-from .kernels_bagel import fuses_decoding, fuses_rms_norm_rotary, gemv, rms_norm, rms_norm_rotary, silu_mul
+from .kernels_bagel import (
+    folds_norm,
+    fuses_decoding,
+    fuses_rms_norm_rotary,
+    gemv,
+    rms_norm,
+    rms_norm_rotary,
+    silu_mul,
+)
 from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the loading API, importable from here
     AUTO_MAP,
     load_pretrained,
@@ -81,14 +89,18 @@ class Qwen2MLP(nn.Module):
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # One cast of x for both projections, not one each (their input gradients add in bf16).
             x = x.to(torch.get_autocast_dtype("cuda"))
+        if self.fused_silu and _plain(self.gate_proj, self.up_proj) and fuses_decoding(
+                x, self.gate_proj.weight, self.up_proj.weight):  # fmt: skip
+            return self.down_proj(gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight))  # one pass, silu too
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up)
 
     def folds_norm(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> bool:
-        """Whether `forward_folded` can take these: decoding (a few rows in inference), SwiGLU,
-        our plain Linears and every weight in place (not quantized, not offloaded)."""
+        """Whether `forward_folded` should take these: decoding one row in inference
+        (`kernels_bagel.folds_norm`), SwiGLU, our plain Linears and every weight in place (not
+        quantized, not offloaded)."""
         gate, up = self.gate_proj, self.up_proj
-        return self.fused_silu and _plain(gate, up) and fuses_decoding(x, gate.weight, up.weight, norm.weight, residual)
+        return self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight, residual)
 
     def forward_folded(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor):
         """(s, MLP(norm(s))) for s = residual + x: the decoder's residual add, post-attention norm,

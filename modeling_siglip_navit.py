@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, packed_attention
-from .kernels_bagel import fuses_decoding, gemv
+from .kernels_bagel import folds_norm, fuses_decoding, gemv
 
 
 def conv_to_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -109,11 +109,11 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...], norm: nn.Modul
     RMSNorm (`weight`, `variance_epsilon`) or None. When float32 master weights are trained, it is
     one GEMM each way: the weights are cast into one bf16 matrix (the cast autocast makes anyway),
     x is cast and saved once, and x's gradient needs no sum. (Gate/up stay two GEMMs: one 2 x
-    18944-row matrix measured slower on an H100.) Decoding, the norm rides in each GEMV; while a
-    decode graph is captured (`graph_branches`), the layers are parallel branches of the graph."""
+    18944-row matrix measured slower on an H100.) Decoding one row, the norm rides in each GEMV;
+    while a decode graph is captured (`graph_branches`), the layers are parallel branches of it."""
     plain = all(type(layer) is Linear for layer in layers)
     branches = layers
-    if norm is not None and plain and fuses_decoding(x, norm.weight, *(p for l in layers for p in (l.weight, l.bias))):
+    if norm is not None and plain and folds_norm(x, norm.weight, *(p for l in layers for p in (l.weight, l.bias))):
         folded = (norm.weight, norm.variance_epsilon)
         branches = tuple(functools.partial(_normed_gemv, layer=layer, norm=folded) for layer in layers)
     elif norm is not None:

@@ -850,12 +850,14 @@ def _rms_norm_reference(x, weight, eps, residual=None):
     return out if residual is None else (total, out)
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("gen_index", [None, [1, 3]])
-def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, gen_index):
+def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, gen_index, fold):
     """The decode-time dispatch as on a GPU (`fuses_decoding` true), with the Triton kernels
-    replaced by their math in torch: the decoder folds each input norm into the q/k/v GEMVs and
-    each residual add + post-attention norm into the gate/up GEMV, on both sides of a mixed
-    UND/GEN batch, and gives what the plain path gives."""
+    replaced by their math in torch, on both sides of a mixed UND/GEN batch: with `folds_norm`
+    (one row on the GPU) each input norm rides in the q/k/v GEMVs and each residual add +
+    post-attention norm in the gate/up GEMV; without, the norms run alone and gate and up still
+    share one GEMV. Either way it gives what the plain path gives."""
     from bagel_remote import modeling_bagel, modeling_siglip_navit
 
     decoder = tiny_model(stage=2).model.language_model.model
@@ -868,11 +870,14 @@ def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, gen_index)
         calls = []
         for module in (modeling_bagel, modeling_siglip_navit):
             monkeypatch.setattr(module, "fuses_decoding", lambda *args: True)
+            monkeypatch.setattr(module, "folds_norm", lambda *args: fold)  # the GPU folds one row only
             monkeypatch.setattr(module, "gemv", lambda *a, **kw: calls.append(kw) or _gemv_reference(*a, **kw))
         monkeypatch.setattr(modeling_bagel, "rms_norm", _rms_norm_reference)
         folded = run()
     sides = 1 if gen_index is None else 2
     layers = decoder.config.num_hidden_layers
-    assert sum("norm" in kw for kw in calls) == 4 * layers * sides  # q, k, v and gate/up, per side
-    assert sum("residual" in kw for kw in calls) == layers * sides
+    assert sum("norm" in kw for kw in calls) == 4 * layers * sides * fold  # q, k, v and gate/up, per side
+    assert sum("residual" in kw for kw in calls) == layers * sides * fold
+    assert sum("up_weight" in kw for kw in calls) == layers * sides
+    assert len(calls) == 6 * layers * sides  # q, k, v, o, gate and up, down
     assert_close(folded, plain, rtol=1e-5)
