@@ -243,7 +243,7 @@ class _DecodeCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
-        if fuses_decode_attention(q, keys):  # writes k and v into the cache too
+        if fuses_decode_attention(q, keys, values):  # writes k and v into the cache too
             return decode_attention(q, k, v, keys, values, self.used_keys, self.capacity)
         keys.index_copy_(0, self.write_rows, k)
         values.index_copy_(0, self.write_rows, v)

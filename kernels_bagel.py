@@ -17,9 +17,9 @@ CUDA builds); plain torch ops everywhere else.
   H200 (`bench/decode_kernels.py`).
 - `gemv` and `rms_norm`: the decode step's projections and norms for a few rows (`fuses_decoding`).
   The step reads every weight once, so it is bound by HBM bandwidth and kernel count: the GEMV
-  streams whole weight rows without split-K, takes SwiGLU's gate and up in one pass and folds the
-  RMSNorm (and the residual add) before a projection into it; the norm alone is one kernel with
-  the residual add, not torch's two.
+  streams whole weight rows without split-K and takes SwiGLU's gate and up in one pass; for one
+  row it also folds in the RMSNorm before q/k/v and before the MLP (with the residual add before
+  that). Other norms are one kernel with the residual add, not torch's two.
 """
 
 from __future__ import annotations
@@ -104,13 +104,15 @@ class _RMSNormRotary(torch.autograd.Function):
         return grad_x, grad_weight.sum(0).to(weight.dtype), None, None, None
 
 
-def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether `decode_attention` can take q (B, heads, dim) against keys (rows, kv_heads, dim):
-    Triton on CUDA, bf16/fp16 (float32 would take TF32 dots), dim a power of two of at least 16,
-    whole groups of heads."""
+def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `decode_attention` can take q (B, heads, dim) against keys and values (rows,
+    kv_heads, dim) laid out alike: Triton on CUDA, bf16/fp16 all (float32 would take TF32 dots),
+    dim a power of two of at least 16, whole groups of heads."""
     heads, dim = q.shape[1:]
-    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and dim & (dim - 1) == 0
-            and heads % keys.shape[1] == 0 and q.is_contiguous() and keys.stride()[1:] == (dim, 1))  # fmt: skip
+    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and keys.dtype == values.dtype == q.dtype and dim >= 16 and dim & (dim - 1) == 0
+            and heads % keys.shape[1] == 0 and q.is_contiguous() and keys.stride()[1:] == (dim, 1)
+            and values.stride() == keys.stride())  # fmt: skip
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -118,8 +120,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     """The decode step's cache write and attention, one new token per sequence: k, v (B, kv_heads,
     dim) are written into row `used[b] - 1` of sequence b's slot of the cache `keys`, `values`
     (B * capacity, kv_heads, dim; rows [b * capacity, (b + 1) * capacity)), then q (B, heads,
-    dim) attends over the slot's first `used[b]` rows (>= 1; int32 on the GPU, so a CUDA graph
-    replays it as the cache grows); query head h reads kv head h // (heads // kv_heads).
+    dim) attends over the slot's first `used[b]` rows (1 <= used[b] <= capacity, unchecked: int32
+    on the GPU, so a CUDA graph replays it as the cache grows); query head h reads kv head h // (heads // kv_heads).
     -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split holding the new row
     writes it (two index_copy kernels fewer a layer). Only where `fuses_decode_attention`."""
     batch, heads, dim = q.shape
@@ -149,7 +151,12 @@ DECODE_ROWS = 16  # the few-row (decoding) kernels below take at most this many 
 def fuses_decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the few-row kernels (`gemv`, `rms_norm`) can take x (rows, features) with
     `weights` (None skipped): inference (no autograd) on CUDA with Triton, at most `DECODE_ROWS`
-    contiguous rows, and plain (not quantized, not offloaded) weights of x's dtype on x's device."""
+    contiguous rows, and plain (not quantized, not offloaded) weights of x's dtype on x's device.
+    Where they run, the modules whose weights they read are not called: forward hooks on those
+    Linears / norms do not fire (accelerate's offload hooks are safe: offloaded weights fail the
+    device check). Reentrant activation checkpointing (not transformers' default) runs its first
+    forward without autograd, so a side of at most 16 tokens would take these kernels there and
+    torch's in the recomputation: equal to rounding, not bit for bit."""
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 2
             and x.shape[0] <= DECODE_ROWS and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16)
             and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == x.dtype and w.device == x.device
@@ -170,9 +177,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x @ weight.T (+ bias) for a few rows (decoding): x (M, K), weight (N, K) -> (M, N) in x's
     dtype, float32 accumulation.
     - `up_weight` (N, K): SwiGLU's silu(x @ weight.T) * (x @ up_weight.T), both weights in one pass.
-    - `norm` (weight (K,), eps): of RMSNorm(x) instead of x. Every program reads all of x anyway,
-      so it sums x's squares on the way and scales its outputs by 1 / rms: no norm kernel.
-    - `residual` (M, K): of s = residual + x (rounded to x's dtype, as the eager add); returns
+    - `norm` (weight (K,), eps), one row: of RMSNorm(x) instead of x. Every program reads all of x
+      anyway, so it sums x's squares on the way and scales its outputs by 1 / rms: no norm kernel.
+      (With 16 rows the fold made the decode step slower: `folds_norm`.)
+    - `residual` (1, K): of s = residual + x (rounded to x's dtype, as the eager add); returns
       (s, result), s written by the first program.
     Each program streams a few whole weight rows (no split-K, so no second reduction kernel): one
     row of x is a multiply and a row sum, more use tensor cores. cuBLAS's GEMVs reach 2.3-3.7
@@ -180,6 +188,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     `config`: block_n, block_k, warps, stages). Only where `fuses_decoding`."""
     rows, k = x.shape
     n = weight.shape[0]
+    if rows > DECODE_ROWS or (rows > 1 and (norm is not None or residual is not None)) or (
+            bias is not None and up_weight is not None):  # fmt: skip
+        raise ValueError(f"gemv takes at most {DECODE_ROWS} rows, one with a norm or residual, no bias with up_weight; "
+                         f"got {rows} rows, norm={norm is not None}, residual={residual is not None}, "
+                         f"bias={bias is not None}, up_weight={up_weight is not None}.")  # fmt: skip
     block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1]
     out = x.new_empty(rows, n)
     total = torch.empty_like(x) if residual is not None else out
@@ -384,9 +397,9 @@ if triton is not None:
                 x = (x.to(tl.float32) + tl.load(res_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)).to(dtype)
                 if tl.program_id(0) == 0:
                     tl.store(total_ptr + x_offsets, x, mask=x_mask)
-            if NORM:  # x * norm weight here, / rms after the loop
+            if NORM:  # one row: x * norm weight here, in float32 (it may pass fp16's range), / rms after the loop
                 squares += x.to(tl.float32) * x.to(tl.float32)
-                x = (x.to(tl.float32) * tl.load(g_ptr + ks, mask=ks < k, other=0.0).to(tl.float32)[None, :]).to(dtype)
+                x = x.to(tl.float32) * tl.load(g_ptr + ks, mask=ks < k, other=0.0).to(tl.float32)[None, :]
             w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0, eviction_policy="evict_first")
             acc = _gemv_step(acc, x, w, BLOCK_M == 1)
             if GATED:

@@ -95,7 +95,7 @@ class Qwen2MLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up)
 
-    def folds_norm(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> bool:
+    def fuses_norm(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> bool:
         """Whether `forward_folded` should take these: decoding one row in inference
         (`kernels_bagel.folds_norm`), SwiGLU, our plain Linears and every weight in place (not
         quantized, not offloaded)."""
@@ -104,7 +104,7 @@ class Qwen2MLP(nn.Module):
 
     def forward_folded(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor):
         """(s, MLP(norm(s))) for s = residual + x: the decoder's residual add, post-attention norm,
-        gate, up and silu in one GEMV kernel (`kernels_bagel.gemv`). Only where `folds_norm`."""
+        gate, up and silu in one GEMV kernel (`kernels_bagel.gemv`). Only where `fuses_norm`."""
         total, h = gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight,
                         norm=(norm.weight, norm.variance_epsilon), residual=residual)  # fmt: skip
         return total, self.down_proj(h)
@@ -191,11 +191,14 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def _out(self, x: torch.Tensor, side: str) -> torch.Tensor:
         return getattr(self.self_attn, "o_proj" + side)(x)
 
-    def _mlp(self, inputs: tuple[torch.Tensor, torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, attention output) -> (s, MLP(post-attention norm(s))) for s = x + attention output."""
-        x, attn = inputs
-        mlp, norm = getattr(self, "mlp" + side), getattr(self, "post_attention_layernorm" + side)
-        if mlp.folds_norm(attn, norm, x):
+    def _mlp(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        return getattr(self, "mlp" + side)(getattr(self, "post_attention_layernorm" + side)(x))
+
+    def _add_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """UND tokens: (s, MLP(post-attention norm(s))) for s = x + attention output, the add in
+        the norm's kernel or, decoding one token, in the MLP's gate/up GEMV."""
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        if mlp.fuses_norm(attn, norm, x):
             return mlp.forward_folded(attn, norm, x)
         total, normed = norm(attn, residual=x)  # modules called, for offloading hooks
         return total, mlp(normed)
@@ -207,8 +210,11 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
         attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
-        x, mlp = self._routed(self._mlp, (x, attn), route)
-        return x + mlp
+        if route.order is None and not torch.is_grad_enabled():  # inference on UND tokens: decoding
+            x, mlp = self._add_mlp(x, attn)
+            return x + mlp
+        x = x + attn  # outside the route: one concatenation per output
+        return x + self._routed(self._mlp, x, route)
 
 
 class Qwen2MoTModel(nn.Module):

@@ -50,6 +50,8 @@ def gemm(name: str, out_features: int, in_features: int, rows: int, args) -> Non
            tb_per_s=round(weight_bytes / us / 1e6, 2))  # fmt: skip
     if args.gemv:  # the Triton GEMV's block sizes, swept: its best against cuBLAS's
         best = sweep_gemv(x, weights, copies, lambda w: F.linear(x, w))
+        if best is None:
+            return
         report(kernel=f"triton gemv {name}", rows=rows, shape=[out_features, in_features], us=round(best[0], 2),
                tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
 
@@ -69,6 +71,8 @@ def gated(rows: int, args) -> None:
     report(kernel="gate, up, silu_mul", rows=rows, us=round(us, 2), tb_per_s=round(weight_bytes / us / 1e6, 2))
     if args.gemv:
         best = sweep_gemv(x, pairs, copies, eager)
+        if best is None:
+            return
         report(kernel="triton gemv gate+up silu", rows=rows, us=round(best[0], 2),
                tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
 
@@ -88,7 +92,7 @@ def norm(rows: int) -> None:
 
 def sweep_gemv(x, weights, copies, expected) -> tuple[float, tuple]:
     """The fastest GEMV config (us, config) on `weights` (tensors, or (gate, up) pairs), each
-    config checked against `expected(weights[0])` first."""
+    config checked against `expected(weights[0])` first; None if no config fits the GPU."""
     from bagel_remote.kernels_bagel import gemv
 
     run = lambda w, config: gemv(x, w[0], up_weight=w[1], config=config) if isinstance(w, tuple) else gemv(

@@ -74,8 +74,9 @@ def gpu_time_split(prof) -> dict:
 
 
 def print_last_step(prof, steps: int) -> None:
-    """The GPU events of the last of `steps` equal decode steps, in order: what each kernel of a
-    step takes (the table above sums kernels of one name, e.g. every GEMV shape together)."""
+    """About the last of `steps` decode steps: the last 1/steps of the GPU events, in order (the
+    call's few setup copies shift it by a few kernels). What each kernel of a step takes: the table
+    above sums kernels of one name, e.g. every GEMV shape together."""
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)  # fmt: skip
     last = events[-(len(events) // steps):]
