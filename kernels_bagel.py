@@ -206,7 +206,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out if residual is None else (total, out)
 
 
-_GEMV_CONFIGS = {  # (gated, more than one row): the sweep's fastest on an H200
+# (gated, more than one row) -> (block_n, block_k, warps, stages): the sweep's fastest on an H200
+# (`bench/decode_kernels.py --gemv`), except gated with 16 rows, where the sweep's (32, 512, 4, 3)
+# was 1.5 us faster alone but (32, 256, 4, 3) is the one measured in `bench/chat.py --batch 16`.
+_GEMV_CONFIGS = {
     (False, False): (4, 512, 4, 3), (True, False): (4, 256, 4, 3),
     (False, True): (32, 512, 4, 3), (True, True): (32, 256, 4, 3),
 }  # fmt: skip

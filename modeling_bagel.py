@@ -210,7 +210,7 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
         attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
-        if route.order is None and not torch.is_grad_enabled():  # inference on UND tokens: decoding
+        if route.order is None and not torch.is_grad_enabled():  # inference on UND tokens (chat, decoding)
             x, mlp = self._add_mlp(x, attn)
             return x + mlp
         x = x + attn  # outside the route: one concatenation per output
