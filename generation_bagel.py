@@ -207,7 +207,7 @@ class _DecodeCache:
         if self.use_varlen:
             self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
             self.cu_keys = self.cu_queries * capacity
-        self.write_rows = self.used_keys = self.mask = None  # set by begin_step (the mask when first needed)
+        self.write_rows = self.used_keys = self.mask = None  # set each step (begin_step)
 
     def load(self, context: BagelContext) -> None:
         """Start over from `context`'s sequences: their keys/values copied into the slots, without
@@ -222,10 +222,16 @@ class _DecodeCache:
             cache[seq, slot] = packed.to(cache.dtype)
 
     def begin_step(self) -> None:
-        """Where this step's token goes, and what each sequence sees; shared by all layers."""
-        self.write_rows = self.rows * self.capacity + self.lengths  # flat row of each new token
+        """What each sequence sees this step; shared by all layers. Where its token goes and the
+        SDPA mask are made when first needed (the Triton attention needs neither)."""
         self.used_keys = (self.lengths + 1).int()
-        self.mask = None
+        self.write_rows = self.mask = None
+
+    def _write_rows(self) -> torch.Tensor:
+        """(B,): the flat cache row of each sequence's new token (made once a step)."""
+        if self.write_rows is None:
+            self.write_rows = self.rows * self.capacity + self.lengths
+        return self.write_rows
 
     def _sdpa_mask(self) -> torch.Tensor:
         """(B, 1, 1, capacity): 0 on the keys each sequence sees, -inf past them (made once a step)."""
@@ -245,8 +251,8 @@ class _DecodeCache:
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
         if fuses_decode_attention(q, keys, values):  # writes k and v into the cache too
             return decode_attention(q, k, v, keys, values, self.used_keys, self.capacity)
-        keys.index_copy_(0, self.write_rows, k)
-        values.index_copy_(0, self.write_rows, v)
+        keys.index_copy_(0, self._write_rows(), k)
+        values.index_copy_(0, self._write_rows(), v)
         if self.use_varlen:
             cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
             return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)

@@ -121,8 +121,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     dim) are written into row `used[b] - 1` of sequence b's slot of the cache `keys`, `values`
     (B * capacity, kv_heads, dim; rows [b * capacity, (b + 1) * capacity)), then q (B, heads,
     dim) attends over the slot's first `used[b]` rows (1 <= used[b] <= capacity, unchecked: int32
-    on the GPU, so a CUDA graph replays it as the cache grows); query head h reads kv head h // (heads // kv_heads).
-    -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split holding the new row
+    on the GPU, so a CUDA graph replays it as the cache grows); query head h reads kv head
+    h // (heads // kv_heads). -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split holding the new row
     writes it (two index_copy kernels fewer a layer). Only where `fuses_decode_attention`."""
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]

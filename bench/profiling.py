@@ -58,11 +58,16 @@ KERNEL_KINDS = {  # first match wins: flash's split-KV kernels also say "splitk"
 }
 
 
+def _gpu_events(prof) -> list:
+    """The profile's GPU kernels and copies, by start time."""
+    return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)  # fmt: skip
+
+
 def gpu_time_split(prof) -> dict:
     """GPU time in matmul kernels, attention kernels and everything else, and the idle gaps
     between consecutive kernels / copies (ms)."""
-    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                    key=lambda e: e.time_range.start)  # fmt: skip
+    events = _gpu_events(prof)
     split = dict.fromkeys([*KERNEL_KINDS, "other_ms", "idle_ms"], 0.0)
     for event in events:
         name = event.name.lower()
@@ -77,8 +82,7 @@ def print_last_step(prof, steps: int) -> None:
     """About the last of `steps` decode steps: the last 1/steps of the GPU events, in order (the
     call's few setup copies shift it by a few kernels). What each kernel of a step takes: the table
     above sums kernels of one name, e.g. every GEMV shape together."""
-    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                    key=lambda e: e.time_range.start)  # fmt: skip
+    events = _gpu_events(prof)
     last = events[-(len(events) // steps):]
     for before, event in zip([None, *last], last):
         gap = 0 if before is None else event.time_range.start - before.time_range.end

@@ -77,7 +77,7 @@ def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
 
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual = actual.detach().double().cpu()
-    expected = expected.double()
+    expected = expected.detach().double().cpu()
     err = (actual - expected).abs().max().item()
     scale = expected.abs().max().item() or 1.0
     assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} x max |ref| {scale:.3e}"

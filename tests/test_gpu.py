@@ -345,12 +345,8 @@ def test_decode_attention_matches_exact_attention(dtype):
             rows = slice(b * capacity, b * capacity + n)
             k, v = (t[rows].float().repeat_interleave(heads // kv_heads, 1).transpose(0, 1) for t in (keys, values))
             exact = torch.nn.functional.scaled_dot_product_attention(q[b].float()[:, None], k, v)[:, 0]
-            err = ((out[b].float() - exact).abs().max() / exact.abs().max()).item()
-            assert out.dtype == dtype and err < 2e-2, (heads, capacity, n, err)
-
-
-def _relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((out.float() - exact).abs().max() / exact.abs().max()).item()
+            assert out.dtype == dtype
+            assert_close(out[b], exact, rtol=2e-2, name=f"{heads, capacity, n}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -367,9 +363,9 @@ def test_decoding_gemv_matches_linear(dtype):
             w, up = (torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(2))
             bias = torch.randn(n, device="cuda", dtype=dtype)
             exact = torch.nn.functional.linear(x.float(), w.float(), bias.float())
-            assert _relative_error(kernels_bagel.gemv(x, w, bias), exact) < 1e-2, (rows, n, k)
+            assert_close(kernels_bagel.gemv(x, w, bias), exact, rtol=1e-2, name=f"{rows, n, k}")
             gate_up = torch.nn.functional.silu(x.float() @ w.float().T) * (x.float() @ up.float().T)
-            assert _relative_error(kernels_bagel.gemv(x, w, up_weight=up), gate_up) < 2e-2, (rows, n, k)
+            assert_close(kernels_bagel.gemv(x, w, up_weight=up), gate_up, rtol=2e-2, name=f"{rows, n, k}")
             if rows > 1:
                 continue
             # one row: the RMSNorm folded in, and the residual add before it; x large enough that
@@ -378,11 +374,12 @@ def test_decoding_gemv_matches_linear(dtype):
             g, residual = torch.rand(k, device="cuda", dtype=dtype) * 4 + 2, torch.randn_like(x) * 100
             normed = _exact_norm(x, g)
             exact = torch.nn.functional.linear(normed, w.float(), bias.float())
-            assert _relative_error(kernels_bagel.gemv(x, w, bias, norm=(g, 1e-6)), exact) < 1e-2, (n, k)
+            assert_close(kernels_bagel.gemv(x, w, bias, norm=(g, 1e-6)), exact, rtol=1e-2, name=f"{n, k}")
             total, out = kernels_bagel.gemv(x, w, up_weight=up, norm=(g, 1e-6), residual=residual)
             normed = _exact_norm(total, g)
             gate_up = torch.nn.functional.silu(normed @ w.float().T) * (normed @ up.float().T)
-            assert torch.equal(total, residual + x) and _relative_error(out, gate_up) < 2e-2, (n, k)
+            assert torch.equal(total, residual + x)
+            assert_close(out, gate_up, rtol=2e-2, name=f"{n, k}")
     with pytest.raises(ValueError, match="one with a norm"):
         kernels_bagel.gemv(torch.ones(2, k, device="cuda", dtype=dtype), w, norm=(g, 1e-6))
     layer = modeling_siglip_navit.Linear(64, 48).to("cuda", dtype)
@@ -407,15 +404,17 @@ def test_decoding_rms_norm_matches_eager(dtype):
     for rows, dim in ((1, 3584), (16, 3584), (5, 100)):
         x, residual = (torch.randn(rows, dim, device="cuda", dtype=dtype) for _ in range(2))
         weight = torch.randn(dim, device="cuda", dtype=dtype)
-        assert _relative_error(kernels_bagel.rms_norm(x, weight, 1e-6), _exact_norm(x, weight)) < 1e-2
+        assert_close(kernels_bagel.rms_norm(x, weight, 1e-6), _exact_norm(x, weight), rtol=1e-2)
         total, normed = kernels_bagel.rms_norm(x, weight, 1e-6, residual=residual)
-        assert torch.equal(total, residual + x) and _relative_error(normed, _exact_norm(total, weight)) < 1e-2
+        assert torch.equal(total, residual + x)
+        assert_close(normed, _exact_norm(total, weight), rtol=1e-2)
     norm = Qwen2RMSNorm(100, 1e-6).to("cuda", dtype)
     x, residual = (torch.randn(5, 100, device="cuda", dtype=dtype) for _ in range(2))
     with torch.no_grad():
         assert torch.equal(norm(x, residual=residual)[1], kernels_bagel.rms_norm(x, norm.weight, 1e-6, residual)[1])
     total, normed = norm(x, residual=residual)  # autograd on: torch's ops, the same numbers to rounding
-    assert torch.equal(total, residual + x) and _relative_error(normed, _exact_norm(total, norm.weight)) < 1e-2
+    assert torch.equal(total, residual + x)
+    assert_close(normed, _exact_norm(total, norm.weight), rtol=1e-2)
 
 
 def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
@@ -442,7 +441,7 @@ def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
         assert sum("residual" in kw for kw in calls) == folded
         assert len(calls) == 6 * decoder.config.num_hidden_layers  # q, k, v, o, gate and up together, down
         plain = run()
-        assert _relative_error(fast, plain.detach().float()) < 3e-2, n
+        assert_close(fast, plain.float(), rtol=3e-2, name=f"{n} tokens")
 
 
 def _exact_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
