@@ -73,8 +73,6 @@ def parity() -> Parity:
 
 def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
     """Relative error measured against the largest reference magnitude (robust near zero)."""
-    import torch
-
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()

@@ -160,37 +160,35 @@ def _assert_same_on_every_rank(results: list[dict], key: str) -> None:
         assert all(torch.equal(a, b) for a, b in zip(results[0][key], result[key])), f"{key}: rank {rank} differs"
 
 
-def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 # ----------------------------------------------------------------------------------------------
 # CFG-parallel: exact
 # ----------------------------------------------------------------------------------------------
 
 
 def test_cfg_parallel_two_ranks_equals_one_process(tmp_path, model):
-    """Text guidance on two ranks, a batch of two images of different sizes: bitwise the
-    single-process latents, on both ranks, over guided and unguided steps. Alone, a request's two
-    marker tokens make 2-row GEMMs on a rank against 4 rows in one process, which this BLAS
-    computes another way: equal to float rounding then."""
+    """Text guidance on two ranks, a batch of two images of different sizes: the single-process
+    latents, bitwise the same on both ranks, over guided and unguided steps. Against one process
+    equal to float32 rounding, not bitwise: a rank's GEMMs have half the rows of the one process's
+    (its branch alone), and whether the CPU's BLAS sums such rows in the same order depends on the
+    CPU (bitwise on AVX2 / AVX-512 machines seen here, 3e-6 apart with AMX)."""
     results = _run_ranks(tmp_path, model, 2, "cfg2")
     _assert_same_on_every_rank(results, "cfg")
     _assert_same_on_every_rank(results, "unseeded")
-    single = results[0]["single"]
-    assert all(torch.equal(a, b) for a, b in zip(results[0]["cfg"], single)), _max_diff(results[0]["cfg"], single)
+    for a, b in zip(results[0]["cfg"], results[0]["single"]):
+        assert_close(a, b, 1e-5, "two images")
     one = [r["one"] for r in results]
     _assert_same_on_every_rank(one, "cfg")
     assert_close(one[0]["cfg"][0], one[0]["single"][0], 1e-5, "one request")
 
 
 def test_cfg_parallel_three_branches_equals_one_process(tmp_path, model):
-    """Editing's three branches on three ranks, and the same with cfg=-1 spelled out."""
+    """Editing's three branches on three ranks, and the same with cfg=-1 spelled out: equal to
+    float32 rounding to one process (as with two ranks)."""
     results = _run_ranks(tmp_path, model, 3, "cfg3")
-    single = results[0]["single"]
     for key in ("cfg", str(BagelParallel(cfg=3))):
         _assert_same_on_every_rank(results, key)
-        assert all(torch.equal(a, b) for a, b in zip(results[0][key], single)), (key, _max_diff(results[0][key], single))
+        for a, b in zip(results[0][key], results[0]["single"]):
+            assert_close(a, b, 1e-5, key)
 
 
 # ----------------------------------------------------------------------------------------------
