@@ -19,7 +19,8 @@ CUDA builds); plain torch ops everywhere else.
   The step reads every weight once, so it is bound by HBM bandwidth and kernel count: the GEMV
   streams whole weight rows without split-K and takes SwiGLU's gate and up in one pass; for one
   row it also folds in the RMSNorm before q/k/v and before the MLP (with the residual add before
-  that). Other norms are one kernel with the residual add, not torch's two.
+  that), and the residual add after the MLP rides in the down projection's GEMV. Other norms are
+  one kernel with the residual add, not torch's two.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def folds_norm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-         config: tuple[int, int, int, int] | None = None):  # fmt: skip
+         add: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None):  # fmt: skip
     """x @ weight.T (+ bias) for a few rows (decoding): x (M, K), weight (N, K) -> (M, N) in x's
     dtype, float32 accumulation.
     - `up_weight` (N, K): SwiGLU's silu(x @ weight.T) * (x @ up_weight.T), both weights in one pass.
@@ -182,6 +183,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
       (With 16 rows the fold made the decode step slower: `folds_norm`.)
     - `residual` (1, K): of s = residual + x (rounded to x's dtype, as the eager add); returns
       (s, result), s written by the first program.
+    - `add` (M, N): add + the result, rounded as eager's two ops (the product, then the sum): the
+      decoder's residual add after the MLP's down projection, no kernel of its own.
     Each program streams a few whole weight rows (no split-K, so no second reduction kernel): one
     row of x is a multiply and a row sum, more use tensor cores. cuBLAS's GEMVs reach 2.3-3.7
     TB/s on an H200 at these shapes, these 3.1-4.5 (`bench/decode_kernels.py --gemv`, which sweeps
@@ -189,29 +192,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     rows, k = x.shape
     n = weight.shape[0]
     if rows > DECODE_ROWS or (rows > 1 and (norm is not None or residual is not None)) or (
-            bias is not None and up_weight is not None):  # fmt: skip
-        raise ValueError(f"gemv takes at most {DECODE_ROWS} rows, one with a norm or residual, no bias with up_weight; "
-                         f"got {rows} rows, norm={norm is not None}, residual={residual is not None}, "
-                         f"bias={bias is not None}, up_weight={up_weight is not None}.")  # fmt: skip
-    block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1]
+            bias is not None and up_weight is not None) or (add is not None and add.shape != (rows, n)):  # fmt: skip
+        raise ValueError(f"gemv takes at most {DECODE_ROWS} rows, one with a norm or residual, no bias with up_weight, "
+                         f"`add` of the output's shape {(rows, n)}; got {rows} rows, norm={norm is not None}, "
+                         f"residual={residual is not None}, bias={bias is not None}, up_weight={up_weight is not None}, "
+                         f"add={None if add is None else tuple(add.shape)}.")  # fmt: skip
+    block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1, norm is not None]
     out = x.new_empty(rows, n)
     total = torch.empty_like(x) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, norm_weight,
-        residual if residual is not None else x, total, out, rows, n, k, eps, HAS_BIAS=bias is not None,
-        GATED=up_weight is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+        residual if residual is not None else x, total, add if add is not None else out, out, rows, n, k, eps,
+        HAS_BIAS=bias is not None, GATED=up_weight is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+        ADD=add is not None,
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         num_stages=num_stages)  # fmt: skip
     return out if residual is None else (total, out)
 
 
-# (gated, more than one row) -> (block_n, block_k, warps, stages): the sweep's fastest on an H200
-# (`bench/decode_kernels.py --gemv`), except gated with 16 rows, where the sweep's (32, 512, 4, 3)
-# was 1.5 us faster alone but (32, 256, 4, 3) is the one measured in `bench/chat.py --batch 16`.
+# (gated, more than one row, norm folded in) -> (block_n, block_k, warps, stages): the sweep's
+# fastest on an H200 (`bench/decode_kernels.py --gemv`), except gated with 16 rows, where the
+# sweep's (32, 512, 4, 3) was 1.5 us faster alone but (32, 256, 4, 3) is the one measured in
+# `bench/chat.py --batch 16`. The folded gate/up reads x, the residual and the norm weight in
+# every program: wider programs (16 weight rows, not 4) read them fewer times, 66.8 us against
+# 70.1; folded q/k/v keep the plain one-row config (0.1 us from the best).
 _GEMV_CONFIGS = {
-    (False, False): (4, 512, 4, 3), (True, False): (4, 256, 4, 3),
-    (False, True): (32, 512, 4, 3), (True, True): (32, 256, 4, 3),
+    (False, False, False): (4, 512, 4, 3), (True, False, False): (4, 256, 4, 3),
+    (False, True, False): (32, 512, 4, 3), (True, True, False): (32, 256, 4, 3),
+    (False, False, True): (4, 512, 4, 3), (True, False, True): (16, 256, 8, 1),
 }  # fmt: skip
 
 
@@ -378,9 +387,9 @@ if triton is not None:
         tl.store(out_ptr + row * DIM + dims, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, up_ptr, b_ptr, g_ptr, res_ptr, total_ptr, out_ptr, rows, n, k, eps,
+    def _gemv_kernel(x_ptr, w_ptr, up_ptr, b_ptr, g_ptr, res_ptr, total_ptr, add_ptr, out_ptr, rows, n, k, eps,
                      HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                     ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
         m = tl.arange(0, BLOCK_M)
         dtype = out_ptr.dtype.element_ty
@@ -420,7 +429,10 @@ if triton is not None:
         if GATED:  # rounded where eager rounds: each projection, then silu before the product
             gate, up = acc.to(dtype).to(tl.float32), acc_up.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
-        tl.store(out_ptr + m[:, None] * n + cols[None, :], acc.to(dtype), mask=(m[:, None] < rows) & (cols[None, :] < n))
+        out_offsets, out_mask = m[:, None] * n + cols[None, :], (m[:, None] < rows) & (cols[None, :] < n)
+        if ADD:  # rounded where eager rounds: the product, then the sum
+            acc = acc.to(dtype).to(tl.float32) + tl.load(add_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_offsets, acc.to(dtype), mask=out_mask)
 
     @triton.jit
     def _gemv_step(acc, x, w, ONE_ROW: tl.constexpr):

@@ -86,28 +86,31 @@ class Qwen2MLP(nn.Module):
         self.fused_silu = config.hidden_act == "silu"  # Qwen2's; one kernel each way on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._gated(x))
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        """act(gate_proj(x)) * up_proj(x)."""
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # One cast of x for both projections, not one each (their input gradients add in bf16).
             x = x.to(torch.get_autocast_dtype("cuda"))
         if self.fused_silu and _plain(self.gate_proj, self.up_proj) and fuses_decoding(
                 x, self.gate_proj.weight, self.up_proj.weight):  # fmt: skip
-            return self.down_proj(gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight))  # one pass, silu too
+            return gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight)  # one pass, silu too
         gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up)
+        return silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up
 
-    def fuses_norm(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> bool:
-        """Whether `forward_folded` should take these: decoding one row in inference
-        (`kernels_bagel.folds_norm`), SwiGLU, our plain Linears and every weight in place (not
-        quantized, not offloaded)."""
-        gate, up = self.gate_proj, self.up_proj
-        return self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight, residual)
-
-    def forward_folded(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor):
-        """(s, MLP(norm(s))) for s = residual + x: the decoder's residual add, post-attention norm,
-        gate, up and silu in one GEMV kernel (`kernels_bagel.gemv`). Only where `fuses_norm`."""
-        total, h = gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight,
-                        norm=(norm.weight, norm.variance_epsilon), residual=residual)  # fmt: skip
-        return total, self.down_proj(h)
+    def forward_residual(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> torch.Tensor:
+        """s + MLP(norm(s)) for s = residual + x, in inference: the decoder layer after attention.
+        Decoding, the adds ride in kernels: the second in the down GEMV, the first in the norm's
+        kernel or, for one row, in the gate/up GEMV with the norm folded in (`folds_norm`)."""
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        fast_down = _plain(down) and fuses_decoding(x, down.weight, residual)
+        if fast_down and self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight):
+            total, h = gemv(x, gate.weight, up_weight=up.weight, norm=(norm.weight, norm.variance_epsilon),
+                            residual=residual)  # fmt: skip
+            return gemv(h, down.weight, add=total)
+        total, normed = norm(x, residual=residual)  # modules called, for offloading hooks
+        return gemv(self._gated(normed), down.weight, add=total) if fast_down else total + self(normed)
 
 
 def _plain(*layers: nn.Module) -> bool:
@@ -194,15 +197,6 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def _mlp(self, x: torch.Tensor, side: str) -> torch.Tensor:
         return getattr(self, "mlp" + side)(getattr(self, "post_attention_layernorm" + side)(x))
 
-    def _add_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """UND tokens: (s, MLP(post-attention norm(s))) for s = x + attention output, the add in
-        the norm's kernel or, decoding one token, in the MLP's gate/up GEMV."""
-        mlp, norm = self.mlp, self.post_attention_layernorm
-        if mlp.fuses_norm(attn, norm, x):
-            return mlp.forward_folded(attn, norm, x)
-        total, normed = norm(attn, residual=x)  # modules called, for offloading hooks
-        return total, mlp(normed)
-
     def _routed(self, block: Callable, x: torch.Tensor, route: TokenRoute):
         gen = (lambda part: block(part, "_moe_gen")) if self.mot else None
         return route(x, lambda part: block(part, ""), gen)
@@ -211,8 +205,7 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
         attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
         if route.order is None and not torch.is_grad_enabled():  # inference on UND tokens (chat, decoding)
-            x, mlp = self._add_mlp(x, attn)
-            return x + mlp
+            return self.mlp.forward_residual(attn, self.post_attention_layernorm, x)
         x = x + attn  # outside the route: one concatenation per output
         return x + self._routed(self._mlp, x, route)
 

@@ -69,12 +69,19 @@ def gated(rows: int, args) -> None:
     eager = lambda pair: silu_mul(F.linear(x, pair[0]), F.linear(x, pair[1]))
     us = graphed_us(lambda i: eager(pairs[i]), copies)
     report(kernel="gate, up, silu_mul", rows=rows, us=round(us, 2), tb_per_s=round(weight_bytes / us / 1e6, 2))
-    if args.gemv:
-        best = sweep_gemv(x, pairs, copies, eager)
-        if best is None:
-            return
-        report(kernel="triton gemv gate+up silu", rows=rows, us=round(best[0], 2),
-               tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
+    if not args.gemv:
+        return
+    forms = {"gate+up silu": (eager, {})}
+    if rows == 1:  # decoding one row, the residual add and the post-attention norm ride in it too
+        norm_weight, residual = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn_like(x)
+        normed = F.rms_norm(residual + x, (HIDDEN,), norm_weight, 1e-6)
+        folded = lambda pair: silu_mul(F.linear(normed, pair[0]), F.linear(normed, pair[1]))
+        forms["add+norm+gate+up silu"] = (folded, dict(norm=(norm_weight, 1e-6), residual=residual))
+    for name, (expected, extra) in forms.items():
+        best = sweep_gemv(x, pairs, copies, expected, **extra)
+        if best is not None:
+            report(kernel=f"triton gemv {name}", rows=rows, us=round(best[0], 2),
+                   tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
 
 
 def norm(rows: int) -> None:
@@ -90,13 +97,17 @@ def norm(rows: int) -> None:
         report(kernel=name, rows=rows, us=round(graphed_us(run, 64), 2))
 
 
-def sweep_gemv(x, weights, copies, expected) -> tuple[float, tuple]:
-    """The fastest GEMV config (us, config) on `weights` (tensors, or (gate, up) pairs), each
-    config checked against `expected(weights[0])` first; None if no config fits the GPU."""
+def sweep_gemv(x, weights, copies, expected, **extra) -> tuple[float, tuple]:
+    """The fastest GEMV config (us, config) on `weights` (tensors, or (gate, up) pairs), `extra`
+    passed on to `gemv` (norm, residual), each config checked against `expected(weights[0])`
+    first; None if no config fits the GPU."""
     from bagel_remote.kernels_bagel import gemv
 
-    run = lambda w, config: gemv(x, w[0], up_weight=w[1], config=config) if isinstance(w, tuple) else gemv(
-        x, w, config=config)  # fmt: skip
+    def run(w, config):
+        pair = w if isinstance(w, tuple) else (w, None)
+        out = gemv(x, pair[0], up_weight=pair[1], config=config, **extra)
+        return out[1] if isinstance(out, tuple) else out  # with a residual: (sum, output)
+
     best = None
     for config in GEMV_CONFIGS[x.shape[0] > 1]:
         try:

@@ -224,8 +224,12 @@ def test_inference_parity_on_gpu(parity):
 def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     """Two requests of different lengths decoded together through the graphed step (its attention
     the Triton decode attention, or torch's varlen kernel where Triton is missing), against each
-    request alone through the plain (SDPA with a mask, eager) step, same bf16 model."""
-    from bagel_remote import generation_bagel
+    request alone through the plain step (eager, SDPA with a mask, torch's GEMMs and norms), same
+    bf16 model. Alone through our one-row kernels, whose folded norms round elsewhere (1% of the
+    largest logit here), greedy decoding of this random model picks another token at a near-tie
+    by step 3, and the logits part from there: those kernels are checked by
+    `test_decoder_decoding_kernels_match_eager`."""
+    from bagel_remote import generation_bagel, modeling_bagel
     from bagel_remote.generation_bagel import SpecialTokenIds
 
     if kernel == "decode_attention" and kernels_bagel.triton is None:
@@ -243,8 +247,6 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     calls = []
     original = getattr(generation_bagel, kernel)
     monkeypatch.setattr(generation_bagel, kernel, lambda *args: calls.append(1) or original(*args))
-    from bagel_remote import modeling_siglip_navit
-
     branched, graph_branches = [], modeling_siglip_navit._graph_branches
     monkeypatch.setattr(modeling_siglip_navit, "_graph_branches",
                         lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams))
@@ -255,6 +257,8 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     monkeypatch.setattr(generation_bagel, "has_varlen_kernel", lambda x: False)
     monkeypatch.setattr(generation_bagel, "fuses_decode_attention", lambda q, keys, values: False)
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
+    for module in (kernels_bagel, modeling_bagel, modeling_siglip_navit):
+        monkeypatch.setattr(module, "fuses_decoding", lambda *args: False)
     for i, ids_i in enumerate(prompts):
         alone = model.add_text_tokens(model.new_context(1), [ids_i], special)
         _, plain = model.generate_text_ids(alone, no_stop, max_length=8, return_logits=True)
@@ -366,12 +370,16 @@ def test_decoding_gemv_matches_linear(dtype):
             assert_close(kernels_bagel.gemv(x, w, bias), exact, rtol=1e-2, name=f"{rows, n, k}")
             gate_up = torch.nn.functional.silu(x.float() @ w.float().T) * (x.float() @ up.float().T)
             assert_close(kernels_bagel.gemv(x, w, up_weight=up), gate_up, rtol=2e-2, name=f"{rows, n, k}")
+            added = torch.randn(rows, n, device="cuda", dtype=dtype) * 100  # the residual after the MLP
+            assert torch.equal(kernels_bagel.gemv(x, w, add=added), added + kernels_bagel.gemv(x, w))
             if rows > 1:
                 continue
             # one row: the RMSNorm folded in, and the residual add before it; x large enough that
-            # x * norm weight passes fp16's range (the reference's residual stream reaches thousands)
+            # x * norm weight passes fp16's range (the reference's residual stream reaches thousands),
+            # the weights scaled so that the outputs stay inside it
             x = torch.randn(1, k, device="cuda", dtype=dtype) * 3000
             g, residual = torch.rand(k, device="cuda", dtype=dtype) * 4 + 2, torch.randn_like(x) * 100
+            w, up = w / k**0.5, up / k**0.5
             normed = _exact_norm(x, g)
             exact = torch.nn.functional.linear(normed, w.float(), bias.float())
             assert_close(kernels_bagel.gemv(x, w, bias, norm=(g, 1e-6)), exact, rtol=1e-2, name=f"{n, k}")
@@ -382,6 +390,8 @@ def test_decoding_gemv_matches_linear(dtype):
             assert_close(out, gate_up, rtol=2e-2, name=f"{n, k}")
     with pytest.raises(ValueError, match="one with a norm"):
         kernels_bagel.gemv(torch.ones(2, k, device="cuda", dtype=dtype), w, norm=(g, 1e-6))
+    with pytest.raises(ValueError, match="of the output's shape"):
+        kernels_bagel.gemv(torch.ones(2, k, device="cuda", dtype=dtype), w, add=torch.ones(1, n, device="cuda"))
     layer = modeling_siglip_navit.Linear(64, 48).to("cuda", dtype)
     x = torch.randn(16, 64, device="cuda", dtype=dtype)
     with torch.no_grad():
@@ -418,9 +428,9 @@ def test_decoding_rms_norm_matches_eager(dtype):
 
 
 def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
-    """The bf16 decoder on 1 and 5 tokens in inference (Triton GEMVs and norms; for one token the
-    norms folded into the GEMVs: q/k/v and gate/up each one kernel) against the same decoder with
-    autograd on (torch's kernels)."""
+    """The bf16 decoder on 1 and 5 tokens in inference (Triton GEMVs and norms, the residual add
+    after the MLP in the down GEMV; for one token the norms folded into the GEMVs: q/k/v and gate/up
+    each one kernel) against the same decoder with autograd on (torch's kernels)."""
     from bagel_remote import modeling_bagel
 
     if kernels_bagel.triton is None:
@@ -439,6 +449,7 @@ def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
         folded = decoder.config.num_hidden_layers if n == 1 else 0
         assert sum("norm" in kw for kw in calls) == 4 * folded  # q, k, v and the MLP's gate/up
         assert sum("residual" in kw for kw in calls) == folded
+        assert sum("add" in kw for kw in calls) == decoder.config.num_hidden_layers
         assert len(calls) == 6 * decoder.config.num_hidden_layers  # q, k, v, o, gate and up together, down
         plain = run()
         assert_close(fast, plain.float(), rtol=3e-2, name=f"{n} tokens")

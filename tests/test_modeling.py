@@ -831,7 +831,7 @@ def test_vit_position_dependence(rope):
     assert not torch.allclose(swapped, base, atol=1e-4)
 
 
-def _gemv_reference(x, weight, bias=None, up_weight=None, norm=None, residual=None, config=None):
+def _gemv_reference(x, weight, bias=None, up_weight=None, norm=None, residual=None, add=None, config=None):
     """What `kernels_bagel.gemv` computes, in torch (tests/test_gpu.py checks the kernel's math)."""
     total = None
     if residual is not None:
@@ -841,6 +841,8 @@ def _gemv_reference(x, weight, bias=None, up_weight=None, norm=None, residual=No
     out = F.linear(x, weight, bias)
     if up_weight is not None:
         out = F.silu(out) * F.linear(x, up_weight)
+    if add is not None:
+        out = add + out
     return out if residual is None else (total, out)
 
 
@@ -854,9 +856,10 @@ def _rms_norm_reference(x, weight, eps, residual=None):
 def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, n, gen_index):
     """The decode-time dispatch as on a GPU (`fuses_decoding` true), with the Triton kernels
     replaced by their math in torch. One token (decoding): each input norm rides in the q/k/v
-    GEMVs, and the residual add + post-attention norm in the gate/up GEMV. More tokens, or a mixed
-    UND/GEN batch: the norms run alone, gate and up still share one GEMV. Either way the decoder
-    gives what the plain path gives."""
+    GEMVs, and the residual add + post-attention norm in the gate/up GEMV. More tokens: the norms
+    run alone. On UND tokens, the residual add after the MLP rides in the down GEMV; a mixed
+    UND/GEN batch adds it alone. Gate and up always share one GEMV. Either way the decoder gives
+    what the plain path gives."""
     from bagel_remote import kernels_bagel, modeling_bagel, modeling_siglip_navit
 
     decoder = tiny_model(stage=2).model.language_model.model
@@ -876,6 +879,7 @@ def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, n, gen_ind
     layers = decoder.config.num_hidden_layers
     assert sum("norm" in kw for kw in calls) == 4 * layers * (n == 1)  # q, k, v and gate/up
     assert sum("residual" in kw for kw in calls) == layers * (n == 1)
+    assert sum("add" in kw for kw in calls) == layers * (gen_index is None)
     assert sum("up_weight" in kw for kw in calls) == layers * sides
     assert len(calls) == 6 * layers * sides  # q, k, v, o, gate and up, down
     assert_close(fast, plain, rtol=1e-5)
