@@ -114,7 +114,10 @@ def sweep_gemv(x, weights, copies, expected, **extra) -> tuple[float, tuple]:
             run(weights[0], config)
         except triton.runtime.errors.OutOfResources:  # too much shared memory for the stages
             continue
-        torch.testing.assert_close(run(weights[0], config), expected(weights[0]), rtol=2e-2, atol=2e-2)
+        out, exact = run(weights[0], config).float(), expected(weights[0]).float()
+        # against the largest output: with the norm folded in, x is rounded elsewhere than in
+        # eager, and elementwise checks fail where gate and up nearly cancel
+        assert (out - exact).abs().max() <= 2e-2 * exact.abs().max(), config
         us = graphed_us(lambda i: run(weights[i], config), copies)
         if best is None or us < best[0]:
             best = (us, config)
