@@ -192,11 +192,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     rows, k = x.shape
     n = weight.shape[0]
     if rows > DECODE_ROWS or (rows > 1 and (norm is not None or residual is not None)) or (
-            bias is not None and up_weight is not None) or (add is not None and add.shape != (rows, n)):  # fmt: skip
+            bias is not None and up_weight is not None) or (add is not None and (
+            add.shape != (rows, n) or add.dtype != x.dtype or not add.is_contiguous())):  # fmt: skip
         raise ValueError(f"gemv takes at most {DECODE_ROWS} rows, one with a norm or residual, no bias with up_weight, "
-                         f"`add` of the output's shape {(rows, n)}; got {rows} rows, norm={norm is not None}, "
-                         f"residual={residual is not None}, bias={bias is not None}, up_weight={up_weight is not None}, "
-                         f"add={None if add is None else tuple(add.shape)}.")  # fmt: skip
+                         f"`add` contiguous, of the output's shape {(rows, n)} and x's dtype {x.dtype}; got {rows} rows, "
+                         f"norm={norm is not None}, residual={residual is not None}, bias={bias is not None}, "
+                         f"up_weight={up_weight is not None}, "
+                         f"add={None if add is None else (tuple(add.shape), add.dtype, add.is_contiguous())}.")  # fmt: skip
     block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1, norm is not None]
     out = x.new_empty(rows, n)
     total = torch.empty_like(x) if residual is not None else out

@@ -102,15 +102,21 @@ class Qwen2MLP(nn.Module):
     def forward_residual(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> torch.Tensor:
         """s + MLP(norm(s)) for s = residual + x, in inference: the decoder layer after attention.
         Decoding, the adds ride in kernels: the second in the down GEMV, the first in the norm's
-        kernel or, for one row, in the gate/up GEMV with the norm folded in (`folds_norm`)."""
+        kernel or, for one row, in the gate/up GEMV with the norm folded in (`folds_norm`). There,
+        forward hooks of this module and of the Linears it skips do not fire (`fuses_decoding`);
+        elsewhere (CPU, training, offloaded or quantized weights) the modules are called as usual."""
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        fast_down = _plain(down) and fuses_decoding(x, down.weight, residual)
-        if fast_down and self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight):
+        if self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight, residual):
             total, h = gemv(x, gate.weight, up_weight=up.weight, norm=(norm.weight, norm.variance_epsilon),
                             residual=residual)  # fmt: skip
+        else:
+            total, normed = norm(x, residual=residual)  # modules called, for offloading hooks
+            if not fuses_decoding(normed, down.weight, total):
+                return total + self(normed)
+            h = self._gated(normed)
+        if _plain(down) and fuses_decoding(h, down.weight, total):  # h in autocast's dtype, maybe not the weight's
             return gemv(h, down.weight, add=total)
-        total, normed = norm(x, residual=residual)  # modules called, for offloading hooks
-        return gemv(self._gated(normed), down.weight, add=total) if fast_down else total + self(normed)
+        return total + down(h)
 
 
 def _plain(*layers: nn.Module) -> bool:

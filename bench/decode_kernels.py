@@ -76,7 +76,7 @@ def gated(rows: int, args) -> None:
         norm_weight, residual = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5, torch.randn_like(x)
         normed = F.rms_norm(residual + x, (HIDDEN,), norm_weight, 1e-6)
         folded = lambda pair: silu_mul(F.linear(normed, pair[0]), F.linear(normed, pair[1]))
-        forms["add+norm+gate+up silu"] = (folded, dict(norm=(norm_weight, 1e-6), residual=residual))
+        forms["add+norm+gate+up silu"] = (folded, {"norm": (norm_weight, 1e-6), "residual": residual})
     for name, (expected, extra) in forms.items():
         best = sweep_gemv(x, pairs, copies, expected, **extra)
         if best is not None:

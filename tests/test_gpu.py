@@ -224,8 +224,8 @@ def test_inference_parity_on_gpu(parity):
 def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     """Two requests of different lengths decoded together through the graphed step (its attention
     the Triton decode attention, or torch's varlen kernel where Triton is missing), against each
-    request alone through the plain step (eager, SDPA with a mask, torch's GEMMs and norms), same
-    bf16 model. Alone through our one-row kernels, whose folded norms round elsewhere (1% of the
+    request alone through the plain step (eager, SDPA with a mask, torch's GEMMs and layer norms;
+    the q/k norm + rotary stays Triton's), same bf16 model. Alone through our one-row kernels, whose folded norms round elsewhere (1% of the
     largest logit here), greedy decoding of this random model picks another token at a near-tie
     by step 3, and the logits part from there: those kernels are checked by
     `test_decoder_decoding_kernels_match_eager`."""
@@ -390,8 +390,11 @@ def test_decoding_gemv_matches_linear(dtype):
             assert_close(out, gate_up, rtol=2e-2, name=f"{n, k}")
     with pytest.raises(ValueError, match="one with a norm"):
         kernels_bagel.gemv(torch.ones(2, k, device="cuda", dtype=dtype), w, norm=(g, 1e-6))
-    with pytest.raises(ValueError, match="of the output's shape"):
-        kernels_bagel.gemv(torch.ones(2, k, device="cuda", dtype=dtype), w, add=torch.ones(1, n, device="cuda"))
+    x = torch.ones(2, k, device="cuda", dtype=dtype)
+    for add in (torch.ones(1, n, device="cuda", dtype=dtype), torch.ones(2, n, device="cuda"),
+                torch.ones(n, 2, device="cuda", dtype=dtype).T):  # fmt: skip
+        with pytest.raises(ValueError, match="of the output's shape"):
+            kernels_bagel.gemv(x, w, add=add)
     layer = modeling_siglip_navit.Linear(64, 48).to("cuda", dtype)
     x = torch.randn(16, 64, device="cuda", dtype=dtype)
     with torch.no_grad():
@@ -400,6 +403,25 @@ def test_decoding_gemv_matches_linear(dtype):
         assert not kernels_bagel.fuses_decoding(x.float(), layer.weight)  # dtypes differ
         assert torch.equal(layer(x), kernels_bagel.gemv(x, layer.weight, layer.bias))
     assert not kernels_bagel.fuses_decoding(x, layer.weight)  # autograd on: cuBLAS
+
+
+def test_decoding_mlp_under_another_autocast_dtype():
+    """bf16 weights under fp16 autocast in inference, 3 rows: gate/up give fp16, so the down
+    projection and the residual add after it are torch's (Triton's GEMV takes one dtype), with
+    eager's result."""
+    if kernels_bagel.triton is None:
+        pytest.skip("Triton is not installed")
+    from bagel_remote.modeling_bagel import Qwen2MLP, Qwen2RMSNorm
+
+    config = BagelConfig().text_config
+    config.hidden_size, config.intermediate_size = 64, 128
+    mlp, norm = Qwen2MLP(config).to("cuda", torch.bfloat16), Qwen2RMSNorm(64, 1e-6).to("cuda", torch.bfloat16)
+    x, residual = (torch.randn(3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        out = mlp.forward_residual(x, norm, residual)
+        total = residual + x
+        expected = total + mlp(norm(total))
+    assert_close(out, expected, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
