@@ -23,6 +23,7 @@ from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packe
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .kernels_bagel import decode_attention, fuses_decode_attention
 from .modeling_siglip_navit import graph_branches
+from .processing_bagel import latent_position_ids
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -39,12 +40,6 @@ GEN_THINK_SYSTEM_PROMPT = (
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """The reference's timestep shift: s*t / (1 + (s-1)*t)."""
     return shift * t / (1 + (shift - 1) * t)
-
-
-def latent_position_ids(h: int, w: int, max_latent_size: int, device=None) -> torch.Tensor:
-    """Row-major ids into the latent position table for an h x w token grid."""
-    rows = torch.arange(h, device=device)[:, None] * max_latent_size
-    return (rows + torch.arange(w, device=device)[None, :]).reshape(-1)
 
 
 @dataclass(frozen=True)

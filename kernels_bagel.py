@@ -186,7 +186,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     - `add` (M, N): add + the result, rounded as eager's two ops (the product, then the sum): the
       decoder's residual add after the MLP's down projection, no kernel of its own.
     Each program streams a few whole weight rows (no split-K, so no second reduction kernel): one
-    row of x is a multiply and a row sum, more use tensor cores. cuBLAS's GEMVs reach 2.3-3.7
+    row of x is a multiply and a row sum, more use tensor cores. cuBLAS's GEMVs reach 2.3-4.2
     TB/s on an H200 at these shapes, these 3.1-4.5 (`bench/decode_kernels.py --gemv`, which sweeps
     `config`: block_n, block_k, warps, stages). Only where `fuses_decoding`."""
     rows, k = x.shape

@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .generation_bagel import latent_position_ids
 from .processing_bagel import (
     DEFAULT_MAX_PIXELS,
     VAE_MAX_SIZE,
@@ -42,6 +41,7 @@ from .processing_bagel import (
     VIT_MIN_SIZE,
     VIT_STRIDE,
     image_to_tensor,
+    latent_position_ids,
     patchify_vit,
     resize_image,
     to_rgb,

@@ -222,8 +222,7 @@ class UlyssesShard:
     def __init__(self, group: dist.ProcessGroup, num_heads: int, kv_heads: int):
         self.group, self.size, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         kv_heads_per_rank = ulysses_kv_heads(num_heads, kv_heads, self.size)
-        self.kv_index = torch.tensor(kv_heads_per_rank)
-        self._kv_index_on: dict[torch.device, torch.Tensor] = {}  # kv_index copied to each device once
+        self.kv_index = torch.tensor(kv_heads_per_rank)  # moved to the GPU once, where first used
         self.kv_identity = kv_heads_per_rank == list(range(kv_heads))  # no copy needed
         self._contexts: dict[int, tuple[BagelContext, BagelContext]] = {}
         self.num_tokens = self.chunk = 0
@@ -256,9 +255,9 @@ class UlyssesShard:
         return kept[1]
 
     def _kv_index(self, device: torch.device) -> torch.Tensor:
-        if device not in self._kv_index_on:
-            self._kv_index_on[device] = self.kv_index.to(device)
-        return self._kv_index_on[device]
+        if self.kv_index.device != device:  # a shard serves one device
+            self.kv_index = self.kv_index.to(device)
+        return self.kv_index
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (chunk, H, D), k, v (chunk, H_kv, D) of this rank's tokens -> attention output (chunk, H, D)."""

@@ -222,6 +222,12 @@ def tensor_to_image(x: torch.Tensor, round_values: bool = True) -> Image.Image:
     return Image.frombytes("RGB", (width, height), bytes(data.numpy().tobytes()))
 
 
+def latent_position_ids(h: int, w: int, max_latent_size: int, device=None) -> torch.Tensor:
+    """Row-major ids into the latent position table for an h x w token grid."""
+    rows = torch.arange(h, device=device)[:, None] * max_latent_size
+    return (rows + torch.arange(w, device=device)[None, :]).reshape(-1)
+
+
 def patchify_vit(
     pixels: torch.Tensor, patch_size: int, max_num_patch_per_side: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

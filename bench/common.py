@@ -110,10 +110,11 @@ def special_ids(config):
     """bos, eos, start and end of image: Qwen2's / BAGEL's ids, or the tiny tokenizer's for
     `tiny_config()` (its vocabulary stops short of Qwen2's special ids)."""
     from bagel_remote.generation_bagel import SpecialTokenIds
-    from tiny_tokenizer import TINY_A_SPECIAL_TOKEN_IDS
 
-    names = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
     if config.text_config.vocab_size < 151654:
+        from tiny_tokenizer import TINY_A_SPECIAL_TOKEN_IDS
+
+        names = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
         return SpecialTokenIds(*(TINY_A_SPECIAL_TOKEN_IDS[name] for name in names))
     return SpecialTokenIds(151644, 151645, 151652, 151653)
 

@@ -2,19 +2,28 @@
 paths (varlen kernel, cuDNN for long inference segments, the graphed varlen decode) against the
 plain paths, with their max relative errors printed (`pytest -s`)."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_close
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bagel_remote import attention_bagel, kernels_bagel, modeling_siglip_navit
+from bagel_remote import attention_bagel, kernels_bagel, modeling_bagel, modeling_siglip_navit
 from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _special_ids(parity):
+    from bagel_remote.generation_bagel import SpecialTokenIds
+
+    ids = parity.meta["special_token_ids"]
+    return SpecialTokenIds(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
 
 
 def _parity_model(parity, dtype=torch.float32):
@@ -188,10 +197,9 @@ def test_inference_parity_on_gpu(parity):
     same run in bf16 through the varlen kernels stays close."""
     from safetensors.torch import load_file
 
-    from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+    from bagel_remote.generation_bagel import GuidanceParams
 
-    ids = parity.meta["special_token_ids"]
-    special = SpecialTokenIds(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
+    special = _special_ids(parity)
     chat, t2i = parity.meta["cases"]["chat"], parity.meta["cases"]["t2i"]
     p = t2i["params"]
     params = GuidanceParams(p["num_timesteps"], p["timestep_shift"], p["cfg_text_scale"], p["cfg_img_scale"],
@@ -229,17 +237,15 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     largest logit here), greedy decoding of this random model picks another token at a near-tie
     by step 3, and the logits part from there: those kernels are checked by
     `test_decoder_decoding_kernels_match_eager`."""
-    from bagel_remote import generation_bagel, modeling_bagel
-    from bagel_remote.generation_bagel import SpecialTokenIds
+    from bagel_remote import generation_bagel
 
     if kernel == "decode_attention" and kernels_bagel.triton is None:
         pytest.skip("Triton is not installed")
     if kernel == "varlen_kernel":
         monkeypatch.setattr(generation_bagel, "fuses_decode_attention", lambda q, keys, values: False)
 
-    ids = parity.meta["special_token_ids"]
-    special = SpecialTokenIds(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
-    no_stop = SpecialTokenIds(special.bos, -1, special.start_of_image, special.end_of_image)  # decode all steps
+    special = _special_ids(parity)
+    no_stop = dataclasses.replace(special, eos=-1)  # decode all steps
     model = _parity_model(parity, torch.bfloat16)
     prompt = parity.meta["cases"]["chat"]["prompt_ids"]
     prompts = [prompt, prompt[: len(prompt) // 2]]
@@ -272,11 +278,8 @@ def test_repeated_decoding_reuses_one_graph_and_keeps_memory_flat(parity):
     """Many calls of one shape (two prompts of one capacity bucket, more calls than the 32 streams
     torch hands out in turn): one CUDA graph, the same ids every time, and not a byte more allocated
     after the 40th call than after the 4th; clearing the pool gives its cache back."""
-    from bagel_remote.generation_bagel import SpecialTokenIds
-
-    ids = parity.meta["special_token_ids"]
-    special = SpecialTokenIds(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
-    no_stop = SpecialTokenIds(special.bos, -1, special.start_of_image, special.end_of_image)  # decode all steps
+    special = _special_ids(parity)
+    no_stop = dataclasses.replace(special, eos=-1)  # decode all steps
     model = _parity_model(parity, torch.bfloat16)
     prompt = parity.meta["cases"]["chat"]["prompt_ids"]
     contexts = [model.add_text_tokens(model.new_context(1), [p], special) for p in (prompt, prompt[: len(prompt) // 2])]
@@ -301,15 +304,12 @@ def test_repeated_decoding_reuses_one_graph_and_keeps_memory_flat(parity):
 def test_graphed_decode_with_early_stop_matches_eager(parity, monkeypatch):
     """eos stops read a few steps behind on the GPU (and a batch where one request stops first)
     return what the eager step returns, ids and logits."""
-    from bagel_remote.generation_bagel import SpecialTokenIds
-
-    ids = parity.meta["special_token_ids"]
-    special = SpecialTokenIds(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
+    special = _special_ids(parity)
     model = _parity_model(parity, torch.bfloat16)
     prompt = parity.meta["cases"]["chat"]["prompt_ids"]
     context = model.add_text_tokens(model.new_context(2), [prompt, prompt[: len(prompt) // 2]], special)
     greedy, _ = model.generate_text_ids(context, special, max_length=12, return_logits=True)
-    stop = SpecialTokenIds(special.bos, greedy[0][4], special.start_of_image, special.end_of_image)
+    stop = dataclasses.replace(special, eos=greedy[0][4])
     cases = [(special, 12), (special, 3), (stop, 12), (stop, 3)]
     graphed = [model.generate_text_ids(context, s, max_length=n, return_logits=True) for s, n in cases]
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
@@ -411,11 +411,10 @@ def test_decoding_mlp_under_another_autocast_dtype():
     eager's result."""
     if kernels_bagel.triton is None:
         pytest.skip("Triton is not installed")
-    from bagel_remote.modeling_bagel import Qwen2MLP, Qwen2RMSNorm
-
     config = BagelConfig().text_config
     config.hidden_size, config.intermediate_size = 64, 128
-    mlp, norm = Qwen2MLP(config).to("cuda", torch.bfloat16), Qwen2RMSNorm(64, 1e-6).to("cuda", torch.bfloat16)
+    mlp = modeling_bagel.Qwen2MLP(config).to("cuda", torch.bfloat16)
+    norm = modeling_bagel.Qwen2RMSNorm(64, 1e-6).to("cuda", torch.bfloat16)
     x, residual = (torch.randn(3, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         out = mlp.forward_residual(x, norm, residual)
@@ -453,8 +452,6 @@ def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
     """The bf16 decoder on 1 and 5 tokens in inference (Triton GEMVs and norms, the residual add
     after the MLP in the down GEMV; for one token the norms folded into the GEMVs: q/k/v and gate/up
     each one kernel) against the same decoder with autograd on (torch's kernels)."""
-    from bagel_remote import modeling_bagel
-
     if kernels_bagel.triton is None:
         pytest.skip("Triton is not installed")
     decoder = _parity_model(parity, torch.bfloat16).model.language_model.model

@@ -5,6 +5,8 @@ bf16 are printed (`pytest -s`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,11 +26,15 @@ def tiny(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gpu") / "bagel_tiny", seed=0)
 
 
+def _special_ids(proc) -> SpecialTokenIds:
+    return SpecialTokenIds(proc.bos_token_id, proc.eos_token_id, proc.start_of_image_id, proc.end_of_image_id)
+
+
 def _run(model) -> dict:
     """First-step chat logits, greedy ids (graphed decode), guided latents, and the high-level
     chat / generate_image / edit_image results."""
     proc = model.processor
-    special = SpecialTokenIds(proc.bos_token_id, proc.eos_token_id, *list(proc.special_token_ids.values())[2:])
+    special = _special_ids(proc)
     image = Image.fromarray((np.arange(48 * 48 * 3) % 251).astype(np.uint8).reshape(48, 48, 3))
     context = model.add_vit_images(model.new_context(), [proc.vit_transform(image)], special)
     context = model.add_text_tokens(context, [proc.encode_text("what is in the picture")], special)
@@ -56,8 +62,8 @@ def bf16(tiny) -> dict:
 def _graphed_decode_matches_eager(model, monkeypatch) -> None:
     """The CUDA-graph decode of a quantized model gives the eager decode's ids and logits."""
     proc = model.processor
-    special = SpecialTokenIds(proc.bos_token_id, proc.eos_token_id, *list(proc.special_token_ids.values())[2:])
-    no_stop = SpecialTokenIds(special.bos, -1, special.start_of_image, special.end_of_image)  # decode every step
+    special = _special_ids(proc)
+    no_stop = dataclasses.replace(special, eos=-1)  # decode every step
     context = model.add_text_tokens(model.new_context(2), [proc.encode_text(t) for t in ("a red cat", "hi")], special)
     pool = model._decode_pool()
     captures = pool.captures

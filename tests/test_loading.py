@@ -624,12 +624,11 @@ def test_make_tiny_checkpoint(tiny, tmp_path):
     llm2vae = load_file(str(tiny / "ema.safetensors"))["llm2vae.weight"]
     assert llm2vae.abs().max() > 0  # not the zero init: generation is non-trivial
 
-    mtc = make_tiny_checkpoint
     state = torch.random.get_rng_state()
-    mtc.main(["--out", str(tmp_path / "same"), "--seed", "0"])  # the command line
+    make_tiny_checkpoint.main(["--out", str(tmp_path / "same"), "--seed", "0"])  # the command line
     same = tmp_path / "same"
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
-    other = mtc.make_tiny_checkpoint(tmp_path / "other", seed=1)
+    other = make_tiny_checkpoint.make_tiny_checkpoint(tmp_path / "other", seed=1)
     for name in ("ema.safetensors", "ae.safetensors", "config.json", "tokenizer.json"):
         assert filecmp.cmp(tiny / name, same / name, shallow=False), name
     assert not filecmp.cmp(tiny / "ema.safetensors", other / "ema.safetensors", shallow=False)

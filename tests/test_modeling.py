@@ -831,7 +831,7 @@ def test_vit_position_dependence(rope):
     assert not torch.allclose(swapped, base, atol=1e-4)
 
 
-def _gemv_reference(x, weight, bias=None, up_weight=None, norm=None, residual=None, add=None, config=None):
+def _gemv_reference(x, weight, bias=None, up_weight=None, norm=None, residual=None, add=None):
     """What `kernels_bagel.gemv` computes, in torch (tests/test_gpu.py checks the kernel's math)."""
     total = None
     if residual is not None:
