@@ -660,6 +660,19 @@ def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
         model.chat(None, ["a", "b"], max_new_tokens=2, processor=processor, streamer=Recording())
 
 
+def test_generate_and_edit_stream_their_thinking(model, processor):
+    """`streamer` of generate_image / edit_image gets the thinking text, and the image is unchanged."""
+    from transformers import TextIteratorStreamer
+
+    kwargs = dict(think=True, max_think_tokens=8, num_steps=2, seed=3, progress=False, processor=processor)
+    for call, args in ((model.generate_image, ("a cat",)), (model.edit_image, (_pil(90, 60, 3), "blue"))):
+        thought, image = call(*args, **kwargs)
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
+        streamed_thought, streamed_image = call(*args, streamer=streamer, **kwargs)
+        assert "".join(streamer) == thought == streamed_thought and len(thought) > 0
+        assert np.array_equal(np.asarray(streamed_image), np.asarray(image))
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. Decoding state kept across calls (the pool), and calls from several threads
 # ----------------------------------------------------------------------------------------------
