@@ -971,10 +971,12 @@ class BagelGenerationMixin:
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
                        timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
-                       processor=None, parallel=None, streamer=None):  # fmt: skip
+                       processor=None, parallel=None, streamer=None, do_sample: bool = False,
+                       temperature: float = 0.3):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
-        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking), the
-        thinking sent to `streamer` as it is decoded (one request; see `chat`).
+        with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking,
+        greedy or sampled with `do_sample` at `temperature`), the thinking sent to `streamer` as
+        it is decoded (one request; see `chat`).
         `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
         BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
         `parallel`: several GPUs (README, "Several GPUs")."""
@@ -983,18 +985,21 @@ class BagelGenerationMixin:
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel, streamer=streamer)  # fmt: skip
+                              parallel=parallel, streamer=streamer, do_sample=do_sample,
+                              temperature=temperature)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
     def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   max_think_tokens: int = 1000, processor=None, parallel=None, streamer=None):  # fmt: skip
+                   max_think_tokens: int = 1000, processor=None, parallel=None, streamer=None,
+                   do_sample: bool = False, temperature: float = 0.3):  # fmt: skip
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
-        a batch. With `think`, `streamer` gets the thinking as `generate_image`'s. `num_steps` is the number of denoising steps (model evaluations). `parallel`:
-        several GPUs (README, "Several GPUs")."""
+        a batch. `num_steps` is the number of denoising steps (model evaluations). With `think`:
+        `streamer`, `do_sample` and `temperature` as `generate_image`'s. `parallel`: several GPUs
+        (README, "Several GPUs")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
@@ -1002,7 +1007,8 @@ class BagelGenerationMixin:
             raise ValueError("edit_image takes exactly one image per prompt.")
         out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel, streamer=streamer)  # fmt: skip
+                              parallel=parallel, streamer=streamer, do_sample=do_sample,
+                              temperature=temperature)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 

@@ -660,8 +660,9 @@ def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
         model.chat(None, ["a", "b"], max_new_tokens=2, processor=processor, streamer=Recording())
 
 
-def test_generate_and_edit_stream_their_thinking(model, processor):
-    """`streamer` of generate_image / edit_image gets the thinking text, and the image is unchanged."""
+def test_generate_and_edit_stream_and_sample_their_thinking(model, processor):
+    """`streamer` of generate_image / edit_image gets the thinking text, and the image is unchanged;
+    `do_sample` / `temperature` reach the thinking (the seed makes a sample reproducible)."""
     from transformers import TextIteratorStreamer
 
     kwargs = dict(think=True, max_think_tokens=8, num_steps=2, seed=3, progress=False, processor=processor)
@@ -671,6 +672,9 @@ def test_generate_and_edit_stream_their_thinking(model, processor):
         streamed_thought, streamed_image = call(*args, streamer=streamer, **kwargs)
         assert "".join(streamer) == thought == streamed_thought and len(thought) > 0
         assert np.array_equal(np.asarray(streamed_image), np.asarray(image))
+        sampled = [call(*args, do_sample=True, temperature=t, **kwargs)[0] for t in (1.0, 1.0, 0.01)]
+        assert sampled[0] == sampled[1] != thought  # same seed, same sample; greedy differs
+        assert sampled[2] == thought  # a near-zero temperature is greedy
 
 
 # ----------------------------------------------------------------------------------------------
