@@ -409,7 +409,7 @@ class BagelDemo:
             history = gr.State([])
             # The results of both image tabs, shown below the tabs (rendered there).
             history_gallery = gr.Gallery(label="Results so far (newest first; select one for its code)", format="png",
-                                         columns=6, height=300, preview=False, elem_id="history", render=False)  # fmt: skip
+                                         columns=6, height=300, preview=False, fit_columns=False, elem_id="history", render=False)  # fmt: skip
             history_code = gr.Code(label="As code (selected result)", language="python", elem_id="history-code",
                                    render=False)  # fmt: skip
             with gr.Tabs():

@@ -142,12 +142,19 @@ def open_tab(page, name: str) -> None:
 
 
 def set_number(page, elem_id: str, value) -> None:
-    """A slider's number box (its accordion opened first)."""
+    """A slider's number box; its "Inference hyperparameters" accordion opened first (by its header)."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    if not box.is_visible():
-        page.click(f"#{elem_id.split('-')[0]}-knobs")
-    box.fill(str(value))
-    box.press("Enter")
+    knobs = page.locator(f"#{elem_id.split('-')[0]}-knobs")
+    if not knobs.locator("input[type=number]").first.is_visible():
+        knobs.get_by_text("Inference hyperparameters").click()
+    box.wait_for(state="visible")
+    for _ in range(10):  # a box filled while the accordion's contents mount can be reset: fill until it holds
+        box.fill(str(value))
+        box.press("Enter")
+        page.wait_for_timeout(200)
+        if float(box.input_value() or "nan") == float(value):
+            return
+    raise AssertionError(f"#{elem_id} does not keep the value {value}")
 
 
 def choose(page, elem_id: str, option: str) -> None:
@@ -302,7 +309,7 @@ def test_text_to_image_thinking_streams(page, tiny, artefacts):
     assert len(thought) > 0 and texts[-1] == thought
     assert len(texts) >= 2 and all(thought.startswith(t) for t in texts)  # shown in pieces as it was decoded
     code = code_of(page, "t2i-code")
-    assert "think=True" in code and "max_think_tokens=256" in code and "temperature=1.0" in code
+    assert "think=True" in code and "max_think_tokens=256" in code and "temperature=1.0" in code and "seed=3," in code
     scope = run_code(code, model)
     assert as_shown(scope["thought"]) == thought and same(picture(scope["image"]), shown_images(page, "t2i-gallery")[0])
     page.screenshot(path=str(artefacts / "text-to-image-thinking.png"), full_page=True)
