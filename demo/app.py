@@ -270,7 +270,7 @@ class BagelDemo:
         new = []
         for i, picture in enumerate(pictures):  # request i of a batch is seed + i, alone the same picture
             code = as_code(method, args + [repr(prompt)], dict(kwargs, seed=seed + i), target, self.load_line)
-            caption = f"{method} seed={seed + i} steps={kwargs['num_steps']} {picture.width}x{picture.height}"
+            caption = f"{'edit' if images else 'text'} · seed {seed + i}"  # the rest is in its code
             new.append(Result(picture, caption, code))
         history = history + new
         code = new[0].code if not batch else as_code(

@@ -130,7 +130,7 @@ def page(browser, server, artefacts, request):
     page.goto(server)
     page.wait_for_selector("#t2i-prompt")
     yield page
-    page.screenshot(path=str(artefacts / f"end-of-{request.node.name}.png"), full_page=True)  # for a failure
+    snapshot(page, artefacts / f"end-of-{request.node.name}.png")  # what the page showed, for a failure
     context.close()
 
 
@@ -209,6 +209,12 @@ def expect_error(page, text: str) -> str:
     for close in page.locator(".toast-close").all():
         close.click()
     return message
+
+
+def snapshot(page, path: Path) -> None:
+    """A full-page screenshot once every picture has loaded."""
+    page.wait_for_function("[...document.images].every(i => i.complete)", timeout=10_000)
+    page.screenshot(path=str(path), full_page=True)
 
 
 WATCH = """(selectors) => { window.__seen = []; clearInterval(window.__watch);
@@ -290,7 +296,7 @@ def test_text_to_image_tab(page, tiny, artefacts):
     reproduced = run_code(code_of(page, "history-code"), model)["image"]  # the batch's first picture, alone
     assert close(picture(reproduced), pair[0])
     page.keyboard.press("Escape")
-    page.screenshot(path=str(artefacts / "text-to-image.png"), full_page=True)
+    snapshot(page, artefacts / "text-to-image.png")
 
 
 def test_text_to_image_thinking_streams(page, tiny, artefacts):
@@ -312,7 +318,7 @@ def test_text_to_image_thinking_streams(page, tiny, artefacts):
     assert "think=True" in code and "max_think_tokens=256" in code and "temperature=1.0" in code and "seed=3," in code
     scope = run_code(code, model)
     assert as_shown(scope["thought"]) == thought and same(picture(scope["image"]), shown_images(page, "t2i-gallery")[0])
-    page.screenshot(path=str(artefacts / "text-to-image-thinking.png"), full_page=True)
+    snapshot(page, artefacts / "text-to-image-thinking.png")
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +365,7 @@ def test_edit_tab(page, tiny, images, artefacts):
     code = code_of(page, "edit-code")
     assert "num_steps=20" in code and "cfg_img_scale=1.5" in code and "seed=5" in code
     assert same(edited, picture(run_code(code, model, image=Image.open(images["RGBA"]))["image"]))
-    page.screenshot(path=str(artefacts / "image-edit.png"), full_page=True)
+    snapshot(page, artefacts / "image-edit.png")
 
     for mode in ("P", "I;16", "L"):
         upload(page, "edit-input", images[mode])
@@ -399,7 +405,7 @@ def test_understanding_tab(page, tiny, images, artefacts):
     texts = seen(page, "#und-answer textarea")
     assert len(expected) > 0 and len(texts) >= 2 and all(as_shown(expected).startswith(t) for t in texts)
     assert run_code(code_of(page, "und-code"), model, image=Image.open(images["RGBA"]))["answer"] == expected
-    page.screenshot(path=str(artefacts / "image-understanding.png"), full_page=True)
+    snapshot(page, artefacts / "image-understanding.png")
 
 
 def test_two_requests_at_once_both_answer(browser, server):
@@ -470,3 +476,29 @@ def test_handlers_refuse_bad_input_by_message(app, tiny):
         list(demo.understand(Image.new("RGB", (1, 1)), "what?", False, False, 0.3, 16, 0))
     assert [demo.image_size(r) for r in app.ASPECT_RATIOS] == [(256, 256), (192, 256), (256, 192), (144, 256),
                                                                (256, 144)]  # fmt: skip
+
+
+def test_app_file_alone_loads_a_hub_style_checkpoint(app, tiny, tmp_path):
+    """As a Space: demo/app.py copied on its own (no clone beside it) loads a checkpoint that holds
+    the code through AutoModel + trust_remote_code and builds all three tabs."""
+    import gradio as gr
+
+    shutil.copy(REPO_ROOT / "demo" / "app.py", tmp_path / "app.py")
+    spec = importlib.util.spec_from_file_location("space_app", tmp_path / "app.py")
+    space = importlib.util.module_from_spec(spec)
+    sys.modules["space_app"] = space
+    try:
+        spec.loader.exec_module(space)
+        assert not space.IN_CLONE
+        with pytest.raises(SystemExit, match="pass --model"):
+            space.load_model()
+        checkpoint = tmp_path / "checkpoint"
+        tiny[0].save_pretrained(checkpoint)
+        model, line = space.load_model(str(checkpoint))
+        assert type(model).__module__.startswith("transformers_modules") and "trust_remote_code=True" in line
+        blocks = space.BagelDemo(model, line).build()
+        assert isinstance(blocks, gr.Blocks)
+        ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+        assert {"t2i-prompt", "edit-input", "und-input", "history"} <= ids
+    finally:
+        del sys.modules["space_app"]
