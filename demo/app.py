@@ -51,10 +51,16 @@ MAX_SEED = 1_000_000
 # ----------------------------------------------------------------------------------------------
 
 
-def quantization_config(name: str | None):
-    """`--quantization` as the transformers config the README's "Which GPU do I need" names."""
-    if name is None:
-        return None
+# --quantization: the configs of the README's "Which GPU do I need", as the "as code" box writes them.
+QUANTIZATION = {
+    "nf4": 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)',
+    "int8": "TorchAoConfig(Int8WeightOnlyConfig())",
+    "float8": "TorchAoConfig(Float8DynamicActivationFloat8WeightConfig())",
+}
+
+
+def quantization_config(name: str):
+    """The transformers config of `--quantization NAME` (QUANTIZATION[name])."""
     if name == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -69,7 +75,7 @@ def quantization_config(name: str | None):
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
 
         return TorchAoConfig(Float8DynamicActivationFloat8WeightConfig())
-    raise ValueError(f"Unknown --quantization {name!r}: use nf4, int8 or float8.")
+    raise ValueError(f"Unknown --quantization {name!r}: use {', '.join(QUANTIZATION)}.")
 
 
 def load_model(model: str = TINY, quantization: str | None = None, stage: int | None = None,
@@ -83,7 +89,7 @@ def load_model(model: str = TINY, quantization: str | None = None, stage: int | 
         kwargs["stage"] = shown["stage"] = stage
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization)
-        shown["quantization_config"] = f"...  # --quantization {quantization}"
+        shown["quantization_config"] = QUANTIZATION[quantization]
     name = model
     if model == TINY:
         if not IN_CLONE:
@@ -168,10 +174,12 @@ def streamed(call, tokenizer, stream: bool):
     thread = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text, None
-    thread.join()
+    try:
+        for piece in streamer:
+            text += piece
+            yield text, None
+    finally:  # also when the page went away mid-stream: the next request starts after this call ends
+        thread.join()
     if "error" in outcome:
         raise outcome["error"]
     yield text, outcome["result"]
@@ -439,7 +447,7 @@ def main(argv=None) -> None:
     env = os.environ.get
     parser.add_argument("--model", default=env("BAGEL_MODEL", TINY),
                         help="Hub id or directory of a BAGEL checkpoint (default: a tiny random one, for trying the app)")
-    parser.add_argument("--quantization", choices=["nf4", "int8", "float8"], default=env("BAGEL_QUANTIZATION") or None,
+    parser.add_argument("--quantization", choices=list(QUANTIZATION), default=env("BAGEL_QUANTIZATION") or None,
                         help="load quantized: nf4 (bitsandbytes), int8 (torchao weight-only), float8 (torchao)")
     parser.add_argument("--stage", type=int, choices=[1, 2], default=int(env("BAGEL_STAGE", 0)) or None,
                         help="1: understanding only (about half the memory)")

@@ -502,3 +502,17 @@ def test_app_file_alone_loads_a_hub_style_checkpoint(app, tiny, tmp_path):
         assert {"t2i-prompt", "edit-input", "und-input", "history"} <= ids
     finally:
         del sys.modules["space_app"]
+
+
+def test_int8_understanding_only_app(app):
+    """`--quantization int8 --stage 1` (torchao runs on the CPU): quantized weights, no generation
+    tabs, and the understanding tab answers."""
+    pytest.importorskip("torchao")
+    model, line = app.load_model(quantization="int8", stage=1)
+    assert model.config.stage == 1 and any(type(p).__module__.startswith("torchao") for p in model.parameters())
+    assert "stage=1" in line and "TorchAoConfig(Int8WeightOnlyConfig())" in line
+    demo = app.BagelDemo(model, line)
+    ids = {getattr(b, "elem_id", None) for b in demo.build().blocks.values()}
+    assert "und-input" in ids and not {"t2i-prompt", "edit-input", "history"} & ids
+    *_, (answer, code) = demo.understand(Image.new("RGB", (64, 64), "red"), "what?", False, False, 0.3, 8, 0)
+    assert answer == model.chat(Image.new("RGB", (64, 64), "red"), "what?", max_new_tokens=8) and "stage=1" in code
