@@ -276,7 +276,7 @@ class BagelDemo:
         args = ["image"] if images else []  # the input image of an edit, under that name
         target = "thought, image" if think else "image"
         new = []
-        for i, picture in enumerate(pictures):  # request i of a batch is seed + i, alone the same picture
+        for i, picture in enumerate(pictures):  # request i of a batch is seed + i (alone: the same up to rounding)
             code = as_code(method, args + [repr(prompt)], dict(kwargs, seed=seed + i), target, self.load_line)
             caption = f"{'edit' if images else 'text'} · seed {seed + i}"  # the rest is in its code
             new.append(Result(picture, caption, code))
@@ -397,7 +397,7 @@ class BagelDemo:
                     with gr.Row():
                         do_sample = gr.Checkbox(label="Sampling", value=False, elem_id="und-sample",
                                                 info="sample the answer (else greedy)")
-                        temperature = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Temperature",
+                        temperature = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Temperature",
                                                 elem_id="und-temperature")  # fmt: skip
                     with gr.Row():
                         max_new_tokens = gr.Slider(64, 4096, value=512, step=64, label="Max new tokens",
