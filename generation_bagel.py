@@ -24,6 +24,7 @@ from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .kernels_bagel import decode_attention, fuses_decode_attention
 from .modeling_siglip_navit import graph_branches
 from .processing_bagel import latent_position_ids
+from .step_cache_bagel import resolve_step_cache
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -433,6 +434,36 @@ class _DecodePool:
 _POOL_CREATION_LOCK = threading.Lock()
 
 
+class _StepCacheBranches:
+    """Velocities of guidance branches with a step cache (step_cache_bagel.py): the branches the
+    cache's `plan` picks run the decoder in one forward (their contexts concatenated once per
+    subset, for this call), the others are its predictions; the final norm and `llm2vae` then
+    run on all of them at once. `contexts`: branch index -> its context; `shard`, `agree`:
+    parallel generation's sequence shard and agreement over ranks."""
+
+    def __init__(self, model, run, contexts: dict, pos, counts, special, shard=None, agree=None):
+        self.model, self.run, self.contexts = model, run, contexts
+        self.pos, self.counts, self.special, self.shard, self.agree = pos, counts, special, shard, agree
+        self._joined: dict[tuple[int, ...], BagelContext] = {}
+
+    def __call__(self, ids: list[int], x: torch.Tensor, t: float) -> list[torch.Tensor]:
+        """(N, p*p*C) velocities of branches `ids` at latents x and time t, in that order."""
+        ran = self.run.plan(ids, t, self.agree)
+        hidden = {}
+        if ran:
+            key = tuple(ran)
+            if key not in self._joined:
+                self._joined[key] = BagelContext.concat([self.contexts[b] for b in ran])
+            out = self.model._latent_hidden(self._joined[key], x, t, self.pos, self.counts, len(ran), self.special,
+                                            self.shard, final_norm=False)  # fmt: skip
+            for b, part in zip(ran, out.chunk(len(ran))):
+                self.run.update(b, t, part)
+                hidden[b] = part
+        dtype = self.model.get_input_embeddings().weight.dtype  # the decoder's, as computed rows have it
+        rows = [hidden[b] if b in hidden else self.run.predict(b, t).to(dtype) for b in ids]
+        return list(self.model._velocity_head(torch.cat(rows)).chunk(len(ids)))
+
+
 # ----------------------------------------------------------------------------------------------
 # The mixin: context operations and generation on BagelForUnifiedMultimodal
 # ----------------------------------------------------------------------------------------------
@@ -462,9 +493,11 @@ class BagelGenerationMixin:
         gen_index: torch.Tensor | None = None,
         store: bool = True,
         shard=None,
+        final_norm: bool = True,
     ) -> tuple[torch.Tensor, BagelContext | None]:
         """Run new tokens (packed, sequence after sequence) against the context.
-        Returns the last hidden state (N, hidden) and, with `store`, the extended context.
+        Returns the last hidden state (N, hidden) (before the final norm without `final_norm`)
+        and, with `store`, the extended context.
         `shard` (parallel_bagel's sequence parallelism, without `store`) runs only this rank's
         slice of the new tokens and gathers the hidden states of all of them."""
         if len(new_lengths) != context.batch_size:
@@ -475,7 +508,7 @@ class BagelGenerationMixin:
         else:
             embeds, position_ids, gen_index, step = shard.local(context, embeds, new_lengths, position_ids, gen_index)
         route = TokenRoute(embeds.shape[0], gen_index)
-        hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step)
+        hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step, final_norm=final_norm)
         if shard is not None:
             hidden = shard.gather(hidden)
         if not store:
@@ -757,11 +790,15 @@ class BagelGenerationMixin:
         generator: torch.Generator | None = None,
         progress: bool = False,
         parallel=None,
+        step_cache=None,
     ) -> list[torch.Tensor]:
         """Flow-matching sampling of one image per sequence. `image_sizes` are (height, width) in
         pixels; returns the final latent tokens (h*w, p*p*C) of each sequence. `parallel` spreads
         the guidance branches and the latent tokens over processes (see parallel_bagel.py); every
-        process then returns the same latents."""
+        process then returns the same latents. `step_cache` ("taylorseer", "adaptive" or a policy
+        of step_cache_bagel.py) predicts some steps' decoder output instead of computing it; its
+        state lives for this call only."""
+        policy = resolve_step_cache(step_cache)
         self._require_generation()
         device = self._main_device()
         grids = [self._latent_grid(h, w) for h, w in image_sizes]
@@ -777,27 +814,43 @@ class BagelGenerationMixin:
         guided = params.cfg_text_scale > 1.0
         branches = [context] + ([cfg_text_context] if guided else [])
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
-        if parallel is None:
-            velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token)
-        else:
-            from .parallel_bagel import parallel_velocity
-
-            x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token)
         timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
-        steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
-        if progress:
-            from tqdm.auto import tqdm
+        run = policy.start(timesteps) if policy is not None else None
+        try:
+            if parallel is None:
+                velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token, run)
+            else:
+                from .parallel_bagel import parallel_velocity
 
-            steps = tqdm(steps, desc="Denoising", total=len(steps))
-        for i in steps:
-            t = timesteps[i]
-            use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
-            x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
+                x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token,
+                                                run)  # fmt: skip
+            steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
+            if progress:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(steps, desc="Denoising", total=len(steps))
+            for i in steps:
+                t = timesteps[i]
+                use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
+                x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
+        finally:
+            if run is not None:  # its tensors go now, even if something still holds the run
+                run.close()
         return list(x.split(counts))
 
-    def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token):
+    def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None):
         """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
-        forward for all) combined by `_guide`, else the full-context branch alone."""
+        forward for all) combined by `_guide`, else the full-context branch alone. `run`: a step
+        cache's state (step_cache_bagel.py), consulted per step and branch."""
+        if run is not None:
+            cached = _StepCacheBranches(self, run, dict(enumerate(branches)), pos, counts, special)
+
+            def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
+                if not use_cfg:
+                    return cached([0], x, t)[0]
+                return _guide(cached(list(range(len(branches))), x, t), params, seq_of_token, len(counts))
+
+            return velocity
         all_branches = BagelContext.concat(branches)
 
         def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
@@ -813,6 +866,15 @@ class BagelGenerationMixin:
         """One flow step's velocity for every sequence of `context`: the latents x (N, p*p*C) of
         the B images, repeated for each of the `n_branches` guidance branches (B sequences each).
         `shard`: sequence parallelism (`_forward_step`)."""
+        return self.model.llm2vae(self._latent_hidden(context, x, t, pos, counts, n_branches, special, shard)).float()
+
+    def _velocity_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Latent tokens' decoder output before the final norm (N, hidden) -> velocity (N, p*p*C)."""
+        return self.model.llm2vae(self.model.language_model.model.norm_moe_gen(hidden)).float()
+
+    def _latent_hidden(self, context, x, t, pos, counts, n_branches, special, shard=None, final_norm=True):
+        """The decoder's output (N * n_branches, hidden) for the latent tokens of `_predict_velocity`,
+        after the final norm or, without `final_norm`, before it."""
         x_all, pos_all = x.repeat(n_branches, 1), pos.repeat(n_branches)
         timestep = torch.full((x_all.shape[0],), t, device=x.device)
         latents = self.model.embed_latent_tokens(x_all, timestep, pos_all)
@@ -820,8 +882,8 @@ class BagelGenerationMixin:
         lengths = [n + 2 for n in counts * n_branches]
         positions = self._block_positions(context, lengths, x.device)
         hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False,
-                                       shard=shard)  # fmt: skip
-        return self.model.llm2vae(hidden[gen_rows]).float()
+                                       shard=shard, final_norm=final_norm)  # fmt: skip
+        return hidden[gen_rows]
 
     @torch.no_grad()
     def decode_latents(self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
