@@ -927,6 +927,7 @@ class BagelGenerationMixin:
         processor=None,
         parallel=None,
         streamer=None,
+        step_cache=None,
     ) -> list:
         """The reference's interleaved inference: `inputs` is a list of strings and PIL images (or a
         list of such lists, all of the same shape, for a batch). Returns what the model produces:
@@ -938,7 +939,10 @@ class BagelGenerationMixin:
         uses seed + i) makes sampling reproducible and independent of batching. `parallel`
         ("batch", "cfg", "sp" or a dict of sizes, in a torchrun launch) spreads the work over
         processes; see parallel_bagel.py. `streamer` (one request) gets the generated text as it
-        is decoded (see `generate_text_ids`)."""
+        is decoded (see `generate_text_ids`). `step_cache` ("taylorseer", "adaptive" or a policy of
+        step_cache_bagel.py): predict some denoising steps instead of computing them (README,
+        "Faster generation")."""
+        resolve_step_cache(step_cache)  # its own check, before any work
         processor = self._processor(processor)
         if not isinstance(inputs, (list, tuple)):
             raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
@@ -955,7 +959,7 @@ class BagelGenerationMixin:
                     requests, understanding_output=understanding_output, think=think, max_new_tokens=max_new_tokens,
                     do_sample=do_sample, temperature=temperature, top_p=top_p, height=height, width=width,
                     params=params, seed=seeds, progress=progress, processor=processor, parallel=inner,
-                    streamer=streamer)  # fmt: skip
+                    streamer=streamer, step_cache=step_cache)  # fmt: skip
                 outputs = parallel.run_requests(run, batch, seed)
                 return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
@@ -1007,7 +1011,7 @@ class BagelGenerationMixin:
             grids = [self._latent_grid(h, w) for h, w in sizes]
             noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
         latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress,
-                                        parallel=parallel)  # fmt: skip
+                                        parallel=parallel, step_cache=step_cache)  # fmt: skip
         from .processing_bagel import tensor_to_image
 
         for out, image in zip(outputs, self.decode_latents(latents, sizes)):
@@ -1033,29 +1037,30 @@ class BagelGenerationMixin:
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
                        timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
-                       processor=None, parallel=None):  # fmt: skip
+                       processor=None, parallel=None, step_cache=None):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
         with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking).
         `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
         BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
-        `parallel`: several GPUs (README, "Several GPUs")."""
+        `parallel`: several GPUs (README, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
+        or a policy object (README, "Faster generation")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel)  # fmt: skip
+                              parallel=parallel, step_cache=step_cache)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
     def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   max_think_tokens: int = 1000, processor=None, parallel=None):  # fmt: skip
+                   max_think_tokens: int = 1000, processor=None, parallel=None, step_cache=None):  # fmt: skip
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
         a batch. `num_steps` is the number of denoising steps (model evaluations). `parallel`:
-        several GPUs (README, "Several GPUs")."""
+        several GPUs (README, "Several GPUs"). `step_cache`: as in `generate_image`."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
@@ -1063,7 +1068,7 @@ class BagelGenerationMixin:
             raise ValueError("edit_image takes exactly one image per prompt.")
         out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel)  # fmt: skip
+                              parallel=parallel, step_cache=step_cache)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
