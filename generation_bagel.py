@@ -815,7 +815,8 @@ class BagelGenerationMixin:
         branches = [context] + ([cfg_text_context] if guided else [])
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
         timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
-        run = policy.start(timesteps) if policy is not None else None
+        dtype = self.get_input_embeddings().weight.dtype
+        run = policy.start(timesteps, lambda hidden: self._velocity_head(hidden.to(dtype))) if policy else None
         try:
             if parallel is None:
                 velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token, run)

@@ -24,7 +24,8 @@ import torch
 
 
 class StepCacheRun:
-    """One call's cache state. `plan(branches, t, agree)` -> the branches (a sub-list) that run the
+    """One call's cache state, made by a policy's `start(timesteps, head)`: `timesteps` the
+    schedule's points, `head` maps a decoder output (N, hidden) to the velocity it gives. `plan(branches, t, agree)` -> the branches (a sub-list) that run the
     decoder this step; `update(branch, t, hidden)` after a branch ran; `predict(branch, t)` for the
     others. `agree(x)` (parallel generation) returns the maximum of the float `x` over the ranks
     that hold the other branches, so that a decision taken on values is the same everywhere: a
@@ -76,7 +77,7 @@ class TaylorSeer:
     interval: int = 3
     max_order: int = 6
 
-    def start(self, timesteps: list[float]) -> StepCacheRun:
+    def start(self, timesteps: list[float], head=None) -> StepCacheRun:
         return _TaylorSeerRun(self, timesteps)
 
 
@@ -147,8 +148,9 @@ class _TaylorSeerRun(StepCacheRun):
 class AdaptiveTaylor:
     """Extrapolates the cached output as a quadratic in the timestep t (Newton form through the
     last three runs, so it follows the shifted schedule's uneven spacing), and runs the decoder
-    only when the extrapolation's own error estimate — how much it moves when the order drops by
-    one, relative to its size, as an embedded Runge-Kutta pair estimates a step — exceeds
+    only when the extrapolation's own error estimate — how much the velocity it gives moves when
+    the order drops by one, relative to its size, as an embedded Runge-Kutta pair estimates a
+    step — exceeds
     `tolerance`. All branches of a step run or are predicted together (over every rank), so the
     guidance combines predictions made from the same steps. `tolerance` is the one trade-off:
     larger is faster and further from the uncached result (0 runs every step)."""
@@ -161,8 +163,8 @@ class AdaptiveTaylor:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise ValueError(f"AdaptiveTaylor(tolerance=...) must be a finite number >= 0, got {value!r}.")
 
-    def start(self, timesteps: list[float]) -> StepCacheRun:
-        return _AdaptiveRun(self, timesteps)
+    def start(self, timesteps: list[float], head=None) -> StepCacheRun:
+        return _AdaptiveRun(self, timesteps, head)
 
 
 class _NewtonBranch:
@@ -174,9 +176,9 @@ class _NewtonBranch:
 
 
 class _AdaptiveRun(StepCacheRun):
-    def __init__(self, policy: AdaptiveTaylor, timesteps: list[float]):
+    def __init__(self, policy: AdaptiveTaylor, timesteps: list[float], head=None):
         super().__init__(timesteps)
-        self.policy = policy
+        self.policy, self.head = policy, head or (lambda hidden: hidden)
         self.branches: dict[int, _NewtonBranch] = {}
         self._guess: dict[int, torch.Tensor] = {}  # this step's prediction, made while planning
 
@@ -189,7 +191,10 @@ class _AdaptiveRun(StepCacheRun):
                 error = math.inf
                 break
             high, low = self._extrapolate(state, t)
-            error = max(error, ((high - low).norm() / high.norm().clamp_min(1e-12)).item())
+            # measured on the velocities they give: the residual stream's few huge channels,
+            # nearly constant over steps, would make any change look small
+            v_high, v_low = self.head(high).float(), self.head(low).float()
+            error = max(error, ((v_high - v_low).norm() / v_high.norm().clamp_min(1e-12)).item())
             self._guess[b] = high
         if agree is not None:
             error = agree(error)

@@ -50,8 +50,8 @@ class Recording:
     def __init__(self, policy):
         self.policy, self.run = policy, None
 
-    def start(self, timesteps):
-        self.run = self.policy.start(timesteps)
+    def start(self, timesteps, head=None):
+        self.run = self.policy.start(timesteps, head)
         return self.run
 
 
