@@ -849,7 +849,7 @@ class BagelGenerationMixin:
             def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
                 if not use_cfg:
                     return cached([0], x, t)[0]
-                return _guide(cached(list(range(len(branches))), x, t), params, seq_of_token, len(counts))
+                return _guide(cached(list(range(len(branches))), x, t), params, seq_of_token, counts)
 
             return velocity
         all_branches = BagelContext.concat(branches)
@@ -859,7 +859,7 @@ class BagelGenerationMixin:
                 return self._predict_velocity(branches[0], x, t, pos, counts, 1, special)
             n = len(branches)
             velocities = self._predict_velocity(all_branches, x, t, pos, counts, n, special).chunk(n)
-            return _guide(velocities, params, seq_of_token, len(counts))
+            return _guide(velocities, params, seq_of_token, counts)
 
         return velocity
 
@@ -1217,28 +1217,33 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gener
     return torch.cat(rows)
 
 
-def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-sequence L2 norm over all elements, broadcast back to tokens: (N, 1)."""
-    sq = torch.zeros(batch, device=v.device, dtype=v.dtype).index_add_(0, seq_of_token, v.pow(2).sum(-1))
-    return sq.sqrt()[seq_of_token][:, None]
+def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-sequence L2 norm over all elements, broadcast back to tokens: (N, 1). One reduction per
+    sequence (its `counts` tokens are contiguous), not index_add_: on the GPU that sums with
+    atomics, in an order that changes from call to call, and a last-bit change of the norm can
+    flip a bf16 rounding in the next step and grow from there (the same seed, another image)."""
+    squares = v.pow(2).sum(-1)
+    sums = torch.stack([part.sum() for part in squares.split(counts)])
+    return sums.sqrt()[seq_of_token][:, None]
 
 
-def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, params, seq_of_token, batch):
+def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, params, seq_of_token, counts):
     """Scale `guided` so its norm does not exceed the unguided one (clamped to [renorm_min, 1])."""
     if per_token:
         norm_ref, norm_guided = reference.norm(dim=-1, keepdim=True), guided.norm(dim=-1, keepdim=True)
     else:
-        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, batch), _segment_norm(guided, seq_of_token, batch)
+        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, counts), _segment_norm(guided, seq_of_token, counts)
     return guided * (norm_ref / (norm_guided + 1e-8)).clamp(min=params.cfg_renorm_min, max=1.0)
 
 
-def _guide(velocities, params: GuidanceParams, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:
-    """Combine the branch velocities as the reference does (text, then image guidance, renorm)."""
+def _guide(velocities, params: GuidanceParams, seq_of_token: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Combine the branch velocities as the reference does (text, then image guidance, renorm).
+    `counts`: latent tokens of each sequence, `seq_of_token` (N,) the sequence of each token."""
     v, v_text = velocities[0], velocities[1]
     v_img = velocities[2] if len(velocities) > 2 else None
     guided_text = v_text + params.cfg_text_scale * (v - v_text)
     if params.cfg_renorm_type == "text_channel":
-        guided_text = _renorm(v, guided_text, True, params, seq_of_token, batch)
+        guided_text = _renorm(v, guided_text, True, params, seq_of_token, counts)
         return guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
     guided = guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
-    return _renorm(v, guided, params.cfg_renorm_type == "channel", params, seq_of_token, batch)
+    return _renorm(v, guided, params.cfg_renorm_type == "channel", params, seq_of_token, counts)

@@ -210,7 +210,7 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
         gathered = [torch.empty_like(local) for _ in range(cfg_size)]
         dist.all_gather(gathered, local, group=cfg_group)
         velocities = [gathered[j % cfg_size].chunk(slots)[j // cfg_size] for j in range(len(branches))]
-        return _guide(velocities, params, seq_of_token, len(counts))
+        return _guide(velocities, params, seq_of_token, counts)
 
     return x, velocity
 
