@@ -77,6 +77,12 @@ class TaylorSeer:
     interval: int = 3
     max_order: int = 6
 
+    def __post_init__(self):
+        for name, least in (("warmup", 1), ("interval", 1), ("max_order", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"TaylorSeer({name}=...) must be an int >= {least}, got {value!r}.")
+
     def start(self, timesteps: list[float], head=None) -> StepCacheRun:
         return _TaylorSeerRun(self, timesteps)
 
@@ -113,7 +119,7 @@ class _TaylorSeerRun(StepCacheRun):
     def update(self, branch, t, hidden):
         state = self._branch(branch)
         distance = state.calls - state.last_run
-        factors = [hidden.float()]
+        factors = [hidden.to(torch.float32, copy=True)]  # its own storage: not a view of all branches' output
         # Derivatives only from call warmup - 1 on, as the reference's `first_enhance - 2` test does.
         if state.calls > self.policy.warmup - 2:
             for old in state.factors[: self.policy.max_order]:
@@ -217,8 +223,7 @@ class _AdaptiveRun(StepCacheRun):
 
     def update(self, branch, t, hidden):
         state = self.branches.setdefault(branch, _NewtonBranch())
-        value = hidden.float()
-        coefficients = [value]
+        coefficients = [hidden.to(torch.float32, copy=True)]
         for k, old in enumerate(state.coefficients[: self.policy.order], start=1):
             coefficients.append((coefficients[-1] - old) / (t - state.nodes[-k]))
         state.nodes = (state.nodes + [t])[-(self.policy.order + 1):]
