@@ -177,7 +177,6 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
         text = model.config.text_config
         shard = UlyssesShard(layout.group("sp"), text.num_attention_heads, text.num_key_value_heads)
     mine = branches[cfg_rank::cfg_size]  # branch j runs on cfg group j % cfg_size
-    mine_context = BagelContext.concat(mine) if mine else None
     slots = -(-len(branches) // cfg_size)  # branches per group, the last ones padded
 
     def predict(context: BagelContext, n_branches: int, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -195,6 +194,7 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
         predict_mine = lambda x, t: torch.cat(cached(mine_ids, x, t))  # noqa: E731
         predict_full = lambda x, t: alone([0], x, t)[0]  # noqa: E731
     else:
+        mine_context = BagelContext.concat(mine) if mine else None
         predict_mine = lambda x, t: predict(mine_context, len(mine), x, t)  # noqa: E731
         predict_full = lambda x, t: predict(branches[0], 1, x, t)  # noqa: E731
 
