@@ -25,12 +25,13 @@ import torch
 
 class StepCacheRun:
     """One call's cache state, made by a policy's `start(timesteps, head)`: `timesteps` the
-    schedule's points, `head` maps a decoder output (N, hidden) to the velocity it gives. `plan(branches, t, agree)` -> the branches (a sub-list) that run the
-    decoder this step; `update(branch, t, hidden)` after a branch ran; `predict(branch, t)` for the
-    others. `agree(x)` (parallel generation) returns the maximum of the float `x` over the ranks
-    that hold the other branches, so that a decision taken on values is the same everywhere: a
-    policy calls it once in every `plan` (even with no branches) or never.
-    Counts `runs` (branch passes of the decoder) and `predictions`."""
+    schedule's points, `head` maps a decoder output (N, hidden) to the velocity it gives.
+    Each step, `plan(branches, t, agree)` returns the branches (a sub-list) that run the decoder;
+    `update(branch, t, hidden)` follows each run, `predict(branch, t)` stands in for the others.
+    `agree(x)` (parallel generation) returns the largest float `x` over the ranks that hold the
+    other branches, so that a decision taken on values is the same everywhere: a policy calls it
+    once in every `plan` (even with no branches) or never. Counts `runs` (branch passes of the
+    decoder) and `predictions`."""
 
     def __init__(self, timesteps: list[float]):
         self.timesteps = timesteps
@@ -156,8 +157,7 @@ class AdaptiveTaylor:
     last three runs, so it follows the shifted schedule's uneven spacing), and runs the decoder
     only when the extrapolation's own error estimate — how much the velocity it gives moves when
     the order drops by one, relative to its size, as an embedded Runge-Kutta pair estimates a
-    step — exceeds
-    `tolerance`. All branches of a step run or are predicted together (over every rank), so the
+    step — exceeds `tolerance`. All branches of a step run or are predicted together (over every rank), so the
     guidance combines predictions made from the same steps. `tolerance` is the one trade-off:
     larger is faster and further from the uncached result (0 runs every step)."""
 
