@@ -180,7 +180,8 @@ def main():
                    speedup_vs_1gpu=round(ref_seconds / seconds, 3),
                    mfu_per_gpu=round(ref_flops / seconds / args.gpus / PEAK_BF16_FLOPS, 3),
                    max_abs_diff_vs_1gpu=max((a - b).abs().max().item() for a, b in zip(latents, ref_latents)),
-                   max_abs_latent=max(b.abs().max().item() for b in ref_latents))  # fmt: skip
+                   max_abs_latent=max(b.abs().max().item() for b in ref_latents),
+                   bitwise_repeats=repeats_equal[id(run)])  # fmt: skip
     dist.destroy_process_group()
 
 
