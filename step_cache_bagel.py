@@ -161,7 +161,7 @@ class AdaptiveTaylor:
     guidance combines predictions made from the same steps. `tolerance` is the one trade-off:
     larger is faster and further from the uncached result (0 runs every step)."""
 
-    tolerance: float = 0.02
+    tolerance: float = 0.01
     order = 2  # not a field: quadratic did best for its decoder passes on the tiny checkpoint
 
     def __post_init__(self):

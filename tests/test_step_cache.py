@@ -107,20 +107,23 @@ def test_taylorseer_and_uncached_parity(model, special, fixture, name):
 
 
 def test_adaptive_beats_taylorseer_on_the_fixture_cases(model, special, fixture):
-    """The adaptive policy at its default tolerance runs fewer branch passes than TaylorSeer and
-    ends closer to the uncached latents, on both cases; a tighter tolerance runs more and is
-    closer still, tolerance 0 runs every step and is the uncached result."""
+    """On both cases (23 steps), the adaptive policy at tolerance 0.02 runs fewer branch passes
+    than TaylorSeer and ends closer to the uncached latents; the default (0.01) ends at most a
+    quarter of TaylorSeer's error away; a tighter tolerance runs more and is closer still;
+    tolerance 0 runs every step and is the uncached result."""
     for name in ("t2i", "edit"):
         exact = _case_latents(model, special, fixture, name, None)
         results = {}
-        for label, policy in (("taylorseer", TaylorSeer()), ("adaptive", AdaptiveTaylor()),
-                              ("tight", AdaptiveTaylor(tolerance=0.005)), ("zero", AdaptiveTaylor(tolerance=0))):  # fmt: skip
+        for label, policy in (("taylorseer", TaylorSeer()), ("default", AdaptiveTaylor()),
+                              ("0.02", AdaptiveTaylor(tolerance=0.02)), ("0.005", AdaptiveTaylor(tolerance=0.005)),
+                              ("zero", AdaptiveTaylor(tolerance=0))):  # fmt: skip
             recording = Recording(policy)
             latents = _case_latents(model, special, fixture, name, recording)
             results[label] = (recording.run.runs, recording.run.predictions, _relative(latents, exact), latents)
-        ts, ad, tight, zero = (results[k] for k in ("taylorseer", "adaptive", "tight", "zero"))
-        assert ad[0] < ts[0] and ad[2] <= ts[2], (name, ts[:3], ad[:3])
-        assert tight[0] > ad[0] and tight[2] < ad[2], (name, ad[:3], tight[:3])
+        ts, default, loose, tight, zero = (results[k] for k in ("taylorseer", "default", "0.02", "0.005", "zero"))
+        assert loose[0] < ts[0] and loose[2] <= ts[2], (name, ts[:3], loose[:3])
+        assert default[2] <= ts[2] / 4 and default[1] > 0, (name, ts[:3], default[:3])
+        assert tight[0] > loose[0] and tight[2] < loose[2], (name, loose[:3], tight[:3])
         assert zero[1] == 0 and torch.allclose(zero[3], exact, rtol=0, atol=1e-5), name
 
 
