@@ -54,6 +54,8 @@ def main():
     parser.add_argument("--upstream", default=None, help="a checkout of ByteDance-Seed/Bagel: time its TaylorSeer too")
     parser.add_argument("--upstream-path", default="site-ref", help="PYTHONPATH with the reference's transformers")
     args = parser.parse_args()
+    if args.step_cache and args.gpus > 1:
+        raise SystemExit("--step-cache times one GPU: run it without --gpus.")
     if args.upstream:  # first, while this process holds no GPU memory
         run_upstream(args)
     if args.tiny and args.size == 1024:
