@@ -59,7 +59,7 @@ def _case_latents(model, special, fixture, name: str, step_cache, **param_overri
     """generate_latents on one fixture case, as the reference built its contexts."""
     tensors, cases = fixture
     case = cases[name]
-    p = dict(case["params"], cfg_interval=tuple(case["params"]["cfg_interval"]), **param_overrides)
+    p = {**case["params"], "cfg_interval": tuple(case["params"]["cfg_interval"]), **param_overrides}
     if name == "t2i":
         full = model.add_text_tokens(model.new_context(1), [case["prompt_ids"]], special)
         cfg_text, cfg_img = model.new_context(1), full
@@ -125,6 +125,18 @@ def test_adaptive_beats_taylorseer_on_the_fixture_cases(model, special, fixture)
         assert default[2] <= ts[2] / 4 and default[1] > 0, (name, ts[:3], default[:3])
         assert tight[0] > loose[0] and tight[2] < loose[2], (name, loose[:3], tight[:3])
         assert zero[1] == 0 and torch.allclose(zero[3], exact, rtol=0, atol=1e-5), name
+
+
+def test_taylorseer_counts_each_branch_on_its_own(model, special, fixture):
+    """Guidance from t <= 0.6 on (the t2i case, 23 steps): as in the reference, the text branch
+    starts its own count when guidance starts (its calls at steps 16-22: runs 16-20, predicts 21
+    and 22) while the full branch keeps its schedule (runs 0-4, 7, ..., 22), so some steps run
+    one branch and predict the other; the latents stay within TaylorSeer's usual distance."""
+    recording = Recording(TaylorSeer())
+    cached = _case_latents(model, special, fixture, "t2i", recording, cfg_interval=(0.0, 0.6))
+    exact = _case_latents(model, special, fixture, "t2i", None, cfg_interval=(0.0, 0.6))
+    assert (recording.run.runs, recording.run.predictions) == (11 + 5, 12 + 2)
+    assert 0 < _relative(cached, exact) < 0.02
 
 
 # ----------------------------------------------------------------------------------------------
