@@ -24,6 +24,7 @@ from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .kernels_bagel import decode_attention, fuses_decode_attention
 from .modeling_siglip_navit import graph_branches
 from .processing_bagel import latent_position_ids
+from .step_cache_bagel import resolve_step_cache
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -433,6 +434,36 @@ class _DecodePool:
 _POOL_CREATION_LOCK = threading.Lock()
 
 
+class _StepCacheBranches:
+    """Velocities of guidance branches with a step cache (step_cache_bagel.py): the branches the
+    cache's `plan` picks run the decoder in one forward (their contexts concatenated once per
+    subset, for this call), the others are its predictions; the final norm and `llm2vae` then
+    run on all of them at once. `contexts`: branch index -> its context; `shard`, `agree`:
+    parallel generation's sequence shard and agreement over ranks."""
+
+    def __init__(self, model, run, contexts: dict, pos, counts, special, shard=None, agree=None):
+        self.model, self.run, self.contexts = model, run, contexts
+        self.pos, self.counts, self.special, self.shard, self.agree = pos, counts, special, shard, agree
+        self._joined: dict[tuple[int, ...], BagelContext] = {}
+
+    def __call__(self, ids: list[int], x: torch.Tensor, t: float) -> list[torch.Tensor]:
+        """(N, p*p*C) velocities of branches `ids` at latents x and time t, in that order."""
+        ran = self.run.plan(ids, t, self.agree)
+        hidden = {}
+        if ran:
+            key = tuple(ran)
+            if key not in self._joined:
+                self._joined[key] = BagelContext.concat([self.contexts[b] for b in ran])
+            out = self.model._latent_hidden(self._joined[key], x, t, self.pos, self.counts, len(ran), self.special,
+                                            self.shard, final_norm=False)  # fmt: skip
+            for b, part in zip(ran, out.chunk(len(ran))):
+                self.run.update(b, t, part)
+                hidden[b] = part
+        dtype = self.model.get_input_embeddings().weight.dtype  # the decoder's, as computed rows have it
+        rows = [hidden[b] if b in hidden else self.run.predict(b, t).to(dtype) for b in ids]
+        return list(self.model._velocity_head(torch.cat(rows)).chunk(len(ids)))
+
+
 # ----------------------------------------------------------------------------------------------
 # The mixin: context operations and generation on BagelForUnifiedMultimodal
 # ----------------------------------------------------------------------------------------------
@@ -462,9 +493,11 @@ class BagelGenerationMixin:
         gen_index: torch.Tensor | None = None,
         store: bool = True,
         shard=None,
+        final_norm: bool = True,
     ) -> tuple[torch.Tensor, BagelContext | None]:
         """Run new tokens (packed, sequence after sequence) against the context.
-        Returns the last hidden state (N, hidden) and, with `store`, the extended context.
+        Returns the last hidden state (N, hidden) (before the final norm without `final_norm`)
+        and, with `store`, the extended context.
         `shard` (parallel_bagel's sequence parallelism, without `store`) runs only this rank's
         slice of the new tokens and gathers the hidden states of all of them."""
         if len(new_lengths) != context.batch_size:
@@ -475,7 +508,7 @@ class BagelGenerationMixin:
         else:
             embeds, position_ids, gen_index, step = shard.local(context, embeds, new_lengths, position_ids, gen_index)
         route = TokenRoute(embeds.shape[0], gen_index)
-        hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step)
+        hidden = self.model.language_model.model(embeds, position_ids, plan, route, cache=step, final_norm=final_norm)
         if shard is not None:
             hidden = shard.gather(hidden)
         if not store:
@@ -757,11 +790,15 @@ class BagelGenerationMixin:
         generator: torch.Generator | None = None,
         progress: bool = False,
         parallel=None,
+        step_cache=None,
     ) -> list[torch.Tensor]:
         """Flow-matching sampling of one image per sequence. `image_sizes` are (height, width) in
         pixels; returns the final latent tokens (h*w, p*p*C) of each sequence. `parallel` spreads
         the guidance branches and the latent tokens over processes (see parallel_bagel.py); every
-        process then returns the same latents."""
+        process then returns the same latents. `step_cache` ("taylorseer", "adaptive" or a policy
+        of step_cache_bagel.py) predicts some steps' decoder output instead of computing it; its
+        state lives for this call only."""
+        policy = resolve_step_cache(step_cache)
         self._require_generation()
         device = self._main_device()
         grids = [self._latent_grid(h, w) for h, w in image_sizes]
@@ -777,27 +814,44 @@ class BagelGenerationMixin:
         guided = params.cfg_text_scale > 1.0
         branches = [context] + ([cfg_text_context] if guided else [])
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
-        if parallel is None:
-            velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token)
-        else:
-            from .parallel_bagel import parallel_velocity
-
-            x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token)
         timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
-        steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
-        if progress:
-            from tqdm.auto import tqdm
+        dtype = self.get_input_embeddings().weight.dtype
+        run = policy.start(timesteps, lambda hidden: self._velocity_head(hidden.to(dtype))) if policy else None
+        try:
+            if parallel is None:
+                velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token, run)
+            else:
+                from .parallel_bagel import parallel_velocity
 
-            steps = tqdm(steps, desc="Denoising", total=len(steps))
-        for i in steps:
-            t = timesteps[i]
-            use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
-            x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
+                x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token,
+                                                run)  # fmt: skip
+            steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
+            if progress:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(steps, desc="Denoising", total=len(steps))
+            for i in steps:
+                t = timesteps[i]
+                use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
+                x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
+        finally:
+            if run is not None:  # its tensors go now, even if something still holds the run
+                run.close()
         return list(x.split(counts))
 
-    def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token):
+    def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None):
         """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
-        forward for all) combined by `_guide`, else the full-context branch alone."""
+        forward for all) combined by `_guide`, else the full-context branch alone. `run`: a step
+        cache's state (step_cache_bagel.py), consulted per step and branch."""
+        if run is not None:
+            cached = _StepCacheBranches(self, run, dict(enumerate(branches)), pos, counts, special)
+
+            def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
+                if not use_cfg:
+                    return cached([0], x, t)[0]
+                return _guide(cached(list(range(len(branches))), x, t), params, seq_of_token, counts)
+
+            return velocity
         all_branches = BagelContext.concat(branches)
 
         def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
@@ -805,7 +859,7 @@ class BagelGenerationMixin:
                 return self._predict_velocity(branches[0], x, t, pos, counts, 1, special)
             n = len(branches)
             velocities = self._predict_velocity(all_branches, x, t, pos, counts, n, special).chunk(n)
-            return _guide(velocities, params, seq_of_token, len(counts))
+            return _guide(velocities, params, seq_of_token, counts)
 
         return velocity
 
@@ -813,6 +867,15 @@ class BagelGenerationMixin:
         """One flow step's velocity for every sequence of `context`: the latents x (N, p*p*C) of
         the B images, repeated for each of the `n_branches` guidance branches (B sequences each).
         `shard`: sequence parallelism (`_forward_step`)."""
+        return self.model.llm2vae(self._latent_hidden(context, x, t, pos, counts, n_branches, special, shard)).float()
+
+    def _velocity_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Latent tokens' decoder output before the final norm (N, hidden) -> velocity (N, p*p*C)."""
+        return self.model.llm2vae(self.model.language_model.model.norm_moe_gen(hidden)).float()
+
+    def _latent_hidden(self, context, x, t, pos, counts, n_branches, special, shard=None, final_norm=True):
+        """The decoder's output (N * n_branches, hidden) for the latent tokens of `_predict_velocity`,
+        after the final norm or, without `final_norm`, before it."""
         x_all, pos_all = x.repeat(n_branches, 1), pos.repeat(n_branches)
         timestep = torch.full((x_all.shape[0],), t, device=x.device)
         latents = self.model.embed_latent_tokens(x_all, timestep, pos_all)
@@ -820,8 +883,8 @@ class BagelGenerationMixin:
         lengths = [n + 2 for n in counts * n_branches]
         positions = self._block_positions(context, lengths, x.device)
         hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False,
-                                       shard=shard)  # fmt: skip
-        return self.model.llm2vae(hidden[gen_rows]).float()
+                                       shard=shard, final_norm=final_norm)  # fmt: skip
+        return hidden[gen_rows]
 
     @torch.no_grad()
     def decode_latents(self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -865,6 +928,7 @@ class BagelGenerationMixin:
         processor=None,
         parallel=None,
         streamer=None,
+        step_cache=None,
     ) -> list:
         """The reference's interleaved inference: `inputs` is a list of strings and PIL images (or a
         list of such lists, all of the same shape, for a batch). Returns what the model produces:
@@ -876,7 +940,10 @@ class BagelGenerationMixin:
         uses seed + i) makes sampling reproducible and independent of batching. `parallel`
         ("batch", "cfg", "sp" or a dict of sizes, in a torchrun launch) spreads the work over
         processes; see parallel_bagel.py. `streamer` (one request) gets the generated text as it
-        is decoded (see `generate_text_ids`)."""
+        is decoded (see `generate_text_ids`). `step_cache` ("taylorseer", "adaptive" or a policy of
+        step_cache_bagel.py): predict some denoising steps instead of computing them (README,
+        "Faster generation")."""
+        resolve_step_cache(step_cache)  # its own check, before any work
         processor = self._processor(processor)
         if not isinstance(inputs, (list, tuple)):
             raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
@@ -893,7 +960,7 @@ class BagelGenerationMixin:
                     requests, understanding_output=understanding_output, think=think, max_new_tokens=max_new_tokens,
                     do_sample=do_sample, temperature=temperature, top_p=top_p, height=height, width=width,
                     params=params, seed=seeds, progress=progress, processor=processor, parallel=inner,
-                    streamer=streamer)  # fmt: skip
+                    streamer=streamer, step_cache=step_cache)  # fmt: skip
                 outputs = parallel.run_requests(run, batch, seed)
                 return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
@@ -945,7 +1012,7 @@ class BagelGenerationMixin:
             grids = [self._latent_grid(h, w) for h, w in sizes]
             noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
         latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress,
-                                        parallel=parallel)  # fmt: skip
+                                        parallel=parallel, step_cache=step_cache)  # fmt: skip
         from .processing_bagel import tensor_to_image
 
         for out, image in zip(outputs, self.decode_latents(latents, sizes)):
@@ -971,7 +1038,7 @@ class BagelGenerationMixin:
                        num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                        cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
                        timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
-                       processor=None, parallel=None, streamer=None, do_sample: bool = False,
+                       processor=None, parallel=None, step_cache=None, streamer=None, do_sample: bool = False,
                        temperature: float = 0.3):  # fmt: skip
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
         with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking,
@@ -979,13 +1046,14 @@ class BagelGenerationMixin:
         it is decoded (one request; see `chat`).
         `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
         BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
-        `parallel`: several GPUs (README, "Several GPUs")."""
+        `parallel`: several GPUs (README, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
+        or a policy object (README, "Faster generation")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel, streamer=streamer, do_sample=do_sample,
+                              parallel=parallel, step_cache=step_cache, streamer=streamer, do_sample=do_sample,
                               temperature=temperature)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
@@ -993,13 +1061,13 @@ class BagelGenerationMixin:
     def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
                    cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   max_think_tokens: int = 1000, processor=None, parallel=None, streamer=None,
+                   max_think_tokens: int = 1000, processor=None, parallel=None, step_cache=None, streamer=None,
                    do_sample: bool = False, temperature: float = 0.3):  # fmt: skip
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
         a batch. `num_steps` is the number of denoising steps (model evaluations). With `think`:
         `streamer`, `do_sample` and `temperature` as `generate_image`'s. `parallel`: several GPUs
-        (README, "Several GPUs")."""
+        (README, "Several GPUs"). `step_cache`: as in `generate_image`."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
@@ -1007,7 +1075,7 @@ class BagelGenerationMixin:
             raise ValueError("edit_image takes exactly one image per prompt.")
         out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel, streamer=streamer, do_sample=do_sample,
+                              parallel=parallel, step_cache=step_cache, streamer=streamer, do_sample=do_sample,
                               temperature=temperature)  # fmt: skip
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
@@ -1156,28 +1224,33 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gener
     return torch.cat(rows)
 
 
-def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-sequence L2 norm over all elements, broadcast back to tokens: (N, 1)."""
-    sq = torch.zeros(batch, device=v.device, dtype=v.dtype).index_add_(0, seq_of_token, v.pow(2).sum(-1))
-    return sq.sqrt()[seq_of_token][:, None]
+def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-sequence L2 norm over all elements, broadcast back to tokens: (N, 1). One reduction per
+    sequence (its `counts` tokens are contiguous), not index_add_: on the GPU that sums with
+    atomics, in an order that changes from call to call, and a last-bit change of the norm can
+    flip a bf16 rounding in the next step and grow from there (the same seed, another image)."""
+    squares = v.pow(2).sum(-1)
+    sums = torch.stack([part.sum() for part in squares.split(counts)])
+    return sums.sqrt()[seq_of_token][:, None]
 
 
-def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, params, seq_of_token, batch):
+def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, params, seq_of_token, counts):
     """Scale `guided` so its norm does not exceed the unguided one (clamped to [renorm_min, 1])."""
     if per_token:
         norm_ref, norm_guided = reference.norm(dim=-1, keepdim=True), guided.norm(dim=-1, keepdim=True)
     else:
-        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, batch), _segment_norm(guided, seq_of_token, batch)
+        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, counts), _segment_norm(guided, seq_of_token, counts)
     return guided * (norm_ref / (norm_guided + 1e-8)).clamp(min=params.cfg_renorm_min, max=1.0)
 
 
-def _guide(velocities, params: GuidanceParams, seq_of_token: torch.Tensor, batch: int) -> torch.Tensor:
-    """Combine the branch velocities as the reference does (text, then image guidance, renorm)."""
+def _guide(velocities, params: GuidanceParams, seq_of_token: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Combine the branch velocities as the reference does (text, then image guidance, renorm).
+    `counts`: latent tokens of each sequence, `seq_of_token` (N,) the sequence of each token."""
     v, v_text = velocities[0], velocities[1]
     v_img = velocities[2] if len(velocities) > 2 else None
     guided_text = v_text + params.cfg_text_scale * (v - v_text)
     if params.cfg_renorm_type == "text_channel":
-        guided_text = _renorm(v, guided_text, True, params, seq_of_token, batch)
+        guided_text = _renorm(v, guided_text, True, params, seq_of_token, counts)
         return guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
     guided = guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
-    return _renorm(v, guided, params.cfg_renorm_type == "channel", params, seq_of_token, batch)
+    return _renorm(v, guided, params.cfg_renorm_type == "channel", params, seq_of_token, counts)

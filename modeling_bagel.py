@@ -234,9 +234,12 @@ class Qwen2MoTModel(nn.Module):
         plan: AttentionPlan,
         route: TokenRoute,
         cache=None,
+        final_norm: bool = True,
     ) -> torch.Tensor:
         """inputs_embeds (N, hidden), position_ids (N,) -> last hidden state (N, hidden), after the
-        final norm of each token's side. The layers see the tokens in route order."""
+        final norm of each token's side (before it with `final_norm=False`: what a step cache
+        keeps, step_cache_bagel.py). The layers see the tokens in route order. `cache`: the KV
+        cache's step, whose `attend(layer_idx, q, k, v, plan)` each layer's attention calls."""
         cos, sin = rotary_cos_sin(route.sort(position_ids), self.head_dim, self.rope_theta)
         rotary = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         x = route.sort(inputs_embeds)
@@ -244,6 +247,8 @@ class Qwen2MoTModel(nn.Module):
             plan = plan.in_storage_order(route.inverse)
         for layer in self.layers:
             x = layer(x, rotary, plan, route, cache)
+        if not final_norm:
+            return route.unsort(x)
         return route.unsort(route(x, self.norm, getattr(self, "norm_moe_gen", None)))
 
 

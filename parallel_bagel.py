@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .generation_bagel import BagelContext, _CacheStep, _guide, _request_seeds
+from .generation_bagel import BagelContext, _CacheStep, _guide, _request_seeds, _StepCacheBranches
 
 MESH_DIMS = ("batch", "cfg", "sp")
 _MESHES: dict = {}  # (device type, sizes) -> DeviceMesh: its process groups are made once per job
@@ -161,9 +161,13 @@ def _init_distributed(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, counts, special, params, seq_of_token):
+def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, counts, special, params, seq_of_token,
+                      run=None):  # fmt: skip
     """`generate_latents`'s `velocity(x, t, use_cfg)` over the cfg x sp ranks of this rank's batch
-    group, and the starting latents x (N, p*p*C) as all ranks of the group share them."""
+    group, and the starting latents x (N, p*p*C) as all ranks of the group share them. `run`: a
+    step cache's state, this rank's own: it caches the branches this rank runs (an sp group's
+    ranks hold the same gathered outputs, so they plan alike; a plan taken on values is agreed
+    over the cfg group)."""
     layout = ParallelLayout.of(parallel, x.device)
     x = layout.broadcast_from_first(x.contiguous())
     cfg_group, cfg_rank, cfg_size = layout.group("cfg"), layout.rank("cfg"), layout.size("cfg")
@@ -173,23 +177,40 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
         text = model.config.text_config
         shard = UlyssesShard(layout.group("sp"), text.num_attention_heads, text.num_key_value_heads)
     mine = branches[cfg_rank::cfg_size]  # branch j runs on cfg group j % cfg_size
-    mine_context = BagelContext.concat(mine) if mine else None
     slots = -(-len(branches) // cfg_size)  # branches per group, the last ones padded
 
     def predict(context: BagelContext, n_branches: int, x: torch.Tensor, t: float) -> torch.Tensor:
         return model._predict_velocity(context, x, t, pos, counts, n_branches, special, shard=shard)
 
+    if run is not None:
+        def agree(value: float) -> float:  # the largest over the cfg group (its ranks plan the same step)
+            box = torch.tensor([value], dtype=torch.float64, device=x.device)
+            dist.all_reduce(box, op=dist.ReduceOp.MAX, group=cfg_group)
+            return box.item()
+
+        mine_ids = list(range(cfg_rank, len(branches), cfg_size))
+        cached = _StepCacheBranches(model, run, dict(enumerate(branches)), pos, counts, special, shard, agree)
+        alone = _StepCacheBranches(model, run, {0: branches[0]}, pos, counts, special, shard)  # rank 0 only
+        predict_mine = lambda x, t: torch.cat(cached(mine_ids, x, t))  # noqa: E731
+        predict_full = lambda x, t: alone([0], x, t)[0]  # noqa: E731
+    else:
+        mine_context = BagelContext.concat(mine) if mine else None
+        predict_mine = lambda x, t: predict(mine_context, len(mine), x, t)  # noqa: E731
+        predict_full = lambda x, t: predict(branches[0], 1, x, t)  # noqa: E731
+
     def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
         if not use_cfg:
-            v = predict(branches[0], 1, x, t) if cfg_rank == 0 else torch.empty_like(x)
+            v = predict_full(x, t) if cfg_rank == 0 else torch.empty_like(x)
             dist.broadcast(v, first_of_cfg, group=cfg_group)
             return v
-        local = predict(mine_context, len(mine), x, t) if mine else x.new_zeros(0, x.shape[1])
+        if not mine and run is not None:
+            run.plan([], t, agree)  # no branch here, but a plan taken on values needs every rank's word
+        local = predict_mine(x, t) if mine else x.new_zeros(0, x.shape[1])
         local = F.pad(local, (0, 0, 0, slots * x.shape[0] - local.shape[0]))
         gathered = [torch.empty_like(local) for _ in range(cfg_size)]
         dist.all_gather(gathered, local, group=cfg_group)
         velocities = [gathered[j % cfg_size].chunk(slots)[j // cfg_size] for j in range(len(branches))]
-        return _guide(velocities, params, seq_of_token, len(counts))
+        return _guide(velocities, params, seq_of_token, counts)
 
     return x, velocity
 

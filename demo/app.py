@@ -44,6 +44,7 @@ ASPECT_RATIOS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "
 RENORM_TYPES = ["global", "channel", "text_channel"]
 MAX_IMAGES = 4  # images a prompt: one batch
 MAX_SEED = 1_000_000
+STEP_CACHES = ["taylorseer", "adaptive"]  # generate_image's step_cache names (README, "Faster generation")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class BagelDemo:
         self.model = model
         self.tokenizer = model.processor.tokenizer
         self.can_generate = bool(model.config.visual_gen)
-        # The step cache (issue 27) where this version of the model has one.
+        # The step cache where this version of the model has one (generate_image's `step_cache`).
         self.step_cache = can_generate_with(model, "step_cache")
         self.load_line = load_line
         if self.can_generate:
@@ -341,9 +342,9 @@ class BagelDemo:
                                            info="model evaluations (the reference's timesteps count one more)")
                 k["timestep_shift"] = gr.Slider(1.0, shift_max, value=3.0, step=0.5, label="Timestep shift",
                                                 elem_id=f"{tab}-shift", info="higher for layout, lower for detail")
-                k["step_cache"] = gr.Dropdown(["off", "taylorseer"], value="off", label="Step cache", allow_custom_value=True,
+                k["step_cache"] = gr.Dropdown(["off", *STEP_CACHES], value="off", label="Step cache",
                                               visible=self.step_cache, elem_id=f"{tab}-step-cache",
-                                              info="skip decoder work on some steps (faster, approximate)")
+                                              info="predict the decoder on some steps: faster, approximate")
             with gr.Group(visible=False) as thinking_knobs:
                 with gr.Row():
                     k["do_sample"] = gr.Checkbox(label="Sampling", value=False, elem_id=f"{tab}-sample",

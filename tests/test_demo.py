@@ -296,6 +296,15 @@ def test_text_to_image_tab(page, tiny, artefacts):
     reproduced = run_code(code_of(page, "history-code"), model)["image"]  # the batch's first picture, alone
     assert close(picture(reproduced), pair[0])
     page.keyboard.press("Escape")
+
+    if page.locator("#t2i-step-cache").is_visible():  # where the model has a step cache (generate_image's step_cache)
+        choose(page, "t2i-step-cache", "taylorseer")
+        run_image_tab(page, "t2i", 1)
+        code = code_of(page, "t2i-code")
+        assert "step_cache='taylorseer'" in code and "seed=9" in code
+        (cached,) = shown_images(page, "t2i-gallery")
+        assert same(cached, picture(run_code(code, model)["image"])) and not same(cached, other)
+        choose(page, "t2i-step-cache", "off")
     snapshot(page, artefacts / "text-to-image.png")
 
 
@@ -435,30 +444,32 @@ def test_two_requests_at_once_both_answer(browser, server):
 
 def test_step_cache_control_follows_the_model(app, tiny):
     """The step-cache control is there only where generate_image takes `step_cache`, and its value
-    reaches the call."""
+    reaches the call: the picture is the cached call's."""
     import inspect
 
     model, _ = tiny
-    assert app.BagelDemo(model).step_cache == ("step_cache" in inspect.signature(model.generate_image).parameters)
+    has_cache = "step_cache" in inspect.signature(model.generate_image).parameters
+    assert app.BagelDemo(model).step_cache == has_cache
 
-    calls = []
-
-    class WithCache:  # a model whose generate_image has the argument
+    class WithoutCache:  # a model version whose generate_image has no step cache
         def __getattr__(self, name):
             return getattr(model, name)
 
-        def generate_image(self, *args, step_cache=None, **kwargs):
-            calls.append(step_cache)
-            return model.generate_image(*args, **kwargs)
+        def generate_image(self, prompt, **kwargs):
+            return model.generate_image(prompt, **kwargs)
 
-    demo = app.BagelDemo(WithCache())
-    assert demo.step_cache
+    assert not app.BagelDemo(WithoutCache()).step_cache
+    if not has_cache:
+        return
+    demo = app.BagelDemo(model)
     knobs = dict(count=1, think=False, seed=1, ratio="1:1", cfg_text_scale=4.0, cfg_interval_start=0.4,
-                 cfg_renorm_type="global", cfg_renorm_min=0.0, num_steps=2, timestep_shift=3.0, do_sample=False,
+                 cfg_renorm_type="global", cfg_renorm_min=0.0, num_steps=12, timestep_shift=3.0, do_sample=False,
                  max_think_tokens=64, temperature=0.3, history=[])  # fmt: skip
-    *_, (_, _, code, _) = demo.text_to_image("a cat", step_cache="taylorseer", **knobs)
-    *_, (_, _, plain_code, _) = demo.text_to_image("a cat", step_cache="off", **knobs)
-    assert calls == ["taylorseer", None] and "step_cache='taylorseer'" in code and "step_cache" not in plain_code
+    for name in app.STEP_CACHES:
+        *_, (_, [(image, _)], code, _) = demo.text_to_image("a cat", step_cache=name, **knobs)
+        assert f"step_cache={name!r}" in code and same(image, run_code(code, model)["image"])
+    *_, (_, [(plain, _)], plain_code, _) = demo.text_to_image("a cat", step_cache="off", **knobs)
+    assert "step_cache" not in plain_code and not same(plain, image)  # the cache changed the picture
 
 
 def test_handlers_refuse_bad_input_by_message(app, tiny):

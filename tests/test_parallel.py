@@ -19,6 +19,7 @@ from conftest import assert_close
 
 from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
 from bagel_remote.parallel_bagel import BagelParallel, ParallelLayout, ulysses_kv_heads
+from bagel_remote.step_cache_bagel import AdaptiveTaylor
 
 SPECIAL = SpecialTokenIds(10, 11, 12, 13)  # tiny-a's ids
 PROMPTS = [[272, 115, 200, 48, 82, 271], [185, 28, 161, 276, 94, 17, 3, 250, 99]]
@@ -80,7 +81,7 @@ def _t2i(model, rank: int, layouts: list, batch: int) -> dict:
     return out
 
 
-def _edit(model, rank: int, layouts: list) -> dict:
+def _edit(model, rank: int, layouts: list, steps: int = 3, step_cache=None) -> dict:
     """Editing latents (three branches: full, without the text, without the image; guided on every
     step, text_channel renorm) for a batch of two."""
     g = torch.Generator().manual_seed(0)
@@ -90,10 +91,10 @@ def _edit(model, rank: int, layouts: list) -> dict:
     cfg_img = model.add_text_tokens(model.new_context(2), PROMPTS, SPECIAL)
     sizes = [(64, 64), (32, 48)]
     noise = [_noise(model, h // 16, w // 16, 21 + i) for i, (h, w) in enumerate(sizes)]
-    params = GuidanceParams(num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+    params = GuidanceParams(num_timesteps=steps + 1, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                             cfg_renorm_type="text_channel")  # fmt: skip
     run = lambda parallel: model.generate_latents(full, image_ctx, cfg_img, sizes, SPECIAL, params, init_noise=noise,  # noqa: E731
-                                                  parallel=parallel)  # fmt: skip
+                                                  parallel=parallel, step_cache=step_cache)  # fmt: skip
     out = {str(layout): run(layout) for layout in layouts}
     if rank == 0:
         out["single"] = run(None)
@@ -152,6 +153,12 @@ CASES = {
         "edit": _edit(model, rank, [BagelParallel(cfg=2, sp=2), BagelParallel(batch=2, cfg=2)]),
     },
     "api": _api,
+    # 9 steps: the reference's TaylorSeer runs steps 0-4 and 7 and predicts 5, 6 and 8; cfg 4 leaves
+    # a rank without a branch, which still takes part in the adaptive policy's agreement.
+    "cache": lambda model, rank: {
+        name: _edit(model, rank, [BagelParallel(cfg=2, sp=2), BagelParallel(cfg=4)], steps=9, step_cache=policy)
+        for name, policy in (("taylorseer", "taylorseer"), ("adaptive", AdaptiveTaylor(tolerance=0.05)), ("none", None))
+    },
 }
 
 
@@ -216,6 +223,23 @@ def test_sequence_parallel_four_ranks_with_cfg(tmp_path, model):
             _assert_same_on_every_rank(per_case, key)
             for a, b in zip(per_case[0][key], per_case[0]["single"]):
                 assert_close(a, b, 1e-5, f"{case} {key}")
+
+
+def test_step_caches_over_cfg_and_sequence_parallel_ranks(tmp_path, model):
+    """Editing with each step cache on cfg 2 x sp 2 and on cfg 4 (a rank without a branch): every
+    rank keeps its own branches' caches and gets one process's result with the same cache, to
+    float32 rounding (so the same steps were predicted), bitwise alike on every rank."""
+    results = _run_ranks(tmp_path, model, 4, "cache")
+    keys = [str(BagelParallel(cfg=2, sp=2)), str(BagelParallel(cfg=4))]
+    for name in ("taylorseer", "adaptive", "none"):
+        per_cache = [r[name] for r in results]
+        for key in keys:
+            _assert_same_on_every_rank(per_cache, key)
+            for a, b in zip(per_cache[0][key], per_cache[0]["single"]):
+                assert_close(a, b, 1e-5, f"{name} {key}")
+    for name in ("taylorseer", "adaptive"):  # the caches did predict: not the uncached latents
+        cached, exact = results[0][name]["single"], results[0]["none"]["single"]
+        assert max((a - b).abs().max().item() for a, b in zip(cached, exact)) > 1e-4, name
 
 
 # ----------------------------------------------------------------------------------------------
