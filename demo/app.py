@@ -133,7 +133,8 @@ def user_errors(fn):
             raise gr.Error(str(e), title="Invalid input") from None
         except torch.OutOfMemoryError:
             logger.exception("out of memory")
-            raise gr.Error("Out of memory: try fewer images, a smaller aspect ratio or fewer thinking tokens.") from None
+            raise gr.Error("Out of memory: try fewer images, a smaller aspect ratio or fewer thinking tokens.",
+                           title="Out of memory") from None  # fmt: skip
         except Exception as e:
             logger.exception("request failed")
             raise gr.Error(f"The model failed ({type(e).__name__}: {e}). Details are in the server log.") from None
@@ -213,7 +214,8 @@ class BagelDemo:
         if self.can_generate:
             # generate_image's default size: the largest the checkpoint generates (1024 for BAGEL-7B-MoT).
             self.stride = model.vae.downsample * model.config.latent_patch_size
-            self.long_side = min(model.processor.vae_max_size // self.stride, model.config.max_latent_size) * self.stride
+            side = min(model.processor.vae_max_size // self.stride, model.config.max_latent_size)
+            self.long_side = side * self.stride
 
     def image_size(self, ratio: str) -> tuple[int, int]:
         """(height, width) of an aspect ratio, the long side the largest the checkpoint generates."""
@@ -244,9 +246,10 @@ class BagelDemo:
         if image is None:
             raise gr.Error("Upload an image to edit first.", title="No image")
         prompt = check_prompt(prompt)
-        kwargs = dict(num_steps=int(num_steps), cfg_text_scale=float(cfg_text_scale), cfg_img_scale=float(cfg_img_scale),
-                      cfg_interval=(float(cfg_interval_start), 1.0), cfg_renorm_type=cfg_renorm_type,
-                      cfg_renorm_min=float(cfg_renorm_min), timestep_shift=float(timestep_shift))  # fmt: skip
+        kwargs = dict(num_steps=int(num_steps), cfg_text_scale=float(cfg_text_scale),
+                      cfg_img_scale=float(cfg_img_scale), cfg_interval=(float(cfg_interval_start), 1.0),
+                      cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=float(cfg_renorm_min),
+                      timestep_shift=float(timestep_shift))  # fmt: skip
         yield from self._generate("edit_image", [image], prompt, count, think, seed, kwargs, step_cache, do_sample,
                                   max_think_tokens, temperature, history)  # fmt: skip
 
@@ -282,9 +285,12 @@ class BagelDemo:
             caption = f"{'edit' if images else 'text'} · seed {seed + i}"  # the rest is in its code
             new.append(Result(picture, caption, code))
         history = history + new
-        code = new[0].code if not batch else as_code(
-            method, ([f"[image] * {count}"] if images else []) + [f"[{prompt!r}] * {count}"], dict(kwargs, seed=seed),
-            "results", self.load_line) + f"\n# request i uses seed {seed} + i: as alone, up to float rounding"  # fmt: skip
+        if batch:  # the batch's call; each picture's own (seed + i) is in the gallery
+            batch_args = ([f"[image] * {count}"] if images else []) + [f"[{prompt!r}] * {count}"]
+            code = as_code(method, batch_args, dict(kwargs, seed=seed), "results", self.load_line)
+            code += f"\n# request i uses seed {seed} + i: as alone, up to float rounding"
+        else:
+            code = new[0].code
         thinking = "\n\n".join(thoughts)
         yield thinking, [(r.image, r.caption) for r in new], code, history
 
@@ -297,7 +303,9 @@ class BagelDemo:
         if do_sample:
             kwargs.update(temperature=float(temperature), seed=resolve_seed(seed))
         code = as_code("chat", ["image", repr(prompt)], kwargs, "answer", self.load_line)
-        call = lambda streamer: self.model.chat(image, prompt, streamer=streamer, **kwargs)  # noqa: E731
+        def call(streamer):
+            return self.model.chat(image, prompt, streamer=streamer, **kwargs)
+
         for text, answer in streamed(call, self.tokenizer, True):
             yield (text if answer is None else answer), code
 
@@ -319,22 +327,25 @@ class BagelDemo:
                 k["seed"] = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed", elem_id=f"{tab}-seed",
                                       info="0 for a random seed (shown with the result), positive to reproduce")
                 if tab == "t2i":
-                    k["ratio"] = gr.Dropdown(list(ASPECT_RATIOS), value="1:1", label="Aspect ratio", elem_id="t2i-ratio",
+                    k["ratio"] = gr.Dropdown(list(ASPECT_RATIOS), value="1:1", label="Aspect ratio",
+                                             elem_id="t2i-ratio",
                                              info=f"width:height, the longer side {self.long_side}")  # fmt: skip
                 k["count"] = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id=f"{tab}-count",
                                        info="images a prompt, generated as one batch (seeds seed, seed + 1, ...)")
             with gr.Row():
                 k["cfg_text_scale"] = gr.Slider(1.0, 8.0, value=4.0, step=0.1, label="Text guidance",
-                                                elem_id=f"{tab}-cfg-text", info="how strongly the image follows the prompt")
+                                                elem_id=f"{tab}-cfg-text",
+                                                info="how strongly the image follows the prompt")
                 if img_scale:
                     k["cfg_img_scale"] = gr.Slider(1.0, 4.0, value=2.0, step=0.1, label="Image guidance",
                                                    elem_id=f"{tab}-cfg-img",
                                                    info="how much of the input image's detail is kept")
-                k["cfg_interval_start"] = gr.Slider(0.0, 1.0, value=interval_start, step=0.1, label="Guidance interval start",
-                                                    elem_id=f"{tab}-cfg-interval", info="guidance applies for t in (start, 1]")
+                k["cfg_interval_start"] = gr.Slider(0.0, 1.0, value=interval_start, step=0.1,
+                                                    label="Guidance interval start", elem_id=f"{tab}-cfg-interval",
+                                                    info="guidance applies for t in (start, 1]")
             with gr.Row():
-                k["cfg_renorm_type"] = gr.Dropdown(RENORM_TYPES, value=renorm, label="Renorm type", elem_id=f"{tab}-renorm",
-                                                   info="if the image is blurry, use 'global'")
+                k["cfg_renorm_type"] = gr.Dropdown(RENORM_TYPES, value=renorm, label="Renorm type",
+                                                   elem_id=f"{tab}-renorm", info="if the image is blurry, use 'global'")
                 k["cfg_renorm_min"] = gr.Slider(0.0, 1.0, value=0.0, step=0.1, label="Renorm min",
                                                 elem_id=f"{tab}-renorm-min", info="1.0 disables renormalisation")
             with gr.Row():
@@ -359,15 +370,16 @@ class BagelDemo:
         edit = tab == "edit"
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Input image", type="pil", image_mode=None, format="png", sources=["upload", "clipboard"],
-                                 elem_id="edit-input") if edit else None  # fmt: skip
+                image = gr.Image(label="Input image", type="pil", image_mode=None, format="png",
+                                 sources=["upload", "clipboard"], elem_id="edit-input") if edit else None  # fmt: skip
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt",
                                     placeholder="What to change" if edit else "What to draw")
                 think = gr.Checkbox(label="Thinking", value=False, elem_id=f"{tab}-think",
                                     info="the model writes a plan first")
                 button = gr.Button("Edit" if edit else "Generate", variant="primary", elem_id=f"{tab}-run")
-                knobs, thinking_knobs = self._image_knobs(tab, 0.0 if edit else 0.4, "text_channel" if edit else "global",
-                                                          img_scale=edit, shift_max=10.0 if edit else 5.0)  # fmt: skip
+                knobs, thinking_knobs = self._image_knobs(
+                    tab, 0.0 if edit else 0.4, "text_channel" if edit else "global", img_scale=edit,
+                    shift_max=10.0 if edit else 5.0)  # fmt: skip
             with gr.Column():
                 thinking = gr.Textbox(label="Thinking", lines=4, visible=False, elem_id=f"{tab}-thinking")
                 gallery = gr.Gallery(label="Result", format="png", columns=2, height=360, preview=False,
@@ -418,7 +430,8 @@ class BagelDemo:
             history = gr.State([])
             # The results of both image tabs, shown below the tabs (rendered there).
             history_gallery = gr.Gallery(label="Results so far (newest first; select one for its code)", format="png",
-                                         columns=6, height=300, preview=False, fit_columns=False, elem_id="history", render=False)  # fmt: skip
+                                         columns=6, height=300, preview=False, fit_columns=False, elem_id="history",
+                                         render=False)  # fmt: skip
             history_code = gr.Code(label="As code (selected result)", language="python", elem_id="history-code",
                                    render=False)  # fmt: skip
             with gr.Tabs():
@@ -447,7 +460,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
     parser.add_argument("--model", default=env("BAGEL_MODEL", TINY),
-                        help="Hub id or directory of a BAGEL checkpoint (default: a tiny random one, for trying the app)")
+                        help="Hub id or directory of a BAGEL checkpoint (default: a tiny random one, to try the app)")
     parser.add_argument("--quantization", choices=list(QUANTIZATION), default=env("BAGEL_QUANTIZATION") or None,
                         help="load quantized: nf4 (bitsandbytes), int8 (torchao weight-only), float8 (torchao)")
     parser.add_argument("--stage", type=int, choices=[1, 2], default=int(env("BAGEL_STAGE", 0)) or None,

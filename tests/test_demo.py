@@ -89,7 +89,8 @@ def server(app, artefacts, request):
         request.getfixturevalue("tiny")  # loaded here while the server starts
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"demo/app.py exited with {proc.returncode}: {(artefacts / 'server.log').read_text()[-3000:]}")
+                log_tail = (artefacts / "server.log").read_text()[-3000:]
+                pytest.fail(f"demo/app.py exited with {proc.returncode}: {log_tail}")
             if time.perf_counter() - start > 120:
                 pytest.fail("demo/app.py did not answer within 120 s")
             try:
@@ -385,7 +386,8 @@ def test_edit_tab(page, tiny, images, artefacts):
         upload(page, "edit-input", images[mode])
         run_image_tab(page, "edit", 1)
         (result,) = shown_images(page, "edit-gallery")
-        assert same(result, picture(run_code(code_of(page, "edit-code"), model, image=Image.open(images[mode]))["image"]))
+        expected = run_code(code_of(page, "edit-code"), model, image=Image.open(images[mode]))["image"]
+        assert same(result, picture(expected))
     for bad in ("1x1", "huge"):
         upload(page, "edit-input", images[bad])
         page.click("#edit-run")
