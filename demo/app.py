@@ -282,7 +282,8 @@ class BagelDemo:
         new = []
         for i, picture in enumerate(pictures):  # request i of a batch is seed + i (alone: the same up to rounding)
             code = as_code(method, args + [repr(prompt)], dict(kwargs, seed=seed + i), target, self.load_line)
-            caption = f"{'edit' if images else 'text'} · seed {seed + i}"  # the rest is in its code
+            caption = (f"{'edit' if images else 'text'} · seed {seed + i} · {kwargs['num_steps']} steps · "
+                       f"{picture.width}x{picture.height}")  # all of them in its code
             new.append(Result(picture, caption, code))
         history = history + new
         if batch:  # the batch's call; each picture's own (seed + i) is in the gallery
