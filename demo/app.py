@@ -354,6 +354,7 @@ class BagelDemo:
                                            info="model evaluations (the reference's timesteps count one more)")
                 k["timestep_shift"] = gr.Slider(1.0, shift_max, value=3.0, step=0.5, label="Timestep shift",
                                                 elem_id=f"{tab}-shift", info="higher for layout, lower for detail")
+            with gr.Row(visible=self.step_cache):
                 k["step_cache"] = gr.Dropdown(["off", *STEP_CACHES], value="off", label="Step cache",
                                               visible=self.step_cache, elem_id=f"{tab}-step-cache",
                                               info="predict the decoder on some steps: faster, approximate")

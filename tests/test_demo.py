@@ -216,8 +216,9 @@ def expect_error(page, text: str) -> str:
 
 
 def snapshot(page, path: Path) -> None:
-    """A full-page screenshot once every picture has loaded."""
+    """A full-page screenshot once every picture has loaded (and menus have faded)."""
     page.wait_for_function("[...document.images].every(i => i.complete)", timeout=10_000)
+    page.wait_for_timeout(300)
     page.screenshot(path=str(path), full_page=True)
 
 
@@ -310,7 +311,6 @@ def test_text_to_image_tab(page, tiny, artefacts):
         assert "step_cache='taylorseer'" in code and "seed=9" in code
         (cached,) = shown_images(page, "t2i-gallery")
         assert same(cached, picture(run_code(code, model)["image"])) and not same(cached, other)
-        choose(page, "t2i-step-cache", "off")
     snapshot(page, artefacts / "text-to-image.png")
 
 
