@@ -52,8 +52,7 @@ def check_bool(name: str, value: Any, fix: str = "") -> bool:
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, fix: str = "") -> int:
     """`value` as an int within [minimum, maximum] (either bound optional)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        allowed = "an integer" + (f" {_bounds(minimum, maximum)}" if minimum is not None or maximum is not None else "")
-        raise _fail(TypeError, name, value, allowed, fix)
+        raise _fail(TypeError, name, value, "an integer", fix)
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         if maximum is None:
