@@ -636,8 +636,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 reported (`output_loading_info`) and the missing ones initialised by `_init_weights`.
 
         Shapes that disagree with the config raise an error naming them unless
-        `ignore_mismatched_sizes=True`. Without `ae.safetensors` a stage-2 model keeps a randomly
-        initialised VAE and a warning is logged. When the directory has tokenizer files,
+        `ignore_mismatched_sizes=True`. A stage-2 checkpoint without `ae.safetensors` is refused
+        (with `strict=False` the VAE stays randomly initialised and a warning is logged). When the directory has tokenizer files,
         `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
         `edit_image`), else None. The model is returned in eval mode.
         """
