@@ -50,6 +50,7 @@ from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the lo
     unexpected_key_patterns,
 )
 from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, parallel_linears, rotary_cos_sin
+from .validation_bagel import check_training_inputs
 
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
@@ -511,10 +512,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         (num_vae_tokens, p*p*C) fixes the flow-matching noise; by default it is drawn with randn.
         `ce_loss_weights` is accepted for collator compatibility; weighting is the trainer's job.
         """
-        if unused.get("nested_attention_masks") is not None:
-            raise ValueError("nested_attention_masks is not supported: pass split_lens and attn_modes instead.")
+        check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})  # README, "Training inputs"
         model = self.model
-        _check_packed_inputs(sequence_length, sample_lens, packed_position_ids, packed_text_ids, packed_text_indexes)
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
         # Nothing here waits for the GPU before the ViT is queued (its kernels are too short to keep
@@ -686,20 +685,6 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         are not supported; other transformers arguments (`max_shard_size`, ...) are ignored.
         """
         save_bagel_pretrained(self, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub)
-
-
-def _check_packed_inputs(sequence_length, sample_lens, position_ids, text_ids, text_indexes) -> None:
-    """Clear errors for packed inputs whose lengths do not add up (host-side checks)."""
-    if sum(sample_lens) != sequence_length:
-        raise ValueError(f"sample_lens add up to {sum(sample_lens)} but sequence_length is {sequence_length}.")
-    if position_ids.shape[0] != sequence_length:
-        raise ValueError(
-            f"packed_position_ids has {position_ids.shape[0]} entries; it needs one per token ({sequence_length})."
-        )
-    if text_ids.shape[0] != text_indexes.shape[0]:
-        raise ValueError(
-            f"packed_text_ids has {text_ids.shape[0]} ids but packed_text_indexes has {text_indexes.shape[0]}."
-        )
 
 
 def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> tuple[torch.Tensor, str]:
