@@ -25,9 +25,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .imports_bagel import quiet_third_party_imports
+
+with quiet_third_party_imports():  # transformers imports torchao where installed
+    from transformers import PreTrainedModel
+    from transformers.activations import ACT2FN
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent

@@ -10,7 +10,7 @@ The image preprocessing follows the reference implementation:
 * for the ViT, the (3, H, W) tensor is cut into flattened patches with NaViT-style position ids.
 
 This module depends only on torch, PIL and transformers (no torchvision) and, relatively, on ``validation_bagel``
-(the argument checks, which import only torch), so the two can live alone in a Hub repository and be loaded with
+(the argument checks) and ``imports_bagel`` (quiet imports), which import only torch, so the three can live alone in a Hub repository and be loaded with
 ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
 """
 
@@ -20,11 +20,13 @@ from typing import Any, Iterable
 
 import torch
 from PIL import Image
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
-from transformers.utils import logging
-
+from .imports_bagel import quiet_third_party_imports
 from .validation_bagel import check_int
+
+with quiet_third_party_imports():  # transformers imports torchao where installed
+    from transformers.feature_extraction_utils import BatchFeature
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)

@@ -259,7 +259,7 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
 
     for lead, members in _GROUPS.items():
         if get(lead) is None:
-            given = [m for m in members if get(m) is not None]
+            given = [m for m in members if get(m) is not None and len(get(m)) > 0]  # empty: nothing to describe
             if given:
                 raise ValueError(f"{', '.join(given)} given without {lead}: they describe its tokens; pass {lead} "
                                  "too, or leave them out.")  # fmt: skip
