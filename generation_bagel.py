@@ -597,12 +597,10 @@ class BagelGenerationMixin:
         max_length = check_int("max_length", max_length, minimum=1)
         do_sample, temperature, top_p = _check_sampling(do_sample, temperature, top_p)
         return_logits = check_bool("return_logits", return_logits)
-        _check_streamer(streamer)
         batch = context.batch_size
+        _check_streamer(streamer, batch)
         _check_fits_context(self, [n + max_length for n in context.lengths], "max_length",
                             f"Lower max_length to at most {self._context_limit() - max(context.lengths)}.")  # fmt: skip
-        if streamer is not None and batch != 1:
-            raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
@@ -989,7 +987,7 @@ class BagelGenerationMixin:
         if not isinstance(params, GuidanceParams):
             raise TypeError(f"params must be a GuidanceParams, got {type(params).__name__}.")
         check_seeds("seed", seed, len(batch))
-        _check_streamer(streamer)
+        _check_streamer(streamer, len(batch))
         if parallel is not None:
             from .parallel_bagel import ParallelLayout
 
@@ -1149,12 +1147,16 @@ def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
     )
 
 
-def _check_streamer(streamer) -> None:
-    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+def _check_streamer(streamer, batch: int) -> None:
+    if streamer is None:
+        return
+    if not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
         raise TypeError(
             f"streamer must be a transformers streamer (with put() and end(), e.g. TextIteratorStreamer), got "
             f"{type(streamer).__name__}."
         )
+    if batch != 1:
+        raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
 
 
 def _check_fits_context(model, totals: list[int], name: str, fix: str) -> None:
@@ -1207,7 +1209,8 @@ def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
     for image in (img for images in image_lists for img in images):
         if not isinstance(image, Image.Image):
             raise TypeError(
-                f"Images must be PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)."
+                f"images must be PIL.Image.Image (None, an image or a list of images), got {type(image).__name__}; "
+                "open files with PIL.Image.open(path)."
             )
     return prompts, image_lists
 

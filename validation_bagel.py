@@ -259,7 +259,7 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
 
     for lead, members in _GROUPS.items():
         if get(lead) is None:
-            given = [m for m in members if get(m) is not None and len(get(m)) > 0]  # empty: nothing to describe
+            given = [m for m in members if not _empty(get(m))]  # empty ones describe nothing
             if given:
                 raise ValueError(f"{', '.join(given)} given without {lead}: they describe its tokens; pass {lead} "
                                  "too, or leave them out.")  # fmt: skip
@@ -341,17 +341,37 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
         ranges += [("ce_loss_indexes", ce_index, 0, length, ""),
                    ("packed_label_ids", labels, 0, model.get_output_embeddings().out_features,
                     "Labels are token ids (no -100: leave such tokens out of ce_loss_indexes).")]  # fmt: skip
+    images = [get(n) for n in ("packed_vit_token_indexes", "packed_vae_token_indexes") if not _empty(get(n))]
+    if images:
+        conventions.append(_images_in_image_splits(split_lens, attn_modes, torch.cat(images)))
     check_bool("output_hidden_states", get("output_hidden_states", False))
     _check_values(ranges, conventions)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (value.numel() == 0 if torch.is_tensor(value) else isinstance(value, (list, tuple)) and not value)
+
+
+def _split_of(split_lens, index: torch.Tensor) -> torch.Tensor:
+    """The split each packed index falls in."""
+    ends = torch.tensor(split_lens, device=index.device).cumsum(0)
+    return torch.searchsorted(ends, index, right=True).clamp(max=len(split_lens) - 1)
+
+
+def _images_in_image_splits(split_lens, attn_modes, image_index) -> tuple[torch.Tensor, str]:
+    """ViT and VAE tokens lie in `full` or `noise` splits (an image split), never in a `causal` one."""
+    causal = torch.tensor([m == "causal" for m in attn_modes], device=image_index.device)
+    return (~causal[_split_of(split_lens, image_index)]).all(), (
+        "An image token (packed_vit_token_indexes / packed_vae_token_indexes) lies in a `causal` split: split_lens and "
+        "attn_modes must give every image its own `full` (or `noise`) split, [start] image tokens [end]."
+    )
 
 
 def _one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps) -> tuple[torch.Tensor, str]:
     """Every latent token of one `noise` split has the same raw timestep (the reference draws one
     per image): a (passed, message) check on the device."""
-    device = vae_index.device
-    split_ends = torch.tensor(split_lens, device=device).cumsum(0)
-    split = torch.searchsorted(split_ends, vae_index, right=True).clamp(max=len(split_lens) - 1)
-    noised = torch.tensor([m == "noise" for m in attn_modes], device=device)[split]
+    split = _split_of(split_lens, vae_index)
+    noised = torch.tensor([m == "noise" for m in attn_modes], device=vae_index.device)[split]
     value = torch.where(noised, timesteps.float(), 0.0).nan_to_num(0.0, 0.0, 0.0)
     low = value.new_full((len(split_lens),), math.inf).scatter_reduce(0, split, value, "amin")
     high = value.new_full((len(split_lens),), -math.inf).scatter_reduce(0, split, value, "amax")
