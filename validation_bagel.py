@@ -120,7 +120,7 @@ def check_seeds(name: str, seed: Any, count: int) -> list[int] | None:
     if seed is None:
         return None
     lo, hi = SEED_RANGE
-    allowed = f"an integer in [{lo}, {hi}] or a list of such integers (one per request)"
+    allowed = "an integer or a list of integers (one per request), each from -2**63 to 2**64 - 1"
 
     def one(label: str, value: Any, top: int = hi) -> int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
