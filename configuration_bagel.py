@@ -302,6 +302,7 @@ class BagelConfig(PretrainedConfig):
             return cls.from_released_files(path, **kwargs)
         wants_unused = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs)
+        _check_values(config)  # again: transformers sets keyword overrides after building the config
         if wants_unused:
             return config, unused
         _warn_unknown_keys(unused)  # transformers drops keyword arguments no config attribute takes

@@ -662,10 +662,8 @@ class BagelGenerationMixin:
         """How much `generate_text_ids` keeps for reuse: at most `max_entries` decode shapes (batch
         size, cache length bucket) and `max_bytes` of KV cache (None: an eighth of the GPU's memory;
         1 GiB on the CPU). 0 entries keeps nothing."""
-        if not isinstance(max_entries, int) or max_entries < 0:
-            raise ValueError(f"max_entries must be an int >= 0, got {max_entries!r}.")
-        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
-            raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}.")
+        max_entries = check_int("max_entries", max_entries, minimum=0)
+        max_bytes = None if max_bytes is None else check_int("max_bytes", max_bytes, minimum=0, fix="None: the default.")
         pool = self._decode_pool()
         with pool.lock:
             pool.max_entries, pool.max_bytes = max_entries, max_bytes

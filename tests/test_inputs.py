@@ -316,6 +316,12 @@ def test_config_json_with_a_negative_timestep_shift_does_not_load(tiny_copy):
     _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy), ValueError, "timestep_shift")
 
 
+def test_config_overrides_at_load_are_checked_too(tiny_copy):
+    _raises(lambda: BagelConfig.from_pretrained(tiny_copy, max_latent_size=-4), ValueError, "max_latent_size")
+    _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy, timestep_shift=float("nan")), ValueError,
+            "timestep_shift")  # fmt: skip
+
+
 def test_stage2_checkpoint_without_ae_is_refused(tiny_copy, caplog):
     (tiny_copy / "ae.safetensors").unlink()
     _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy), FileNotFoundError,
