@@ -448,6 +448,7 @@ class BagelGenerationMixin:
 
     def new_context(self, batch_size: int = 1) -> BagelContext:
         """An empty context for `batch_size` sequences."""
+        batch_size = check_int("batch_size", batch_size, minimum=1)
         text = self.config.text_config
         head_dim = text.hidden_size // text.num_attention_heads
         dtype = self.get_input_embeddings().weight.dtype
@@ -604,6 +605,8 @@ class BagelGenerationMixin:
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
+        if len(generators) != batch:
+            raise ValueError(f"generator is a list of {len(generators)} for {batch} sequences: give one per sequence.")
         active = set(range(batch))
         if streamer is not None:
             streamer.put(torch.tensor([special.bos]))
@@ -865,6 +868,9 @@ class BagelGenerationMixin:
     def decode_latents(self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Latent tokens -> (1, C, 2h, 2w) latents -> VAE decode -> (1, 3, H, W) images in ~[-1, 1]."""
         p = self.config.latent_patch_size
+        if len(latent_tokens) != len(image_sizes):
+            raise ValueError(f"decode_latents got {len(latent_tokens)} latents but {len(image_sizes)} image_sizes: "
+                             "give one (height, width) per image.")  # fmt: skip
         images = []
         for tokens, (height, width) in zip(latent_tokens, image_sizes):
             h, w = self._latent_grid(height, width)

@@ -37,6 +37,7 @@ import torch
 
 from .configuration_bagel import BagelConfig, normalize_stage
 from .state_dict_adapter import GEN_PATTERNS, BagelStateDictAdapter, checkpoint_bucket
+from .validation_bagel import check_bool
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +305,8 @@ def load_pretrained(load, name_or_path, model_args: tuple, *, stage, strict: boo
     """`BagelForUnifiedMultimodal.from_pretrained`: resolve the directory, check its files, hand it
     to transformers' `from_pretrained` (`load`), then hold the result to BAGEL's strictness."""
     stage = None if stage is None else normalize_stage(stage)  # fail fast on an unknown stage
+    check_bool("strict", strict)
+    _check_devices(kwargs.get("device_map"))
     if name_or_path is None:
         raise ValueError("from_pretrained needs a checkpoint directory or Hub repository id.")
     output_loading_info = kwargs.pop("output_loading_info", False)
@@ -349,6 +352,18 @@ def load_pretrained(load, name_or_path, model_args: tuple, *, stage, strict: boo
     model._bagel_checkpoint_dir = directory
     model.processor = load_processor(directory, model.config)
     return (model, info) if output_loading_info else model
+
+
+def _check_devices(device_map) -> None:
+    """A device_map that names CUDA on a machine without it fails here, by name, not inside torch."""
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    named = [str(p) for p in places if isinstance(p, (str, torch.device))]
+    if any(p.startswith("cuda") for p in named) and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise ValueError(
+            f"device_map={device_map!r} names a CUDA device, but this torch ({torch.__version__}) is {build}: use "
+            "device_map='cpu', or run on a machine with an NVIDIA GPU and torch's CUDA build."
+        )
 
 
 def _format_keys(keys: list[str], limit: int = 10) -> str:

@@ -190,6 +190,11 @@ def test_context_api_refuses_by_name(tiny_model, special):
         (lambda: GuidanceParams(cfg_text_scale=NAN), ValueError, "cfg_text_scale"),
         (lambda: BagelParallel(sp=-2), ValueError, "parallel['sp']"),
         (lambda: m.set_generation_cache_limits(max_entries=-1), ValueError, "max_entries"),
+        (lambda: m.set_generation_cache_limits(max_entries=True), TypeError, "max_entries"),
+        (lambda: m.new_context(0), ValueError, "batch_size"),
+        (lambda: m.new_context("2"), TypeError, "batch_size"),
+        (lambda: m.decode_latents([torch.zeros(16, 64)], [(64, 64), (64, 64)]), ValueError, "image_sizes"),
+        (lambda: m.generate_text_ids(ctx, special, max_length=2, generator=[None, None]), ValueError, "generator"),
     ]
     for call, error, names in cases:
         _raises(call, error, names)
@@ -355,8 +360,15 @@ def test_hub_id_offline_without_a_cached_copy_says_so(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 5
 
 
-def test_strict_false_stage_and_file_errors(tiny_copy):
-    _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy, stage=3), ValueError, "3")
+def test_loading_arguments_and_file_errors(tiny_copy):
+    load = BagelForUnifiedMultimodal.from_pretrained
+    _raises(lambda: load(tiny_copy, stage=3), ValueError, "3")
+    _raises(lambda: load(tiny_copy, strict="no"), TypeError, ("strict", "'no'"))
+    _raises(lambda: load(tiny_copy, config=3), TypeError, "config")
+    _raises(lambda: load(tiny_copy, dtype="float33"), ValueError, "dtype")
+    if not torch.cuda.is_available():
+        _raises(lambda: load(tiny_copy, device_map="cuda"), ValueError, ("device_map='cuda'", "device_map='cpu'"))
+        _raises(lambda: load(tiny_copy, device_map={"": "cuda:0"}), ValueError, "device_map")
     _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy / "ema.safetensors"), NotADirectoryError,
             "ema.safetensors")  # fmt: skip
     (tiny_copy / "ema.safetensors").write_bytes(b"not a safetensors file")
