@@ -933,10 +933,11 @@ class BagelGenerationMixin:
                 grid_h, grid_w = self._latent_grid(height, width)
                 image_tokens.append(grid_h * grid_w + 2)
         fixed = [n + (image_tokens[i] if generating else 0) for i, n in enumerate(prompt_tokens)]
-        # Decoding adds up to max_new_tokens ids after a bos (then, before an image, [bos] ids [eos]).
+        # Decoding adds up to max_new_tokens ids after a bos (then, before an image, [bos] ids [eos]);
+        # the prompt must leave room for one of them at least.
         decodes = understanding_output or think
         overhead = 0 if not decodes else (1 if understanding_output else 2)
-        _check_fits_context(self, [n + overhead + decodes for n in fixed], "prompt",
+        _check_fits_context(self, [n + overhead + (1 if decodes else 0) for n in fixed], "prompt",
                             "Shorten the prompt or give fewer or smaller images.")  # fmt: skip
         room = self._context_limit() - max(fixed) - overhead
         if decodes and max_new_tokens > room:
@@ -977,7 +978,9 @@ class BagelGenerationMixin:
         uses seed + i) makes sampling reproducible and independent of batching. `parallel`
         ("batch", "cfg", "sp" or a dict of sizes, in a torchrun launch) spreads the work over
         processes; see parallel_bagel.py. `streamer` (one request) gets the generated text as it
-        is decoded (see `generate_text_ids`)."""
+        is decoded (see `generate_text_ids`). Every argument is checked first; a request that does
+        not fit the context (`text_config.max_position_embeddings` tokens) is refused before any
+        work, and decoding that would run past it stops at its end (with a warning)."""
         processor = self._processor(processor)
         if not isinstance(inputs, (list, tuple)):
             raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
