@@ -1146,11 +1146,14 @@ def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_inte
 
 
 def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
-    """Decoding arguments, checked whether or not sampling is on (a bad value is a mistake either way)."""
+    """Decoding arguments, checked whether or not sampling is on (a value of the wrong kind is a
+    mistake either way); greedy decoding takes temperature 0 and top_p 0 too, as 'no sampling'."""
+    do_sample = check_bool("do_sample", do_sample)
+    fix = "Sampling needs it > 0; for greedy decoding use do_sample=False." if do_sample else ""
     return (
-        check_bool("do_sample", do_sample),
-        check_number("temperature", temperature, minimum=0, open_min=True, fix="For greedy decoding use do_sample=False."),
-        check_number("top_p", top_p, minimum=0, maximum=1, open_min=True, fix="1.0 keeps every token."),
+        do_sample,
+        check_number("temperature", temperature, minimum=0, open_min=do_sample, fix=fix),
+        check_number("top_p", top_p, minimum=0, maximum=1, open_min=do_sample, fix="1.0 keeps every token."),
     )
 
 

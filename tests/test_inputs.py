@@ -83,6 +83,7 @@ API_ERRORS = [
     ("temperature-str-sampling", _chat(temperature="hot", do_sample=True), TypeError, "temperature"),
     ("temperature-zero", _chat(temperature=0.0, do_sample=True), ValueError, ("temperature", "> 0")),
     ("temperature-nan", _chat(temperature=NAN, do_sample=True), ValueError, ("temperature", "nan")),
+    ("temperature-negative-greedy", _chat(temperature=-1.0), ValueError, ("temperature", ">= 0")),
     ("top_p-zero", _chat(top_p=0.0, do_sample=True), ValueError, "top_p"),
     ("top_p-above-one", _chat(top_p=1.5), ValueError, ("top_p", "1.5")),
     ("top_p-nan", _chat(top_p=NAN, do_sample=True), ValueError, "top_p"),
@@ -224,6 +225,13 @@ def test_unusual_seeds_work_and_are_reproducible(tiny_model, tiny_processor, see
     kwargs = dict(max_new_tokens=3, do_sample=True, temperature=1.0, processor=tiny_processor, seed=seed)
     first = tiny_model.chat(IMG, "What is it?", **kwargs)
     assert isinstance(first, str) and first == tiny_model.chat(IMG, "What is it?", **kwargs)
+
+
+def test_greedy_decoding_takes_temperature_zero(tiny_model, tiny_processor):
+    """temperature=0 / top_p=0 are the usual 'no sampling': greedy decoding takes them as it is."""
+    greedy = tiny_model.chat(IMG, "What is it?", max_new_tokens=4, processor=tiny_processor)
+    assert tiny_model.chat(IMG, "What is it?", max_new_tokens=4, temperature=0.0, top_p=0.0,
+                           processor=tiny_processor) == greedy  # fmt: skip
 
 
 def test_guidance_scales_at_their_edges_give_images(tiny_model, tiny_processor):
