@@ -607,6 +607,7 @@ class BagelGenerationMixin:
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
         if len(generators) != batch:
             raise ValueError(f"generator is a list of {len(generators)} for {batch} sequences: give one per sequence.")
+        _check_generators(generators)
         active = set(range(batch))
         if streamer is not None:
             streamer.put(torch.tensor([special.bos]))
@@ -778,6 +779,7 @@ class BagelGenerationMixin:
         device = self._main_device()
         grids = self._check_latent_inputs(context, cfg_text_context, cfg_img_context, image_sizes, params, init_noise)
         progress = check_bool("progress", progress)
+        _check_generators([generator])
         counts = [h * w for h, w in grids]
         dim = self.config.latent_patch_size**2 * self.model.latent_channel
         if init_noise is None:
@@ -1155,6 +1157,13 @@ def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
         check_number("temperature", temperature, minimum=0, open_min=do_sample, fix=fix),
         check_number("top_p", top_p, minimum=0, maximum=1, open_min=do_sample, fix="1.0 keeps every token."),
     )
+
+
+def _check_generators(generators: list) -> None:
+    for g in generators:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (or None, or a list of them for generate_text_ids), "
+                            f"got {type(g).__name__}; for a seed use torch.Generator().manual_seed(seed).")  # fmt: skip
 
 
 def _check_streamer(streamer, batch: int) -> None:

@@ -196,6 +196,8 @@ def test_context_api_refuses_by_name(tiny_model, special):
         (lambda: m.new_context("2"), TypeError, "batch_size"),
         (lambda: m.decode_latents([torch.zeros(16, 64)], [(64, 64), (64, 64)]), ValueError, "image_sizes"),
         (lambda: m.generate_text_ids(ctx, special, max_length=2, generator=[None, None]), ValueError, "generator"),
+        (lambda: m.generate_text_ids(ctx, special, max_length=2, do_sample=True, generator=5), TypeError, "generator"),
+        (lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, generator=0), TypeError, "generator"),
     ]
     for call, error, names in cases:
         _raises(call, error, names)
