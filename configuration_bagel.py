@@ -106,7 +106,7 @@ def _check_values(config: "BagelConfig") -> None:
     for name, minimum in INT_FIELDS.items():
         check_int(f"BagelConfig.{name}", getattr(config, name), minimum=minimum, fix=fix)
     check_int("BagelConfig.vit_select_layer", config.vit_select_layer, maximum=-1,
-              fix=f"It counts ViT layers from the end: -2 (the reference) reads the second-to-last one. {fix}")  # fmt: skip
+              fix=f"It counts ViT layers from the end: -2 (the reference) reads the second-to-last. {fix}")
     for name in DROPOUT_FIELDS:
         check_number(f"BagelConfig.{name}", getattr(config, name), minimum=0, maximum=1, fix=fix)
     check_number("BagelConfig.timestep_shift", config.timestep_shift, minimum=0, open_min=True, fix=fix)

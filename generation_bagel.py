@@ -815,7 +815,8 @@ class BagelGenerationMixin:
         contexts = (("context", context), ("cfg_text_context", cfg_text_context), ("cfg_img_context", cfg_img_context))
         for name, ctx in contexts:
             if not isinstance(ctx, BagelContext):
-                raise TypeError(f"{name} must be a BagelContext (model.new_context() and add_*), got {type(ctx).__name__}.")
+                raise TypeError(f"{name} must be a BagelContext (model.new_context() and add_*), got "
+                                f"{type(ctx).__name__}.")  # fmt: skip
             if ctx.batch_size != context.batch_size:
                 raise ValueError(f"{name} holds {ctx.batch_size} sequences but context holds {context.batch_size}: "
                                  "the guidance contexts are earlier states of the same batch.")  # fmt: skip

@@ -520,8 +520,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         model = self.model
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
-        # Nothing here waits for the GPU before the ViT is queued (its kernels are too short to keep
-        # the GPU busy on their own), so the host prepares this step while the GPU finishes the last.
+        # Past the argument checks (one host sync: ids and positions must be in range before any
+        # lookup), nothing here waits for the GPU before the ViT is queued (its kernels are too short
+        # to keep the GPU busy on their own).
         plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, packed_text_ids.device)
         checks = [_token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)]
         embeds = self.get_input_embeddings()(packed_text_ids)
@@ -640,8 +641,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
 
         Shapes that disagree with the config raise an error naming them unless
         `ignore_mismatched_sizes=True`. A stage-2 checkpoint without `ae.safetensors` is refused
-        (with `strict=False` the VAE stays randomly initialised and a warning is logged). When the directory has tokenizer files,
-        `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
+        (with `strict=False` the VAE stays randomly initialised and a warning is logged). When the
+        directory has tokenizer files, `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
         `edit_image`), else None. The model is returned in eval mode.
         """
         loaded = load_pretrained(

@@ -10,8 +10,8 @@ The image preprocessing follows the reference implementation:
 * for the ViT, the (3, H, W) tensor is cut into flattened patches with NaViT-style position ids.
 
 This module depends only on torch, PIL and transformers (no torchvision) and, relatively, on ``validation_bagel``
-(the argument checks) and ``imports_bagel`` (quiet imports), which import only torch, so the three can live alone in a Hub repository and be loaded with
-``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
+(the argument checks) and ``imports_bagel`` (quiet imports), which import only torch, so the three can live alone
+in a Hub repository and be loaded with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
 """
 
 from __future__ import annotations
@@ -405,7 +405,8 @@ class BagelProcessor(ProcessorMixin):
                 "(the resize rules are the processor's settings, e.g. BagelProcessor(tokenizer, vit_max_size=...))."
             )
         if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors must be 'pt' (or None), got {return_tensors!r}: BAGEL works on torch tensors.")
+            raise ValueError(f"return_tensors must be 'pt' (or None), got {return_tensors!r}: BAGEL works on torch "
+                             "tensors.")
         if images is None and text is None:
             raise ValueError("Give text=, images= or both.")
         data: dict[str, Any] = {}

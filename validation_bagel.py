@@ -166,7 +166,8 @@ def check_tensor(
         raise _fail(TypeError, name, value, f"a torch.Tensor{shape}{kind}", fix)
     if dims is not None and value.dim() != dims:
         raise _fail(ValueError, name, value, f"a tensor{shape}", fix)
-    if integer is not None and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool) == integer:
+    not_integer = value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+    if integer is not None and not_integer == integer:
         raise _fail(TypeError, name, value, f"a tensor{kind}", fix)
     if rows is not None and value.shape[0] != rows:
         raise _fail(ValueError, name, value, f"a tensor of {rows} {'entries' if value.dim() == 1 else 'rows'}", fix)
@@ -231,7 +232,8 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
     if split_lens is not None or attn_modes is not None:
         split_lens = check_int_list("split_lens", split_lens, minimum=1)
         if not isinstance(attn_modes, (list, tuple)) or len(attn_modes) != len(split_lens):
-            raise ValueError(f"attn_modes must be a list of one mode per split ({len(split_lens)}), got {_shown(attn_modes)}.")
+            raise ValueError(f"attn_modes must be a list of one mode per split ({len(split_lens)}), got "
+                             f"{_shown(attn_modes)}.")
         for i, mode in enumerate(attn_modes):
             check_choice(f"attn_modes[{i}]", mode, ATTN_MODES)
         ends, total = set(), 0
@@ -349,7 +351,9 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
 
 
 def _empty(value: Any) -> bool:
-    return value is None or (value.numel() == 0 if torch.is_tensor(value) else isinstance(value, (list, tuple)) and not value)
+    if torch.is_tensor(value):
+        return value.numel() == 0
+    return value is None or (isinstance(value, (list, tuple)) and not value)
 
 
 def _split_of(split_lens, index: torch.Tensor) -> torch.Tensor:
