@@ -516,3 +516,19 @@ def test_refused_inputs_leave_the_model_usable(tiny_model, tiny_processor, pack)
     with pytest.raises(TypeError), torch.no_grad():
         tiny_model(**pack, labels=pack["packed_label_ids"])
     assert tiny_model.chat(IMG, "What is it?", max_new_tokens=4, processor=tiny_processor) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_forward_refuses_on_the_gpu_before_any_lookup(tiny_model, pack):
+    """On CUDA an out-of-range id would be a device-side assert that poisons the process; the
+    checks read every value first, so the error is the same ValueError and the GPU stays usable."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).cuda()
+    on_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in pack.items()}
+    cases = {case[0]: case[1] for case in FORWARD_ERRORS}
+    with torch.no_grad():
+        for make, names in ((cases["text-id-out-of-vocab"], "packed_text_ids"),
+                            (cases["negative-position"], "packed_position_ids"), (_timesteps_differ, "packed_timesteps")):
+            _raises(lambda: model(**make(on_gpu)), ValueError, names)
+        assert torch.isfinite(model(**on_gpu)["ce"]).all()
