@@ -26,7 +26,6 @@ import difflib
 import inspect
 import json
 import logging
-import numbers
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +33,7 @@ from typing import Any, Mapping
 from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
 from .state_dict_adapter import _normalize_stage as normalize_stage
+from .validation_bagel import check_bool, check_choice, check_int, check_int_list, check_number
 
 BAGEL_PAD_TOKEN_ID = 151643
 DEFAULT_VAE_CONFIG = {
@@ -49,10 +49,10 @@ DEFAULT_VAE_CONFIG = {
     "shift_factor": 0.1159,
 }
 MOT_LAYER, PLAIN_LAYER = "Qwen2MoTDecoderLayer", "Qwen2DecoderLayer"
-INT_FIELDS = (
-    "max_latent_size", "latent_patch_size", "vit_patch_size", "vit_max_num_patch_per_side", "vit_select_layer"
-)
-FLOAT_FIELDS = ("text_cond_dropout_prob", "vae_cond_dropout_prob", "vit_cond_dropout_prob", "timestep_shift")
+#: Integer fields and their smallest value (vit_select_layer: a layer counted from the end).
+INT_FIELDS = {"max_latent_size": 1, "latent_patch_size": 1, "vit_patch_size": 1, "vit_max_num_patch_per_side": 1}
+DROPOUT_FIELDS = ("text_cond_dropout_prob", "vae_cond_dropout_prob", "vit_cond_dropout_prob")
+VAE_INT_FIELDS = ("resolution", "in_channels", "downsample", "ch", "out_ch", "num_res_blocks", "z_channels")
 # Keys every transformers config takes or writes (config.json holds them), beyond BagelConfig's own.
 PRETRAINED_CONFIG_KEYS = frozenset(inspect.signature(PretrainedConfig.__init__).parameters) | frozenset(
     vars(PretrainedConfig())
@@ -98,17 +98,45 @@ def _vision_config(value: Any) -> SiglipVisionConfig | None:
     return value
 
 
-def _check_numbers(config: "BagelConfig") -> None:
-    """Numeric fields hold numbers (a quoted "64" in a config.json fails much later, obscurely)."""
-    for name, kind, number in [(n, "an integer", numbers.Integral) for n in INT_FIELDS] + [
-        (n, "a number", numbers.Real) for n in FLOAT_FIELDS
-    ]:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, number):
-            raise TypeError(
-                f"BagelConfig.{name} must be {kind}, got {value!r} ({type(value).__name__}); "
-                "write numbers without quotes in config.json."
-            )
+def _check_values(config: "BagelConfig") -> None:
+    """Every value the model is built from, checked when the config is built: a quoted "64" or a
+    negative size in a config.json would otherwise fail much later, obscurely, or not at all (a
+    negative timestep shift loads and generates garbage)."""
+    fix = "Fix it in config.json (numbers without quotes) or in the keyword argument."
+    for name, minimum in INT_FIELDS.items():
+        check_int(f"BagelConfig.{name}", getattr(config, name), minimum=minimum, fix=fix)
+    check_int("BagelConfig.vit_select_layer", config.vit_select_layer, maximum=-1,
+              fix=f"It counts ViT layers from the end: -2 (the reference) reads the second-to-last. {fix}")
+    for name in DROPOUT_FIELDS:
+        check_number(f"BagelConfig.{name}", getattr(config, name), minimum=0, maximum=1, fix=fix)
+    check_number("BagelConfig.timestep_shift", config.timestep_shift, minimum=0, open_min=True, fix=fix)
+    for name in ("visual_und", "visual_gen", "interpolate_pos"):
+        check_bool(f"BagelConfig.{name}", getattr(config, name), fix=fix)
+    from transformers.activations import ACT2FN
+
+    check_choice("BagelConfig.connector_act", config.connector_act, sorted(ACT2FN))
+    for name in VAE_INT_FIELDS:
+        if name in config.vae_config:
+            check_int(f"BagelConfig.vae_config[{name!r}]", config.vae_config[name], minimum=1, fix=fix)
+    if "ch_mult" in config.vae_config:
+        check_int_list("BagelConfig.vae_config['ch_mult']", config.vae_config["ch_mult"], minimum=1, fix=fix)
+    for name in ("scale_factor", "shift_factor"):
+        if name in config.vae_config:
+            check_number(f"BagelConfig.vae_config[{name!r}]", config.vae_config[name], fix=fix)
+    text = config.text_config
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "max_position_embeddings"):  # fmt: skip
+        check_int(f"text_config.{name}", getattr(text, name), minimum=1, fix=fix)
+    if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
+        raise ValueError(
+            f"text_config: hidden_size ({text.hidden_size}) must be a multiple of num_attention_heads "
+            f"({text.num_attention_heads}), and that of num_key_value_heads ({text.num_key_value_heads}). {fix}"
+        )
+    check_bool("text_config.freeze_und", text.freeze_und, fix=fix)
+    vision = config.vision_config
+    if vision is not None and not config.reference_overrides_applied:
+        check_int("BagelConfig.vit_select_layer", config.vit_select_layer, minimum=-vision.num_hidden_layers,
+                  fix=f"The ViT has {vision.num_hidden_layers} layers.")  # fmt: skip
 
 
 def _warn_unknown_keys(kwargs: Mapping[str, Any]) -> None:
@@ -176,7 +204,7 @@ class BagelConfig(PretrainedConfig):
         self.vit_cond_dropout_prob = vit_cond_dropout_prob
         self.timestep_shift = timestep_shift
         self.reference_overrides_applied = reference_overrides_applied
-        _check_numbers(self)
+        _check_values(self)
         _warn_unknown_keys(kwargs)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -274,6 +302,7 @@ class BagelConfig(PretrainedConfig):
             return cls.from_released_files(path, **kwargs)
         wants_unused = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs)
+        _check_values(config)  # again: transformers sets keyword overrides after building the config
         if wants_unused:
             return config, unused
         _warn_unknown_keys(unused)  # transformers drops keyword arguments no config attribute takes

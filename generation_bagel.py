@@ -10,7 +10,6 @@ generation step run as extra sequences of the same forward.
 
 from __future__ import annotations
 
-import numbers
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -18,13 +17,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.utils import logging
 
 from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, to_device, varlen_kernel
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .kernels_bagel import decode_attention, fuses_decode_attention
 from .modeling_siglip_navit import graph_branches
-from .processing_bagel import latent_position_ids
+from .processing_bagel import check_image_size, get_resize_size, latent_position_ids
 from .step_cache_bagel import resolve_step_cache
+from .validation_bagel import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_interval,
+    check_number,
+    check_seeds,
+)
+
+logger = logging.get_logger(__name__)
 
 VLM_THINK_SYSTEM_PROMPT = (
     "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
@@ -64,22 +75,14 @@ class GuidanceParams:
     cfg_renorm_min: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be at least 2 (got {self.num_timesteps}); the default is 50.")
-        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
-            raise ValueError(
-                f"Guidance scales must be >= 0 (got text {self.cfg_text_scale}, image {self.cfg_img_scale}); "
-                "1.0 disables a branch."
-            )
-        if self.timestep_shift <= 0:
-            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}.")
-        if self.cfg_renorm_type not in ("global", "channel", "text_channel"):
-            raise ValueError(
-                f"Unknown cfg_renorm_type {self.cfg_renorm_type!r}: use 'global', 'channel' or 'text_channel'."
-            )
-        lo, hi = self.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}.")
+        check_int("num_timesteps", self.num_timesteps, minimum=2, fix="The reference's default is 50.")
+        check_number("timestep_shift", self.timestep_shift, minimum=0, open_min=True, fix="The reference uses 3.0.")
+        for name in ("cfg_text_scale", "cfg_img_scale"):
+            check_number(name, getattr(self, name), minimum=0, fix="1.0 turns that guidance off; the default is 4.0 "
+                         "for text and 1.0 (text-to-image) or 2.0 (editing) for images.")  # fmt: skip
+        check_choice("cfg_renorm_type", self.cfg_renorm_type, ("global", "channel", "text_channel"))
+        check_number("cfg_renorm_min", self.cfg_renorm_min, minimum=0, maximum=1, fix="The reference uses 0.0.")
+        object.__setattr__(self, "cfg_interval", check_interval("cfg_interval", self.cfg_interval))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,6 +479,7 @@ class BagelGenerationMixin:
 
     def new_context(self, batch_size: int = 1) -> BagelContext:
         """An empty context for `batch_size` sequences."""
+        batch_size = check_int("batch_size", batch_size, minimum=1)
         text = self.config.text_config
         head_dim = text.hidden_size // text.num_attention_heads
         dtype = self.get_input_embeddings().weight.dtype
@@ -543,6 +547,14 @@ class BagelGenerationMixin:
     @torch.no_grad()
     def add_text_tokens(self, context: BagelContext, token_ids: list[list[int]], special: SpecialTokenIds) -> BagelContext:
         """Append `[bos] + ids + [eos]` to each sequence (causal, UND weights)."""
+        if not isinstance(token_ids, (list, tuple)) or len(token_ids) != context.batch_size:
+            raise ValueError(f"token_ids must hold one list of ids per sequence ({context.batch_size}).")
+        vocab = self.get_input_embeddings().num_embeddings
+        for i, ids in enumerate(token_ids):
+            check_int_list(f"token_ids[{i}]", ids, minimum=0)
+            if ids and max(ids) >= vocab:
+                raise ValueError(f"token_ids[{i}] holds id {max(ids)}, outside the vocabulary of {vocab} tokens: "
+                                 "encode text with this model's processor (processor.encode_text).")  # fmt: skip
         sequences = [[special.bos, *ids, special.eos] for ids in token_ids]
         embeds = self._embed_ids([t for s in sequences for t in s])
         positions = torch.cat(
@@ -616,16 +628,19 @@ class BagelGenerationMixin:
         The decode cache and CUDA graph of each shape are kept for later calls (see
         `clear_generation_cache`). Calls from several threads on one model take turns: each
         gets what it would get alone."""
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}.")
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-            raise ValueError(f"Sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}).")
+        max_length = check_int("max_length", max_length, minimum=1)
+        do_sample, temperature, top_p = _check_sampling(do_sample, temperature, top_p)
+        return_logits = check_bool("return_logits", return_logits)
         batch = context.batch_size
-        if streamer is not None and batch != 1:
-            raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
+        _check_streamer(streamer, batch)
+        _check_fits_context(self, [n + max_length for n in context.lengths], "max_length",
+                            f"Lower max_length to at most {self._context_limit() - max(context.lengths)}.")  # fmt: skip
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
+        if len(generators) != batch:
+            raise ValueError(f"generator is a list of {len(generators)} for {batch} sequences: give one per sequence.")
+        _check_generators(generators)
         active = set(range(batch))
         if streamer is not None:
             streamer.put(torch.tensor([special.bos]))
@@ -684,10 +699,8 @@ class BagelGenerationMixin:
         """How much `generate_text_ids` keeps for reuse: at most `max_entries` decode shapes (batch
         size, cache length bucket) and `max_bytes` of KV cache (None: an eighth of the GPU's memory;
         1 GiB on the CPU). 0 entries keeps nothing."""
-        if not isinstance(max_entries, int) or max_entries < 0:
-            raise ValueError(f"max_entries must be an int >= 0, got {max_entries!r}.")
-        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
-            raise ValueError(f"max_bytes must be None or an int >= 0, got {max_bytes!r}.")
+        max_entries = check_int("max_entries", max_entries, minimum=0)
+        max_bytes = None if max_bytes is None else check_int("max_bytes", max_bytes, minimum=0, fix="None: the default.")
         pool = self._decode_pool()
         with pool.lock:
             pool.max_entries, pool.max_bytes = max_entries, max_bytes
@@ -801,7 +814,9 @@ class BagelGenerationMixin:
         policy = resolve_step_cache(step_cache)
         self._require_generation()
         device = self._main_device()
-        grids = [self._latent_grid(h, w) for h, w in image_sizes]
+        grids = self._check_latent_inputs(context, cfg_text_context, cfg_img_context, image_sizes, params, init_noise)
+        progress = check_bool("progress", progress)
+        _check_generators([generator])
         counts = [h * w for h, w in grids]
         dim = self.config.latent_patch_size**2 * self.model.latent_channel
         if init_noise is None:
@@ -838,6 +853,35 @@ class BagelGenerationMixin:
             if run is not None:  # its tensors go now, even if something still holds the run
                 run.close()
         return list(x.split(counts))
+
+    def _check_latent_inputs(self, context, cfg_text_context, cfg_img_context, image_sizes, params, init_noise):
+        """`generate_latents`' arguments agree with each other; returns each image's latent grid."""
+        contexts = (("context", context), ("cfg_text_context", cfg_text_context), ("cfg_img_context", cfg_img_context))
+        for name, ctx in contexts:
+            if not isinstance(ctx, BagelContext):
+                raise TypeError(f"{name} must be a BagelContext (model.new_context() and add_*), got "
+                                f"{type(ctx).__name__}.")  # fmt: skip
+            if ctx.batch_size != context.batch_size:
+                raise ValueError(f"{name} holds {ctx.batch_size} sequences but context holds {context.batch_size}: "
+                                 "the guidance contexts are earlier states of the same batch.")  # fmt: skip
+        if not isinstance(params, GuidanceParams):
+            raise TypeError(f"params must be a GuidanceParams, got {type(params).__name__}.")
+        if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != context.batch_size:
+            raise ValueError(f"image_sizes must list one (height, width) per sequence ({context.batch_size}), got "
+                             f"{image_sizes!r}.")  # fmt: skip
+        grids = []
+        for i, size in enumerate(image_sizes):
+            if not isinstance(size, (list, tuple)) or len(size) != 2:
+                raise TypeError(f"image_sizes[{i}] must be a (height, width) pair in pixels, got {size!r}.")
+            height, width = check_int_list(f"image_sizes[{i}]", size)
+            grids.append(self._latent_grid(height, width))
+        if init_noise is not None:
+            dim = self.config.latent_patch_size**2 * self.model.latent_channel
+            shapes = [(h * w, dim) for h, w in grids]
+            if len(init_noise) != len(shapes) or any(tuple(n.shape) != s for n, s in zip(init_noise, shapes)):
+                raise ValueError(f"init_noise must be one tensor per image of shapes {shapes}, got "
+                                 f"{[tuple(n.shape) for n in init_noise]}.")  # fmt: skip
+        return grids
 
     def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None):
         """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
@@ -890,6 +934,9 @@ class BagelGenerationMixin:
     def decode_latents(self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Latent tokens -> (1, C, 2h, 2w) latents -> VAE decode -> (1, 3, H, W) images in ~[-1, 1]."""
         p = self.config.latent_patch_size
+        if len(latent_tokens) != len(image_sizes):
+            raise ValueError(f"decode_latents got {len(latent_tokens)} latents but {len(image_sizes)} image_sizes: "
+                             "give one (height, width) per image.")  # fmt: skip
         images = []
         for tokens, (height, width) in zip(latent_tokens, image_sizes):
             h, w = self._latent_grid(height, width)
@@ -908,7 +955,65 @@ class BagelGenerationMixin:
                 "No processor: load the model with from_pretrained from a directory that has tokenizer files, "
                 "or pass processor=BagelProcessor.from_pretrained(...)."
             )
+        if not all(hasattr(processor, a) for a in ("encode_text", "vae_resize", "vit_transform", "bos_token_id")):
+            raise TypeError(
+                f"processor must be a BagelProcessor, got {type(processor).__name__}; leave it out to use "
+                "model.processor, or pass BagelProcessor.from_pretrained(...) (AutoProcessor with trust_remote_code)."
+            )
         return processor
+
+    def _context_limit(self) -> int:
+        """Tokens a sequence may hold: the language model's `max_position_embeddings`."""
+        return int(self.config.text_config.max_position_embeddings)
+
+    def _check_prompt_fits(self, batch, processor, think, understanding_output, max_new_tokens, vae_max_size,
+                           sizes) -> int:  # fmt: skip
+        """Count the tokens each request of `interleave` will hold (its text, its images at their
+        resized sizes, the image it generates) from the text and image sizes alone, and refuse it
+        before anything is computed when that outgrows the model's context. Returns how many
+        tokens decoding may add: `max_new_tokens`, or what is left of the context (with a warning)."""
+        generating = not understanding_output
+        vae_min = min(processor.vae_min_size, vae_max_size)
+        vae_rule = (vae_max_size, vae_min, processor.vae_stride, processor.max_pixels)
+        vit_rule = (processor.vit_max_size, processor.vit_min_size, processor.vit_stride, processor.max_pixels)
+        system = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
+        prompt_tokens, image_tokens = [], []
+        for request in batch:
+            n = len(processor.encode_text(system)) + 2 if think else 0
+            height, width = sizes[0]
+            for item in request:
+                if isinstance(item, str):
+                    n += len(processor.encode_text(item)) + 2
+                    continue
+                check_image_size(item)
+                w, h = get_resize_size(*item.size, *vae_rule)
+                vit_w, vit_h = get_resize_size(w, h, *vit_rule)
+                n += (vit_w // processor.vit_patch_size) * (vit_h // processor.vit_patch_size) + 2
+                if generating:  # resized a second time for the VAE, as the reference does
+                    w2, h2 = get_resize_size(w, h, *vae_rule)
+                    n += (w2 // self.vae.downsample // self.config.latent_patch_size) * (
+                        h2 // self.vae.downsample // self.config.latent_patch_size) + 2  # fmt: skip
+                    height, width = h, w
+            prompt_tokens.append(n)
+            if generating:
+                grid_h, grid_w = self._latent_grid(height, width)
+                image_tokens.append(grid_h * grid_w + 2)
+        fixed = [n + (image_tokens[i] if generating else 0) for i, n in enumerate(prompt_tokens)]
+        # Decoding adds up to max_new_tokens ids after a bos (then, before an image, [bos] ids [eos]);
+        # the prompt must leave room for one of them at least.
+        decodes = understanding_output or think
+        overhead = 0 if not decodes else (1 if understanding_output else 2)
+        _check_fits_context(self, [n + overhead + (1 if decodes else 0) for n in fixed], "prompt",
+                            "Shorten the prompt or give fewer or smaller images.")  # fmt: skip
+        room = self._context_limit() - max(fixed) - overhead
+        if decodes and max_new_tokens > room:
+            logger.warning(
+                "max_new_tokens=%d (max_think_tokens of generate_image / edit_image) does not fit the model's context "
+                "of %d tokens after this prompt: decoding stops after %d tokens.", max_new_tokens,
+                self._context_limit(), room,
+            )  # fmt: skip
+            return room
+        return max_new_tokens
 
     @torch.no_grad()
     def interleave(
@@ -942,7 +1047,9 @@ class BagelGenerationMixin:
         processes; see parallel_bagel.py. `streamer` (one request) gets the generated text as it
         is decoded (see `generate_text_ids`). `step_cache` ("taylorseer", "adaptive" or a policy of
         step_cache_bagel.py): predict some denoising steps instead of computing them (README,
-        "Faster generation")."""
+        "Faster generation"). Every argument is checked first; a request that does not fit the
+        context (`text_config.max_position_embeddings` tokens) is refused before any work, and
+        decoding that would run past it stops at its end (with a warning)."""
         resolve_step_cache(step_cache)  # its own check, before any work
         processor = self._processor(processor)
         if not isinstance(inputs, (list, tuple)):
@@ -950,7 +1057,14 @@ class BagelGenerationMixin:
         batched = bool(inputs) and isinstance(inputs[0], (list, tuple))
         batch = [list(x) for x in inputs] if batched else [list(inputs)]
         _check_interleaved(batch)
-        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=1)
+        understanding_output = check_bool("understanding_output", understanding_output)
+        think, progress = check_bool("think", think), check_bool("progress", progress)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+        do_sample, temperature, top_p = _check_sampling(do_sample, temperature, top_p)
+        if not isinstance(params, GuidanceParams):
+            raise TypeError(f"params must be a GuidanceParams, got {type(params).__name__}.")
+        check_seeds("seed", seed, len(batch))
+        _check_streamer(streamer, len(batch))
         if parallel is not None:
             from .parallel_bagel import ParallelLayout
 
@@ -970,9 +1084,11 @@ class BagelGenerationMixin:
         if not understanding_output:
             self._require_generation()
             vae_max_size = self._largest_image_side(processor)
-            height = vae_max_size if height is None else _check_int("height", height)
-            width = vae_max_size if width is None else _check_int("width", width)
+            height = vae_max_size if height is None else check_int("height", height)
+            width = vae_max_size if width is None else check_int("width", width)
         sizes = [(height, width)] * len(batch)
+        max_new_tokens = self._check_prompt_fits(batch, processor, think, understanding_output, max_new_tokens,
+                                                 vae_max_size, sizes)  # fmt: skip
         gen = self.new_context(len(batch))
         cfg_text = cfg_img = gen
         if think:
@@ -1049,7 +1165,7 @@ class BagelGenerationMixin:
         `parallel`: several GPUs (README, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
         or a policy object (README, "Faster generation")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
-                           cfg_renorm_min)  # fmt: skip
+                           cfg_renorm_min, think, max_think_tokens)  # fmt: skip
         prompts, _ = _as_batch(prompt, None)
         out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
                               seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
@@ -1069,7 +1185,7 @@ class BagelGenerationMixin:
         `streamer`, `do_sample` and `temperature` as `generate_image`'s. `parallel`: several GPUs
         (README, "Several GPUs"). `step_cache`: as in `generate_image`."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
-                           cfg_renorm_min)  # fmt: skip
+                           cfg_renorm_min, think, max_think_tokens)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)
         if any(len(imgs) != 1 for imgs in image_lists):
             raise ValueError("edit_image takes exactly one image per prompt.")
@@ -1094,43 +1210,67 @@ def _capturable_weight(p: torch.Tensor) -> bool:
     return kind.__module__.startswith("torchao")
 
 
-def _check_int(name: str, value, minimum: int | None = None) -> int:
-    """`value` as an int (at least `minimum`), or an error that names the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
-    return int(value)
-
-
-def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min):
+def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min,
+              think, max_think_tokens) -> GuidanceParams:  # fmt: skip
     """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
-    reference's `num_timesteps` counts the points of the schedule, one more."""
-    num_steps = _check_int("num_steps", num_steps, minimum=1)
-    for name, value in (("timestep_shift", timestep_shift), ("cfg_text_scale", cfg_text_scale),
-                        ("cfg_img_scale", cfg_img_scale), ("cfg_renorm_min", renorm_min)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    if not isinstance(cfg_interval, (list, tuple)) or len(cfg_interval) != 2:
-        raise TypeError(f"cfg_interval must be a pair (lo, hi), got {cfg_interval!r}.")
-    return GuidanceParams(num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
-                          renorm_type, renorm_min)  # fmt: skip
+    reference's `num_timesteps` counts the points of the schedule, one more. `think` and
+    `max_think_tokens` are checked here under their own names (interleave calls the latter
+    `max_new_tokens`)."""
+    num_steps = check_int("num_steps", num_steps, minimum=1, fix="The default is 50.")
+    check_bool("think", think)
+    check_int("max_think_tokens", max_think_tokens, minimum=1, fix="The default is 1000.")
+    return GuidanceParams(num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type,
+                          renorm_min)  # fmt: skip
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer or a list of integers (one per request), got {seed!r}.")
-    return int(seed)
+def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
+    """Decoding arguments, checked whether or not sampling is on (a value of the wrong kind is a
+    mistake either way); greedy decoding takes temperature 0 and top_p 0 too, as 'no sampling'."""
+    do_sample = check_bool("do_sample", do_sample)
+    fix = "Sampling needs it > 0; for greedy decoding use do_sample=False." if do_sample else ""
+    return (
+        do_sample,
+        check_number("temperature", temperature, minimum=0, open_min=do_sample, fix=fix),
+        check_number("top_p", top_p, minimum=0, maximum=1, open_min=do_sample, fix="1.0 keeps every token."),
+    )
+
+
+def _check_generators(generators: list) -> None:
+    for g in generators:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (or None, or a list of them for generate_text_ids), "
+                            f"got {type(g).__name__}; for a seed use torch.Generator().manual_seed(seed).")  # fmt: skip
+
+
+def _check_streamer(streamer, batch: int) -> None:
+    if streamer is None:
+        return
+    if not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise TypeError(
+            f"streamer must be a transformers streamer (with put() and end(), e.g. TextIteratorStreamer), got "
+            f"{type(streamer).__name__}."
+        )
+    if batch != 1:
+        raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
+
+
+def _check_fits_context(model, totals: list[int], name: str, fix: str) -> None:
+    """Refuse a call whose sequences would outgrow the model's context (`max_position_embeddings`)
+    before anything is allocated for them: past it the rotary positions are untrained and memory
+    grows with the square of the length."""
+    limit = model._context_limit()
+    worst = max(range(len(totals)), key=totals.__getitem__)
+    if totals[worst] > limit:
+        which = f"request {worst} " if len(totals) > 1 else ""
+        raise ValueError(
+            f"{name} is too long for the model: {which}needs {totals[worst]} tokens but the model's context holds "
+            f"{limit} (text_config.max_position_embeddings). {fix}"
+        )
 
 
 def _request_seeds(seed, batch: int) -> list[int] | None:
     """One seed per request: a list as given, or one int: request i uses seed + i."""
-    if seed is None:
-        return None
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [_check_seed(seed) + i for i in range(batch)]
-    if len(seeds) != batch:
-        raise ValueError(f"Got {len(seeds)} seeds for {batch} requests.")
-    return [_check_seed(s) for s in seeds]
+    return check_seeds("seed", seed, batch)
 
 
 def _generators(seed, batch: int) -> list:
@@ -1164,7 +1304,8 @@ def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
     for image in (img for images in image_lists for img in images):
         if not isinstance(image, Image.Image):
             raise TypeError(
-                f"Images must be PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)."
+                f"images must be PIL.Image.Image (None, an image or a list of images), got {type(image).__name__}; "
+                "open files with PIL.Image.open(path)."
             )
     return prompts, image_lists
 

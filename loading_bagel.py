@@ -37,6 +37,7 @@ import torch
 
 from .configuration_bagel import BagelConfig, normalize_stage
 from .state_dict_adapter import GEN_PATTERNS, BagelStateDictAdapter, checkpoint_bucket
+from .validation_bagel import check_bool
 
 logger = logging.getLogger(__name__)
 
@@ -165,25 +166,39 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dt
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, subfolder: str, hub_kwargs: dict, stage: int | None) -> Path:
     """A local directory as is; a Hub id through `snapshot_download` (configs, code, tokenizer files,
-    ema.safetensors, and ae.safetensors unless stage 1 was asked for)."""
+    ema.safetensors, and ae.safetensors unless stage 1 was asked for). A name that can only be a
+    local path (no `owner/` part, a leading `.`, `/` or `~`, an existing first folder, more than one
+    `/`) and is not a directory fails at once, without asking the network; so does a Hub id that
+    neither the Hub nor (offline) the cache has."""
     local = Path(name_or_path) / subfolder if subfolder else Path(name_or_path)
     if local.is_dir():
         return local
     text = os.fspath(name_or_path)
     if Path(name_or_path).exists():
         raise NotADirectoryError(f"{text} is a file; pass the checkpoint directory that holds {WEIGHTS_NAME}.")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "") or not text:
-        raise FileNotFoundError(
-            f"No directory {local}: pass a local checkpoint directory (holding {WEIGHTS_NAME} and config.json or "
-            f"llm_config.json + vit_config.json) or a Hub repository id such as 'ByteDance-Seed/BAGEL-7B-MoT'."
-        )
-    from huggingface_hub import snapshot_download
+    wanted = (
+        f"pass a local checkpoint directory (holding {WEIGHTS_NAME} and config.json or llm_config.json + "
+        "vit_config.json) or a Hub repository id owner/name such as 'ByteDance-Seed/BAGEL-7B-MoT'"
+    )
+    owner = text.split("/", 1)[0]
+    if (text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep in text.replace("/", "")
+            or Path(owner).is_dir()):  # fmt: skip
+        raise FileNotFoundError(f"No directory {local} (relative to {Path.cwd()}): {wanted}.")
+    from huggingface_hub import constants, snapshot_download
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     weights = [WEIGHTS_NAME] if stage == 1 else [WEIGHTS_NAME, VAE_WEIGHTS_NAME]
     patterns = [prefix + p for p in (*HUB_ALLOW_PATTERNS, *weights)]
     kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    root = snapshot_download(text, allow_patterns=patterns, **kwargs)
+    try:
+        root = snapshot_download(text, allow_patterns=patterns, **kwargs)
+    except Exception as err:  # noqa: BLE001 - not found, no network, offline without a cached copy, bad id
+        offline = constants.HF_HUB_OFFLINE or kwargs.get("local_files_only")
+        where = "the Hugging Face cache (offline: HF_HUB_OFFLINE or local_files_only)" if offline else "the Hub"
+        raise FileNotFoundError(
+            f"No directory {local} (relative to {Path.cwd()}), and {where} has no repository {text!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): {wanted}."
+        ) from err
     return Path(root) / subfolder if subfolder else Path(root)
 
 
@@ -290,6 +305,8 @@ def load_pretrained(load, name_or_path, model_args: tuple, *, stage, strict: boo
     """`BagelForUnifiedMultimodal.from_pretrained`: resolve the directory, check its files, hand it
     to transformers' `from_pretrained` (`load`), then hold the result to BAGEL's strictness."""
     stage = None if stage is None else normalize_stage(stage)  # fail fast on an unknown stage
+    check_bool("strict", strict)
+    _check_devices(kwargs.get("device_map"))
     if name_or_path is None:
         raise ValueError("from_pretrained needs a checkpoint directory or Hub repository id.")
     output_loading_info = kwargs.pop("output_loading_info", False)
@@ -337,6 +354,18 @@ def load_pretrained(load, name_or_path, model_args: tuple, *, stage, strict: boo
     return (model, info) if output_loading_info else model
 
 
+def _check_devices(device_map) -> None:
+    """A device_map that names CUDA on a machine without it fails here, by name, not inside torch."""
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    named = [str(p) for p in places if isinstance(p, (str, torch.device))]
+    if any(p.startswith("cuda") for p in named) and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise ValueError(
+            f"device_map={device_map!r} names a CUDA device, but this torch ({torch.__version__}) is {build}: use "
+            "device_map='cpu', or run on a machine with an NVIDIA GPU and torch's CUDA build."
+        )
+
+
 def _format_keys(keys: list[str], limit: int = 10) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -346,7 +375,7 @@ def _check_loading_info(model, info: dict, headers: dict, directory: Path, stric
     """Raise, naming the keys, where transformers would only warn: shapes that disagree with the
     config (unless `ignore_mismatched_sizes`), and with `strict` checkpoint tensors the model has no
     place for and model weights the checkpoint lacks (a missing ae.safetensors only warns: the VAE
-    stays random). Returns the info with sorted lists, as transformers 4 did."""
+    stays random, which `strict` refuses too). Returns the info with sorted lists, as transformers 4 did."""
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     mismatched = sorted((key, tuple(ckpt), tuple(want)) for key, ckpt, want in info["mismatched_keys"])
     if mismatched and not ignore_mismatched:
@@ -379,7 +408,13 @@ def _check_loading_info(model, info: dict, headers: dict, directory: Path, stric
             f"{directory / WEIGHTS_NAME} lacks {len(lacking)} weight(s) the model needs: {_format_keys(lacking)}.{hint} "
             "Check that the config matches the checkpoint, or pass strict=False to initialise them randomly."
         )
-    if random_vae:
+    if random_vae and strict:
+        raise FileNotFoundError(
+            f"{directory} has no {VAE_WEIGHTS_NAME}: a stage-2 model needs the FLUX autoencoder's weights to encode and "
+            f"decode images (without them it generates noise). Put {VAE_WEIGHTS_NAME} from the BAGEL release in the "
+            "directory, load with stage=1 for understanding only, or pass strict=False to keep a random VAE."
+        )
+    if random_vae:  # strict=False
         logger.warning(
             "%s has no %s: the VAE of this stage-2 model is randomly initialised, so encoding / decoding images "
             "gives noise. Put the FLUX autoencoder weights (ae.safetensors from the BAGEL release) in the "

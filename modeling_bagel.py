@@ -25,9 +25,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .imports_bagel import quiet_third_party_imports
+
+with quiet_third_party_imports():  # transformers imports torchao where installed
+    from transformers import PreTrainedModel
+    from transformers.activations import ACT2FN
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
@@ -50,6 +54,7 @@ from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the lo
     unexpected_key_patterns,
 )
 from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, parallel_linears, rotary_cos_sin
+from .validation_bagel import check_training_inputs
 
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
@@ -516,14 +521,13 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         (num_vae_tokens, p*p*C) fixes the flow-matching noise; by default it is drawn with randn.
         `ce_loss_weights` is accepted for collator compatibility; weighting is the trainer's job.
         """
-        if unused.get("nested_attention_masks") is not None:
-            raise ValueError("nested_attention_masks is not supported: pass split_lens and attn_modes instead.")
+        check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})  # README, "Training inputs"
         model = self.model
-        _check_packed_inputs(sequence_length, sample_lens, packed_position_ids, packed_text_ids, packed_text_indexes)
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
-        # Nothing here waits for the GPU before the ViT is queued (its kernels are too short to keep
-        # the GPU busy on their own), so the host prepares this step while the GPU finishes the last.
+        # Past the argument checks (one host sync: ids and positions must be in range before any
+        # lookup), nothing here waits for the GPU before the ViT is queued (its kernels are too short
+        # to keep the GPU busy on their own).
         plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, packed_text_ids.device)
         checks = [_token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)]
         embeds = self.get_input_embeddings()(packed_text_ids)
@@ -641,9 +645,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 reported (`output_loading_info`) and the missing ones initialised by `_init_weights`.
 
         Shapes that disagree with the config raise an error naming them unless
-        `ignore_mismatched_sizes=True`. Without `ae.safetensors` a stage-2 model keeps a randomly
-        initialised VAE and a warning is logged. When the directory has tokenizer files,
-        `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
+        `ignore_mismatched_sizes=True`. A stage-2 checkpoint without `ae.safetensors` is refused
+        (with `strict=False` the VAE stays randomly initialised and a warning is logged). When the
+        directory has tokenizer files, `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
         `edit_image`), else None. The model is returned in eval mode.
         """
         loaded = load_pretrained(
@@ -691,20 +695,6 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         are not supported; other transformers arguments (`max_shard_size`, ...) are ignored.
         """
         save_bagel_pretrained(self, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub)
-
-
-def _check_packed_inputs(sequence_length, sample_lens, position_ids, text_ids, text_indexes) -> None:
-    """Clear errors for packed inputs whose lengths do not add up (host-side checks)."""
-    if sum(sample_lens) != sequence_length:
-        raise ValueError(f"sample_lens add up to {sum(sample_lens)} but sequence_length is {sequence_length}.")
-    if position_ids.shape[0] != sequence_length:
-        raise ValueError(
-            f"packed_position_ids has {position_ids.shape[0]} entries; it needs one per token ({sequence_length})."
-        )
-    if text_ids.shape[0] != text_indexes.shape[0]:
-        raise ValueError(
-            f"packed_text_ids has {text_ids.shape[0]} ids but packed_text_indexes has {text_indexes.shape[0]}."
-        )
 
 
 def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> tuple[torch.Tensor, str]:

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .generation_bagel import BagelContext, _CacheStep, _guide, _request_seeds, _StepCacheBranches
+from .validation_bagel import check_int
 
 MESH_DIMS = ("batch", "cfg", "sp")
 _MESHES: dict = {}  # (device type, sizes) -> DeviceMesh: its process groups are made once per job
@@ -55,10 +56,13 @@ class BagelParallel:
     cfg: int = 1
     sp: int = 1
 
+    def __post_init__(self) -> None:  # checked when made, before any process group is started
+        sizes = [check_int(f"parallel[{dim!r}]", getattr(self, dim), minimum=-1) for dim in MESH_DIMS]
+        if 0 in sizes or sizes.count(-1) > 1:
+            raise ValueError(f"{self}: sizes must be positive ints, one of them may be -1 (the rest of the ranks).")
+
     def sizes(self, world_size: int) -> tuple[int, int, int]:
         sizes = [self.batch, self.cfg, self.sp]
-        if any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-            raise ValueError(f"{self}: sizes must be positive ints, one of them may be -1 (the rest of the ranks).")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes and world_size % known == 0:
             sizes[sizes.index(-1)] = world_size // known

@@ -9,8 +9,9 @@ The image preprocessing follows the reference implementation:
 * they become float32 tensors in [-1, 1] (``ToTensor`` followed by ``Normalize(0.5, 0.5)``);
 * for the ViT, the (3, H, W) tensor is cut into flattened patches with NaViT-style position ids.
 
-This module depends only on torch, PIL and transformers (no torchvision) and imports nothing relatively, so it
-can live alone in a Hub repository and be loaded with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
+This module depends only on torch, PIL and transformers (no torchvision) and, relatively, on ``validation_bagel``
+(the argument checks) and ``imports_bagel`` (quiet imports), which import only torch, so the three can live alone
+in a Hub repository and be loaded with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from typing import Any, Iterable
 
 import torch
 from PIL import Image
-from transformers.processing_utils import ProcessorMixin
-from transformers.utils import logging
+from .imports_bagel import quiet_third_party_imports
+from .validation_bagel import check_int
+
+with quiet_third_party_imports():  # transformers imports torchao where installed
+    from transformers.feature_extraction_utils import BatchFeature
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
@@ -325,15 +331,18 @@ class BagelProcessor(ProcessorMixin):
         vit_max_num_patch_per_side: int = VIT_MAX_NUM_PATCH_PER_SIDE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        self.vae_max_size = int(vae_max_size)
-        self.vae_min_size = int(vae_min_size)
-        self.vae_stride = int(vae_stride)
-        self.vit_max_size = int(vit_max_size)
-        self.vit_min_size = int(vit_min_size)
-        self.vit_stride = int(vit_stride)
-        self.vit_patch_size = int(vit_patch_size)
-        self.vit_max_num_patch_per_side = int(vit_max_num_patch_per_side)
-        self.max_pixels = int(max_pixels)
+        self.vae_max_size = check_int("vae_max_size", vae_max_size, minimum=1)
+        self.vae_min_size = check_int("vae_min_size", vae_min_size, minimum=1)
+        self.vae_stride = check_int("vae_stride", vae_stride, minimum=1)
+        self.vit_max_size = check_int("vit_max_size", vit_max_size, minimum=1)
+        self.vit_min_size = check_int("vit_min_size", vit_min_size, minimum=1)
+        self.vit_patch_size = check_int("vit_patch_size", vit_patch_size, minimum=1)
+        self.vit_stride = check_int("vit_stride", vit_stride, minimum=1)
+        if self.vit_stride % self.vit_patch_size:
+            raise ValueError(f"vit_stride ({vit_stride}) must be a multiple of vit_patch_size ({vit_patch_size}): the "
+                             "ViT cuts resized images into whole patches.")  # fmt: skip
+        self.vit_max_num_patch_per_side = check_int("vit_max_num_patch_per_side", vit_max_num_patch_per_side, minimum=1)
+        self.max_pixels = check_int("max_pixels", max_pixels, minimum=1)
         super().__init__(tokenizer, chat_template=chat_template)
         _, _, num_new = add_bagel_special_tokens(self.tokenizer)
         if num_new:
@@ -375,6 +384,46 @@ class BagelProcessor(ProcessorMixin):
     def vit_patches(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """PIL image -> ``(patches (N, 3 * P * P), position_ids (N,))`` for the ViT (see ``patchify_vit``)."""
         return patchify_vit(self.vit_transform(image), self.vit_patch_size, self.vit_max_num_patch_per_side)
+
+    # ---- both --------------------------------------------------------------------------------------------------
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Text and images as BAGEL's packed training forward takes them (the high-level API,
+        `model.chat` / `generate_image` / `edit_image`, needs none of this: it takes PIL images and
+        strings).
+
+        `text` (a str or a list of str) -> ``input_ids``: one list of ids per text, without special
+        tokens (a text split is ``[bos] ids [eos]``, README "Training inputs"). `images` (a PIL image
+        or a list) -> ``packed_vit_tokens`` (V, 3 * P * P), ``packed_vit_position_ids`` (V,) and
+        ``vit_token_seqlens`` (images,): every image through ``vit_patches``, packed back to back.
+        Keyword arguments are not taken (the resize rules are the processor's own settings)."""
+        if videos is not None or audio is not None:
+            raise ValueError("BAGEL takes text and images only: videos= and audio= are not supported.")
+        if kwargs:
+            raise TypeError(
+                f"BagelProcessor() got unexpected keyword argument(s) {sorted(kwargs)}; it takes images= and text= "
+                "(the resize rules are the processor's settings, e.g. BagelProcessor(tokenizer, vit_max_size=...))."
+            )
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' (or None), got {return_tensors!r}: BAGEL works on torch "
+                             "tensors.")
+        if images is None and text is None:
+            raise ValueError("Give text=, images= or both.")
+        data: dict[str, Any] = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else text
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}.")
+            data["input_ids"] = [self.encode_text(t) for t in texts]
+        if images is not None:
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not images:
+                raise ValueError("images is an empty list: give at least one PIL image, or leave images out.")
+            patches = [self.vit_patches(_require_pil(image, f"images[{i}]")) for i, image in enumerate(images)]
+            data["packed_vit_tokens"] = torch.cat([p for p, _ in patches])
+            data["packed_vit_position_ids"] = torch.cat([ids for _, ids in patches])
+            data["vit_token_seqlens"] = torch.tensor([p.shape[0] for p, _ in patches], dtype=torch.long)
+        return BatchFeature(data)
 
     # ---- text ----------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """BAGEL quickstart: answer a question about an image, generate an image, edit it.
 
-    python examples/quickstart.py                                    # tiny random checkpoint, CPU, seconds
+    python examples/quickstart.py                                    # tiny random checkpoint (CPU: under 2 min)
     python examples/quickstart.py --model ByteDance-Seed/BAGEL-7B-MoT  # the released weights (a GPU)
 
 With no --model it writes a tiny random checkpoint (the released layout plus this code) to a

@@ -71,6 +71,32 @@ def parity() -> Parity:
     return Parity(require_fixture(PARITY_DIR))
 
 
+# Processor sizes that fit the tiny-a checkpoint (ViT grid 8 x 8 patches of 14, latents up to 8 x 8 of 16 px).
+TINY_PROCESSOR_SIZES = dict(
+    vit_max_num_patch_per_side=8, vit_max_size=112, vit_min_size=28, vae_max_size=128, vae_min_size=64
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(parity):
+    """The tiny-a checkpoint (stage 2, float32, CPU, eval), loaded once for the session; tests
+    that share it must leave it as they found it."""
+    from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+    return BagelForUnifiedMultimodal.from_pretrained(parity.checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    """A BagelProcessor over the tiny byte-level tokenizer (scripts/tiny_tokenizer.py, whose special
+    tokens sit at tiny-a's ids), sized for tiny-a."""
+    from tiny_tokenizer import build_tiny_tokenizer
+
+    from bagel_remote.processing_bagel import BagelProcessor
+
+    return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **TINY_PROCESSOR_SIZES)
+
+
 def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
     """Relative error measured against the largest reference magnitude (robust near zero)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

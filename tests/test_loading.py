@@ -433,10 +433,15 @@ def test_foreign_config_json_falls_back_to_sidecars(tiny, tmp_path):
         BagelForUnifiedMultimodal.from_pretrained(repo, stage=1)
 
 
-def test_missing_ae_keeps_a_random_vae_with_a_warning(tiny, tmp_path, caplog):
+def test_missing_ae_is_refused_and_strict_false_keeps_a_random_vae(tiny, tmp_path, caplog):
     repo = _copy_repo(tiny, tmp_path / "no_ae", skip=("ae.safetensors",))
+    with pytest.raises(FileNotFoundError, match=r"has no ae\.safetensors.*stage=1.*strict=False"):
+        BagelForUnifiedMultimodal.from_pretrained(repo)
+    assert BagelForUnifiedMultimodal.from_pretrained(repo, stage=1).vae is None  # understanding needs no VAE
     with caplog.at_level(logging.WARNING):
-        model, info = BagelForUnifiedMultimodal.from_pretrained(repo, dtype=torch.bfloat16, output_loading_info=True)
+        model, info = BagelForUnifiedMultimodal.from_pretrained(
+            repo, dtype=torch.bfloat16, output_loading_info=True, strict=False
+        )
     assert any("ae.safetensors" in r.getMessage() and "randomly initialised" in r.getMessage() for r in caplog.records)
     vae = dict(model.vae.named_parameters())
     assert vae and all(not p.is_meta and p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in vae.values())

@@ -381,7 +381,8 @@ def test_auto_processor_offline(tokenizer, tmp_path, monkeypatch):
 
     repo = tmp_path / "bagel-tiny"
     BagelProcessor(tokenizer, vit_max_num_patch_per_side=35).save_pretrained(repo)
-    shutil.copy(REPO_ROOT / "processing_bagel.py", repo / "processing_bagel.py")
+    for module in ("processing_bagel.py", "validation_bagel.py", "imports_bagel.py"):  # and what it imports
+        shutil.copy(REPO_ROOT / module, repo / module)
     assert {p.name for p in repo.iterdir()} >= {
         "processor_config.json",
         "tokenizer.json",

@@ -45,7 +45,10 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Comp
 
 
 def test_quickstart_is_two_commands_and_ci_runs_the_second():
-    commands = _blocks(_section("Quickstart"), "bash")[0].strip().splitlines()
+    cpu, main = _blocks(_section("Quickstart"), "bash")
+    # The CPU-only line comes first, before anything installs torch (else pip takes its CUDA build).
+    assert cpu.strip() == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    commands = main.strip().splitlines()
     assert commands == [
         "pip install -r requirements.txt && python examples/quickstart.py",
         "pip install -r requirements-test.txt && python -m pytest tests -q",
@@ -58,7 +61,6 @@ def test_quickstart_is_two_commands_and_ci_runs_the_second():
     assert "torch>=2.5" in requirements and not any(line.startswith("pytest") for line in requirements)
     test_requirements = (REPO_ROOT / "requirements-test.txt").read_text().splitlines()
     assert "-r requirements.txt" in test_requirements and any(line.startswith("pytest") for line in test_requirements)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in _section("Quickstart")  # the CPU-only variant
 
 
 def test_quickstart_demo_writes_images_and_leaves_no_checkpoint_behind(tmp_path):

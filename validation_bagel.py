@@ -1,0 +1,402 @@
+"""Argument checks shared by BAGEL's public entry points (generation, processor, config, training
+forward): one way to refuse a bad input where it enters, before any work or memory is spent on it.
+
+Every error names the argument, shows the value it got, says what is allowed and, where there is
+one, the fix: `TypeError` for a value of the wrong kind, `ValueError` for a value out of range.
+Booleans are never taken for numbers (`True` is an `int` to Python, never a step count here), and
+numbers must be finite (a NaN guidance scale compares False with every bound and would pass).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from typing import Any, Iterable
+
+import torch
+
+#: What `torch.Generator.manual_seed` accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _shown(value: Any) -> str:
+    """The value as an error message shows it: its repr (shortened) and, for non-builtins, its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:60] + "..." + text[-12:]
+    kind = type(value)
+    return text if kind.__module__ == "builtins" else f"{text} ({kind.__module__}.{kind.__qualname__})"
+
+
+def _fail(kind: type[Exception], name: str, value: Any, allowed: str, fix: str = "") -> Exception:
+    message = f"{name} must be {allowed}, got {_shown(value)}."
+    return kind(f"{message} {fix}" if fix else message)
+
+
+def _bounds(minimum, maximum, open_min: bool = False, open_max: bool = False) -> str:
+    low = None if minimum is None else f"{'>' if open_min else '>='} {minimum}"
+    high = None if maximum is None else f"{'<' if open_max else '<='} {maximum}"
+    return " and ".join(b for b in (low, high) if b)
+
+
+def check_bool(name: str, value: Any, fix: str = "") -> bool:
+    """`value` as a bool: True or False (numpy bools too), not 'no', 1 or None."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise _fail(TypeError, name, value, "True or False", fix)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, fix: str = "") -> int:
+    """`value` as an int within [minimum, maximum] (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail(TypeError, name, value, "an integer", fix)
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if maximum is None:
+            allowed = f"at least {minimum}"
+        elif minimum is None:
+            allowed = f"at most {maximum}"
+        else:
+            allowed = f"between {minimum} and {maximum}"
+        raise _fail(ValueError, name, value, allowed, fix)
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    open_min: bool = False,
+    open_max: bool = False,
+    fix: str = "",
+) -> float:
+    """`value` as a finite float within the bounds (open or closed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(TypeError, name, value, "a number", fix)
+    value = float(value)
+    bounds = _bounds(minimum, maximum, open_min, open_max)
+    allowed = "a finite number" + (f" {bounds}" if bounds else "")
+    if not math.isfinite(value):
+        raise _fail(ValueError, name, value, allowed, fix)
+    too_low = minimum is not None and (value <= minimum if open_min else value < minimum)
+    too_high = maximum is not None and (value >= maximum if open_max else value > maximum)
+    if too_low or too_high:
+        raise _fail(ValueError, name, value, allowed, fix)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str], fix: str = "") -> str:
+    choices = tuple(choices)
+    allowed = "one of " + ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise _fail(TypeError, name, value, allowed, fix)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        raise _fail(ValueError, name, value, allowed, fix or (f"Did you mean {close[0]!r}?" if close else ""))
+    return value
+
+
+def check_interval(name: str, value: Any, lowest: float = 0.0, highest: float = 1.0) -> tuple[float, float]:
+    """A pair (lo, hi) of finite numbers with lowest <= lo <= hi <= highest."""
+    allowed = f"a pair (lo, hi) of numbers with {lowest} <= lo <= hi <= {highest}"
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _fail(TypeError, name, value, allowed)
+    try:
+        lo, hi = (check_number(f"{name}[{i}]", v, lowest, highest) for i, v in enumerate(value))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name} must be {allowed}, got {_shown(value)} ({err})") from None
+    if lo > hi:
+        raise _fail(ValueError, name, value, allowed, "Put the smaller bound first.")
+    return lo, hi
+
+
+def check_seeds(name: str, seed: Any, count: int) -> list[int] | None:
+    """One seed per request: None, one int (request i then uses seed + i) or a list of `count` ints,
+    each within what `torch.Generator.manual_seed` takes."""
+    if seed is None:
+        return None
+    lo, hi = SEED_RANGE
+    allowed = "an integer or a list of integers (one per request), each from -2**63 to 2**64 - 1"
+
+    def one(label: str, value: Any, top: int = hi) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _fail(TypeError, label, value, allowed)
+        if not lo <= int(value) <= top:
+            raise _fail(ValueError, label, value, allowed, "Use a smaller seed, e.g. seed % 2**32.")
+        return int(value)
+
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"{name} has {len(seed)} seeds for {count} requests; give one per request.")
+        return [one(f"{name}[{i}]", s) for i, s in enumerate(seed)]
+    base = one(name, seed, hi - (count - 1))
+    return [base + i for i in range(count)]
+
+
+def check_keywords(where: str, given: Iterable[str], allowed: Iterable[str], fix: str = "") -> None:
+    """Refuse keyword arguments `where` does not take, naming each with its closest valid name."""
+    allowed = sorted(set(allowed))
+    unknown = [key for key in given if key not in allowed]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"{where} got unexpected keyword argument(s) {', '.join(hints)}. {fix}".rstrip())
+
+
+def check_tensor(
+    name: str,
+    value: Any,
+    dims: int | None = None,
+    integer: bool | None = None,
+    rows: int | None = None,
+    columns: int | None = None,
+    fix: str = "",
+) -> torch.Tensor:
+    """A tensor with `dims` dimensions, an integer or floating dtype, and `rows` x `columns`."""
+    shape = "" if dims is None else f" with {dims} dimension{'s' if dims != 1 else ''}"
+    kind = {None: "", True: " of integers (e.g. torch.long)", False: " of floating point"}[integer]
+    if not isinstance(value, torch.Tensor):
+        raise _fail(TypeError, name, value, f"a torch.Tensor{shape}{kind}", fix)
+    if dims is not None and value.dim() != dims:
+        raise _fail(ValueError, name, value, f"a tensor{shape}", fix)
+    not_integer = value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool
+    if integer is not None and not_integer == integer:
+        raise _fail(TypeError, name, value, f"a tensor{kind}", fix)
+    if rows is not None and value.shape[0] != rows:
+        raise _fail(ValueError, name, value, f"a tensor of {rows} {'entries' if value.dim() == 1 else 'rows'}", fix)
+    if columns is not None and (value.dim() < 2 or value.shape[1] != columns):
+        raise _fail(ValueError, name, value, f"a tensor of {columns} columns", fix)
+    return value
+
+
+def check_int_list(name: str, value: Any, minimum: int | None = None, fix: str = "") -> list[int]:
+    """A list (or tuple, or 1-D integer tensor) of ints, each at least `minimum`."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and not value.dtype.is_floating_point:
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise _fail(TypeError, name, value, "a list of integers", fix)
+    return [check_int(f"{name}[{i}]", v, minimum, fix=fix) for i, v in enumerate(value)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The packed training forward (README, "Training inputs")
+# ----------------------------------------------------------------------------------------------
+
+#: What a keyword of other models' forwards is called here.
+TRAINING_KEYWORD_HINTS = {
+    "labels": "packed_label_ids (with ce_loss_indexes: which packed tokens predict them)",
+    "attention_mask": "sample_lens, split_lens and attn_modes (packs have no padding and no mask)",
+    "input_ids": "packed_text_ids (with packed_text_indexes)",
+    "position_ids": "packed_position_ids",
+    "pixel_values": "packed_vit_tokens (processor(images=...) makes them)",
+    "timesteps": "packed_timesteps",
+}
+ATTN_MODES = ("causal", "full", "noise")
+_GROUPS = {
+    "packed_vit_tokens": ("packed_vit_token_indexes", "packed_vit_position_ids", "vit_token_seqlens"),
+    "padded_latent": ("patchified_vae_latent_shapes", "packed_latent_position_ids", "packed_vae_token_indexes",
+                      "packed_timesteps", "mse_loss_indexes", "packed_noise"),
+}  # fmt: skip
+
+
+def check_training_inputs(model, inputs: dict[str, Any]) -> None:
+    """Check the training forward's arguments (`inputs`: its parameters by name, `unused` holding
+    any other keyword) against the README's table, before any of them is used: the keywords,
+    types, shapes and lengths on the host, then every value that indexes a table or must follow
+    a convention (ids within the vocabulary, positions within their tables, one raw timestep per
+    noised image) in one host sync."""
+    unused = dict(inputs.get("unused") or {})
+    if unused.pop("nested_attention_masks", None) is not None:
+        raise ValueError("nested_attention_masks is not supported: pass split_lens and attn_modes instead.")
+    for key in unused:
+        if key in TRAINING_KEYWORD_HINTS:
+            raise TypeError(f"The BAGEL training forward takes no {key}=: use {TRAINING_KEYWORD_HINTS[key]}, as the "
+                            "README's 'Training inputs' table says.")  # fmt: skip
+    check_keywords("The BAGEL training forward", unused, [k for k in inputs if k != "unused"],
+                   "Its arguments are listed in the README's 'Training inputs' table.")  # fmt: skip
+    config = model.config
+    get = inputs.get
+    length = check_int("sequence_length", get("sequence_length"), minimum=1)
+    sample_lens = check_int_list("sample_lens", get("sample_lens"), minimum=1)
+    if sum(sample_lens) != length:
+        raise ValueError(f"sample_lens add up to {sum(sample_lens)} but sequence_length is {length}.")
+    split_lens = get("split_lens")
+    attn_modes = get("attn_modes")
+    if split_lens is not None or attn_modes is not None:
+        split_lens = check_int_list("split_lens", split_lens, minimum=1)
+        if not isinstance(attn_modes, (list, tuple)) or len(attn_modes) != len(split_lens):
+            raise ValueError(f"attn_modes must be a list of one mode per split ({len(split_lens)}), got "
+                             f"{_shown(attn_modes)}.")
+        for i, mode in enumerate(attn_modes):
+            check_choice(f"attn_modes[{i}]", mode, ATTN_MODES)
+        ends, total = set(), 0
+        for n in split_lens:
+            total += n
+            ends.add(total)
+        sample_ends = set(torch.tensor(sample_lens).cumsum(0).tolist())
+        if total != length or not sample_ends <= ends:
+            raise ValueError(f"split_lens ({split_lens}) must cut every sample of sample_lens ({sample_lens}) into "
+                             "splits exactly: no split may cross the end of a sample.")  # fmt: skip
+    else:
+        split_lens, attn_modes = list(sample_lens), ["causal"] * len(sample_lens)
+
+    text_ids = check_tensor("packed_text_ids", get("packed_text_ids"), dims=1, integer=True)
+    text_index = check_tensor("packed_text_indexes", get("packed_text_indexes"), dims=1, integer=True,
+                              rows=text_ids.shape[0], fix="It gives the packed index of each text id.")  # fmt: skip
+    positions = check_tensor("packed_position_ids", get("packed_position_ids"), dims=1, integer=True, rows=length,
+                             fix="One rope position per packed token.")  # fmt: skip
+    vocab = model.get_input_embeddings().num_embeddings
+    ranges = [("packed_text_ids", text_ids, 0, vocab, "Ids index the vocabulary: encode text with model.processor."),
+              ("packed_text_indexes", text_index, 0, length, ""),
+              ("packed_position_ids", positions, 0, config.text_config.max_position_embeddings,
+               "Rope positions start from 0 in each sample (README, 'Training inputs').")]  # fmt: skip
+    conventions: list[tuple[torch.Tensor, str]] = []
+
+    for lead, members in _GROUPS.items():
+        if get(lead) is None:
+            given = [m for m in members if not _empty(get(m))]  # empty ones describe nothing
+            if given:
+                raise ValueError(f"{', '.join(given)} given without {lead}: they describe its tokens; pass {lead} "
+                                 "too, or leave them out.")  # fmt: skip
+    if get("packed_vit_tokens") is not None:
+        if not config.visual_und or getattr(model.model, "vit_model", None) is None:
+            raise ValueError("packed_vit_tokens was given to a model without the ViT (visual_und=False).")
+        p = config.vit_patch_size
+        vit = check_tensor("packed_vit_tokens", get("packed_vit_tokens"), dims=2, integer=False, columns=3 * p * p,
+                           fix="Patches of the ViT: processor(images=...) or processor.vit_patches(image).")  # fmt: skip
+        for name in ("packed_vit_token_indexes", "packed_vit_position_ids"):
+            if get(name) is None:
+                raise ValueError(f"packed_vit_tokens needs {name} (README, 'Training inputs').")
+        vit_index = check_tensor("packed_vit_token_indexes", get("packed_vit_token_indexes"), dims=1, integer=True,
+                                 rows=vit.shape[0])  # fmt: skip
+        vit_pos = check_tensor("packed_vit_position_ids", get("packed_vit_position_ids"), dims=1, integer=True,
+                               rows=vit.shape[0])  # fmt: skip
+        seqlens = get("vit_token_seqlens")
+        if seqlens is None:
+            raise ValueError("packed_vit_tokens needs vit_token_seqlens (the number of patches of each image).")
+        if not torch.is_tensor(seqlens) or seqlens.device.type == "cpu":
+            counts = check_int_list("vit_token_seqlens", seqlens, minimum=1)
+            if sum(counts) != vit.shape[0]:
+                raise ValueError(f"vit_token_seqlens add up to {sum(counts)} but packed_vit_tokens has {vit.shape[0]} "
+                                 "patches: give the number of patches of each image.")  # fmt: skip
+        side = config.vit_max_num_patch_per_side
+        ranges += [("packed_vit_token_indexes", vit_index, 0, length, ""),
+                   ("packed_vit_position_ids", vit_pos, 0, side * side, f"row * {side} + col of each patch.")]  # fmt: skip
+
+    if get("padded_latent") is not None:
+        if not config.visual_gen:
+            raise ValueError("padded_latent was given to a stage-1 (understanding-only) model; load it with stage=2.")
+        latent = check_tensor("padded_latent", get("padded_latent"), dims=4, integer=False,
+                              fix="(images, channels, h * 2, w * 2): model.vae.encode(images), zero-padded.")  # fmt: skip
+        channels = model.model.latent_channel
+        if latent.shape[1] != channels:
+            raise ValueError(f"padded_latent has {latent.shape[1]} channels; the VAE's latents have {channels}.")
+        shapes = get("patchified_vae_latent_shapes")
+        if not isinstance(shapes, (list, tuple)) or len(shapes) != latent.shape[0]:
+            raise ValueError(f"patchified_vae_latent_shapes must list one (h, w) per image of padded_latent "
+                             f"({latent.shape[0]}), got {_shown(shapes)}.")  # fmt: skip
+        p, limit = config.latent_patch_size, config.max_latent_size
+        for i, shape in enumerate(shapes):
+            if not isinstance(shape, (list, tuple)) or len(shape) != 2:
+                raise TypeError(f"patchified_vae_latent_shapes[{i}] must be an (h, w) pair, got {_shown(shape)}.")
+            h, w = check_int_list(f"patchified_vae_latent_shapes[{i}]", shape, minimum=1)
+            if h > limit or w > limit or h * p > latent.shape[2] or w * p > latent.shape[3]:
+                raise ValueError(
+                    f"patchified_vae_latent_shapes[{i}] = {(h, w)} does not fit: at most {limit} tokens a side "
+                    f"(max_latent_size) and within padded_latent's {tuple(latent.shape[2:])} latent pixels ({p} a token)."
+                )  # fmt: skip
+        tokens = sum(h * w for h, w in shapes)
+        names = ("packed_latent_position_ids", "packed_vae_token_indexes", "packed_timesteps")
+        for name in names:
+            if get(name) is None:
+                raise ValueError(f"padded_latent needs {name} (README, 'Training inputs').")
+        vae_pos, vae_index = (check_tensor(n, get(n), dims=1, integer=True, rows=tokens,
+                                           fix="One per latent token of patchified_vae_latent_shapes.")
+                              for n in names[:2])  # fmt: skip
+        timesteps = check_tensor("packed_timesteps", get("packed_timesteps"), dims=1, integer=False, rows=tokens,
+                                 fix="One raw timestep per latent token (-inf for a clean image).")  # fmt: skip
+        if get("mse_loss_indexes") is not None:
+            check_tensor("mse_loss_indexes", get("mse_loss_indexes"), dims=1, integer=True)
+        if get("packed_noise") is not None:
+            check_tensor("packed_noise", get("packed_noise"), dims=2, integer=False, rows=tokens,
+                         columns=p * p * channels)  # fmt: skip
+        ranges += [("packed_vae_token_indexes", vae_index, 0, length, ""),
+                   ("packed_latent_position_ids", vae_pos, 0, limit * limit, f"row * {limit} + col of each token.")]
+        conventions.append(_one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps))
+
+    if (get("ce_loss_indexes") is None) != (get("packed_label_ids") is None):
+        given, missing = ("ce_loss_indexes", "packed_label_ids")[:: 1 if get("packed_label_ids") is None else -1]
+        raise ValueError(f"{given} was given without {missing}: the CE loss needs both (one label per index).")
+    if get("ce_loss_indexes") is not None:
+        ce_index = check_tensor("ce_loss_indexes", get("ce_loss_indexes"), dims=1, integer=True)
+        labels = check_tensor("packed_label_ids", get("packed_label_ids"), dims=1, integer=True, rows=ce_index.shape[0],
+                              fix="One label per index of ce_loss_indexes.")  # fmt: skip
+        if get("ce_loss_weights") is not None:
+            check_tensor("ce_loss_weights", get("ce_loss_weights"), dims=1, integer=False, rows=ce_index.shape[0])
+        ranges += [("ce_loss_indexes", ce_index, 0, length, ""),
+                   ("packed_label_ids", labels, 0, model.get_output_embeddings().out_features,
+                    "Labels are token ids (no -100: leave such tokens out of ce_loss_indexes).")]  # fmt: skip
+    images = [get(n) for n in ("packed_vit_token_indexes", "packed_vae_token_indexes") if not _empty(get(n))]
+    if images:
+        conventions.append(_images_in_image_splits(split_lens, attn_modes, torch.cat(images)))
+    check_bool("output_hidden_states", get("output_hidden_states", False))
+    _check_values(ranges, conventions)
+
+
+def _empty(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return value.numel() == 0
+    return value is None or (isinstance(value, (list, tuple)) and not value)
+
+
+def _split_of(split_lens, index: torch.Tensor) -> torch.Tensor:
+    """The split each packed index falls in."""
+    ends = torch.tensor(split_lens, device=index.device).cumsum(0)
+    return torch.searchsorted(ends, index, right=True).clamp(max=len(split_lens) - 1)
+
+
+def _images_in_image_splits(split_lens, attn_modes, image_index) -> tuple[torch.Tensor, str]:
+    """ViT and VAE tokens lie in `full` or `noise` splits (an image split), never in a `causal` one."""
+    causal = torch.tensor([m == "causal" for m in attn_modes], device=image_index.device)
+    return (~causal[_split_of(split_lens, image_index)]).all(), (
+        "An image token (packed_vit_token_indexes / packed_vae_token_indexes) lies in a `causal` split: split_lens and "
+        "attn_modes must give every image its own `full` (or `noise`) split, [start] image tokens [end]."
+    )
+
+
+def _one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps) -> tuple[torch.Tensor, str]:
+    """Every latent token of one `noise` split has the same raw timestep (the reference draws one
+    per image): a (passed, message) check on the device."""
+    split = _split_of(split_lens, vae_index)
+    noised = torch.tensor([m == "noise" for m in attn_modes], device=vae_index.device)[split]
+    value = torch.where(noised, timesteps.float(), 0.0).nan_to_num(0.0, 0.0, 0.0)
+    low = value.new_full((len(split_lens),), math.inf).scatter_reduce(0, split, value, "amin")
+    high = value.new_full((len(split_lens),), -math.inf).scatter_reduce(0, split, value, "amax")
+    return (low[split] == high[split]).all(), (
+        "packed_timesteps differ within one noised image: every latent token of a `noise` split takes the same raw "
+        "timestep (one torch.randn(()) per image, README 'Training inputs')."
+    )
+
+
+def _check_values(ranges: list[tuple], conventions: list[tuple[torch.Tensor, str]]) -> None:
+    """`ranges` (name, tensor, lo, hi, fix): every value in [lo, hi); `conventions` (passed, message).
+    All read with one host sync; the first failure raises, showing the offending values."""
+    tests = [((t >= lo) & (t < hi)).all() for _, t, lo, hi, _ in ranges] + [ok for ok, _ in conventions]
+    if not tests:
+        return
+    passed = torch.stack([t.to(tests[0].device) for t in tests]).tolist()
+    for ok, (name, t, lo, hi, fix) in zip(passed, ranges):
+        if not ok:
+            bad = t[(t < lo) | (t >= hi)].unique()[:5].tolist()
+            raise ValueError(f"{name} must hold values in [0, {hi - 1}]; it holds {bad}"
+                             f"{' among others' if len(bad) == 5 else ''}. {fix}".rstrip())  # fmt: skip
+    for ok, (_, message) in zip(passed[len(ranges):], conventions):
+        if not ok:
+            raise ValueError(message)
