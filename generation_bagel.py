@@ -1,36 +1,35 @@
-"""BAGEL inference: a packed KV cache over several sequences, context building, text decoding and
-image generation with classifier-free guidance.
+"""BAGEL inference on `BagelForUnifiedMultimodal`: context building, text decoding and image
+generation with classifier-free guidance, and the high-level API (`chat`, `generate_image`,
+`edit_image`, `interleave`) with its input checks.
 
-A `BagelContext` is immutable: adding text or an image returns a new context, so the guidance
-branches of the reference (the context without the latest text, the context without images) are
-just earlier context objects, with no copy. All sequences of a batch advance together, each with its
-own length and rope position; one forward serves them all, and the guidance branches of an image
-generation step run as extra sequences of the same forward.
+The parts live beside it: contexts and cache steps (contexts_bagel.py), the decode engine
+(decoding_bagel.py), guidance and the sampler (guidance_bagel.py), step caches
+(step_cache_bagel.py), several GPUs (parallel_bagel.py). One forward serves all sequences of a
+batch, and the guidance branches of an image generation step run as extra sequences of the same
+forward.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import deque
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers.utils import logging
 
-from .attention_bagel import AttentionPlan, TokenRoute, has_varlen_kernel, packed_attention, to_device, varlen_kernel
+from .attention_bagel import AttentionPlan, TokenRoute
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
-from .kernels_bagel import decode_attention, fuses_decode_attention
-from .modeling_siglip_navit import graph_branches
+from .contexts_bagel import BagelContext, CacheStep, SpecialTokenIds, advance
+from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, capturable_weight, sample_tokens
+from .guidance_bagel import FlowMatchEulerSampler, GuidanceParams, StepCacheBranches, guide, request_generators
+from .parallel_bagel import ParallelLayout, parallel_velocity
 from .processing_bagel import check_image_size, get_resize_size, latent_position_ids
 from .step_cache_bagel import resolve_step_cache
 from .validation_bagel import (
     check_bool,
-    check_choice,
     check_int,
     check_int_list,
-    check_interval,
     check_number,
     check_seeds,
 )
@@ -42,52 +41,14 @@ VLM_THINK_SYSTEM_PROMPT = (
     "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
     "answer here"
 )
+
+
 GEN_THINK_SYSTEM_PROMPT = (
     "You should first think about the planning process in the mind and then generate the image. \n"
     "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
     "image here"
 )
 
-
-def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The reference's timestep shift: s*t / (1 + (s-1)*t)."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    bos: int
-    eos: int
-    start_of_image: int
-    end_of_image: int
-
-
-@dataclass(frozen=True)
-class GuidanceParams:
-    """Flow-matching sampling and classifier-free guidance, with the reference's meaning."""
-
-    num_timesteps: int = 50
-    timestep_shift: float = 3.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: str = "global"
-    cfg_renorm_min: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_int("num_timesteps", self.num_timesteps, minimum=2, fix="The reference's default is 50.")
-        check_number("timestep_shift", self.timestep_shift, minimum=0, open_min=True, fix="The reference uses 3.0.")
-        for name in ("cfg_text_scale", "cfg_img_scale"):
-            check_number(name, getattr(self, name), minimum=0, fix="1.0 turns that guidance off; the default is 4.0 "
-                         "for text and 1.0 (text-to-image) or 2.0 (editing) for images.")  # fmt: skip
-        check_choice("cfg_renorm_type", self.cfg_renorm_type, ("global", "channel", "text_channel"))
-        check_number("cfg_renorm_min", self.cfg_renorm_min, minimum=0, maximum=1, fix="The reference uses 0.0.")
-        object.__setattr__(self, "cfg_interval", check_interval("cfg_interval", self.cfg_interval))
-
-
-# ----------------------------------------------------------------------------------------------
-# The cache
-# ----------------------------------------------------------------------------------------------
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -102,369 +63,9 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-@dataclass(frozen=True)
-class BagelContext:
-    """Keys/values of B sequences packed back to back, per layer ((T, kv_heads, head_dim) each),
-    with each sequence's cached length and next rope position."""
-
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    lengths: tuple[int, ...]
-    positions: tuple[int, ...]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths)
-
-    @classmethod
-    def concat(cls, contexts: list["BagelContext"]) -> "BagelContext":
-        """The sequences of several contexts as one batch (one copy of the caches)."""
-        if len(contexts) == 1:
-            return contexts[0]
-        return cls(
-            tuple(torch.cat(layer) for layer in zip(*(c.keys for c in contexts))),
-            tuple(torch.cat(layer) for layer in zip(*(c.values for c in contexts))),
-            sum((c.lengths for c in contexts), ()),
-            sum((c.positions for c in contexts), ()),
-        )
-
-    def select(self, indices: list[int]) -> "BagelContext":
-        """A context holding only the given sequences."""
-        starts = [0]
-        for n in self.lengths:
-            starts.append(starts[-1] + n)
-        device = self.keys[0].device
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in indices])
-        return BagelContext(
-            tuple(k.index_select(0, rows.to(k.device)) for k in self.keys),
-            tuple(v.index_select(0, rows.to(v.device)) for v in self.values),
-            tuple(self.lengths[i] for i in indices),
-            tuple(self.positions[i] for i in indices),
-        )
-
-
-class _CacheStep:
-    """Merges the new tokens' keys/values into the cached ones, sequence by sequence, for one
-    forward; with `store` it also keeps them to build the next context."""
-
-    def __init__(self, context: BagelContext, new_lengths: list[int], store: bool):
-        self.context, self.store = context, store
-        device = context.keys[0].device
-        old_dest, new_dest, start = [], [], 0
-        for old, new in zip(context.lengths, new_lengths):
-            old_dest.append(torch.arange(start, start + old))
-            new_dest.append(torch.arange(start + old, start + old + new))
-            start += old + new
-        self.total = start
-        self.old_dest = torch.cat(old_dest).to(device)
-        self.new_dest = torch.cat(new_dest).to(device)
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    def _merge(self, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        if cached.shape[0] == 0:
-            return new
-        merged = new.new_empty((self.total,) + new.shape[1:])
-        # .to(): a no-op unless the model is spread over devices (each layer's cache stays on its own).
-        old_dest, new_dest = self.old_dest.to(new.device), self.new_dest.to(new.device)
-        return merged.index_copy(0, old_dest, cached.to(new.dtype)).index_copy(0, new_dest, new)
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
-        k = self._merge(self.context.keys[layer_idx], k)
-        v = self._merge(self.context.values[layer_idx], v)
-        if self.store:
-            self.keys.append(k)
-            self.values.append(v)
-        return packed_attention(q, k, v, plan)
-
-
-class _DecodeCache:
-    """A preallocated cache for decoding one token per sequence per step: (B, capacity, kv_heads,
-    head_dim) per layer, written in place, so every step has the same shapes and runs as one CUDA
-    graph on the GPU; `load` starts it over from another context, so one cache serves every call
-    of its shape. Attention is exact, over each sequence's cached prefix and new token; rows past a
-    sequence's length hold stale (finite) values that are never read.
-
-    On the GPU one kernel call serves all sequences: sequence b's keys are its slot of `capacity`
-    rows, of which the kernel reads the first length + 1 (`used_keys`), its query heads grouped by
-    kv head and the keys split across the GPU: our Triton `decode_attention`, else torch's varlen
-    flash kernel (bf16/fp16; 27 us a layer for one request on an H100, against 113 us for SDPA
-    with a mask). Elsewhere SDPA with a mask does the same."""
-
-    def __init__(self, batch: int, capacity: int, num_layers: int, like: torch.Tensor):
-        """`like`: a (T, kv_heads, head_dim) tensor with the cache's dtype and device."""
-        heads, dim = like.shape[1:]
-        device = like.device
-        self.capacity = capacity
-        # Zeros, not empty: masked SDPA multiplies unused rows by a zero weight, so they must be finite.
-        self.keys = [like.new_zeros(batch, capacity, heads, dim) for _ in range(num_layers)]
-        self.values = [like.new_zeros(batch, capacity, heads, dim) for _ in range(num_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros_like(self.lengths)
-        self.rows = torch.arange(batch, device=device)
-        self.use_varlen = has_varlen_kernel(like)
-        if self.use_varlen:
-            self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
-            self.cu_keys = self.cu_queries * capacity
-        self.write_rows = self.used_keys = self.mask = None  # set each step (begin_step)
-
-    def load(self, context: BagelContext) -> None:
-        """Start over from `context`'s sequences: their keys/values copied into the slots, without
-        waiting for the GPU."""
-        device = self.rows.device
-        self.lengths.copy_(to_device(list(context.lengths), device))
-        self.positions.copy_(to_device(list(context.positions), device))
-        total = sum(context.lengths)
-        seq = torch.repeat_interleave(self.rows, self.lengths, output_size=total)  # packed row -> sequence
-        slot = torch.arange(total, device=device) - F.pad(self.lengths.cumsum(0), (1, 0))[seq]
-        for cache, packed in zip(self.keys + self.values, context.keys + context.values):
-            cache[seq, slot] = packed.to(cache.dtype)
-
-    def begin_step(self) -> None:
-        """What each sequence sees this step; shared by all layers. Where its token goes and the
-        SDPA mask are made when first needed (the Triton attention needs neither)."""
-        self.used_keys = (self.lengths + 1).int()
-        self.write_rows = self.mask = None
-
-    def _write_rows(self) -> torch.Tensor:
-        """(B,): the flat cache row of each sequence's new token (made once a step)."""
-        if self.write_rows is None:
-            self.write_rows = self.rows * self.capacity + self.lengths
-        return self.write_rows
-
-    def _sdpa_mask(self) -> torch.Tensor:
-        """(B, 1, 1, capacity): 0 on the keys each sequence sees, -inf past them (made once a step)."""
-        if self.mask is None:
-            slots = torch.arange(self.capacity, device=self.rows.device)
-            hidden = slots[None, :] > self.lengths[:, None]
-            mask = torch.zeros(hidden.shape, dtype=self.keys[0].dtype, device=hidden.device)
-            self.mask = mask.masked_fill(hidden, float("-inf"))[:, None, None]
-        return self.mask
-
-    def end_step(self) -> None:
-        self.lengths += 1
-        self.positions += 1
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
-        """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
-        keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
-        if fuses_decode_attention(q, keys, values):  # writes k and v into the cache too
-            return decode_attention(q, k, v, keys, values, self.used_keys, self.capacity)
-        keys.index_copy_(0, self._write_rows(), k)
-        values.index_copy_(0, self._write_rows(), v)
-        if self.use_varlen:
-            cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
-            return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)
-        # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
-        batch, heads, dim = q.shape
-        kv_heads = keys.shape[1]
-        grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
-        k_all = self.keys[layer_idx].transpose(1, 2)
-        v_all = self.values[layer_idx].transpose(1, 2)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self._sdpa_mask())
-        return out.reshape(batch, heads, dim)
-
-
-# How many decode steps the host may queue before it reads a step's tokens (GPU only). The host
-# never waits for the step it just queued, so the GPU runs steps back to back; the price is up to
-# this many steps decoded past the point where every sequence has finished.
-_HOST_LAG = 4
-
-
-class _DecodeRunner:
-    """Decoding at one shape, kept across calls: the cache, the static token buffer `tokens` (B,)
-    that the step reads and into which it writes the greedy choice (so greedy decoding feeds
-    itself), and pinned host slots that each step's tokens are copied to.
-
-    With `graph_stream` (a CUDA device) the step is a CUDA graph: the first step of the runner's
-    life runs eagerly on that side stream (the warm-up a capture needs, doing real work), the
-    second is captured on it, and every later step, of this call and of later ones, replays it
-    (launching ~1000 small kernels a step one by one would dominate decoding). One set of streams
-    (the capture stream and two for parallel branches) serves every runner of a model: each new
-    stream gets its own cuBLAS workspace (32 MiB on Hopper) and its own cached blocks, which stay
-    allocated for the life of the process."""
-
-    def __init__(self, step, cache: _DecodeCache, tokens: torch.Tensor, streams: tuple | None, on_capture=None):
-        """`streams` (None on the CPU or to decode eagerly): the stream the graph is captured on, then
-        the side streams of its parallel branches (`graph_branches`)."""
-        self._step, self.cache, self.tokens = step, cache, tokens
-        self.graph_stream, self.branch_streams = (streams[0], streams[1:]) if streams else (None, ())
-        self._on_capture = on_capture
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # the graph's output
-        self.warmed_up = False
-        self.done: torch.cuda.Event | None = None  # recorded after the last step of the last call
-        self.lag = _HOST_LAG if tokens.is_cuda else 0
-        if tokens.is_cuda:  # lag + 1 slots: a slot is written again only after the host has read it
-            self.host = torch.empty((self.lag + 1, tokens.shape[0]), dtype=torch.long, pin_memory=True)
-            self.ready = [torch.cuda.Event() for _ in range(self.lag + 1)]
-            self.copies = 0
-
-    @property
-    def nbytes(self) -> int:
-        """GPU (or CPU) memory the runner holds: its cache, and the graph's outputs and state."""
-        cache = self.cache
-        held = [*cache.keys, *cache.values, self.tokens, self.logits, cache.write_rows, cache.used_keys, cache.mask]
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
-
-    def start(self, context: BagelContext, bos: int) -> None:
-        if self.done is not None:  # the last call (maybe on another stream) may still be stepping
-            torch.cuda.current_stream().wait_event(self.done)
-        self.cache.load(context)
-        self.tokens.fill_(bos)
-
-    def finish(self) -> None:
-        """Mark the end of this call's steps: the GPU may still run the last few (the host lag)."""
-        if self.tokens.is_cuda:
-            self.done = torch.cuda.Event()
-            self.done.record()
-
-    def release(self) -> None:
-        """Wait until the GPU is done with this runner, so that it can be dropped."""
-        if self.done is not None:
-            self.done.synchronize()
-
-    def step(self) -> torch.Tensor:
-        """One token per sequence: advances the cache, leaves the greedy choice in `tokens` and
-        returns the logits (B, vocab) in float32, valid until the next step."""
-        if self.graph_stream is None:
-            return self._step()
-        main = torch.cuda.current_stream()
-        if not self.warmed_up:
-            self.graph_stream.wait_stream(main)
-            with torch.cuda.stream(self.graph_stream):
-                logits = self._step()
-            main.wait_stream(self.graph_stream)
-            logits.record_stream(main)
-            self.warmed_up = True
-            return logits
-        if self.graph is None:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads may keep using the GPU (eagerly) during the capture.
-            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"), \
-                    graph_branches(self.branch_streams):  # fmt: skip
-                logits = self._step()
-            self.graph, self.logits = graph, logits
-            if self._on_capture is not None:
-                self._on_capture()
-        self.graph.replay()
-        return self.logits
-
-    def tokens_to_host(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying this step's tokens to the host, without waiting: (host tensor, ready event)."""
-        if not self.tokens.is_cuda:
-            return self.tokens.clone(), None
-        slot = self.copies % len(self.ready)
-        self.copies += 1
-        self.host[slot].copy_(self.tokens, non_blocking=True)
-        self.ready[slot].record()
-        return self.host[slot], self.ready[slot]
-
-
-def _capacity_bucket(rows: int) -> int:
-    """Cache rows for `rows` tokens, rounded up to the next of 64, 96, 128, 192, 256, 384, ...
-    (powers of two and their midpoints: at most 1.5x the rows, few distinct shapes)."""
-    bucket = 64
-    while bucket < rows:
-        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
-    return bucket
-
-
-class _DecodePool:
-    """Decode runners kept across `generate_text_ids` calls, keyed by shape (batch size, capacity
-    bucket, dtype, device, graphed), least recently used dropped first. At most `max_entries`
-    runners and `max_bytes` of KV cache (None: an eighth of the GPU's memory, 1 GiB on the CPU); a
-    runner bigger than that serves its call and is dropped, leaving the others. Built for one set
-    of decoder weights: when their storage changes (moved, cast, replaced, adapters added) the pool
-    starts over. `lock` serialises decoding on the model. Pickling or deep-copying the model gives
-    an empty pool."""
-
-    def __init__(self, max_entries: int = 16, max_bytes: int | None = None):
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self.lock = threading.RLock()
-        self.runners: OrderedDict[tuple, _DecodeRunner] = OrderedDict()
-        self.weights: tuple | None = None
-        self.captures = 0  # CUDA graphs captured, over the pool's life
-        self._streams: dict[torch.device, tuple[torch.cuda.Stream, ...]] = {}
-
-    def __reduce__(self):
-        return _DecodePool, (self.max_entries, self.max_bytes)
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the kept runners (mostly their KV caches)."""
-        return sum(runner.nbytes for runner in self.runners.values())
-
-    def clear(self) -> None:
-        for runner in self.runners.values():
-            runner.release()
-        self.runners.clear()
-        self.weights = None
-
-    def byte_limit(self, device: torch.device) -> int:
-        if self.max_bytes is not None:
-            return self.max_bytes
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory // 8
-        return 1 << 30
-
-    def graph_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, ...]:
-        """The capture stream and the two branch streams (k and v beside q) of every runner here."""
-        if device not in self._streams:
-            self._streams[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
-        return self._streams[device]
-
-    def count_capture(self) -> None:
-        self.captures += 1
-
-    def get(self, key: tuple, nbytes: int, weights: tuple, build) -> _DecodeRunner:
-        """The runner for `key`, built by `build()` (after making room for its `nbytes`) if missing."""
-        if weights != self.weights:
-            self.clear()
-            self.weights = weights
-        runner = self.runners.pop(key, None)
-        if runner is None:
-            limit = self.byte_limit(key[3])
-            if nbytes > limit or self.max_entries == 0:
-                return build()  # serves this call only; the kept runners stay
-            while len(self.runners) >= self.max_entries or self.nbytes + nbytes > limit:
-                self.runners.popitem(last=False)[1].release()  # free memory before allocating the new cache
-            runner = build()
-        self.runners[key] = runner
-        return runner
-
 
 _POOL_CREATION_LOCK = threading.Lock()
 
-
-class _StepCacheBranches:
-    """Velocities of guidance branches with a step cache (step_cache_bagel.py): the branches the
-    cache's `plan` picks run the decoder in one forward (their contexts concatenated once per
-    subset, for this call), the others are its predictions; the final norm and `llm2vae` then
-    run on all of them at once. `contexts`: branch index -> its context; `shard`, `agree`:
-    parallel generation's sequence shard and agreement over ranks."""
-
-    def __init__(self, model, run, contexts: dict, pos, counts, special, shard=None, agree=None):
-        self.model, self.run, self.contexts = model, run, contexts
-        self.pos, self.counts, self.special, self.shard, self.agree = pos, counts, special, shard, agree
-        self._joined: dict[tuple[int, ...], BagelContext] = {}
-
-    def __call__(self, ids: list[int], x: torch.Tensor, t: float) -> list[torch.Tensor]:
-        """(N, p*p*C) velocities of branches `ids` at latents x and time t, in that order."""
-        ran = self.run.plan(ids, t, self.agree)
-        hidden = {}
-        if ran:
-            key = tuple(ran)
-            if key not in self._joined:
-                self._joined[key] = BagelContext.concat([self.contexts[b] for b in ran])
-            out = self.model._latent_hidden(self._joined[key], x, t, self.pos, self.counts, len(ran), self.special,
-                                            self.shard, final_norm=False)  # fmt: skip
-            for b, part in zip(ran, out.chunk(len(ran))):
-                self.run.update(b, t, part)
-                hidden[b] = part
-        dtype = self.model.get_input_embeddings().weight.dtype  # the decoder's, as computed rows have it
-        rows = [hidden[b] if b in hidden else self.run.predict(b, t).to(dtype) for b in ids]
-        return list(self.model._velocity_head(torch.cat(rows)).chunk(len(ids)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +109,7 @@ class BagelGenerationMixin:
             raise ValueError(f"Got inputs for {len(new_lengths)} sequences but the context holds {context.batch_size}.")
         plan = AttentionPlan.segments(new_lengths, [o + n for o, n in zip(context.lengths, new_lengths)], causal)
         if shard is None:
-            step = _CacheStep(context, new_lengths, store)
+            step = CacheStep(context, new_lengths, store)
         else:
             embeds, position_ids, gen_index, step = shard.local(context, embeds, new_lengths, position_ids, gen_index)
         route = TokenRoute(embeds.shape[0], gen_index)
@@ -562,7 +163,7 @@ class BagelGenerationMixin:
         ).to(embeds.device)
         lengths = [len(s) for s in sequences]
         _, new = self._forward_step(context, embeds, lengths, positions, causal=True)
-        return _advance(new, lengths)
+        return advance(new, lengths)
 
     @torch.no_grad()
     def add_vit_images(self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds) -> BagelContext:
@@ -579,7 +180,7 @@ class BagelGenerationMixin:
         embeds, _ = self._image_blocks(list(vit), special)
         lengths = [n + 2 for n in seqlens]
         _, new = self._forward_step(context, embeds, lengths, self._block_positions(context, lengths, device), causal=False)
-        return _advance(new, [1] * len(lengths))
+        return advance(new, [1] * len(lengths))
 
     @torch.no_grad()
     def add_vae_images(self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds) -> BagelContext:
@@ -599,7 +200,7 @@ class BagelGenerationMixin:
         lengths = [t.shape[0] + 2 for t in tokens]
         positions = self._block_positions(context, lengths, device)
         _, new = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows)
-        return _advance(new, [1] * len(lengths))
+        return advance(new, [1] * len(lengths))
 
     # --- text ------------------------------------------------------------------------------------
 
@@ -671,7 +272,7 @@ class BagelGenerationMixin:
             for _ in range(max_length):
                 logits = runner.step()
                 if do_sample:
-                    runner.tokens.copy_(_sample_tokens(logits, temperature, top_p, generators))
+                    runner.tokens.copy_(sample_tokens(logits, temperature, top_p, generators))
                 queued.append((*runner.tokens_to_host(), logits.clone() if return_logits else None))
                 if len(queued) > runner.lag and not take(*queued.popleft()):
                     break
@@ -711,39 +312,39 @@ class BagelGenerationMixin:
         self.clear_generation_cache()
         return super()._apply(fn, *args, **kwargs)
 
-    def _decode_pool(self) -> _DecodePool:
+    def _decode_pool(self) -> DecodePool:
         with _POOL_CREATION_LOCK:  # in __dict__, not a submodule or a buffer: nothing to save or move
-            return self.__dict__.setdefault("_generation_pool", _DecodePool())
+            return self.__dict__.setdefault("_generation_pool", DecodePool())
 
     def _can_graph(self, device: torch.device) -> bool:
         """Whether the decode step may run as a CUDA graph: a CUDA device, every weight of the
-        language model on it and capturable (`_capturable_weight`), and no accelerate hook
+        language model on it and capturable (`capturable_weight`), and no accelerate hook
         (offloading moves weights during the forward). Models spread over devices, offloaded or in
         bitsandbytes 8-bit decode eagerly."""
         lm = self.model.language_model
         return (
             device.type == "cuda"
-            and all(p.device == device and _capturable_weight(p) for p in lm.parameters())
+            and all(p.device == device and capturable_weight(p) for p in lm.parameters())
             and not any(hasattr(module, "_hf_hook") for module in lm.modules())
         )
 
-    def _decode_runner(self, pool: _DecodePool, context: BagelContext, rows: int) -> _DecodeRunner:
+    def _decode_runner(self, pool: DecodePool, context: BagelContext, rows: int) -> DecodeRunner:
         """The pooled runner for this context's batch size and `rows` cache rows per sequence."""
         like, batch, layers = context.keys[0], context.batch_size, len(context.keys)
         graphed = self._can_graph(like.device)
-        capacity = _capacity_bucket(rows)
+        capacity = capacity_bucket(rows)
         nbytes = 2 * layers * batch * capacity * like.shape[1] * like.shape[2] * like.element_size()
         weights = tuple((p.data_ptr(), p.dtype) for p in self.model.language_model.parameters())
 
-        def build() -> _DecodeRunner:
-            cache = _DecodeCache(batch, capacity, layers, like)
+        def build() -> DecodeRunner:
+            cache = DecodeCache(batch, capacity, layers, like)
             tokens = torch.zeros(batch, dtype=torch.long, device=like.device)
             streams = pool.graph_streams(like.device) if graphed else None
-            return _DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, streams, pool.count_capture)
+            return DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, streams, pool.count_capture)
 
         return pool.get((batch, capacity, like.dtype, like.device, graphed), nbytes, weights, build)
 
-    def _decode_step_fn(self, cache: _DecodeCache, tokens: torch.Tensor):
+    def _decode_step_fn(self, cache: DecodeCache, tokens: torch.Tensor):
         """A step reading `tokens` (B,): advances the cache, writes the greedy next tokens back into
         `tokens` and returns the next-token logits (B, vocab) in float32. Embedding, decoder, lm
         head and argmax all run inside it (inside the graph on the GPU)."""
@@ -829,26 +430,24 @@ class BagelGenerationMixin:
         guided = params.cfg_text_scale > 1.0
         branches = [context] + ([cfg_text_context] if guided else [])
         branches += [cfg_img_context] if guided and params.cfg_img_scale > 1.0 else []
-        timesteps = shift_timesteps(torch.linspace(1, 0, params.num_timesteps), params.timestep_shift).tolist()
+        sampler = FlowMatchEulerSampler(params)
+        timesteps = sampler.timesteps
         dtype = self.get_input_embeddings().weight.dtype
         run = policy.start(timesteps, lambda hidden: self._velocity_head(hidden.to(dtype))) if policy else None
         try:
             if parallel is None:
                 velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token, run)
             else:
-                from .parallel_bagel import parallel_velocity
-
                 x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token,
                                                 run)  # fmt: skip
-            steps = range(len(timesteps) - 1)  # one step from each timestep to the next: num_timesteps - 1
+            steps = range(sampler.num_steps)
             if progress:
                 from tqdm.auto import tqdm
 
                 steps = tqdm(steps, desc="Denoising", total=len(steps))
             for i in steps:
                 t = timesteps[i]
-                use_cfg = guided and params.cfg_interval[0] < t <= params.cfg_interval[1]
-                x = x - velocity(x, t, use_cfg) * (t - timesteps[i + 1])
+                x = sampler.step(velocity(x, t, guided and sampler.guides(t)), i, x)
         finally:
             if run is not None:  # its tensors go now, even if something still holds the run
                 run.close()
@@ -885,15 +484,15 @@ class BagelGenerationMixin:
 
     def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None):
         """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
-        forward for all) combined by `_guide`, else the full-context branch alone. `run`: a step
+        forward for all) combined by `guide`, else the full-context branch alone. `run`: a step
         cache's state (step_cache_bagel.py), consulted per step and branch."""
         if run is not None:
-            cached = _StepCacheBranches(self, run, dict(enumerate(branches)), pos, counts, special)
+            cached = StepCacheBranches(self, run, dict(enumerate(branches)), pos, counts, special)
 
             def velocity(x: torch.Tensor, t: float, use_cfg: bool) -> torch.Tensor:
                 if not use_cfg:
                     return cached([0], x, t)[0]
-                return _guide(cached(list(range(len(branches))), x, t), params, seq_of_token, counts)
+                return guide(cached(list(range(len(branches))), x, t), params, seq_of_token, counts)
 
             return velocity
         all_branches = BagelContext.concat(branches)
@@ -903,7 +502,7 @@ class BagelGenerationMixin:
                 return self._predict_velocity(branches[0], x, t, pos, counts, 1, special)
             n = len(branches)
             velocities = self._predict_velocity(all_branches, x, t, pos, counts, n, special).chunk(n)
-            return _guide(velocities, params, seq_of_token, counts)
+            return guide(velocities, params, seq_of_token, counts)
 
         return velocity
 
@@ -1066,8 +665,6 @@ class BagelGenerationMixin:
         check_seeds("seed", seed, len(batch))
         _check_streamer(streamer, len(batch))
         if parallel is not None:
-            from .parallel_bagel import ParallelLayout
-
             parallel = ParallelLayout.of(parallel, self.device)
             if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
                 run = lambda requests, seeds, inner: self.interleave(  # noqa: E731
@@ -1079,7 +676,7 @@ class BagelGenerationMixin:
                 return outputs if batched else outputs[0]
         special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
                                   processor.start_of_image_id, processor.end_of_image_id)  # fmt: skip
-        generators = _generators(seed, len(batch))
+        generators = request_generators(seed, len(batch))
         vae_max_size = processor.vae_max_size
         if not understanding_output:
             self._require_generation()
@@ -1197,19 +794,6 @@ class BagelGenerationMixin:
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
 
-def _capturable_weight(p: torch.Tensor) -> bool:
-    """Whether a decoder weight's forward can be captured in a CUDA graph: a plain floating-point
-    Parameter, a bitsandbytes 4-bit weight (its GEMV and dequantisation are kernels on the current
-    stream) or a torchao quantized tensor (int8 weight-only, float8: scaling, dequantisation and
-    GEMMs all on the GPU). Not bitsandbytes 8-bit: LLM.int8() looks for outlier columns on the host."""
-    kind = type(p)
-    if kind is nn.Parameter:
-        return p.dtype.is_floating_point
-    if kind.__name__ == "Params4bit" and kind.__module__.startswith("bitsandbytes"):
-        return True
-    return kind.__module__.startswith("torchao")
-
-
 def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min,
               think, max_think_tokens) -> GuidanceParams:  # fmt: skip
     """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
@@ -1266,16 +850,6 @@ def _check_fits_context(model, totals: list[int], name: str, fix: str) -> None:
             f"{name} is too long for the model: {which}needs {totals[worst]} tokens but the model's context holds "
             f"{limit} (text_config.max_position_embeddings). {fix}"
         )
-
-
-def _request_seeds(seed, batch: int) -> list[int] | None:
-    """One seed per request: a list as given, or one int: request i uses seed + i."""
-    return check_seeds("seed", seed, batch)
-
-
-def _generators(seed, batch: int) -> list:
-    seeds = _request_seeds(seed, batch)
-    return [None] * batch if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
@@ -1343,55 +917,3 @@ def _looks_like_image_path(text: str) -> bool:
     suffix = "." + text.rsplit(".", 1)[-1].lower() if "." in text else ""
     return suffix in Image.registered_extensions()
 
-
-def _advance(context: BagelContext, steps: list[int]) -> BagelContext:
-    """The same context with each sequence's next rope position moved on."""
-    positions = tuple(p + s for p, s in zip(context.positions, steps))
-    return BagelContext(context.keys, context.values, context.lengths, positions)
-
-
-def _sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators: list) -> torch.Tensor:
-    """Sampling with temperature and nucleus (top-p) filtering, each row with its own generator.
-    logits (B, vocab) -> (B,)."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    if all(g is None for g in generators):
-        return torch.multinomial(probs, 1).squeeze(1)
-    rows = [torch.multinomial(p.to(g.device if g else p.device), 1, generator=g).to(logits.device) for p, g in zip(probs, generators)]
-    return torch.cat(rows)
-
-
-def _segment_norm(v: torch.Tensor, seq_of_token: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per-sequence L2 norm over all elements, broadcast back to tokens: (N, 1). One reduction per
-    sequence (its `counts` tokens are contiguous), not index_add_: on the GPU that sums with
-    atomics, in an order that changes from call to call, and a last-bit change of the norm can
-    flip a bf16 rounding in the next step and grow from there (the same seed, another image)."""
-    squares = v.pow(2).sum(-1)
-    sums = torch.stack([part.sum() for part in squares.split(counts)])
-    return sums.sqrt()[seq_of_token][:, None]
-
-
-def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, params, seq_of_token, counts):
-    """Scale `guided` so its norm does not exceed the unguided one (clamped to [renorm_min, 1])."""
-    if per_token:
-        norm_ref, norm_guided = reference.norm(dim=-1, keepdim=True), guided.norm(dim=-1, keepdim=True)
-    else:
-        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, counts), _segment_norm(guided, seq_of_token, counts)
-    return guided * (norm_ref / (norm_guided + 1e-8)).clamp(min=params.cfg_renorm_min, max=1.0)
-
-
-def _guide(velocities, params: GuidanceParams, seq_of_token: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Combine the branch velocities as the reference does (text, then image guidance, renorm).
-    `counts`: latent tokens of each sequence, `seq_of_token` (N,) the sequence of each token."""
-    v, v_text = velocities[0], velocities[1]
-    v_img = velocities[2] if len(velocities) > 2 else None
-    guided_text = v_text + params.cfg_text_scale * (v - v_text)
-    if params.cfg_renorm_type == "text_channel":
-        guided_text = _renorm(v, guided_text, True, params, seq_of_token, counts)
-        return guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
-    guided = guided_text if v_img is None else v_img + params.cfg_img_scale * (guided_text - v_img)
-    return _renorm(v, guided, params.cfg_renorm_type == "channel", params, seq_of_token, counts)

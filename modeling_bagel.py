@@ -36,7 +36,8 @@ with quiet_third_party_imports():  # transformers imports torchao where installe
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, rope_theta
-from .generation_bagel import BagelGenerationMixin, shift_timesteps
+from .generation_bagel import BagelGenerationMixin
+from .guidance_bagel import shift_timesteps
 from .kernels_bagel import (
     folds_norm,
     fuses_decoding,

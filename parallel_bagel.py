@@ -9,7 +9,7 @@ The ranks of the job form a 3-D `DeviceMesh` (batch, cfg, sp), outermost first, 
 - **cfg**: the guidance branches of a denoising step (full context, without the text, without the
   images) go round-robin to the cfg groups, branch j to group j % cfg; a group runs its branches as
   one forward, the velocities are all-gathered, and every rank combines them with the same
-  `_guide`, so all ranks hold the same latents. Steps outside the guidance interval need the full
+  `guide`, so all ranks hold the same latents. Steps outside the guidance interval need the full
   branch only: cfg group 0 computes it and broadcasts it (the same bits on every rank whatever
   the hardware, where computing it everywhere would rely on identical kernels).
 - **sp** (Ulysses sequence parallelism): the ranks of an sp group split the new tokens of each
@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .generation_bagel import BagelContext, _CacheStep, _guide, _request_seeds, _StepCacheBranches
+from .contexts_bagel import BagelContext, CacheStep
+from .guidance_bagel import StepCacheBranches, guide, request_seeds
 from .validation_bagel import check_int
 
 MESH_DIMS = ("batch", "cfg", "sp")
@@ -127,7 +128,7 @@ class ParallelLayout:
     def run_requests(self, run: Callable, requests: list, seed) -> list:
         """`run(requests, seeds, layout)` on this batch group's contiguous share of `requests`
         (every request keeps its own seed), then every share gathered in order on every rank."""
-        seeds = _request_seeds(seed, len(requests))
+        seeds = request_seeds(seed, len(requests))
         if seeds is None:  # one random base seed for the whole job
             box = [int(torch.randint(2**31, ())) if dist.get_rank() == 0 else None]
             dist.broadcast_object_list(box, src=0)
@@ -193,8 +194,8 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
             return box.item()
 
         mine_ids = list(range(cfg_rank, len(branches), cfg_size))
-        cached = _StepCacheBranches(model, run, dict(enumerate(branches)), pos, counts, special, shard, agree)
-        alone = _StepCacheBranches(model, run, {0: branches[0]}, pos, counts, special, shard)  # rank 0 only
+        cached = StepCacheBranches(model, run, dict(enumerate(branches)), pos, counts, special, shard, agree)
+        alone = StepCacheBranches(model, run, {0: branches[0]}, pos, counts, special, shard)  # rank 0 only
         predict_mine = lambda x, t: torch.cat(cached(mine_ids, x, t))  # noqa: E731
         predict_full = lambda x, t: alone([0], x, t)[0]  # noqa: E731
     else:
@@ -214,7 +215,7 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
         gathered = [torch.empty_like(local) for _ in range(cfg_size)]
         dist.all_gather(gathered, local, group=cfg_group)
         velocities = [gathered[j % cfg_size].chunk(slots)[j // cfg_size] for j in range(len(branches))]
-        return _guide(velocities, params, seq_of_token, counts)
+        return guide(velocities, params, seq_of_token, counts)
 
     return x, velocity
 
@@ -251,7 +252,7 @@ class UlyssesShard:
         self.kv_identity = kv_heads_per_rank == list(range(kv_heads))  # no copy needed
         self._contexts: dict[int, tuple[BagelContext, BagelContext]] = {}
         self.num_tokens = self.chunk = 0
-        self.step: _CacheStep | None = None
+        self.step: CacheStep | None = None
 
     def local(self, context: BagelContext, embeds, new_lengths: list[int], position_ids, gen_index):
         """This rank's rows of the new tokens' embeds (N, hidden), positions (N,) and GEN rows, and
@@ -265,7 +266,7 @@ class UlyssesShard:
         position_ids = F.pad(position_ids[start:stop], (0, pad))
         if gen_index is not None:  # (waits for the GPU once a step: the route needs its size)
             gen_index = gen_index[(gen_index >= start) & (gen_index < stop)] - start
-        self.step = _CacheStep(self._my_kv_heads(context), new_lengths, store=False)
+        self.step = CacheStep(self._my_kv_heads(context), new_lengths, store=False)
         return embeds, position_ids, gen_index, self
 
     def _my_kv_heads(self, context: BagelContext) -> BagelContext:

@@ -109,7 +109,7 @@ def train_flops(config, batch, trains: str = "full") -> float:
 def special_ids(config):
     """bos, eos, start and end of image: Qwen2's / BAGEL's ids, or the tiny tokenizer's for
     `tiny_config()` (its vocabulary stops short of Qwen2's special ids)."""
-    from bagel_remote.generation_bagel import SpecialTokenIds
+    from bagel_remote.contexts_bagel import SpecialTokenIds
 
     if config.text_config.vocab_size < 151654:
         from tiny_tokenizer import TINY_A_SPECIAL_TOKEN_IDS

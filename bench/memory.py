@@ -82,7 +82,7 @@ class Workload:
         self.noise = [torch.randn(tokens, 64, generator=generator)]
 
     def params(self, steps: int):
-        from bagel_remote.generation_bagel import GuidanceParams
+        from bagel_remote.guidance_bagel import GuidanceParams
 
         return GuidanceParams(num_timesteps=steps, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0,
                               cfg_interval=(0.4, 1.0), cfg_renorm_type="global")

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def t2i(model, special, args):
-    from bagel_remote.generation_bagel import GuidanceParams
+    from bagel_remote.guidance_bagel import GuidanceParams
 
     sizes = [(args.size, args.size)]
     context = model.add_text_tokens(model.new_context(1), [list(range(1000, 1030))], special)

@@ -34,7 +34,7 @@ def chat(model, special, rng):
 
 
 def text_to_image(model, special, rng):
-    from bagel_remote.generation_bagel import GuidanceParams
+    from bagel_remote.guidance_bagel import GuidanceParams
 
     batch, size = rng.randint(1, 2), rng.choice([256, 384, 512])
     prompts = [[rng.randrange(150000) for _ in range(rng.randint(10, 60))] for _ in range(batch)]
@@ -46,7 +46,7 @@ def text_to_image(model, special, rng):
 
 
 def edit(model, special, rng):
-    from bagel_remote.generation_bagel import GuidanceParams
+    from bagel_remote.guidance_bagel import GuidanceParams
 
     size = rng.choice([256, 512])
     image = torch.rand(3, size, size, device=model.device) * 2 - 1

@@ -72,7 +72,7 @@ def main():
 
     torch.manual_seed(0)
     config = tiny_config() if args.tiny else full_size_config()
-    from bagel_remote.generation_bagel import GuidanceParams
+    from bagel_remote.guidance_bagel import GuidanceParams
     from bagel_remote.parallel_bagel import ParallelLayout
 
     model = build_model(config, torch.float32 if args.tiny else torch.bfloat16, device)

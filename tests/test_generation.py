@@ -20,7 +20,8 @@ from PIL import Image
 
 from bagel_remote.autoencoder_bagel import unpatchify_latent
 from bagel_remote.configuration_bagel import BagelConfig
-from bagel_remote.generation_bagel import BagelContext, GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import BagelContext, SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.processing_bagel import BagelProcessor, get_resize_size
 
@@ -631,7 +632,7 @@ def test_default_size_is_the_largest_the_checkpoint_generates(model, processor):
 def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
     from transformers import TextIteratorStreamer
 
-    from bagel_remote import generation_bagel
+    from bagel_remote import decoding_bagel
 
     image = _pil(90, 60, 3)
     answer = model.chat(image, "what is this?", max_new_tokens=12, processor=processor)
@@ -640,8 +641,8 @@ def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
     assert "".join(streamer) == answer and len(answer) > 0
 
     steps, puts = [], []  # decoding steps taken when each id reached the streamer
-    runner_step = generation_bagel._DecodeRunner.step
-    monkeypatch.setattr(generation_bagel._DecodeRunner, "step", lambda self: steps.append(1) or runner_step(self))
+    runner_step = decoding_bagel.DecodeRunner.step
+    monkeypatch.setattr(decoding_bagel.DecodeRunner, "step", lambda self: steps.append(1) or runner_step(self))
 
     class Recording:
         def put(self, ids):
@@ -830,17 +831,17 @@ def test_decoding_from_two_threads_gives_sequential_results(model, special, monk
     import threading
     import time
 
-    from bagel_remote import generation_bagel
+    from bagel_remote import decoding_bagel
 
     contexts = [model.add_text_tokens(model.new_context(1), [p], special) for p in (PROMPT_A, PROMPT_B)]
     expected = [model.generate_text_ids(ctx, special, max_length=6) for ctx in contexts]
-    end_step = generation_bagel._DecodeCache.end_step
+    end_step = decoding_bagel.DecodeCache.end_step
 
     def slow_end_step(cache):  # lets the other thread run between steps, if nothing stops it
         time.sleep(0.002)
         end_step(cache)
 
-    monkeypatch.setattr(generation_bagel._DecodeCache, "end_step", slow_end_step)
+    monkeypatch.setattr(decoding_bagel.DecodeCache, "end_step", slow_end_step)
     results: dict[int, list] = {}
 
     def worker(i: int) -> None:

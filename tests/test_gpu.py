@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _special_ids(parity):
-    from bagel_remote.generation_bagel import SpecialTokenIds
+    from bagel_remote.contexts_bagel import SpecialTokenIds
 
     ids = parity.meta["special_token_ids"]
     return SpecialTokenIds(ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
@@ -197,7 +197,7 @@ def test_inference_parity_on_gpu(parity):
     same run in bf16 through the varlen kernels stays close."""
     from safetensors.torch import load_file
 
-    from bagel_remote.generation_bagel import GuidanceParams
+    from bagel_remote.guidance_bagel import GuidanceParams
 
     special = _special_ids(parity)
     chat, t2i = parity.meta["cases"]["chat"], parity.meta["cases"]["t2i"]
@@ -237,12 +237,12 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     largest logit here), greedy decoding of this random model picks another token at a near-tie
     by step 3, and the logits part from there: those kernels are checked by
     `test_decoder_decoding_kernels_match_eager`."""
-    from bagel_remote import generation_bagel
+    from bagel_remote import decoding_bagel
 
     if kernel == "decode_attention" and kernels_bagel.triton is None:
         pytest.skip("Triton is not installed")
     if kernel == "varlen_kernel":
-        monkeypatch.setattr(generation_bagel, "fuses_decode_attention", lambda q, keys, values: False)
+        monkeypatch.setattr(decoding_bagel, "fuses_decode_attention", lambda q, keys, values: False)
 
     special = _special_ids(parity)
     no_stop = dataclasses.replace(special, eos=-1)  # decode all steps
@@ -251,8 +251,8 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     prompts = [prompt, prompt[: len(prompt) // 2]]
     context = model.add_text_tokens(model.new_context(2), prompts, special)
     calls = []
-    original = getattr(generation_bagel, kernel)
-    monkeypatch.setattr(generation_bagel, kernel, lambda *args: calls.append(1) or original(*args))
+    original = getattr(decoding_bagel, kernel)
+    monkeypatch.setattr(decoding_bagel, kernel, lambda *args: calls.append(1) or original(*args))
     branched, graph_branches = [], modeling_siglip_navit._graph_branches
     monkeypatch.setattr(modeling_siglip_navit, "_graph_branches",
                         lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams))
@@ -260,8 +260,8 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     layers = model.config.text_config.num_hidden_layers
     assert len(calls) == 2 * layers  # the eager step and the capture
     assert branched == [3] * layers  # the capture ran k and v beside q, in every layer
-    monkeypatch.setattr(generation_bagel, "has_varlen_kernel", lambda x: False)
-    monkeypatch.setattr(generation_bagel, "fuses_decode_attention", lambda q, keys, values: False)
+    monkeypatch.setattr(decoding_bagel, "has_varlen_kernel", lambda x: False)
+    monkeypatch.setattr(decoding_bagel, "fuses_decode_attention", lambda q, keys, values: False)
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
     for module in (kernels_bagel, modeling_bagel, modeling_siglip_navit):
         monkeypatch.setattr(module, "fuses_decoding", lambda *args: False)

@@ -18,7 +18,8 @@ import torch
 from conftest import assert_close
 
 from bagel_remote.configuration_bagel import BagelConfig
-from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

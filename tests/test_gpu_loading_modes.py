@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,7 +21,8 @@ from PIL import Image
 from test_modeling import JOINT_PACK, make_batch
 
 from bagel_remote.configuration_bagel import BagelConfig
-from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.parallel_bagel import BagelParallel
 from bagel_remote.processing_bagel import BagelProcessor

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bagel_remote.configuration_bagel import BagelConfig
-from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
 LM = "model.language_model."
@@ -179,19 +180,19 @@ def test_which_quantized_weights_decode_as_a_cuda_graph():
     search on the host) and integer Parameters are not."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from bagel_remote.generation_bagel import _capturable_weight
+    from bagel_remote.decoding_bagel import capturable_weight
 
     layer = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
-    assert _capturable_weight(layer.weight)
+    assert capturable_weight(layer.weight)
     quantize_(layer, Int8WeightOnlyConfig())
-    assert type(layer.weight) is not torch.nn.Parameter and _capturable_weight(layer.weight)
-    assert not _capturable_weight(torch.nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False))
+    assert type(layer.weight) is not torch.nn.Parameter and capturable_weight(layer.weight)
+    assert not capturable_weight(torch.nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False))
 
     def bnb_param(name: str):  # a stand-in of bitsandbytes' class (it needs CUDA to import usefully)
         kind = type(name, (torch.nn.Parameter,), {"__module__": "bitsandbytes.nn.modules"})
         return kind(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
 
-    assert _capturable_weight(bnb_param("Params4bit")) and not _capturable_weight(bnb_param("Int8Params"))
+    assert capturable_weight(bnb_param("Params4bit")) and not capturable_weight(bnb_param("Int8Params"))
 
 
 def test_quantizers_find_plain_linear_layers(tiny):

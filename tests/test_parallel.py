@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import assert_close
 
-from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.parallel_bagel import BagelParallel, ParallelLayout, ulysses_kv_heads
 from bagel_remote.step_cache_bagel import AdaptiveTaylor
 

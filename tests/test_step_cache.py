@@ -12,7 +12,8 @@ from conftest import assert_close
 from test_generation import PROCESSOR_SIZES, _max_pixel_diff, _pil
 
 from bagel_remote.autoencoder_bagel import unpatchify_latent
-from bagel_remote.generation_bagel import GuidanceParams, SpecialTokenIds
+from bagel_remote.contexts_bagel import SpecialTokenIds
+from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.processing_bagel import BagelProcessor
 from bagel_remote.step_cache_bagel import AdaptiveTaylor, TaylorSeer
