@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .attention_bagel import has_varlen_kernel, to_device, varlen_kernel
 from .contexts_bagel import BagelContext
 from .kernels_bagel import decode_attention, fuses_decode_attention
-from .modeling_siglip_navit import graph_branches
+from .layers_bagel import graph_branches
 
 
 class DecodeCache:

@@ -47,6 +47,7 @@ from .kernels_bagel import (
     rms_norm_rotary,
     silu_mul,
 )
+from .layers_bagel import Linear, apply_rotary, parallel_linears, rotary_cos_sin
 from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the loading API, importable from here
     AUTO_MAP,
     load_pretrained,
@@ -54,7 +55,7 @@ from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the lo
     save_bagel_pretrained,
     unexpected_key_patterns,
 )
-from .modeling_siglip_navit import Linear, SiglipVisionModel, apply_rotary, parallel_linears, rotary_cos_sin
+from .modeling_siglip_navit import SiglipVisionModel
 from .validation_bagel import check_training_inputs
 
 # ----------------------------------------------------------------------------------------------

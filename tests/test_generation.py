@@ -791,22 +791,22 @@ def test_graph_branches_are_set_for_the_capturing_thread_only():
     (also when the capture fails); other threads and CPU inputs never branch."""
     import threading
 
-    from bagel_remote import modeling_siglip_navit as navit
+    from bagel_remote import layers_bagel
 
     layers = tuple(torch.nn.Linear(4, n) for n in (4, 2, 2))
     x = torch.randn(3, 4)
     seen = []
-    with navit.graph_branches(("side 1", "side 2")):
-        thread = threading.Thread(target=lambda: seen.append(getattr(navit._CAPTURE, "branch_streams", ())))
+    with layers_bagel.graph_branches(("side 1", "side 2")):
+        thread = threading.Thread(target=lambda: seen.append(getattr(layers_bagel._CAPTURE, "branch_streams", ())))
         thread.start()
         thread.join()
-        assert navit._CAPTURE.branch_streams == ("side 1", "side 2") and seen == [()]
-        outputs = navit.parallel_linears(x, layers)  # on the CPU: plain, no stream touched
+        assert layers_bagel._CAPTURE.branch_streams == ("side 1", "side 2") and seen == [()]
+        outputs = layers_bagel.parallel_linears(x, layers)  # on the CPU: plain, no stream touched
         assert all(torch.equal(out, layer(x)) for out, layer in zip(outputs, layers))
-    assert navit._CAPTURE.branch_streams == ()
-    with pytest.raises(RuntimeError), navit.graph_branches(("side",)):
+    assert layers_bagel._CAPTURE.branch_streams == ()
+    with pytest.raises(RuntimeError), layers_bagel.graph_branches(("side",)):
         raise RuntimeError("capture failed")
-    assert navit._CAPTURE.branch_streams == ()
+    assert layers_bagel._CAPTURE.branch_streams == ()
 
 
 def test_host_reading_steps_behind_returns_the_same_ids(model, special):

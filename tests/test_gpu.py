@@ -10,7 +10,7 @@ from conftest import assert_close
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bagel_remote import attention_bagel, kernels_bagel, modeling_bagel, modeling_siglip_navit
+from bagel_remote import attention_bagel, kernels_bagel, layers_bagel, modeling_bagel, modeling_siglip_navit
 from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
@@ -115,14 +115,14 @@ def test_master_weight_gradients_match_autocast(parity, monkeypatch):
     GEMM; q/k/v as one GEMM) against plain autocast, both measured against the
     same step in float32: the loss matches autocast's, and the gradients are as close to float32
     as autocast's are."""
-    if not modeling_siglip_navit._MM_HAS_OUT_DTYPE:
+    if not layers_bagel._MM_HAS_OUT_DTYPE:
         pytest.skip("this torch has no mm with a float32 output")
     model = _parity_model(parity).train()
     inputs = dict(_train_inputs(parity), output_hidden_states=False)
 
     loss, grads = _loss_and_grads(model, inputs)
     exact_loss, exact_grads = _loss_and_grads(model, inputs, autocast=False)
-    monkeypatch.setattr(modeling_siglip_navit, "_MM_HAS_OUT_DTYPE", False)  # plain nn.Linear
+    monkeypatch.setattr(layers_bagel, "_MM_HAS_OUT_DTYPE", False)  # plain nn.Linear
     plain_loss, plain_grads = _loss_and_grads(model, inputs)
     assert ((loss - plain_loss).abs() / plain_loss.abs()).item() < 1e-3
     assert grads.keys() == plain_grads.keys() == exact_grads.keys() and len(grads) > 100
@@ -253,8 +253,8 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     calls = []
     original = getattr(decoding_bagel, kernel)
     monkeypatch.setattr(decoding_bagel, kernel, lambda *args: calls.append(1) or original(*args))
-    branched, graph_branches = [], modeling_siglip_navit._graph_branches
-    monkeypatch.setattr(modeling_siglip_navit, "_graph_branches",
+    branched, graph_branches = [], layers_bagel._graph_branches
+    monkeypatch.setattr(layers_bagel, "_graph_branches",
                         lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams))
     _, fast = model.generate_text_ids(context, no_stop, max_length=8, return_logits=True)
     layers = model.config.text_config.num_hidden_layers
@@ -263,7 +263,7 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     monkeypatch.setattr(decoding_bagel, "has_varlen_kernel", lambda x: False)
     monkeypatch.setattr(decoding_bagel, "fuses_decode_attention", lambda q, keys, values: False)
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
-    for module in (kernels_bagel, modeling_bagel, modeling_siglip_navit):
+    for module in (kernels_bagel, modeling_bagel, layers_bagel):
         monkeypatch.setattr(module, "fuses_decoding", lambda *args: False)
     for i, ids_i in enumerate(prompts):
         alone = model.add_text_tokens(model.new_context(1), [ids_i], special)
@@ -395,7 +395,7 @@ def test_decoding_gemv_matches_linear(dtype):
                 torch.ones(n, 2, device="cuda", dtype=dtype).T):  # fmt: skip
         with pytest.raises(ValueError, match="of the output's shape"):
             kernels_bagel.gemv(x, w, add=add)
-    layer = modeling_siglip_navit.Linear(64, 48).to("cuda", dtype)
+    layer = layers_bagel.Linear(64, 48).to("cuda", dtype)
     x = torch.randn(16, 64, device="cuda", dtype=dtype)
     with torch.no_grad():
         assert kernels_bagel.fuses_decoding(x, layer.weight)
@@ -456,7 +456,7 @@ def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
         pytest.skip("Triton is not installed")
     decoder = _parity_model(parity, torch.bfloat16).model.language_model.model
     calls = []
-    for module in (modeling_bagel, modeling_siglip_navit):
+    for module in (modeling_bagel, layers_bagel):
         monkeypatch.setattr(module, "gemv", lambda *a, gemv=kernels_bagel.gemv, **kw: calls.append(kw) or gemv(*a, **kw))
     torch.manual_seed(0)
     for n in (1, 5):
@@ -512,13 +512,13 @@ def test_fused_rms_norm_rotary_matches_eager():
     x = fused_qkv[:, : heads * dim].view(tokens, heads, dim).requires_grad_()  # stride(0) is (heads + 3) * dim
     weight = (1 + 0.3 * torch.randn(dim, device="cuda")).requires_grad_()
     positions = torch.randint(0, 5000, (tokens,), device="cuda")
-    cos, sin = (t.bfloat16() for t in modeling_siglip_navit.rotary_cos_sin(positions, dim, 1e6))  # as the model has them
+    cos, sin = (t.bfloat16() for t in layers_bagel.rotary_cos_sin(positions, dim, 1e6))  # as the model has them
     grad = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
     assert kernels_bagel.fuses_rms_norm_rotary(x) and not x.is_contiguous()
     fused = kernels_bagel.rms_norm_rotary(x, weight, 1e-6, cos, sin)
     ours = [fused, *torch.autograd.grad(fused, (x, weight), grad)]
     x32, w32 = x.detach().float().requires_grad_(), weight.detach().clone().requires_grad_()
-    eager = modeling_siglip_navit.apply_rotary(torch.nn.functional.rms_norm(x32, (dim,), w32, 1e-6), cos.float(), sin.float())
+    eager = layers_bagel.apply_rotary(torch.nn.functional.rms_norm(x32, (dim,), w32, 1e-6), cos.float(), sin.float())
     ref = [eager, *torch.autograd.grad(eager, (x32, w32), grad.float())]
     for name, a, b in zip(("out", "d_x", "d_weight"), ours, ref):
         assert a.dtype == (torch.float32 if name == "d_weight" else torch.bfloat16), name
@@ -541,7 +541,7 @@ def test_lora_wrapped_projections_step_aside_from_the_stacked_gemm():
         module.base_layer.weight.requires_grad_(True)  # the base trains too: the stacked path's case
     x = torch.randn(8, 64, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fused = modeling_siglip_navit.parallel_linears(x, layers())
+        fused = layers_bagel.parallel_linears(x, layers())
         each = tuple(layer(x) for layer in layers())
     for a, b in zip(fused, each):
         torch.testing.assert_close(a, b)

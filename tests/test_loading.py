@@ -341,7 +341,8 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path, monkeypatch):
     assert {"config.json", "llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"} <= names
     assert {"configuration_bagel.py", "modeling_bagel.py", "processing_bagel.py", "state_dict_adapter.py",
             "autoencoder_bagel.py", "attention_bagel.py", "generation_bagel.py", "modeling_siglip_navit.py",
-            "contexts_bagel.py", "decoding_bagel.py", "guidance_bagel.py", "parallel_bagel.py", "step_cache_bagel.py"
+            "contexts_bagel.py", "decoding_bagel.py", "guidance_bagel.py", "parallel_bagel.py", "step_cache_bagel.py",
+            "layers_bagel.py"
             } <= names
     assert not {"model.safetensors", "pytorch_model.bin"} & names
     assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= names  # model.processor

@@ -199,7 +199,7 @@ def test_quantizers_find_plain_linear_layers(tiny):
     """bitsandbytes' replacement takes only modules whose type is exactly nn.Linear: under a
     quantization config the model builds its projections as such (same parameter names), while
     without one they keep the master-weight `Linear`."""
-    from bagel_remote.modeling_siglip_navit import Linear
+    from bagel_remote.layers_bagel import Linear
 
     config = BagelConfig.from_pretrained(tiny)
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Tests of the BAGEL model (modeling_bagel.py, modeling_siglip_navit.py, attention_bagel.py).
+"""Tests of the BAGEL model (modeling_bagel.py, modeling_siglip_navit.py, layers_bagel.py, attention_bagel.py).
 
 Parity tests reproduce the reference outputs of the tiny-a fixture (`parity` fixture); every other
 test builds a tiny random config here and runs without the fixtures.
@@ -23,14 +23,8 @@ from bagel_remote.modeling_bagel import (
     _convert_patch_embedding_for_packed_vit,
     sincos_2d,
 )
-from bagel_remote.modeling_siglip_navit import (
-    Linear,
-    SiglipRotary2D,
-    SiglipVisionEmbeddings,
-    apply_rotary,
-    apply_rotary_2d,
-    rotary_cos_sin,
-)
+from bagel_remote.layers_bagel import Linear, apply_rotary, rotary_cos_sin
+from bagel_remote.modeling_siglip_navit import SiglipRotary2D, SiglipVisionEmbeddings, apply_rotary_2d
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
 
 START, END = 12, 13  # <|vision_start|>, <|vision_end|> ids (as in the fixture); the tiny vocab holds them
@@ -860,7 +854,7 @@ def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, n, gen_ind
     run alone. On UND tokens, the residual add after the MLP rides in the down GEMV; a mixed
     UND/GEN batch adds it alone. Gate and up always share one GEMV. Either way the decoder gives
     what the plain path gives."""
-    from bagel_remote import kernels_bagel, modeling_bagel, modeling_siglip_navit
+    from bagel_remote import kernels_bagel, layers_bagel, modeling_bagel
 
     decoder = tiny_model(stage=2).model.language_model.model
     x, position_ids = torch.randn(n, decoder.config.hidden_size), torch.arange(n)
@@ -869,9 +863,9 @@ def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, n, gen_ind
     with torch.no_grad():
         plain = run()
         calls = []
-        for module in (kernels_bagel, modeling_bagel, modeling_siglip_navit):
+        for module in (kernels_bagel, modeling_bagel, layers_bagel):
             monkeypatch.setattr(module, "fuses_decoding", lambda *args: True)
-        for module in (modeling_bagel, modeling_siglip_navit):
+        for module in (modeling_bagel, layers_bagel):
             monkeypatch.setattr(module, "gemv", lambda *a, **kw: calls.append(kw) or _gemv_reference(*a, **kw))
         monkeypatch.setattr(modeling_bagel, "rms_norm", _rms_norm_reference)
         fast = run()
