@@ -11,13 +11,14 @@ own length and rope position. The decoder's `cache=` argument is a `KVCacheStep`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from .attention_bagel import AttentionPlan, packed_attention
 
 
+@runtime_checkable
 class KVCacheStep(Protocol):
     """What the decoder's `cache=` argument provides: each layer's attention over the cached
     tokens and the new ones."""

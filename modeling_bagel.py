@@ -36,6 +36,7 @@ with quiet_third_party_imports():  # transformers imports torchao where installe
 from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, rope_theta
+from .contexts_bagel import KVCacheStep
 from .generation_bagel import BagelGenerationMixin
 from .guidance_bagel import shift_timesteps
 from .kernels_bagel import (
@@ -240,13 +241,13 @@ class Qwen2MoTModel(nn.Module):
         position_ids: torch.Tensor,
         plan: AttentionPlan,
         route: TokenRoute,
-        cache=None,
+        cache: KVCacheStep | None = None,
         final_norm: bool = True,
     ) -> torch.Tensor:
         """inputs_embeds (N, hidden), position_ids (N,) -> last hidden state (N, hidden), after the
         final norm of each token's side (before it with `final_norm=False`: what a step cache
         keeps, step_cache_bagel.py). The layers see the tokens in route order. `cache`: the KV
-        cache's step, whose `attend(layer_idx, q, k, v, plan)` each layer's attention calls."""
+        cache's step (a `KVCacheStep`), whose `attend(layer_idx, q, k, v, plan)` each layer's attention calls."""
         cos, sin = rotary_cos_sin(route.sort(position_ids), self.head_dim, self.rope_theta)
         rotary = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         x = route.sort(inputs_embeds)
