@@ -1,0 +1,342 @@
+"""examples/finetune.py as users run it, on CPU ranks with gloo and a tiny checkpoint:
+
+- ranks with deliberately different packs (text only, text-to-image only, edit, understanding)
+  give the loss and gradients of one process on the same packs (full, GEN-only, LoRA; 2 and 4
+  ranks), and keep stepping;
+- the README's fine-tuning commands, run as written (2 ranks instead of the README's GPU counts;
+  the tiny model, a few steps and the test's paths appended as key=value), on a small generated
+  dataset in the README's formats (t2i parquet, edit parquet, LLaVA JSONL): killed after a step,
+  killed while a checkpoint is written, or resumed from an earlier checkpoint with a log that ran
+  further, each run continues with bit-equal losses and gradient norms and a log with each step
+  once; a full fine-tune on text-to-image data alone resumes (the lm head has no optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT
+from repo_package import load_example
+from test_data import _png, write_t2i
+from test_packing import _pil
+
+from bagel_remote import packing_bagel
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+peft = pytest.importorskip("peft")
+finetune = load_example("finetune")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The tiny checkpoint, a dataset in the README's three formats, and a run config in the
+    template's layout (examples/finetune.yaml with its data filled in)."""
+    root = tmp_path_factory.mktemp("finetune_runs")
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    make_tiny_checkpoint(root / "checkpoint")
+    write_t2i(root / "t2i", files=1, row_groups=2, rows=2)
+    (root / "edit").mkdir()
+    chains = [[_png(32, 32, 10 + 3 * i + j) for j in range(3)] for i in range(4)]
+    instructions = [[["make it red", "redden"], ["bigger"]]] * 4
+    pq.write_table(pa.table({"image_list": chains, "instruction_list": instructions}),
+                   root / "edit" / "part-0.parquet", row_group_size=2)  # fmt: skip
+    (root / "images").mkdir()
+    lines = []
+    for i in range(4):
+        _pil(28, 28, 20 + i).save(root / "images" / f"{i}.png")
+        lines.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                             {"from": "gpt", "value": f"A thing {i}."}]})  # fmt: skip
+    lines.append({"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi there."}]})
+    (root / "llava.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def run_config(workspace: Path, name: str, sources: list[str], num_workers: int, **keys) -> Path:
+    """A copy of examples/finetune.yaml with the tiny model, its data and `keys` filled in."""
+    cfg = yaml.safe_load((REPO_ROOT / "examples" / "finetune.yaml").read_text())
+    specs = {
+        "t2i": {"kind": "t2i", "path": str(workspace / "t2i")},
+        "edit": {"kind": "edit", "path": str(workspace / "edit")},
+        "llava": {"kind": "llava", "path": str(workspace / "llava.jsonl"), "image_dir": str(workspace / "images")},
+    }
+    cfg.update(model=str(workspace / "checkpoint"), warmup_steps=1, save_dtype="float32", **keys)
+    cfg["data"] = {"sources": [specs[s] for s in sources], "weights": [2, 1, 1][: len(sources)],
+                   "max_num_tokens": 1024, "expected_num_tokens": 700, "max_num_tokens_per_sample": 1024,
+                   "num_workers": num_workers}  # fmt: skip
+    path = workspace / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The README's fine-tuning commands (its Fine-tuning section's bash block), by mode."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"## Fine-tuning\n.*?```bash\n(.*?)```", text, re.S).group(1)
+    commands = [line.split() for line in block.splitlines() if line.startswith("torchrun")]
+    modes = {"lora": "lora_rank=64", "gen": "freeze_und=true", "full": None}
+    found = {}
+    for mode, marker in modes.items():
+        found[mode] = next(c for c in commands if (marker in c if marker else not any(m in c for m in modes.values() if m)))
+    return found
+
+
+def run(command: list[str], config: Path, out_dir: Path, *extra: str, exit_at: str | None = None, ok: bool = True):
+    """A README command with 2 ranks, `my_run.yaml` -> `config`, then `out_dir` and `extra` appended."""
+    args = []
+    for word in command[1:]:
+        word = {"my_run.yaml": str(config), "examples/finetune.py": str(REPO_ROOT / "examples" / "finetune.py")}.get(word, word)
+        args.append(word)
+    nproc = args.index("--nproc_per_node")
+    args[nproc + 1] = "2"
+    full = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args, f"out_dir={out_dir}", *extra]
+    env = {**ENV, "HF_MODULES_CACHE": str(config.parent / "modules")}
+    if exit_at:
+        env["BAGEL_FINETUNE_EXIT_AT"] = exit_at
+    result = subprocess.run(full, capture_output=True, text=True, env=env, timeout=300)
+    if ok:
+        assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def log_of(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def same_steps(log: list[dict], reference: list[dict], steps) -> None:
+    """Bit-equal loss, CE, MSE and gradient norm (and the same tokens) at `steps`."""
+    by_step = {entry["step"]: entry for entry in reference}
+    for entry in log:
+        if entry["step"] in steps:
+            want = by_step[entry["step"]]
+            for key in ("loss", "ce", "mse", "grad_norm", "tokens", "vit_tokens", "vae_tokens", "mse_tokens"):
+                assert entry[key] == want[key], (entry["step"], key, entry[key], want[key])
+
+
+# ----------------------------------------------------------------------------------------------
+# N ranks on N different packs = one process on the N packs
+# ----------------------------------------------------------------------------------------------
+
+
+def _packs(checkpoint: Path) -> list[dict]:
+    """Four packs that differ in every part: text only (CE, no image), text-to-image only (noised
+    latents, MSE, no CE), an edit (clean and noised latents, a ViT image, MSE, no CE), an
+    understanding sample (a ViT image, CE). Latents encoded (posterior mean) and noise fixed."""
+    model = BagelForUnifiedMultimodal.from_pretrained(checkpoint)
+    processor = model.processor
+    sizes = packing_bagel.ImageSizes(64, 32, 16), packing_bagel.ImageSizes(56, 28, 14)
+    builder = packing_bagel.PlanBuilder(processor.tokenizer, vae_sizes=sizes[0], vit_sizes=sizes[1],
+                                        edit_vit_sizes=sizes[1])  # fmt: skip
+    config = packing_bagel.PackingConfig.from_model_config(
+        model.config, processor.special_token_ids, text_cond_dropout_prob=0, vit_cond_dropout_prob=0,
+        vae_cond_dropout_prob=0)  # fmt: skip
+    answer = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A small square."}]
+    plans = [
+        [builder.text("Just some text to learn.", loss=True)[0]],
+        builder.text_to_image("a red square", _pil(48, 48, 1)),
+        builder.edit([_pil(48, 48, 2), _pil(48, 48, 3)], ["make it blue"]),
+        builder.understanding([_pil(42, 28, 4)], answer),
+    ]
+    packs, generator = [], torch.Generator().manual_seed(0)
+    for plan in plans:
+        pack = packing_bagel.encode_pack(model, packing_bagel.pack_samples([plan], config, generator), "cpu", sample=False)
+        if "padded_latent" in pack:
+            num = pack["packed_vae_token_indexes"].shape[0]
+            pack["packed_noise"] = torch.randn(num, model.model.llm2vae.out_features, generator=generator)
+        packs.append(pack)
+    return packs
+
+
+def _one_process(checkpoint: Path, packs: list[dict], mode: str, start: dict) -> tuple[dict, dict]:
+    """One process, one plain model, on all packs: the trainer's loss (CE over all CE weights, MSE
+    over all noised tokens) and its gradients."""
+    cfg = finetune.load_config([f"model={checkpoint}", *finetune_ranks_modes()[mode]])
+    model = BagelForUnifiedMultimodal.from_pretrained(checkpoint).train()
+    finetune.apply_freezing(model, cfg)
+    if cfg["lora_rank"]:
+        peft.get_peft_model(model, finetune.lora_config(cfg))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in start.items():
+            params[name].copy_(value)
+    ce_sum = mse_sum = 0.0
+    ce_den = mse_den = 0.0
+    for pack in packs:
+        out = model(**pack)
+        if out["ce"] is not None:
+            ce_sum, ce_den = ce_sum + (out["ce"] * pack["ce_loss_weights"]).sum(), ce_den + pack["ce_loss_weights"].sum()
+        if out["mse"] is not None:
+            mse_sum, mse_den = mse_sum + out["mse"].mean(-1).sum(), mse_den + out["mse"].shape[0]
+    ce, mse = ce_sum / max(ce_den, 1e-12), mse_sum / max(mse_den, 1)
+    (ce + mse).backward()
+    grads = {name: params[name].grad for name in start}
+    return {"ce": float(ce.detach()), "mse": float(mse.detach()), "loss": float((ce + mse).detach())}, grads
+
+
+def finetune_ranks_modes():
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import finetune_ranks
+
+    return finetune_ranks.MODES
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_with_different_packs_equal_one_process(workspace, world):
+    """2 ranks: an understanding pack (ViT, CE) against a text-to-image one (latents, MSE): the
+    mismatched ViT all-gathers and reduce-scatters of the issue. 4 ranks: text only, t2i only,
+    edit, understanding."""
+    packs = _packs(workspace / "checkpoint")
+    packs = [packs[3], packs[1]] if world == 2 else packs
+    packs_path, out = workspace / f"packs{world}.pt", workspace / f"ranks{world}.pt"
+    torch.save(packs, packs_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               str(REPO_ROOT / "tests" / "finetune_ranks.py"), str(workspace / "checkpoint"), str(packs_path), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+    results = torch.load(out, weights_only=False)
+    for mode, got in results.items():
+        want, want_grads = _one_process(workspace / "checkpoint", packs, mode, got["start"])
+        metrics = got["metrics"]
+        assert metrics["tokens"] == sum(p["sequence_length"] for p in packs)
+        assert metrics["vit_tokens"] == sum(p["packed_vit_tokens"].shape[0] for p in packs if "packed_vit_tokens" in p)
+        for key in ("loss", "ce", "mse"):
+            assert metrics[key] == pytest.approx(want[key], rel=1e-5), (mode, key)
+        largest = max(g.abs().max().item() for g in want_grads.values() if g is not None)
+        reached = 0
+        for name, grad in got["grads"].items():
+            expected = want_grads[name]
+            if expected is None:  # a part no pack uses: no gradient, or a zero one (run on zero tokens)
+                assert grad is None or not grad.any(), (mode, name)
+                continue
+            reached += 1
+            assert grad is not None, (mode, name)
+            # to float rounding: of the tensor, or of the whole gradient for a tensor that is all
+            # rounding (the key bias, which the softmax cancels)
+            err, scale = (grad - expected).abs().max().item(), expected.abs().max().item()
+            assert err <= 2e-5 * scale + 1e-7 * largest, (mode, name, err, scale)
+        assert reached > 0
+        if mode == "lora":
+            assert all("lora_" in name for name in got["grads"])
+        if mode == "gen":
+            assert not any(finetune.is_und_param(name) for name in got["grads"])
+        for step in got["steps"]:  # two more whole steps on other packs (rotated)
+            assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all() and step["loss"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's commands: kills, resumes, logs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_readme_lora_killed_after_a_step_resumes_exactly(workspace):
+    """LoRA, mixed t2i + edit + LLaVA data, one DataLoader worker: killed right after step 5 (the
+    last checkpoint: step 4), then the same command again."""
+    command = readme_commands()["lora"]
+    config = run_config(workspace, "lora", ["t2i", "edit", "llava"], num_workers=1)
+    steps = ("max_steps=6", "save_every=2")
+    reference = workspace / "lora_ref"
+    first = run(command, config, reference, *steps)
+    log = log_of(reference)
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    kinds = {(e["vit_tokens"] > 0, e["vae_tokens"] > 0, e["ce_tokens"] > 0) for e in log}
+    assert len(kinds) > 1, "the packs differ between steps"
+    # the trained-parameter count is PEFT's for the same LoRA config
+    cfg = finetune.load_config([w for w in command if "=" in w])
+    plain = peft.get_peft_model(BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint"), finetune.lora_config(cfg))
+    count = plain.get_nb_trainable_parameters()[0]
+    assert f"{count:,} trained parameters" in first.stderr
+
+    killed = workspace / "lora_killed"
+    result = run(command, config, killed, *steps, exit_at="step:5", ok=False)
+    assert result.returncode != 0
+    assert [e["step"] for e in log_of(killed)] == [1, 2, 3, 4, 5]
+    resumed = run(command, config, killed, *steps)
+    assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    log_resumed = log_of(killed)
+    assert [e["step"] for e in log_resumed] == [1, 2, 3, 4, 5, 6]  # step 5 once, redone
+    same_steps(log_resumed, log, range(1, 7))
+
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_readme_gen_only_killed_while_saving_resumes_from_the_previous_checkpoint(workspace):
+    """GEN-only (freeze_und), mixed data, no workers: killed while step 4's checkpoint is written
+    (after DCP's files, before publishing): the resume starts from step 2's."""
+    command = readme_commands()["gen"]
+    config = run_config(workspace, "gen", ["t2i", "edit", "llava"], num_workers=0)
+    steps = ("max_steps=6", "save_every=2", "optimizer=adamw")  # torchao's 8-bit AdamW compiles: too slow here
+    reference = workspace / "gen_ref"
+    run(command, config, reference, *steps)
+    log = log_of(reference)
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+
+    killed = workspace / "gen_killed"
+    result = run(command, config, killed, *steps, exit_at="save:4", ok=False)
+    assert result.returncode != 0
+    checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002", "step_00000004.partial"]
+    resumed = run(command, config, killed, *steps)
+    assert "step_00000002 (step 2)" in resumed.stderr
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [f"step_0000000{s}" for s in (2, 4, 6)]
+    log_resumed = log_of(killed)
+    assert [e["step"] for e in log_resumed] == [1, 2, 3, 4, 5, 6]
+    same_steps(log_resumed, log, range(1, 7))
+    final = BagelForUnifiedMultimodal.from_pretrained(reference / "final").state_dict()
+    again = BagelForUnifiedMultimodal.from_pretrained(killed / "final").state_dict()
+    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in final.items())
+    changed = [k for k in final if not torch.equal(final[k], start[k])]
+    assert changed and not any(finetune.is_und_param(k) for k in changed)
+
+
+def test_readme_full_on_t2i_alone_resumes_with_a_longer_log(workspace):
+    """Full fine-tuning on text-to-image data alone (no CE: the lm head never gets a gradient, so it
+    has no optimizer state), one worker, EMA: a checkpoint resumed whose log ran two steps past it.
+    First an out_dir holding a damaged checkpoint: a clear error, then resume=false starts afresh."""
+    command = readme_commands()["full"]
+    config = run_config(workspace, "full", ["t2i"], num_workers=1)
+    steps = ("max_steps=4", "save_every=2", "ema_decay=0.5")
+    reference = workspace / "full_ref"
+    (reference / "checkpoints" / "step_00000009").mkdir(parents=True)  # a run that failed: no DCP files
+    (reference / "log.jsonl").write_text('{"step": 1, "loss": 0}\n')
+    failed = run(command, config, reference, *steps, ok=False)
+    assert failed.returncode != 0
+    assert "Cannot resume from" in failed.stderr and "resume=false" in failed.stderr
+    fresh = run(command, config, reference, *steps, "resume=false")
+    assert "resume=false: deleting" in fresh.stderr
+    log = log_of(reference)
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and all(e["ce_tokens"] == 0 for e in log)
+
+    resumed = workspace / "full_resumed"
+    shutil.copytree(reference / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    shutil.copy(reference / "log.jsonl", resumed / "log.jsonl")  # as if killed after step 4, before its save
+    run(command, config, resumed, *steps)
+    log_resumed = log_of(resumed)
+    assert [e["step"] for e in log_resumed] == [1, 2, 3, 4]
+    same_steps(log_resumed, log, range(1, 5))
+    final = BagelForUnifiedMultimodal.from_pretrained(reference / "final").state_dict()
+    again = BagelForUnifiedMultimodal.from_pretrained(resumed / "final").state_dict()
+    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in final.items())
+    head = "model.language_model.lm_head.weight"
+    assert torch.equal(final[head], start[head])  # never given a gradient
+    assert any("vae2llm" in k and not torch.equal(final[k], start[k]) for k in final)
