@@ -704,12 +704,13 @@ def main(argv: list[str] | None = None) -> None:
     if resume is not None:
         try:
             step, rng = load_checkpoint(resume, model, optimizer, scheduler, ema, dataset)
-        except Exception as error:
+        except (Exception, dcp.api.CheckpointException) as error:  # (DCP's is a BaseException)
+            detail = [line for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
             raise SystemExit(
-                f"Cannot resume from {resume}: {type(error).__name__}: {error}\nIt was written by a run with other "
+                f"Cannot resume from {resume}: {detail[0][:500]}\nIt was written by a run with other "
                 "settings (ranks, num_workers, data sources, freeze / LoRA switches) or is damaged. Rerun with that "
                 "run's settings, or start afresh: resume=false (deletes out_dir's checkpoints and log) or another "
-                "out_dir."
+                "out_dir." if rank == 0 else 1  # one message, not one per rank
             ) from error
     if rank == 0:
         continue_log(out_dir / "log.jsonl", step)
