@@ -52,23 +52,27 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import yaml
-from torch.distributed.checkpoint.state_dict import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_config import ConfigError, help_text  # noqa: E402
+from finetune_config import load_config as _load_config  # noqa: E402
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # before torch is imported: at once
+    print(help_text())
+    sys.exit(0)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_config import ConfigError, help_text  # noqa: E402
-from finetune_config import load_config as _load_config  # noqa: E402
 from repo_package import import_repo  # noqa: E402
 
 import_repo()  # this checkout, as the package `bagel_remote` (its modules import each other relatively)
@@ -331,8 +335,6 @@ def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: in
     in a torchdata `StatefulDataLoader` (its state covers the workers'). Each source must give a
     sample now (its first one is read), so a source that cannot stops the run before step 1."""
     data = cfg["data"]
-    if not data:
-        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see --help and examples/finetune.yaml).")
     if not isinstance(data, dict):
         return PackFile(data, rank, world)
     processor = load_processor(checkpoint_dir, config)

@@ -275,7 +275,20 @@ def test_readme_lora_killed_after_a_step_resumes_exactly(workspace):
     adapter = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     again = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
-    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapter trained
+    # the adapter loads with PEFT, and the merged final model gives its outputs
+    base = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint")
+    adapted = peft.PeftModel.from_pretrained(base, str(reference / "adapter")).eval()
+    merged = BagelForUnifiedMultimodal.from_pretrained(reference / "final").eval()
+    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").state_dict()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, start[k])]
+    assert changed and all(re.search(r"\.(self_attn|mlp(_moe_gen)?)\.", k) for k in changed)
+    pack = _packs(workspace / "checkpoint")[2]  # an edit: UND and GEN tokens
+    with torch.no_grad():
+        want = adapted.base_model.model(**pack, output_hidden_states=True)
+        got = merged(**pack, output_hidden_states=True)
+    for key in ("mse", "last_hidden_state"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
 
 
 def test_readme_gen_only_killed_while_saving_resumes_from_the_previous_checkpoint(workspace):
@@ -339,4 +352,6 @@ def test_readme_full_on_t2i_alone_resumes_with_a_longer_log(workspace):
     assert all(torch.equal(v, again[k]) for k, v in final.items())
     head = "model.language_model.lm_head.weight"
     assert torch.equal(final[head], start[head])  # never given a gradient
+    saved = BagelForUnifiedMultimodal.from_pretrained(reference / "final")
+    assert saved.config.text_config.freeze_und is False and saved.processor is not None
     assert any("vae2llm" in k and not torch.equal(final[k], start[k]) for k in final)
