@@ -373,21 +373,23 @@ def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: in
 # ----------------------------------------------------------------------------------------------
 
 
-def pack_counts(batch: dict, device: torch.device) -> torch.Tensor:
-    """This pack's tokens by kind (`COUNTS`), float64 on `device` for one all-reduce; `ce_weight`
-    is the sum of its CE weights (the CE normaliser), read from the pack without a host sync."""
+COUNTS = ("tokens", "text_tokens", "vit_tokens", "vae_tokens", "ce_tokens", "mse_tokens")
+_HOST_GROUP = {}
+
+
+def host_group():
+    """A gloo group for the host's numbers (the default group on CPU): with NCCL, adding up token
+    counts on the GPU would make the host wait for the queued work before the forward."""
+    if "group" not in _HOST_GROUP:  # made at the first step, by every rank alike
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return _HOST_GROUP["group"]
+
+
+def pack_counts(batch: dict) -> list[int]:
+    """This pack's tokens by kind (`COUNTS`), from its tensors' shapes."""
     rows = lambda key: 0 if batch.get(key) is None else batch[key].shape[0]  # noqa: E731
-    counts = [batch["sequence_length"], rows("packed_text_ids"), rows("packed_vit_tokens"),
-              rows("packed_vae_token_indexes"), rows("ce_loss_indexes"), rows("mse_loss_indexes")]  # fmt: skip
-    local = torch.tensor(counts + [0], dtype=torch.float64, device=device)
-    weights = batch.get("ce_loss_weights")
-    if batch.get("ce_loss_indexes") is None:
-        return local
-    local[-1] = weights.sum() if weights is not None else counts[4]
-    return local
-
-
-COUNTS = ("tokens", "text_tokens", "vit_tokens", "vae_tokens", "ce_tokens", "mse_tokens", "ce_weight")
+    return [batch["sequence_length"], rows("packed_text_ids"), rows("packed_vit_tokens"),
+            rows("packed_vae_token_indexes"), rows("ce_loss_indexes"), rows("mse_loss_indexes")]  # fmt: skip
 
 
 def forward_backward(model, batch: dict, cfg: dict) -> dict[str, float]:
@@ -395,27 +397,28 @@ def forward_backward(model, batch: dict, cfg: dict) -> dict[str, float]:
     ranks) are those of one process on all ranks' packs; returns the global loss, CE, MSE and
     token counts. Every part some rank needs runs on every rank (see the module docstring)."""
     world = dist.get_world_size()
-    totals = pack_counts(batch, batch["packed_position_ids"].device)
-    dist.all_reduce(totals)
-    counts = dict(zip(COUNTS, totals.tolist()))
+    totals = torch.tensor(pack_counts(batch), dtype=torch.float64)
+    dist.all_reduce(totals, group=host_group())
+    counts = dict(zip(COUNTS, (int(n) for n in totals.tolist())))
+    weights = batch.get("ce_loss_weights") if batch.get("ce_loss_indexes") is not None else None
+    zero = batch["packed_position_ids"].new_zeros((), dtype=torch.float32)
+    ce_den = zero + (weights.sum() if weights is not None else pack_counts(batch)[4])
+    dist.all_reduce(ce_den)  # all ranks' CE weights (the CE normaliser): queued on the device, no wait
     out = model(**batch, always_run=[part for part, key in PARTS.items() if counts[key] > 0])
     ce, mse = out["ce"], out["mse"]
-    zero = batch["packed_position_ids"].new_zeros((), dtype=torch.float32)
-    weights = batch.get("ce_loss_weights")
     if ce is not None and (weights is None or weights.shape != ce.shape):  # (absent, or CE run on zero tokens)
         weights = torch.ones_like(ce)
     ce_sum = (ce * weights).sum() if ce is not None else zero
     mse_sum = mse.mean(-1).sum() if mse is not None else zero
-    ce_den, mse_den = max(counts["ce_weight"], 1e-12), max(counts["mse_tokens"], 1.0)
+    ce_den, mse_den = ce_den.clamp_min(1e-12), max(counts["mse_tokens"], 1)
     loss = cfg["ce_weight"] * ce_sum / ce_den + cfg["mse_weight"] * mse_sum / mse_den
     if loss.requires_grad:  # the same on every rank (the same parts run); no: nothing trained gets a gradient
         (loss * world).backward()  # FSDP averages gradients over ranks
     sums = torch.stack([ce_sum.detach(), mse_sum.detach()]).double()
     dist.all_reduce(sums)
-    metrics = {"ce": sums[0].item() / ce_den, "mse": sums[1].item() / mse_den}
+    metrics = {"ce": (sums[0] / ce_den).item(), "mse": sums[1].item() / mse_den}
     metrics["loss"] = cfg["ce_weight"] * metrics["ce"] + cfg["mse_weight"] * metrics["mse"]
-    metrics.update({key: int(value) for key, value in counts.items() if key != "ce_weight"})
-    return metrics
+    return {**metrics, **counts}
 
 
 def build_optimizer(cfg: dict, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -543,7 +546,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, ema: EMA | None, da
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=DCP_LOAD_OPTIONS)  # fmt: skip
-    for name, param in model.named_parameters():  # `set_state_dict` keeps the states made for loading
+    for name, param in model.named_parameters():  # no state made for loading (a zero step) stays behind
         if name not in stepped:
             optimizer.state.pop(param, None)
     scheduler.load_state_dict(state["trainer"]["scheduler"])
