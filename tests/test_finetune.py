@@ -107,6 +107,65 @@ def test_checkpointing_keeps_freeze_und_detach():
 
 
 # ----------------------------------------------------------------------------------------------
+# always_run: every part in the graph, whatever the pack holds (ranks with different packs)
+# ----------------------------------------------------------------------------------------------
+
+ALL_PARTS = ("vit", "gen", "ce", "mse")
+
+
+PACKS_MISSING_PARTS = {
+    "text": [[("text", 5)]],  # no image: no ViT, no GEN tokens, no MSE
+    "t2i": [[("noised", (2, 2)), ("text", 3)]],  # no ViT
+    "und": [[("vit", (2, 2)), ("text", 4)]],  # no GEN tokens, no MSE
+    "clean": [[("clean", (2, 2)), ("text", 4)]],  # GEN tokens, no MSE, no ViT
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the float32-master-weight path under bf16 autocast)"))])
+@pytest.mark.parametrize("freeze_und", [False, True])
+def test_always_run_gives_every_trained_weight_a_gradient_and_changes_nothing(device, freeze_und):
+    """Packs without ViT images, latents, CE or MSE: with `always_run` those parts still run (on
+    zero tokens, the ViT on one patch times zero), so every trained weight gets a gradient, zero
+    where the pack has nothing for it; the outputs are the pack's alone, the other gradients too
+    (to rounding: an empty GEN side joins the UND one, so q/k/v are laid out anew)."""
+    model = trained_model().to(device)
+    model.config.text_config.freeze_und = freeze_und
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
+    tolerance = ({"out": dict(rtol=0, atol=0), "grad": dict(rtol=1e-4, atol=1e-6)} if device == "cpu" else
+                 {"out": dict(rtol=2e-2, atol=2e-2), "grad": dict(rtol=5e-2, atol=1e-3)})  # fmt: skip
+    trained = {n for n, p in model.named_parameters()
+               if p.requires_grad and not n.startswith("vae.") and not (freeze_und and finetune.is_und_param(n))}
+
+    def run(batch, **kwargs):
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(**batch, **kwargs)
+        loss = sum(v.float().sum() for v in out.values() if v is not None)
+        if loss.requires_grad:
+            loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for kind, pack in PACKS_MISSING_PARTS.items():
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_batch(model.config, pack).items()}
+        plain, plain_grads = run(batch)
+        out, grads = run(batch, always_run=ALL_PARTS)
+        for key, value in plain.items():  # bf16 on CUDA: kernels may pick other blockings for the new layout
+            if value is not None:
+                torch.testing.assert_close(out[key], value, **tolerance["out"], msg=f"{kind} {key}")
+        assert out["ce"] is not None and out["mse"] is not None  # (0,) where the pack has none
+        assert trained <= grads.keys(), (kind, sorted(trained - grads.keys())[:5])
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), (kind, name)
+            if name in plain_grads:
+                torch.testing.assert_close(grad, plain_grads[name], **tolerance["grad"], msg=f"{kind} {name}")
+            else:
+                assert not grad.any(), (kind, name)
+    with pytest.raises(ValueError, match="always_run=\\['bogus'\\]: use parts among"):
+        model(**batch, always_run=["bogus"])
+
+
+# ----------------------------------------------------------------------------------------------
 # LoRA through PEFT
 # ----------------------------------------------------------------------------------------------
 
