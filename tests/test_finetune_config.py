@@ -1,6 +1,7 @@
 """examples/finetune.py's inputs: the declared config (examples/finetune_config.py) refuses bad keys
-and values from the YAML file and the command line alike, naming the key; `--help`; a run without
-torchrun; data, freeze and packing problems stopped before step 1 with a clear message."""
+and values from the YAML file and the command line alike, naming the key; `--help`; data, freeze
+and packing problems stopped before step 1 with a clear message. (A run without torchrun:
+test_finetune_runs.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 from conftest import REPO_ROOT
 from repo_package import load_example
 from test_data import _png, write_t2i
-from test_modeling import JOINT_PACK, make_batch, tiny_config
+from test_modeling import tiny_config
 from test_packing import SMALL_SIZES, CharTokenizer, small_config
 
 from bagel_remote.data_bagel import BagelPackedDataset, EditParquet, LlavaJsonl
@@ -121,20 +122,6 @@ def test_help_lists_every_key():
     for key in (*finetune_config.FinetuneConfig.model_fields, "data.max_num_tokens_per_sample",
                 "data.sources[].image_dir"):  # fmt: skip
         assert f"  {key} " in result.stdout, key
-
-
-def test_runs_as_one_process_without_torchrun(tmp_path, checkpoint):
-    torch.save([make_batch(tiny_config(stage=2), JOINT_PACK)], tmp_path / "packs.pt")
-    command = [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), f"model={checkpoint}",
-               f"data={tmp_path / 'packs.pt'}", f"out_dir={tmp_path / 'out'}", "max_steps=1", "save_dtype=float32"]
-    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Not started by torchrun: training as one process" in result.stderr
-    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [1] and log[0]["loss"] > 0
-    assert (tmp_path / "out" / "final" / "config.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------
