@@ -1,8 +1,8 @@
 """Run under torchrun by tests/test_finetune_runs.py: each rank takes its own pack of a file of
 packs (rank r: pack r) and, for full, GEN-only and LoRA fine-tuning, builds examples/finetune.py's
 FSDP2 model from a checkpoint, runs its `forward_backward` and saves (rank 0) the trained weights
-before the step, the gathered gradients and the metrics; then two more whole training steps on
-rotated packs (rank r: pack r + 1, r + 2), whose metrics it saves too.
+before the step, the gathered gradients and the metrics; then three more whole training steps,
+on rotated packs (rank r: pack r + 1, r + 2) and on pack 0 everywhere, whose metrics it saves too.
 
     torchrun --nproc_per_node N tests/finetune_ranks.py CHECKPOINT PACKS.pt OUT.pt
 """
@@ -43,8 +43,11 @@ def main(checkpoint: str, packs_path: str, out_path: str) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, finetune.warmup_cosine(cfg))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps = [finetune.train_step(model, packs[(rank + k) % len(packs)], cfg, optimizer, scheduler,
-                                     list(trained.values()), None) for k in (1, 2)]  # fmt: skip
+        # rotated packs, then pack 0 on every rank (2 ranks: understanding; 4: text only): for GEN-only
+        # training a step where no rank has anything to generate, so nothing gets a gradient
+        order = [(rank + 1) % len(packs), (rank + 2) % len(packs), 0]
+        steps = [finetune.train_step(model, packs[i], cfg, optimizer, scheduler, list(trained.values()), None)
+                 for i in order]  # fmt: skip
         results[mode] = {"start": start, "grads": grads, "metrics": metrics, "steps": steps}
         del model, optimizer
     if rank == 0:

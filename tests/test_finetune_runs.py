@@ -233,8 +233,9 @@ def test_ranks_with_different_packs_equal_one_process(workspace, world):
             assert all("lora_" in name for name in got["grads"])
         if mode == "gen":
             assert not any(finetune.is_und_param(name) for name in got["grads"])
-        for step in got["steps"]:  # two more whole steps on other packs (rotated)
+        for step in got["steps"]:  # three more whole steps: other packs (rotated), then pack 0 everywhere
             assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all() and step["loss"] > 0
+        assert (got["steps"][2]["grad_norm"] == 0) == (mode == "gen")  # GEN-only without anything to generate
 
 
 # ----------------------------------------------------------------------------------------------
