@@ -20,10 +20,10 @@ How it runs:
   (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), frozen weights are stored in
   bf16; on CPU (gloo) everything is float32. The VAE is never trained and never sharded.
 - Ranks with different packs (text only, images to understand only, latents only, no CE, no
-  MSE): before the forward one all-reduce adds up every rank's token counts; a part that some
-  rank's pack has (ViT, GEN path, lm head, llm2vae) then runs on every rank, on zero tokens where
-  its pack has none (`always_run` of the forward), so every FSDP all-gather and reduce-scatter
-  happens on every rank; parts no rank needs are skipped by all.
+  MSE): before the forward one all-reduce (on the host) adds up every rank's token counts; a
+  part that some rank's pack has (ViT, GEN path, lm head, llm2vae) then runs on every rank, on
+  zero tokens where its pack has none (`always_run` of the forward), so every FSDP all-gather
+  and reduce-scatter happens on every rank; parts no rank needs are skipped by all.
 - Loss (the reference's trainer): CE = sum(ce * weight) / sum(weights) and MSE = per-token mean
   over channels, summed / number of MSE tokens, both over all ranks (the all-reduced counts);
   loss = ce_weight * CE + mse_weight * MSE. N ranks on N packs give one process's loss and
