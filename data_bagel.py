@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,18 +377,22 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         two epochs of its shard in a row can never give one: an error, not an endless loop."""
         reader = self._setup()
         limit = self.max_num_tokens_per_sample
-        too_long = [[] for _ in reader["streams"]]  # lengths of each source's skipped samples in a row
+        too_long = [(0, math.inf, 0) for _ in reader["streams"]]  # per source: skipped in a row, shortest, longest
         while True:
             index = int(torch.multinomial(self.weights, 1, generator=reader["mixer"]))
             stream = reader["streams"][index]
             key, plan = next(stream)
             length = self.packing.plan_length(plan)
-            too_long[index] = too_long[index] + [length] if length > limit else []
-            if len(too_long[index]) >= 2 * stream.num_rows:
+            if length <= limit:
+                too_long[index] = (0, math.inf, 0)
+            else:
+                count, shortest, longest = too_long[index]
+                too_long[index] = (count + 1, min(shortest, length), max(longest, length))
+            if too_long[index][0] >= 2 * stream.num_rows:
                 raise ValueError(
                     f"{type(stream.source).__name__} (source {index}): all {stream.num_rows} samples of this reader's "
-                    f"shard are longer than max_num_tokens_per_sample={limit} ({min(too_long[index])} to "
-                    f"{max(too_long[index])} tokens), so none can be packed; raise max_num_tokens_per_sample (and "
+                    f"shard are longer than max_num_tokens_per_sample={limit} ({too_long[index][1]} to "
+                    f"{too_long[index][2]} tokens), so none can be packed; raise max_num_tokens_per_sample (and "
                     "max_num_tokens) or use smaller images and shorter texts."
                 )
             yield key, plan

@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = load_config(argv)
     if not cfg["data"]:
-        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see --help and examples/finetune.yaml).")
+        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see --help, examples/finetune.yaml).")
     rank, world, device = init_distributed()
     mesh = init_device_mesh(device.type, (world,))
     out_dir = Path(cfg["out_dir"])

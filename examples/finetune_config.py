@@ -71,8 +71,10 @@ class Data(_Strict):
 class FinetuneConfig(_Strict):
     """Every key of a fine-tuning run (examples/finetune.yaml)."""
 
-    model: str = Field("ByteDance-Seed/BAGEL-7B-MoT", min_length=1, description="checkpoint directory or Hub id, released layout")
-    out_dir: str = Field("outputs/finetune", min_length=1, description="checkpoints/step_N, log.jsonl, final/ (and adapter/)")
+    model: str = Field("ByteDance-Seed/BAGEL-7B-MoT", min_length=1,
+                       description="checkpoint directory or Hub id, released layout")
+    out_dir: str = Field("outputs/finetune", min_length=1,
+                         description="checkpoints/step_N, log.jsonl, final/ (and adapter/)")
     seed: int = Field(0, ge=0, description="seeds initialisation, data order, noise")
     data: Union[str, Data, None] = Field(None, description="a torch.save'd list of packs, or {sources: [...], ...}")
     max_steps: int = Field(1000, gt=0, description="optimizer steps")
@@ -92,8 +94,10 @@ class FinetuneConfig(_Strict):
     lora_rank: int = Field(0, ge=0, description="> 0: LoRA through PEFT on lora_sides; everything else frozen")
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_sides: list[Literal["und", "gen"]] = Field(["und", "gen"], min_length=1, description="und: q/k/v/o, gate/up/down; gen: their *_moe_gen twins")
-    activation_checkpointing: Union[StrictBool, float] = Field(True, description="true, false or a fraction of each stack's layers in [0, 1]")
+    lora_sides: list[Literal["und", "gen"]] = Field(
+        ["und", "gen"], min_length=1, description="und: q/k/v/o, gate/up/down; gen: their *_moe_gen twins")
+    activation_checkpointing: Union[StrictBool, float] = Field(
+        True, description="true, false or a fraction of each stack's layers in [0, 1]")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="> 0: keep an EMA of the trained weights")
     save_every: int = Field(500, gt=0, description="DCP checkpoint every N steps (and at the end)")
     log_every: int = Field(1, gt=0, description="a log.jsonl line every N steps")
@@ -151,8 +155,9 @@ def _describe(error: dict) -> str:
         return f"{where}: unknown key (allowed: {', '.join(schema.model_fields)})"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":  # our own checks, whose messages name the value
-        return f"{where}.{message}" if message.split(":")[0] in _KEYS and where else message if where == "" else (
-            f"{where}: {message}")  # fmt: skip
+        if message.split(":")[0] in _KEYS:  # a check of a whole (sub)config: its message starts with the key
+            return f"{where}.{message}" if where else message
+        return f"{where}: {message}"
     given = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
     return f"{where}: {message}{given}"
 
@@ -178,15 +183,22 @@ def load_config(argv: list[str]) -> dict[str, Any]:
         path, argv = Path(argv[0]), argv[1:]
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found (copy {TEMPLATE} and fill in its data).")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of keys to values, got {type(raw).__name__}.")
     for item in argv:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item!r}: overrides are key=value (e.g. lr=1e-4); see --help.")
-        raw[key] = yaml.safe_load(value)
+        raw[key] = _yaml(value, repr(item))
     return validate(raw)
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML ({error}).") from None
 
 
 def help_text() -> str:

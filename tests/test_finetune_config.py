@@ -113,6 +113,11 @@ def test_values_read_as_yaml_and_defaults_from_the_schema(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a YAML mapping"):
         finetune_config.load_config([str(tmp_path / "list.yaml")])
+    with pytest.raises(ConfigError, match=r"'betas=\[0.9,': not valid YAML"):
+        finetune_config.load_config(["betas=[0.9,"])
+    (tmp_path / "broken.yaml").write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        finetune_config.load_config([str(tmp_path / "broken.yaml")])
 
 
 def test_help_lists_every_key():

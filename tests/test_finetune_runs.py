@@ -87,19 +87,16 @@ def readme_commands() -> dict[str, list[str]]:
     text = (REPO_ROOT / "README.md").read_text()
     block = re.search(r"## Fine-tuning\n.*?```bash\n(.*?)```", text, re.S).group(1)
     commands = [line.split() for line in block.splitlines() if line.startswith("torchrun")]
-    modes = {"lora": "lora_rank=64", "gen": "freeze_und=true", "full": None}
-    found = {}
-    for mode, marker in modes.items():
-        found[mode] = next(c for c in commands if (marker in c if marker else not any(m in c for m in modes.values() if m)))
+    markers = {"lora": "lora_rank=64", "gen": "freeze_und=true"}
+    found = {mode: next(c for c in commands if marker in c) for mode, marker in markers.items()}
+    found["full"] = next(c for c in commands if not set(markers.values()) & set(c))
     return found
 
 
 def run(command: list[str], config: Path, out_dir: Path, *extra: str, exit_at: str | None = None, ok: bool = True):
     """A README command with 2 ranks, `my_run.yaml` -> `config`, then `out_dir` and `extra` appended."""
-    args = []
-    for word in command[1:]:
-        word = {"my_run.yaml": str(config), "examples/finetune.py": str(REPO_ROOT / "examples" / "finetune.py")}.get(word, word)
-        args.append(word)
+    paths = {"my_run.yaml": str(config), "examples/finetune.py": str(REPO_ROOT / "examples" / "finetune.py")}
+    args = [paths.get(word, word) for word in command[1:]]
     nproc = args.index("--nproc_per_node")
     args[nproc + 1] = "2"
     full = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args, f"out_dir={out_dir}", *extra]
@@ -153,7 +150,8 @@ def _packs(checkpoint: Path) -> list[dict]:
     ]
     packs, generator = [], torch.Generator().manual_seed(0)
     for plan in plans:
-        pack = packing_bagel.encode_pack(model, packing_bagel.pack_samples([plan], config, generator), "cpu", sample=False)
+        pack = packing_bagel.pack_samples([plan], config, generator)
+        pack = packing_bagel.encode_pack(model, pack, "cpu", sample=False)
         if "padded_latent" in pack:
             num = pack["packed_vae_token_indexes"].shape[0]
             pack["packed_noise"] = torch.randn(num, model.model.llm2vae.out_features, generator=generator)
@@ -178,7 +176,8 @@ def _one_process(checkpoint: Path, packs: list[dict], mode: str, start: dict) ->
     for pack in packs:
         out = model(**pack)
         if out["ce"] is not None:
-            ce_sum, ce_den = ce_sum + (out["ce"] * pack["ce_loss_weights"]).sum(), ce_den + pack["ce_loss_weights"].sum()
+            ce_sum = ce_sum + (out["ce"] * pack["ce_loss_weights"]).sum()
+            ce_den = ce_den + pack["ce_loss_weights"].sum()
         if out["mse"] is not None:
             mse_sum, mse_den = mse_sum + out["mse"].mean(-1).sum(), mse_den + out["mse"].shape[0]
     ce, mse = ce_sum / max(ce_den, 1e-12), mse_sum / max(mse_den, 1)
