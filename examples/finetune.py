@@ -542,13 +542,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, ema: EMA | None, da
     dcp.load(stepped, checkpoint_id=str(path))
     stepped = set(_unblob(stepped["stepped"]))
     state = training_state(model, optimizer, scheduler, ema, dataset, 0)
+    # (the states `get_state_dict` made for every weight are replaced by the loaded ones, these only)
     state["optim"]["state"] = {name: v for name, v in state["optim"]["state"].items() if name in stepped}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=DCP_LOAD_OPTIONS)  # fmt: skip
-    for name, param in model.named_parameters():  # no state made for loading (a zero step) stays behind
-        if name not in stepped:
-            optimizer.state.pop(param, None)
     scheduler.load_state_dict(state["trainer"]["scheduler"])
     mine = _unblob(state[f"rank{dist.get_rank()}"])
     dataset.load_state_dict(mine["data"])

@@ -347,3 +347,25 @@ def test_damaged_checkpoint_is_refused_then_resume_false_restarts_as_one_process
     assert [e["step"] for e in log] == [1] and log[0]["loss"] > 0 and log[0]["mse_tokens"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
     assert (out / "final" / "config.json").is_file()
+
+
+def test_a_weight_first_trained_after_the_resume_starts_its_optimizer_state_as_uninterrupted(workspace):
+    """Full fine-tuning, one process: text-to-image packs up to the checkpoint (step 3), so the lm
+    head has no AdamW state in it; an understanding pack at step 4 gives it its first gradient.
+    Killed after step 5 and resumed, steps 4 and 5 are bit-equal (a state made up at loading would
+    start its moments and bias correction elsewhere)."""
+    packs = _packs(workspace / "checkpoint")
+    torch.save([packs[1], packs[1], packs[1], packs[3], packs[3], packs[3]], workspace / "late_ce.pt")
+    out = workspace / "late_ce"
+    command = [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), f"model={workspace / 'checkpoint'}",
+               f"data={workspace / 'late_ce.pt'}", f"out_dir={out}", "max_steps=6", "save_every=3", "lr=1e-3",
+               "warmup_steps=0", "save_dtype=float32"]  # fmt: skip
+    env = {**ENV, "HF_MODULES_CACHE": str(workspace / "modules")}
+    killed = subprocess.run(command, capture_output=True, text=True, env={**env, "BAGEL_FINETUNE_EXIT_AT": "step:5"},
+                            timeout=300)  # fmt: skip
+    assert killed.returncode != 0
+    before = log_of(out)
+    assert [e["ce_tokens"] > 0 for e in before] == [False, False, False, True, True]
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    same_steps(log_of(out), before, range(4, 6))
