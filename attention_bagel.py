@@ -260,12 +260,15 @@ class TokenRoute:
     scattering both groups. Attention reads the tokens where they are, through a plan in route
     order (`AttentionPlan.in_storage_order`); only a KV cache, kept in packed order, unsorts them.
     `gen_index` None means all tokens are UND (text, ViT, stage 1) and nothing moves. With
-    `freeze_und` the UND outputs are detached, so no gradient reaches UND weights.
+    `freeze_und` the UND outputs are detached, so no gradient reaches UND weights. With `run_gen`
+    the GEN weights run even when no token is GEN (on zero rows), so they get zero gradients
+    rather than none: training ranks whose packs differ then make the same FSDP collectives.
     """
 
-    def __init__(self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False):
-        self.freeze_und = freeze_und
-        self.num_und = num_tokens
+    def __init__(self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False,
+                 run_gen: bool = False):  # fmt: skip
+        self.freeze_und, self.run_gen = freeze_und, run_gen
+        self.num_tokens = self.num_und = num_tokens
         self.order = self.inverse = None  # sorted row -> packed row, and back
         if gen_index is not None and gen_index.numel() > 0:
             is_gen = torch.zeros(num_tokens, dtype=torch.uint8, device=gen_index.device)
@@ -289,14 +292,14 @@ class TokenRoute:
         """Apply `und` to the UND tokens and `gen` to the GEN tokens of x (N, ...), in route order;
         x may be a tuple of such tensors, split alike. `und` / `gen` return a tensor or a tuple of
         tensors (N_side, ...); so does this, joined over both."""
-        if self.order is None:
+        if self.order is None and not (self.run_gen and gen is not None):
             return self._detach_und(und(x))
         if gen is None:
             raise ValueError(
                 "This is a stage-1 (understanding-only) model but the batch has generation (VAE) tokens; "
                 "load the model with stage=2 to train or run image generation."
             )
-        sizes = [self.num_und, self.order.shape[0] - self.num_und]
+        sizes = [self.num_und, self.num_tokens - self.num_und]
         if isinstance(x, tuple):
             x_und, x_gen = zip(*(part.split(sizes) for part in x))
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,12 @@ class EditParquet(ParquetSource):
                              f"images and {len(instructions)} instruction lists.")
         start = int(torch.randint(len(images) - 1, (), generator=generator))
         end = start + 1 + int(torch.randint(min(2, len(images) - 1 - start), (), generator=generator))
-        steps = [_choice(instructions[i - 1], generator) for i in range(start + 1, end + 1)]
+        # a step's alternatives; a plain string is one instruction (not a list of characters to pick from)
+        options = [[step] if isinstance(step, str) else list(step) for step in instructions]
+        if not all(options[i - 1] and all(isinstance(o, str) for o in options[i - 1]) for i in range(1, len(images))):
+            raise ValueError("instruction_list must hold, per step, an instruction or a non-empty list of "
+                             f"alternative instructions (strings), got {instructions!r}.")  # fmt: skip
+        steps = [_choice(options[i - 1], generator) for i in range(start + 1, end + 1)]
         if len(steps) > 1 and torch.rand((), generator=generator).item() < 0.5:
             chain, steps = [start, end], [". ".join(steps) + "."]
         else:
@@ -174,6 +180,9 @@ class LlavaJsonl(DataSource):
 
     def __init__(self, jsonl_path: PathLike, image_dir: PathLike):
         self.path, self.image_dir = str(jsonl_path), Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image_dir {str(image_dir)!r} is not a directory: give the folder that the image "
+                                    f"names of {jsonl_path} are relative to.")  # fmt: skip
         with open(jsonl_path, encoding="utf-8") as f:
             self.lines = [line for line in f if line.strip()]
         if not self.lines:
@@ -321,7 +330,8 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights must be one non-negative number per source ({len(sources)}) with a positive "
                              f"sum, got {weights}.")
-        Packer(packing, **packer_kwargs)  # checks the limits now rather than in a worker
+        # checks the limits now rather than in a worker
+        self.max_num_tokens_per_sample = Packer(packing, **packer_kwargs).max_num_tokens_per_sample
         self.sources, self.builder, self.packing = list(sources), builder, packing
         self.weights, self.seed, self.packer_kwargs = torch.tensor(weights, dtype=torch.float64), seed, packer_kwargs
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -362,11 +372,30 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         return plan
 
     def samples(self) -> Iterator[tuple[tuple[int, ...], list[PlanItem]]]:
-        """This reader's endless `(key, plan)` stream, each from a source drawn by weight."""
+        """This reader's endless `(key, plan)` stream, each from a source drawn by weight. A source
+        whose samples come out longer than `max_num_tokens_per_sample` (which the packer skips) for
+        two epochs of its shard in a row can never give one: an error, not an endless loop."""
         reader = self._setup()
+        limit = self.max_num_tokens_per_sample
+        too_long = [(0, math.inf, 0) for _ in reader["streams"]]  # per source: skipped in a row, shortest, longest
         while True:
             index = int(torch.multinomial(self.weights, 1, generator=reader["mixer"]))
-            yield next(reader["streams"][index])
+            stream = reader["streams"][index]
+            key, plan = next(stream)
+            length = self.packing.plan_length(plan)
+            if length <= limit:
+                too_long[index] = (0, math.inf, 0)
+            else:
+                count, shortest, longest = too_long[index]
+                too_long[index] = (count + 1, min(shortest, length), max(longest, length))
+            if too_long[index][0] >= 2 * stream.num_rows:
+                raise ValueError(
+                    f"{type(stream.source).__name__} (source {index}): all {stream.num_rows} samples of this reader's "
+                    f"shard are longer than max_num_tokens_per_sample={limit} ({too_long[index][1]} to "
+                    f"{too_long[index][2]} tokens), so none can be packed; raise max_num_tokens_per_sample (and "
+                    "max_num_tokens) or use smaller images and shorter texts."
+                )
+            yield key, plan
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         yield from self._setup()["packer"].packs(self.samples())

@@ -40,7 +40,7 @@ _ROWS = 16  # (token, head) rows of one rms_norm_rotary program
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise, for gate and up of one shape and dtype."""
-    if triton is not None and gate.is_cuda and gate.dtype == up.dtype and gate.shape == up.shape:
+    if triton is not None and gate.is_cuda and gate.dtype == up.dtype and gate.shape == up.shape and gate.numel() > 0:
         return _SiluMul.apply(gate, up)
     return F.silu(gate) * up
 
@@ -69,7 +69,8 @@ def fuses_rms_norm_rotary(x: torch.Tensor) -> bool:
     """Whether `rms_norm_rotary` can take x (N, heads, dim): CUDA with Triton, each head's
     values contiguous and the heads back to back (tokens may be strided), dim a power of two."""
     dim = x.shape[-1]
-    return triton is not None and x.is_cuda and x.stride(2) == 1 and x.stride(1) == dim and dim & (dim - 1) == 0
+    return (triton is not None and x.is_cuda and x.shape[0] > 0 and x.stride(2) == 1 and x.stride(1) == dim
+            and dim & (dim - 1) == 0)  # zero rows (a GEN side run empty in training): torch's ops
 
 
 def rms_norm_rotary(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,

@@ -186,7 +186,10 @@ class _MasterWeightLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = torch.mm(grad_2d.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32).split(ctx.rows)
+        if x.numel():
+            grad_w = torch.mm(grad_2d.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32).split(ctx.rows)
+        else:  # zero rows (a side run empty in training, `always_run`): a product over nothing is zero
+            grad_w = weight.new_zeros(weight.shape, dtype=torch.float32).split(ctx.rows)
         grad_b = grad_2d.sum(0, dtype=torch.float32).split(ctx.rows) if ctx.has_bias else (None,) * len(ctx.rows)
         return grad_x, None, None, *grad_w, *grad_b
 

@@ -515,6 +515,7 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         ce_loss_weights: torch.Tensor | None = None,
         packed_noise: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        always_run: tuple[str, ...] | list[str] | set[str] = (),
         **unused: Any,
     ) -> dict[str, torch.Tensor | None]:
         """Packed training forward (the reference's), returning unreduced losses.
@@ -523,8 +524,18 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         "last_hidden_state" (sequence_length, hidden) when `output_hidden_states`. `packed_noise`
         (num_vae_tokens, p*p*C) fixes the flow-matching noise; by default it is drawn with randn.
         `ce_loss_weights` is accepted for collator compatibility; weighting is the trainer's job.
+
+        `always_run` names parts that run even when the pack has nothing for them, so that their
+        weights get zero gradients rather than none and data-parallel ranks with different packs
+        make the same FSDP collectives: "vit" (the ViT and connector, on a one-patch black image
+        whose output enters times zero), "gen" (the GEN weights, the latent embedders, on zero
+        tokens), "ce" (the lm head on zero tokens: "ce" is then (0,)), "mse" (llm2vae likewise).
+        The outputs are those of the pack alone.
         """
         check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})  # README, "Training inputs"
+        always_run = set(always_run)
+        if not always_run <= {"vit", "gen", "ce", "mse"}:
+            raise ValueError(f"always_run={sorted(always_run)}: use parts among 'vit', 'gen', 'ce', 'mse'.")
         model = self.model
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
@@ -547,6 +558,11 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 max_seqlen = packed_vit_tokens.shape[0]
                 checks.append(_vit_lengths_check(vit_token_seqlens, max_seqlen))
             vit = model.embed_vit_tokens(packed_vit_tokens, packed_vit_position_ids, vit_token_seqlens, max_seqlen)
+        elif "vit" in always_run and self.config.visual_und:
+            # attention over zero tokens would leave the q/k/v weights out of the graph: one patch
+            patch = embeds.new_zeros(1, 3 * self.config.vit_patch_size**2, dtype=torch.float32)
+            dummy = model.embed_vit_tokens(patch, packed_text_ids.new_zeros(1), [1])
+            embeds = embeds + 0 * dummy.sum().to(embeds.dtype)
 
         latents, target = None, None
         if padded_latent is not None:
@@ -579,6 +595,10 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             x_t = (1 - timesteps[:, None]) * clean + timesteps[:, None] * noise
             target = (noise - clean)[timesteps > 0]  # the velocity of noised tokens (this waits for the GPU)
             latents = model.embed_latent_tokens(x_t, timesteps, packed_latent_position_ids)
+        elif "gen" in always_run and self.config.visual_gen:
+            empty = packed_text_ids.new_zeros(0)
+            packed_vae_token_indexes = empty
+            latents = model.embed_latent_tokens(embeds.new_zeros(0, model.vae2llm.in_features), empty.float(), empty)
 
         _raise_failed(checks)  # before any index below is used
         sequence = embeds.new_zeros(sequence_length, embeds.shape[1]).index_copy(0, packed_text_indexes, embeds)
@@ -589,10 +609,15 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             sequence = sequence.index_copy(0, packed_vae_token_indexes, latents.to(sequence.dtype))
             gen_index = packed_vae_token_indexes
 
-        route = TokenRoute(sequence_length, gen_index, freeze_und=self.config.text_config.freeze_und)
+        route = TokenRoute(sequence_length, gen_index, self.config.text_config.freeze_und, run_gen="gen" in always_run)
         hidden = model.language_model.model(sequence, packed_position_ids, plan, route)
 
         outputs: dict[str, torch.Tensor | None] = {"ce": None, "mse": None}
+        if "ce" in always_run and ce_loss_indexes is None:
+            ce_loss_indexes = packed_label_ids = packed_text_ids.new_zeros(0)
+        if "mse" in always_run and self.config.visual_gen and (mse_loss_indexes is None or target is None):
+            mse_loss_indexes = packed_text_ids.new_zeros(0)
+            target = hidden.new_zeros(0, model.llm2vae.out_features)
         if ce_loss_indexes is not None:
             if packed_label_ids is None:
                 raise ValueError("ce_loss_indexes was given without packed_label_ids.")

@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 1 examples/finetune.py my_run.yaml out_dir=runs/lora lora_rank=64
 
 One config file (a copy of examples/finetune.yaml, its data filled in); any key can be overridden
-as `key=value` (YAML values). Needs torch >= 2.7 (`fully_shard` with `ignored_params`).
+as `key=value` (YAML values); the whole is checked before anything is built (finetune_config.py,
+`--help`). Without torchrun it runs as one process. Needs torch >= 2.7 (`fully_shard` with
+`ignored_params`).
 
 How it runs:
 - Code: this checkout's (imported as the package `bagel_remote`; the final save copies it).
@@ -17,13 +19,24 @@ How it runs:
 - Precision: on CUDA the trained weights are float32 master weights, computed in bf16
   (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), frozen weights are stored in
   bf16; on CPU (gloo) everything is float32. The VAE is never trained and never sharded.
+- Ranks with different packs (text only, images to understand only, latents only, no CE, no
+  MSE): before the forward one all-reduce (on the host) adds up every rank's token counts; a
+  part that some rank's pack has (ViT, GEN path, lm head, llm2vae) then runs on every rank, on
+  zero tokens where its pack has none (`always_run` of the forward), so every FSDP all-gather
+  and reduce-scatter happens on every rank; parts no rank needs are skipped by all.
 - Loss (the reference's trainer): CE = sum(ce * weight) / sum(weights) and MSE = per-token mean
-  over channels, summed / number of MSE tokens, both over all ranks; loss = ce_weight * CE +
-  mse_weight * MSE.
+  over channels, summed / number of MSE tokens, both over all ranks (the all-reduced counts);
+  loss = ce_weight * CE + mse_weight * MSE. N ranks on N packs give one process's loss and
+  gradients on the same N packs.
 - Checkpoints: torch DCP (sharded, every rank writes its own part) of the trained weights,
-  optimizer, scheduler, EMA, data position and RNG states; resuming gives the same next loss.
-  The final save gathers the weights on rank 0 and writes the released layout
-  (`save_pretrained`: loads with `from_pretrained`); LoRA runs also write the PEFT adapter.
+  optimizer (with the names of the weights that have optimizer state: one never given a gradient
+  has none), scheduler, EMA, data position and RNG states, written to `step_N.partial` and
+  renamed to `step_N` once complete; resuming gives the same next losses, and log.jsonl drops the
+  steps after the checkpoint before they are redone. The final save gathers the weights on rank 0
+  and writes the released layout (`save_pretrained`: loads with `from_pretrained`); LoRA runs
+  also write the PEFT adapter.
+- `BAGEL_FINETUNE_EXIT_AT=step:K` (or `save:K`) exits every rank hard after step K (or while
+  step K's checkpoint is written, before it is published): the tests' kill.
 """
 
 from __future__ import annotations
@@ -32,23 +45,32 @@ import io
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import yaml
-from torch.distributed.checkpoint.state_dict import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_config import ConfigError, help_text  # noqa: E402
+from finetune_config import load_config as _load_config  # noqa: E402
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # before torch is imported: at once
+    print(help_text())
+    sys.exit(0)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from repo_package import import_repo  # noqa: E402
@@ -66,33 +88,21 @@ from bagel_remote.loading_bagel import (  # noqa: E402
 )
 from bagel_remote.state_dict_adapter import checkpoint_bucket  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).with_suffix(".yaml")
 WEIGHT_FILES = {"model.": WEIGHTS_NAME, "vae.": VAE_WEIGHTS_NAME}  # native prefix -> released file
+PARTS = {"vit": "vit_tokens", "gen": "vae_tokens", "ce": "ce_tokens", "mse": "mse_tokens"}  # forward part -> count
 
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# Config (finetune_config.py: the schema)
 # ----------------------------------------------------------------------------------------------
 
 
 def load_config(argv: list[str]) -> dict[str, Any]:
-    """`[config.yaml] key=value ...` -> the config dict (defaults from examples/finetune.yaml)."""
-    path = DEFAULT_CONFIG
-    if argv and "=" not in argv[0]:
-        path, argv = Path(argv[0]), argv[1:]
-    cfg = yaml.safe_load(Path(path).read_text())
-    defaults = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise SystemExit(f"Unknown override {item!r}: use key=value with a key of {DEFAULT_CONFIG.name}: "
-                             f"{', '.join(defaults)}.")
-        cfg[key] = yaml.safe_load(value)
-    cfg = {**defaults, **cfg}
-    for key, default in defaults.items():  # YAML reads 1e-3 (no dot) as a string
-        if isinstance(default, float):
-            cfg[key] = float(cfg[key])
-    return cfg
+    """`[config.yaml] key=value ...` -> the validated config dict; a clear exit otherwise."""
+    try:
+        return _load_config(argv)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,9 +139,6 @@ LORA_TARGETS = {
 def lora_config(cfg: dict):
     from peft import LoraConfig
 
-    unknown = set(cfg["lora_sides"]) - set(LORA_TARGETS)
-    if unknown or not cfg["lora_sides"]:
-        raise SystemExit(f"lora_sides={cfg['lora_sides']}: pick from {sorted(LORA_TARGETS)}.")
     projections = "|".join(LORA_TARGETS[side] for side in cfg["lora_sides"])
     return LoraConfig(
         r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
@@ -268,6 +275,10 @@ def build_model(cfg: dict, checkpoint_dir: Path | None, config: BagelConfig, dev
 
         lora = lora_config(cfg)
         get_peft_model(model, lora)  # wraps the projections in place; only LoRA weights train
+    if not any(p.requires_grad for p in model.parameters()):
+        switches = {k: cfg[k] for k in ("freeze_vit", "freeze_und", "freeze_llm", "lora_rank") if cfg[k]}
+        raise SystemExit(f"Nothing to train: {switches} freeze every weight of this stage-{config.stage} model; "
+                         "unset a freeze switch.")  # fmt: skip
     enable_activation_checkpointing(model, cfg["activation_checkpointing"])
     cuda = device.type == "cuda"
     mp_policy = MixedPrecisionPolicy(
@@ -292,10 +303,12 @@ class PackFile:
     rank r takes packs r, r + world, ..., cycling; the position is its resumable state."""
 
     def __init__(self, path: str, rank: int, world: int):
+        if not Path(path).is_file():
+            raise SystemExit(f"data={path!r}: no such file of packs (or give data: {{sources: [...]}}; see --help).")
         packs = torch.load(path, weights_only=False)
         self.packs = packs[rank::world]
         if not self.packs:
-            raise ValueError(f"{path} has {len(packs)} pack(s), fewer than the {world} ranks.")
+            raise SystemExit(f"data={path!r} has {len(packs)} pack(s), fewer than the {world} ranks.")
         self.position = 0
 
     def __iter__(self) -> Iterator[dict]:
@@ -314,37 +327,40 @@ class PackFile:
 SOURCES = {"t2i": "T2IParquet", "edit": "EditParquet", "llava": "LlavaJsonl"}  # data_bagel readers
 
 
-def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int):
+def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: int, world: int):
     """This rank's packs, with `state_dict` / `load_state_dict` (its position, for exact resume).
 
     `data` is either a file of packs (`PackFile`), or data_bagel's readers with
-    `BagelPackedDataset`'s packing limits:
-    `{sources: [{kind: t2i | edit | llava, path: ..., image_dir: ... (llava)}], weights: [...],
-    max_num_tokens: ..., expected_num_tokens: ..., max_num_tokens_per_sample: ...}`; with
-    `num_workers` > 0, read in a torchdata `StatefulDataLoader` (its state covers the workers')."""
+    `BagelPackedDataset`'s packing limits (`finetune_config.Data`); with `num_workers` > 0, read
+    in a torchdata `StatefulDataLoader` (its state covers the workers'). Each source must give a
+    sample now (its first one is read), so a source that cannot stops the run before step 1."""
     data = cfg["data"]
-    if not data:
-        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see build_dataset in finetune.py).")
     if not isinstance(data, dict):
         return PackFile(data, rank, world)
-    processor = load_processor(checkpoint_dir, model.config)
+    processor = load_processor(checkpoint_dir, config)
     if processor is None:
         raise SystemExit(f"{checkpoint_dir} has no tokenizer files: reading data needs the checkpoint's tokenizer.")
+    # VAE images at the checkpoint processor's sizes (BAGEL's: 512 to 1024 px, the reference's
+    # training transform); ViT images at the reference's training sizes
+    vae_sizes = packing_bagel.ImageSizes(processor.vae_max_size, processor.vae_min_size, processor.vae_stride)
+    builder = packing_bagel.PlanBuilder(processor.tokenizer, vae_sizes=vae_sizes)
     sources = []
-    for source in data["sources"]:
-        source = dict(source)
-        kind = source.pop("kind")
-        if kind not in SOURCES:
-            raise SystemExit(f"data source kind {kind!r}: use one of {', '.join(SOURCES)}.")
-        paths = {"jsonl_path" if kind == "llava" else "paths": source.pop("path"), **source}
-        sources.append(getattr(data_bagel, SOURCES[kind])(**paths))
+    for index, spec in enumerate(data["sources"]):
+        where = f"data.sources.{index} ({spec['kind']}: {spec['path']})"
+        paths = {"jsonl_path" if spec["kind"] == "llava" else "paths": spec["path"]}
+        try:
+            source = getattr(data_bagel, SOURCES[spec["kind"]])(
+                **paths, **({"image_dir": spec["image_dir"]} if spec["kind"] == "llava" else {}))
+            next(data_bagel.SourceStream(source, builder, 0, 1, cfg["seed"], index))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"{where}: no readable sample: {error}") from error
+        sources.append(source)
     limits = {k: v for k, v in data.items() if k not in ("sources", "weights", "num_workers")}
     dataset = data_bagel.BagelPackedDataset(
-        sources, packing_bagel.PlanBuilder(processor.tokenizer),
-        packing_bagel.PackingConfig.from_model_config(model.config, processor.special_token_ids),
-        weights=data.get("weights"), seed=cfg["seed"], rank=rank, world_size=world, **limits,
+        sources, builder, packing_bagel.PackingConfig.from_model_config(config, processor.special_token_ids),
+        weights=data["weights"], seed=cfg["seed"], rank=rank, world_size=world, **limits,
     )  # fmt: skip
-    if not data.get("num_workers"):
+    if not data["num_workers"]:
         return dataset
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -357,28 +373,52 @@ def build_dataset(cfg: dict, model, checkpoint_dir: Path, rank: int, world: int)
 # ----------------------------------------------------------------------------------------------
 
 
-def reduce_losses(out: dict, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """This rank's share of the global loss, scaled by the world size (FSDP averages gradients
-    over ranks), and the global CE, MSE and loss for logging, and the tokens of all ranks' packs
-    (`tokens`): one all-reduce for all of them."""
+COUNTS = ("tokens", "text_tokens", "vit_tokens", "vae_tokens", "ce_tokens", "mse_tokens")
+_HOST_GROUP = {}
+
+
+def host_group():
+    """A gloo group for the host's numbers (the default group on CPU): with NCCL, adding up token
+    counts on the GPU would make the host wait for the queued work before the forward."""
+    if "group" not in _HOST_GROUP:  # made at the first step, by every rank alike
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return _HOST_GROUP["group"]
+
+
+def pack_counts(batch: dict) -> list[int]:
+    """This pack's tokens by kind (`COUNTS`), from its tensors' shapes."""
+    rows = lambda key: 0 if batch.get(key) is None else batch[key].shape[0]  # noqa: E731
+    return [batch["sequence_length"], rows("packed_text_ids"), rows("packed_vit_tokens"),
+            rows("packed_vae_token_indexes"), rows("ce_loss_indexes"), rows("mse_loss_indexes")]  # fmt: skip
+
+
+def forward_backward(model, batch: dict, cfg: dict) -> dict[str, float]:
+    """Forward and backward of this rank's pack, so that the gradients (after FSDP's average over
+    ranks) are those of one process on all ranks' packs; returns the global loss, CE, MSE and
+    token counts. Every part some rank needs runs on every rank (see the module docstring)."""
+    world = dist.get_world_size()
+    totals = torch.tensor(pack_counts(batch), dtype=torch.float64)
+    dist.all_reduce(totals, group=host_group())
+    counts = dict(zip(COUNTS, (int(n) for n in totals.tolist())))
+    weights = batch.get("ce_loss_weights") if batch.get("ce_loss_indexes") is not None else None
+    zero = batch["packed_position_ids"].new_zeros((), dtype=torch.float32)
+    ce_den = zero + (weights.sum() if weights is not None else pack_counts(batch)[4])
+    dist.all_reduce(ce_den)  # all ranks' CE weights (the CE normaliser): queued on the device, no wait
+    out = model(**batch, always_run=[part for part, key in PARTS.items() if counts[key] > 0])
     ce, mse = out["ce"], out["mse"]
-    zero = next(t for t in (ce, mse) if t is not None).new_zeros(())
-    weights = batch.get("ce_loss_weights")
-    if ce is not None and weights is None:
+    if ce is not None and (weights is None or weights.shape != ce.shape):  # (absent, or CE run on zero tokens)
         weights = torch.ones_like(ce)
-    local = torch.stack([
-        (ce * weights).sum() if ce is not None else zero, weights.sum().float() if ce is not None else zero,
-        mse.mean(-1).sum() if mse is not None else zero, zero + (mse.shape[0] if mse is not None else 0),
-        zero + batch["sequence_length"],
-    ])  # fmt: skip
-    totals = local.detach().clone()
-    dist.all_reduce(totals)
-    ce_sum, weight_sum, mse_sum, mse_count, tokens = totals.tolist()
-    ce_den, mse_den = max(weight_sum, 1e-12), max(mse_count, 1.0)
-    loss = cfg["ce_weight"] * local[0] / ce_den + cfg["mse_weight"] * local[2] / mse_den
-    metrics = {"ce": ce_sum / ce_den, "mse": mse_sum / mse_den, "tokens": tokens}
+    ce_sum = (ce * weights).sum() if ce is not None else zero
+    mse_sum = mse.mean(-1).sum() if mse is not None else zero
+    ce_den, mse_den = ce_den.clamp_min(1e-12), max(counts["mse_tokens"], 1)
+    loss = cfg["ce_weight"] * ce_sum / ce_den + cfg["mse_weight"] * mse_sum / mse_den
+    if loss.requires_grad:  # the same on every rank (the same parts run); no: nothing trained gets a gradient
+        (loss * world).backward()  # FSDP averages gradients over ranks
+    sums = torch.stack([ce_sum.detach(), mse_sum.detach()]).double()
+    dist.all_reduce(sums)
+    metrics = {"ce": (sums[0] / ce_den).item(), "mse": sums[1].item() / mse_den}
     metrics["loss"] = cfg["ce_weight"] * metrics["ce"] + cfg["mse_weight"] * metrics["mse"]
-    return loss * dist.get_world_size(), metrics
+    return {**metrics, **counts}
 
 
 def build_optimizer(cfg: dict, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -450,9 +490,12 @@ def training_state(model, optimizer, scheduler, ema: EMA | None, dataset, step: 
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    # A weight no pack has given a gradient yet has no AdamW state, while a fresh optimizer gets
+    # one for every weight (`get_state_dict` steps it once with zero gradients): which have one.
+    stepped = [name for name, p in model.named_parameters() if optimizer.state.get(p)]
     return {
         "model": model_sd, "optim": optim_sd, "ema": ema.shadow if ema else {},
-        "trainer": {"step": step, "scheduler": scheduler.state_dict()},
+        "trainer": {"step": step, "scheduler": scheduler.state_dict()}, "stepped": _blob(stepped),
         # Each rank's own, as one opaque blob: DCP matches nested entries against the structure of
         # the state it loads into, which for the data (waiting samples, workers) is not known ahead.
         f"rank{rank}": _blob({"rng": rng, "data": dataset.state_dict()}),
@@ -466,33 +509,100 @@ def _blob(obj) -> io.BytesIO:
     return buffer
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    dcp.save(state, checkpoint_id=str(path))
+def _unblob(obj):
+    return torch.load(obj, weights_only=False) if isinstance(obj, io.BytesIO) else obj  # DCP hands blobs back loaded
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return out_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(out_dir: Path, step: int, state: dict) -> None:
+    """Every rank writes its part to `step_N.partial`; rank 0 then renames it `step_N` (atomic), so
+    a run killed while writing leaves only a `.partial` directory, which is never resumed from."""
+    path = checkpoint_path(out_dir, step)
+    partial = path.with_name(path.name + ".partial")
+    if dist.get_rank() == 0 and partial.exists():
+        shutil.rmtree(partial)
     dist.barrier()
+    dcp.save(state, checkpoint_id=str(partial))
+    dist.barrier()
+    exit_if_asked("save", step)
     if dist.get_rank() == 0:
-        (path / "complete").touch()
+        if path.exists():  # a checkpoint of a run whose later steps are redone
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    dist.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, ema: EMA | None, dataset) -> int:
-    """Restore everything `training_state` saved; returns the step to continue from."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, ema: EMA | None, dataset) -> tuple[int, dict]:
+    """Restore what `training_state` saved but the RNG states; returns the step to continue from
+    and this rank's RNG states (`set_rng_state`, once the data iterator exists)."""
+    stepped = {"stepped": _blob(None)}
+    dcp.load(stepped, checkpoint_id=str(path))
+    stepped = set(_unblob(stepped["stepped"]))
     state = training_state(model, optimizer, scheduler, ema, dataset, 0)
+    # (the states `get_state_dict` made for every weight are replaced by the loaded ones, these only)
+    state["optim"]["state"] = {name: v for name, v in state["optim"]["state"].items() if name in stepped}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=DCP_LOAD_OPTIONS)  # fmt: skip
     scheduler.load_state_dict(state["trainer"]["scheduler"])
-    mine = state[f"rank{dist.get_rank()}"]  # DCP hands a blob back loaded
-    if isinstance(mine, io.BytesIO):
-        mine = torch.load(mine, weights_only=False)
+    mine = _unblob(state[f"rank{dist.get_rank()}"])
     dataset.load_state_dict(mine["data"])
-    torch.set_rng_state(mine["rng"]["cpu"])
-    if "cuda" in mine["rng"]:
-        torch.cuda.set_rng_state(mine["rng"]["cuda"])
-    return int(state["trainer"]["step"])
+    return int(state["trainer"]["step"]), mine["rng"]
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p.parent for p in (out_dir / "checkpoints").glob("step_*/complete"))
+    """The last published checkpoint (`step_N`, not `step_N.partial`)."""
+    done = sorted(p for p in (out_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit() and p.is_dir())
     return done[-1] if done else None
+
+
+def prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
+    """Rank 0 clears what a killed or restarted run left; returns the checkpoint to resume from."""
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for partial in (out_dir / "checkpoints").glob("step_*.partial"):  # a write that was killed
+            shutil.rmtree(partial)
+        if not resume and (latest_checkpoint(out_dir) or (out_dir / "log.jsonl").exists()):
+            print(f"resume=false: deleting {out_dir}/checkpoints and log.jsonl, starting at step 0.", file=sys.stderr)
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            (out_dir / "log.jsonl").unlink(missing_ok=True)
+    dist.barrier()
+    return latest_checkpoint(out_dir)
+
+
+def continue_log(path: Path, step: int) -> None:
+    """Keep log.jsonl's lines up to `step`: those after the checkpoint resumed from are redone
+    (a line cut short by a kill is dropped too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("step", 0) <= step:
+            kept.append(line + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+
+
+def exit_if_asked(where: str, step: int) -> None:
+    """The tests' kill: `BAGEL_FINETUNE_EXIT_AT=step:K` after step K, `save:K` while K's checkpoint
+    is written (after DCP's files, before it is published)."""
+    if os.environ.get("BAGEL_FINETUNE_EXIT_AT") == f"{where}:{step}":
+        sys.stderr.flush()
+        os._exit(17)
 
 
 def save_final(model, lora, ema: EMA | None, cfg: dict, checkpoint_dir: Path | None, freeze_und: bool) -> None:
@@ -530,7 +640,15 @@ def save_final(model, lora, ema: EMA | None, cfg: dict, checkpoint_dir: Path | N
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """The process group torchrun describes (NCCL on GPUs, gloo on CPU)."""
+    """The process group torchrun describes (NCCL on GPUs, gloo on CPU); without torchrun, a
+    group of one process."""
+    if "RANK" not in os.environ:
+        with socket.socket() as probe:  # a free port for the one-process group's store
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        print("Not started by torchrun: training as one process (torchrun --nproc_per_node N examples/finetune.py "
+              "... for N).", file=sys.stderr)  # fmt: skip
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -543,11 +661,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 def train_step(model, batch: dict, cfg: dict, optimizer, scheduler, params: list, ema: EMA | None) -> dict:
     """Forward, backward, clipped AdamW step; returns the global metrics and the grad norm."""
-    out = model(**batch)
-    loss, metrics = reduce_losses(out, batch, cfg)
-    if not loss.requires_grad:
-        raise RuntimeError("This pack gives no gradient to the trained weights (e.g. freeze_und and no MSE tokens).")
-    loss.backward()
+    metrics = forward_backward(model, batch, cfg)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
     metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     metrics["lr"] = float(scheduler.get_last_lr()[0])  # a tensor with torchao's optimizers
@@ -562,7 +676,13 @@ def train_step(model, batch: dict, cfg: dict, optimizer, scheduler, params: list
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(help_text())
+        return
+    cfg = load_config(argv)
+    if not cfg["data"]:
+        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see --help, examples/finetune.yaml).")
     rank, world, device = init_distributed()
     mesh = init_device_mesh(device.type, (world,))
     out_dir = Path(cfg["out_dir"])
@@ -571,43 +691,54 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint_dir = resolve_checkpoint_dir(cfg["model"], "", {}, None)
         dist.barrier()
     config = config_from_directory(checkpoint_dir)
-    torch.manual_seed(cfg["seed"])  # the same random init (LoRA, missing weights) on every rank
     freeze_und = config.text_config.freeze_und
+    dataset = build_dataset(cfg, config, checkpoint_dir, rank, world)  # data errors before the model is built
+    torch.manual_seed(cfg["seed"])  # the same random init (LoRA, missing weights) on every rank
     model, lora = build_model(cfg, checkpoint_dir, config, device, mesh)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = list(trained.values())
     optimizer = build_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
     ema = EMA(trained, cfg["ema_decay"]) if cfg["ema_decay"] else None
-    dataset = build_dataset(cfg, model, checkpoint_dir, rank, world)
     torch.manual_seed(cfg["seed"] + rank)  # noise and timesteps differ between ranks
 
-    step = 0
-    resume = latest_checkpoint(out_dir)
+    step, rng = 0, None
+    resume = prepare_out_dir(out_dir, cfg["resume"])
     if resume is not None:
-        step = load_checkpoint(resume, model, optimizer, scheduler, ema, dataset)
+        try:
+            step, rng = load_checkpoint(resume, model, optimizer, scheduler, ema, dataset)
+        except (Exception, dcp.api.CheckpointException) as error:  # (DCP's is a BaseException)
+            detail = [line for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
+            raise SystemExit(
+                f"Cannot resume from {resume}: {detail[0][:500]}\nIt was written by a run with other "
+                "settings (ranks, num_workers, data sources, freeze / LoRA switches) or is damaged. Rerun with that "
+                "run's settings, or start afresh: resume=false (deletes out_dir's checkpoints and log) or another "
+                "out_dir." if rank == 0 else 1  # one message, not one per rank
+            ) from error
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        n_trained = sum(p.numel() for p in params)
-        print(f"{n_trained / 1e6:.1f}M trained parameters on {world} rank(s)" +
-              (f"; resumed from {resume}" if resume else ""), file=sys.stderr)  # fmt: skip
+        continue_log(out_dir / "log.jsonl", step)
+        n_trained = sum(p.numel() for p in params)  # DTensor numel: the whole tensor
+        print(f"{n_trained:,} trained parameters ({n_trained / 1e6:.2f}M) on {world} rank(s)"
+              + (f"; resumed from {resume} (step {step})" if resume else ""), file=sys.stderr)  # fmt: skip
     log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
-    packs = iter(dataset)
+    packs = iter(dataset)  # a StatefulDataLoader draws its base seed from the global generator here,
+    if rng is not None:  # so the saved RNG states are restored after it
+        set_rng_state(rng)
     while step < cfg["max_steps"]:
         start = time.perf_counter()
         batch = packing_bagel.encode_pack(model, next(packs), device)  # on the device, images VAE-encoded
         metrics = train_step(model, batch, cfg, optimizer, scheduler, params, ema)
         step += 1
-        metrics.update(step=step, tokens_per_s=metrics.pop("tokens") / (time.perf_counter() - start))
+        metrics.update(step=step, tokens_per_s=metrics["tokens"] / (time.perf_counter() - start))
         if rank == 0 and step % cfg["log_every"] == 0:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "ce", "mse", "tokens_per_s")})
         bar.update(1)
         if step % cfg["save_every"] == 0 or step == cfg["max_steps"]:
-            save_checkpoint(out_dir / "checkpoints" / f"step_{step:08d}",
-                            training_state(model, optimizer, scheduler, ema, dataset, step))  # fmt: skip
+            save_checkpoint(out_dir, step, training_state(model, optimizer, scheduler, ema, dataset, step))
+        exit_if_asked("step", step)
     bar.close()
     save_final(model, lora, ema, cfg, checkpoint_dir, freeze_und)
     if log is not None:

@@ -1,20 +1,13 @@
-"""Tests of fine-tuning: activation checkpointing, LoRA through PEFT, and examples/finetune.py run
-with `torchrun --nproc_per_node 2` on CPU (gloo) on a tiny checkpoint."""
+"""Tests of fine-tuning: activation checkpointing, LoRA through PEFT, examples/finetune.py's pieces
+(its runs under torchrun on CPU ranks: test_finetune_runs.py; its config: test_finetune_config.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from repo_package import load_example  # scripts/ is on sys.path (conftest)
-from test_data import write_t2i
 from test_modeling import JOINT_PACK, make_batch, tiny_model
 
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
@@ -114,6 +107,65 @@ def test_checkpointing_keeps_freeze_und_detach():
 
 
 # ----------------------------------------------------------------------------------------------
+# always_run: every part in the graph, whatever the pack holds (ranks with different packs)
+# ----------------------------------------------------------------------------------------------
+
+ALL_PARTS = ("vit", "gen", "ce", "mse")
+
+
+PACKS_MISSING_PARTS = {
+    "text": [[("text", 5)]],  # no image: no ViT, no GEN tokens, no MSE
+    "t2i": [[("noised", (2, 2)), ("text", 3)]],  # no ViT
+    "und": [[("vit", (2, 2)), ("text", 4)]],  # no GEN tokens, no MSE
+    "clean": [[("clean", (2, 2)), ("text", 4)]],  # GEN tokens, no MSE, no ViT
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the float32-master-weight path under bf16 autocast)"))])
+@pytest.mark.parametrize("freeze_und", [False, True])
+def test_always_run_gives_every_trained_weight_a_gradient_and_changes_nothing(device, freeze_und):
+    """Packs without ViT images, latents, CE or MSE: with `always_run` those parts still run (on
+    zero tokens, the ViT on one patch times zero), so every trained weight gets a gradient, zero
+    where the pack has nothing for it; the outputs are the pack's alone, the other gradients too
+    (to rounding: an empty GEN side joins the UND one, so q/k/v are laid out anew)."""
+    model = trained_model().to(device)
+    model.config.text_config.freeze_und = freeze_und
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
+    tolerance = ({"out": dict(rtol=0, atol=0), "grad": dict(rtol=1e-4, atol=1e-6)} if device == "cpu" else
+                 {"out": dict(rtol=2e-2, atol=2e-2), "grad": dict(rtol=5e-2, atol=1e-3)})  # fmt: skip
+    trained = {n for n, p in model.named_parameters()
+               if p.requires_grad and not n.startswith("vae.") and not (freeze_und and finetune.is_und_param(n))}
+
+    def run(batch, **kwargs):
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(**batch, **kwargs)
+        loss = sum(v.float().sum() for v in out.values() if v is not None)
+        if loss.requires_grad:
+            loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for kind, pack in PACKS_MISSING_PARTS.items():
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_batch(model.config, pack).items()}
+        plain, plain_grads = run(batch)
+        out, grads = run(batch, always_run=ALL_PARTS)
+        for key, value in plain.items():  # bf16 on CUDA: kernels may pick other blockings for the new layout
+            if value is not None:
+                torch.testing.assert_close(out[key], value, **tolerance["out"], msg=f"{kind} {key}")
+        assert out["ce"] is not None and out["mse"] is not None  # (0,) where the pack has none
+        assert trained <= grads.keys(), (kind, sorted(trained - grads.keys())[:5])
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), (kind, name)
+            if name in plain_grads:
+                torch.testing.assert_close(grad, plain_grads[name], **tolerance["grad"], msg=f"{kind} {name}")
+            else:
+                assert not grad.any(), (kind, name)
+    with pytest.raises(ValueError, match="always_run=\\['bogus'\\]: use parts among"):
+        model(**batch, always_run=["bogus"])
+
+
+# ----------------------------------------------------------------------------------------------
 # LoRA through PEFT
 # ----------------------------------------------------------------------------------------------
 
@@ -170,115 +222,14 @@ def _fresh_outputs(state, config, batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# examples/finetune.py under torchrun, 2 CPU ranks (gloo)
+# examples/finetune.py's pieces (its runs under torchrun: test_finetune_runs.py)
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny checkpoint in the released layout and a file of 3 packs: rank 0 alternates packs 0
-    and 2, so resuming needs its data position back; pack 2 carries no noise, so the forward draws
-    it and resuming needs the RNG states back. (Packs 0 and 1 fix their noise: the MSE of random
-    noise cannot fall much, and the loss is to halve in a few steps.)"""
-    root = tmp_path_factory.mktemp("finetune")
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    from make_tiny_checkpoint import make_tiny_checkpoint
-
-    make_tiny_checkpoint(root / "checkpoint")  # with a tokenizer, which the final save must carry over
-    config = BagelForUnifiedMultimodal.config_class.from_pretrained(root / "checkpoint")
-    packs = [make_batch(config, JOINT_PACK, seed=seed) for seed in range(3)]
-    packs[2].pop("packed_noise")
-    torch.save(packs, root / "packs.pt")
-    return root
-
-
-def torchrun(workspace: Path, out_dir: Path, *overrides: str) -> list[dict]:
-    """Run examples/finetune.py on 2 CPU ranks; returns its log (one dict per step)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO_ROOT / "examples" / "finetune.py"), f"model={workspace / 'checkpoint'}",
-        f"data={workspace / 'packs.pt'}", f"out_dir={out_dir}", "lr=3e-2", "warmup_steps=2", "save_dtype=float32",
-        *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "HF_MODULES_CACHE": str(workspace / "modules")}  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-
-
-def test_finetune_overfits_resumes_exactly_and_saves_loadable(workspace):
-    run = workspace / "full"
-    log = torchrun(workspace, run, "max_steps=14", "save_every=5", "ema_decay=0.5")
-    assert [entry["step"] for entry in log] == list(range(1, 15))
-    first, last = log[0]["loss"], min(entry["loss"] for entry in log[-3:])
-    assert last < first / 2, (first, last)
-    assert {"ce", "mse", "tokens_per_s", "grad_norm", "lr"} <= log[0].keys()
-    # step 1 (rank 0: pack 0, rank 1: pack 1, both with fixed noise) in one process: the spec's
-    # reduction over both ranks gives the logged loss, and its gradient the logged norm (so the
-    # per-rank loss is scaled right for FSDP's gradient average)
-    model = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").train()
-    packs = torch.load(workspace / "packs.pt", weights_only=False)
-    outs = [model(**packs[0]), model(**packs[1])]
-    ce = torch.cat([o["ce"] for o in outs]).mean()
-    mse = torch.cat([o["mse"] for o in outs]).mean(-1).mean()
-    (ce + mse).backward()
-    norm = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]).norm()
-    assert log[0]["loss"] == pytest.approx((ce + mse).item(), rel=1e-5)
-    assert log[0]["ce"] == pytest.approx(ce.item(), rel=1e-5) and log[0]["mse"] == pytest.approx(mse.item(), rel=1e-5)
-    assert log[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
-
-    # resume from step 5 in a fresh directory: the same losses, to the bit, and the same final model
-    resumed = workspace / "resumed"
-    shutil.copytree(run / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
-    log_resumed = torchrun(workspace, resumed, "max_steps=14", "save_every=5", "ema_decay=0.5")
-    assert [entry["step"] for entry in log_resumed] == list(range(6, 15))
-    assert [entry["loss"] for entry in log_resumed] == [entry["loss"] for entry in log[5:]]
-
-    final = BagelForUnifiedMultimodal.from_pretrained(run / "final")
-    again = BagelForUnifiedMultimodal.from_pretrained(resumed / "final")
-    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint")
-    final_state, start_state = final.state_dict(), start.state_dict()
-    changed = [k for k in final_state if not torch.equal(final_state[k], start_state[k])]
-    assert any("_moe_gen" in k for k in changed) and any("vit_model" in k for k in changed)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in final_state.items())
-    assert final.config.text_config.freeze_und is False
-    assert final.processor is not None
-
-
-def test_finetune_lora_on_t2i_parquet_adapter_and_merged_model(workspace):
-    """A LoRA run on the GEN projections reading a text-to-image parquet through data_bagel (images
-    encoded by the VAE in the training step); its adapter and its merged final model agree."""
-    parquet = write_t2i(workspace / "t2i", files=1, row_groups=1, rows=2)
-    limits = "max_num_tokens: 1200, expected_num_tokens: 1000, max_num_tokens_per_sample: 1200"
-    data = f"data={{sources: [{{kind: t2i, path: {parquet}}}], {limits}}}"
-    run = workspace / "lora"
-    log = torchrun(workspace, run, data, "max_steps=3", "save_every=100", "lora_rank=4", "lora_sides=[gen]")
-    assert len(log) == 3 and all(entry["mse"] > 0 for entry in log)
-    adapter = peft.PeftModel.from_pretrained(BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint"),
-                                             str(run / "adapter"))  # fmt: skip
-    from safetensors.torch import load_file
-
-    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    assert saved and all("lora_" in k and "_moe_gen" in k for k in saved)
-    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # the adapter trained
-
-    merged = BagelForUnifiedMultimodal.from_pretrained(run / "final")
-    start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint")
-    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
-    assert changed and all("_moe_gen" in k for k in changed)  # only GEN projections moved
-    batch = make_batch(merged.config, JOINT_PACK, seed=7)
-    with torch.no_grad():
-        want = adapter.eval().base_model.model(**batch, output_hidden_states=True)
-        got = merged.eval()(**batch, output_hidden_states=True)
-    for key in ("ce", "mse", "last_hidden_state"):
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
 
 
 def test_config_overrides_and_errors(tmp_path):
     cfg = finetune.load_config(["lr=3e-4", "lora_sides=[und]", "freeze_vit=true"])
     assert cfg["lr"] == 3e-4 and cfg["lora_sides"] == ["und"] and cfg["freeze_vit"] is True
-    with pytest.raises(SystemExit, match="Unknown override 'lrr=1'"):
+    with pytest.raises(SystemExit, match="lrr: unknown key"):
         finetune.load_config(["lrr=1"])
     factor = finetune.warmup_cosine({"warmup_steps": 4, "max_steps": 14, "min_lr_ratio": 0.1})
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
