@@ -41,14 +41,11 @@ VLM_THINK_SYSTEM_PROMPT = (
     "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
     "answer here"
 )
-
-
 GEN_THINK_SYSTEM_PROMPT = (
     "You should first think about the planning process in the mind and then generate the image. \n"
     "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
     "image here"
 )
-
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -63,9 +60,7 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-
 _POOL_CREATION_LOCK = threading.Lock()
-
 
 
 # ----------------------------------------------------------------------------------------------

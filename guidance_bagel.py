@@ -41,7 +41,6 @@ class GuidanceParams:
         object.__setattr__(self, "cfg_interval", check_interval("cfg_interval", self.cfg_interval))
 
 
-
 class FlowMatchEulerSampler:
     """The reference's sampler: Euler steps of the flow from noise (t = 1) to the image (t = 0) over
     `params.num_timesteps` shifted points; `step` moves the latents from point i to point i + 1."""
