@@ -161,7 +161,7 @@ def test_torchao_int8_weight_only_at_load(tiny, bf16):
     assert "model.vit_model.vision_model.encoder.layers.0.mlp.fc1" in quantized
     # ... the output embedding, the generation head's projections and time embedder stay bf16.
     for name in (f"{LM}lm_head", "model.llm2vae", "model.vae2llm", "model.time_embedder.mlp.0"):
-        assert kinds[name] == "Parameter" and getattr(model.get_submodule(name), "weight").dtype == torch.bfloat16
+        assert kinds[name] == "Parameter" and model.get_submodule(name).weight.dtype == torch.bfloat16
     assert all(type(p).__name__ == "Parameter" for p in model.vae.parameters())
     _assert_int8_close(_generate(model), bf16)
 

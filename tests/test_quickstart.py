@@ -16,12 +16,13 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = (REPO_ROOT / "README.md").read_text()
+TRAINING_GUIDE = (REPO_ROOT / "docs" / "training.md").read_text()  # the README links to it
 
 
-def _section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end]
+def _section(title: str, text: str = README) -> str:
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
 
 
 def _blocks(text: str, language: str) -> list[str]:
@@ -117,7 +118,8 @@ def test_readme_streaming_snippet_prints_the_answer(tiny, tmp_path, monkeypatch,
 
 
 def test_readme_training_example_runs(tiny):
-    code = _blocks(_section("Training inputs"), "python")[0]
+    assert "(docs/training.md)" in _section("Fine-tuning")  # the README's way to the guide
+    code = _blocks(_section("Training inputs", TRAINING_GUIDE), "python")[0]
     namespace = {"REPO": str(tiny)}
     exec(compile(code, "README Training inputs", "exec"), namespace)
     out, b, model = namespace["out"], namespace["b"], namespace["model"]
