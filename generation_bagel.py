@@ -754,7 +754,7 @@ class BagelGenerationMixin:
         it is decoded (one request; see `chat`).
         `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
         BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
-        `parallel`: several GPUs (README, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
+        `parallel`: several GPUs (docs/serving.md, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
         or a policy object (README, "Faster generation")."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min, think, max_think_tokens)  # fmt: skip
@@ -775,7 +775,7 @@ class BagelGenerationMixin:
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
         a batch. `num_steps` is the number of denoising steps (model evaluations). With `think`:
         `streamer`, `do_sample` and `temperature` as `generate_image`'s. `parallel`: several GPUs
-        (README, "Several GPUs"). `step_cache`: as in `generate_image`."""
+        (docs/serving.md, "Several GPUs"). `step_cache`: as in `generate_image`."""
         params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
                            cfg_renorm_min, think, max_think_tokens)  # fmt: skip
         prompts, image_lists = _as_batch(prompt, image)

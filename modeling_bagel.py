@@ -532,7 +532,7 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         tokens), "ce" (the lm head on zero tokens: "ce" is then (0,)), "mse" (llm2vae likewise).
         The outputs are those of the pack alone.
         """
-        check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})  # README, "Training inputs"
+        check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})  # docs/training.md, "Training inputs"
         always_run = set(always_run)
         if not always_run <= {"vit", "gen", "ce", "mse"}:
             raise ValueError(f"always_run={sorted(always_run)}: use parts among 'vit', 'gen', 'ce', 'mse'.")

@@ -393,7 +393,7 @@ class BagelProcessor(ProcessorMixin):
         strings).
 
         `text` (a str or a list of str) -> ``input_ids``: one list of ids per text, without special
-        tokens (a text split is ``[bos] ids [eos]``, README "Training inputs"). `images` (a PIL image
+        tokens (a text split is ``[bos] ids [eos]``, docs/training.md, "Training inputs"). `images` (a PIL image
         or a list) -> ``packed_vit_tokens`` (V, 3 * P * P), ``packed_vit_position_ids`` (V,) and
         ``vit_token_seqlens`` (images,): every image through ``vit_patches``, packed back to back.
         Keyword arguments are not taken (the resize rules are the processor's own settings)."""

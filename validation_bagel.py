@@ -186,7 +186,7 @@ def check_int_list(name: str, value: Any, minimum: int | None = None, fix: str =
 
 
 # ----------------------------------------------------------------------------------------------
-# The packed training forward (README, "Training inputs")
+# The packed training forward (docs/training.md, "Training inputs")
 # ----------------------------------------------------------------------------------------------
 
 #: What a keyword of other models' forwards is called here.
@@ -208,7 +208,7 @@ _GROUPS = {
 
 def check_training_inputs(model, inputs: dict[str, Any]) -> None:
     """Check the training forward's arguments (`inputs`: its parameters by name, `unused` holding
-    any other keyword) against the README's table, before any of them is used: the keywords,
+    any other keyword) against docs/training.md's 'Training inputs' table, before any of them is used: the keywords,
     types, shapes and lengths on the host, then every value that indexes a table or must follow
     a convention (ids within the vocabulary, positions within their tables, one raw timestep per
     noised image) in one host sync."""
@@ -218,9 +218,9 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
     for key in unused:
         if key in TRAINING_KEYWORD_HINTS:
             raise TypeError(f"The BAGEL training forward takes no {key}=: use {TRAINING_KEYWORD_HINTS[key]}, as the "
-                            "README's 'Training inputs' table says.")  # fmt: skip
+                            "'Training inputs' table of docs/training.md says.")  # fmt: skip
     check_keywords("The BAGEL training forward", unused, [k for k in inputs if k != "unused"],
-                   "Its arguments are listed in the README's 'Training inputs' table.")  # fmt: skip
+                   "Its arguments are listed in the 'Training inputs' table of docs/training.md.")  # fmt: skip
     config = model.config
     get = inputs.get
     length = check_int("sequence_length", get("sequence_length"), minimum=1)
@@ -256,7 +256,7 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
     ranges = [("packed_text_ids", text_ids, 0, vocab, "Ids index the vocabulary: encode text with model.processor."),
               ("packed_text_indexes", text_index, 0, length, ""),
               ("packed_position_ids", positions, 0, config.text_config.max_position_embeddings,
-               "Rope positions start from 0 in each sample (README, 'Training inputs').")]  # fmt: skip
+               "Rope positions start from 0 in each sample (docs/training.md, 'Training inputs').")]  # fmt: skip
     conventions: list[tuple[torch.Tensor, str]] = []
 
     for lead, members in _GROUPS.items():
@@ -273,7 +273,7 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
                            fix="Patches of the ViT: processor(images=...) or processor.vit_patches(image).")  # fmt: skip
         for name in ("packed_vit_token_indexes", "packed_vit_position_ids"):
             if get(name) is None:
-                raise ValueError(f"packed_vit_tokens needs {name} (README, 'Training inputs').")
+                raise ValueError(f"packed_vit_tokens needs {name} (docs/training.md, 'Training inputs').")
         vit_index = check_tensor("packed_vit_token_indexes", get("packed_vit_token_indexes"), dims=1, integer=True,
                                  rows=vit.shape[0])  # fmt: skip
         vit_pos = check_tensor("packed_vit_position_ids", get("packed_vit_position_ids"), dims=1, integer=True,
@@ -316,7 +316,7 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
         names = ("packed_latent_position_ids", "packed_vae_token_indexes", "packed_timesteps")
         for name in names:
             if get(name) is None:
-                raise ValueError(f"padded_latent needs {name} (README, 'Training inputs').")
+                raise ValueError(f"padded_latent needs {name} (docs/training.md, 'Training inputs').")
         vae_pos, vae_index = (check_tensor(n, get(n), dims=1, integer=True, rows=tokens,
                                            fix="One per latent token of patchified_vae_latent_shapes.")
                               for n in names[:2])  # fmt: skip
@@ -381,7 +381,7 @@ def _one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps) -> tup
     high = value.new_full((len(split_lens),), -math.inf).scatter_reduce(0, split, value, "amax")
     return (low[split] == high[split]).all(), (
         "packed_timesteps differ within one noised image: every latent token of a `noise` split takes the same raw "
-        "timestep (one torch.randn(()) per image, README 'Training inputs')."
+        "timestep (one torch.randn(()) per image, docs/training.md, 'Training inputs')."
     )
 
 

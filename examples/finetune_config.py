@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 
 
 class Source(_Strict):
-    """One data source in the reference's format (README, Data formats)."""
+    """One data source in the reference's format (docs/training.md, Data formats)."""
 
     kind: Literal["t2i", "edit", "llava"] = Field(description="t2i parquet, edit parquet or LLaVA-style JSONL")
     path: Union[str, list[str]] = Field(description="a file, a directory (its *.parquet) or a list of either")

@@ -387,7 +387,7 @@ def test_loading_arguments_and_file_errors(tiny_copy):
 
 
 # ----------------------------------------------------------------------------------------------
-# The packed training forward (README, "Training inputs")
+# The packed training forward (docs/training.md, "Training inputs")
 # ----------------------------------------------------------------------------------------------
 
 
