@@ -97,6 +97,17 @@ def tiny_processor():
     return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **TINY_PROCESSOR_SIZES)
 
 
+class Recording:
+    """A step-cache policy that keeps the state of its last call (to read its counters afterwards)."""
+
+    def __init__(self, policy):
+        self.policy, self.run = policy, None
+
+    def start(self, timesteps, head=None):
+        self.run = self.policy.start(timesteps, head)
+        return self.run
+
+
 def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
     """Relative error measured against the largest reference magnitude (robust near zero)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import Recording, assert_close
 
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.contexts_bagel import SpecialTokenIds
@@ -131,14 +131,6 @@ def test_step_cache_memory_is_given_back_and_its_error_is_small(wide, step_cache
     cache held at most its factors for both t2i branches (float32); the latents stay near the
     exact ones (printed)."""
     from bagel_remote.step_cache_bagel import resolve_step_cache
-
-    class Recording:
-        def __init__(self, policy):
-            self.policy, self.run = policy, None
-
-        def start(self, timesteps, head=None):
-            self.run = self.policy.start(timesteps, head)
-            return self.run
 
     exact = _generate(wide, "t2i", 0)
     torch.cuda.synchronize()

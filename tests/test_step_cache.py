@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import Recording, assert_close
 from test_generation import PROCESSOR_SIZES, _max_pixel_diff, _pil
 
 from bagel_remote.autoencoder_bagel import unpatchify_latent
@@ -43,17 +43,6 @@ def processor() -> BagelProcessor:
     from tiny_tokenizer import build_tiny_tokenizer
 
     return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **PROCESSOR_SIZES)
-
-
-class Recording:
-    """A policy that keeps the state of its last call (to read its counters afterwards)."""
-
-    def __init__(self, policy):
-        self.policy, self.run = policy, None
-
-    def start(self, timesteps, head=None):
-        self.run = self.policy.start(timesteps, head)
-        return self.run
 
 
 def _case_latents(model, special, fixture, name: str, step_cache, **param_overrides):
