@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,14 @@ class SegmentGroup:
     order (None: all rows, already in order). `q_lens[i]` queries attend `k_lens[i]` keys.
     """
 
-    def __init__(self, q_lens: list[int], k_lens: list[int], causal: bool, q_index: torch.Tensor | None = None,
-                 k_index: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        q_lens: list[int],
+        k_lens: list[int],
+        causal: bool,
+        q_index: torch.Tensor | None = None,
+        k_index: torch.Tensor | None = None,
+    ):
         self.q_lens, self.k_lens, self.causal = list(q_lens), list(k_lens), causal
         self.q_index, self.k_index = q_index, k_index
         self.max_q = max(self.q_lens, default=0)
@@ -56,7 +62,7 @@ class SegmentGroup:
         self._cu: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_offsets(cls, cu_seqlens: torch.Tensor, max_len: int) -> "SegmentGroup":
+    def from_offsets(cls, cu_seqlens: torch.Tensor, max_len: int) -> SegmentGroup:
         """Full-attention segments given by offsets already on the device, `max_len` an upper bound
         on the longest: the varlen kernels need nothing else, so nothing waits for the GPU. (Only
         the per-segment fallback reads the lengths back.)"""
@@ -69,7 +75,7 @@ class SegmentGroup:
     def lengths(self) -> tuple[list[int], list[int]]:
         """Host query / key lengths (a host sync for a group made `from_offsets`)."""
         if self.q_lens is None:
-            (offsets, _), = self._cu.values()
+            ((offsets, _),) = self._cu.values()
             self.q_lens = self.k_lens = offsets.diff().tolist()
         return self.q_lens, self.k_lens
 
@@ -81,7 +87,7 @@ class SegmentGroup:
             self._cu[device] = (offsets(q_lens), offsets(k_lens))
         return self._cu[device]
 
-    def in_storage_order(self, position: torch.Tensor) -> "SegmentGroup":
+    def in_storage_order(self, position: torch.Tensor) -> SegmentGroup:
         """The same segments over tokens stored elsewhere: packed row r lives at `position[r]`."""
         group = copy.copy(self)  # shares the offsets
         group.q_index = position if self.q_index is None else position[self.q_index]
@@ -105,17 +111,17 @@ class AttentionPlan:
     groups: list[SegmentGroup]
 
     @classmethod
-    def segments(cls, q_lens: list[int], k_lens: list[int] | None = None, causal: bool = False) -> "AttentionPlan":
+    def segments(cls, q_lens: list[int], k_lens: list[int] | None = None, causal: bool = False) -> AttentionPlan:
         """One segment per sequence: the common case (ViT images, cached steps)."""
         return cls([SegmentGroup(q_lens, k_lens if k_lens is not None else q_lens, causal)])
 
     @classmethod
-    def from_offsets(cls, cu_seqlens: torch.Tensor, max_len: int) -> "AttentionPlan":
+    def from_offsets(cls, cu_seqlens: torch.Tensor, max_len: int) -> AttentionPlan:
         """Full attention within each segment of device offsets `cu_seqlens`, `max_len` an upper
         bound on the longest (`SegmentGroup.from_offsets`)."""
         return cls([SegmentGroup.from_offsets(cu_seqlens, max_len)])
 
-    def in_storage_order(self, position: torch.Tensor) -> "AttentionPlan":
+    def in_storage_order(self, position: torch.Tensor) -> AttentionPlan:
         """This plan over tokens stored in another order: packed row r lives at row `position[r]`
         (the decoder's route order), so attention reads and writes them where they are."""
         return AttentionPlan([group.in_storage_order(position) for group in self.groups])
@@ -123,7 +129,7 @@ class AttentionPlan:
     @classmethod
     def from_splits(
         cls, split_lens: list[int], attn_modes: list[str], sample_lens: list[int], device: torch.device
-    ) -> "AttentionPlan":
+    ) -> AttentionPlan:
         """The reference's packed training mask: samples never see each other; a split sees the
         earlier splits of its sample except `noise` ones, and itself causally (`causal`) or fully
         (`full`, `noise`)."""
@@ -218,8 +224,9 @@ def has_varlen_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _TORCH_HAS_VARLEN
 
 
-def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool = False,
-                  used_k: torch.Tensor | None = None) -> torch.Tensor:
+def varlen_kernel(
+    q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool = False, used_k: torch.Tensor | None = None
+) -> torch.Tensor:
     """torch's varlen flash kernel over segments given by device offsets (`max_q` / `max_k` may be
     upper bounds); fewer KV heads than query heads are native, causal is aligned bottom-right.
     `used_k` (int32, one per segment) reads only the first `used_k[i]` keys of key segment i: a
@@ -229,8 +236,9 @@ def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool = Fa
     wrapper is a Python custom op whose backward waits for the GPU and which costs about 0.4 ms of
     host time a call, against 0.06 ms here (the op's backward is C++); a training step makes 84 of
     them (bench/train_step.py: 280 -> 272 ms on an H100)."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                   seqused_k=used_k)[0]  # fmt: skip
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, seqused_k=used_k
+    )[0]
 
 
 def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
@@ -265,8 +273,9 @@ class TokenRoute:
     rather than none: training ranks whose packs differ then make the same FSDP collectives.
     """
 
-    def __init__(self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False,
-                 run_gen: bool = False):  # fmt: skip
+    def __init__(
+        self, num_tokens: int, gen_index: torch.Tensor | None = None, freeze_und: bool = False, run_gen: bool = False
+    ):
         self.freeze_und, self.run_gen = freeze_und, run_gen
         self.num_tokens = self.num_und = num_tokens
         self.order = self.inverse = None  # sorted row -> packed row, and back

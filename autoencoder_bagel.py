@@ -310,9 +310,7 @@ class BagelAutoEncoder(nn.Module):
         """Image (B, 3, H, W) in [-1, 1] -> moments (B, 2*z, H/8, W/8): mean, then log-variance, on channels."""
         return self._run(self.encoder, x)
 
-    def encode(
-        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> latent (B, z, H/8, W/8), scaled as `scale * (z - shift)`.
 
         z is the posterior mean, or with `sample=True` a draw mean + std * eps, eps ~ N(0, 1) from

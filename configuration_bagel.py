@@ -27,8 +27,9 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig
 
@@ -54,11 +55,28 @@ INT_FIELDS = {"max_latent_size": 1, "latent_patch_size": 1, "vit_patch_size": 1,
 DROPOUT_FIELDS = ("text_cond_dropout_prob", "vae_cond_dropout_prob", "vit_cond_dropout_prob")
 VAE_INT_FIELDS = ("resolution", "in_channels", "downsample", "ch", "out_ch", "num_res_blocks", "z_channels")
 # Keys every transformers config takes or writes (config.json holds them), beyond BagelConfig's own.
-PRETRAINED_CONFIG_KEYS = frozenset(inspect.signature(PretrainedConfig.__init__).parameters) | frozenset(
-    vars(PretrainedConfig())
-) | {"auto_map", "model_type", "torch_dtype", "name_or_path", "output_attentions", "tie_word_embeddings",
-     "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class", "prefix",
-     "task_specific_params", "num_labels", "use_cache", "attn_implementation"}  # fmt: skip
+PRETRAINED_CONFIG_KEYS = (
+    frozenset(inspect.signature(PretrainedConfig.__init__).parameters)
+    | frozenset(vars(PretrainedConfig()))
+    | {
+        "auto_map",
+        "model_type",
+        "torch_dtype",
+        "name_or_path",
+        "output_attentions",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "num_labels",
+        "use_cache",
+        "attn_implementation",
+    }
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +116,19 @@ def _vision_config(value: Any) -> SiglipVisionConfig | None:
     return value
 
 
-def _check_values(config: "BagelConfig") -> None:
+def _check_values(config: BagelConfig) -> None:
     """Every value the model is built from, checked when the config is built: a quoted "64" or a
     negative size in a config.json would otherwise fail much later, obscurely, or not at all (a
     negative timestep shift loads and generates garbage)."""
     fix = "Fix it in config.json (numbers without quotes) or in the keyword argument."
     for name, minimum in INT_FIELDS.items():
         check_int(f"BagelConfig.{name}", getattr(config, name), minimum=minimum, fix=fix)
-    check_int("BagelConfig.vit_select_layer", config.vit_select_layer, maximum=-1,
-              fix=f"It counts ViT layers from the end: -2 (the reference) reads the second-to-last. {fix}")
+    check_int(
+        "BagelConfig.vit_select_layer",
+        config.vit_select_layer,
+        maximum=-1,
+        fix=f"It counts ViT layers from the end: -2 (the reference) reads the second-to-last. {fix}",
+    )
     for name in DROPOUT_FIELDS:
         check_number(f"BagelConfig.{name}", getattr(config, name), minimum=0, maximum=1, fix=fix)
     check_number("BagelConfig.timestep_shift", config.timestep_shift, minimum=0, open_min=True, fix=fix)
@@ -124,8 +146,15 @@ def _check_values(config: "BagelConfig") -> None:
         if name in config.vae_config:
             check_number(f"BagelConfig.vae_config[{name!r}]", config.vae_config[name], fix=fix)
     text = config.text_config
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size", "max_position_embeddings"):  # fmt: skip
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
         check_int(f"text_config.{name}", getattr(text, name), minimum=1, fix=fix)
     if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
         raise ValueError(
@@ -135,8 +164,12 @@ def _check_values(config: "BagelConfig") -> None:
     check_bool("text_config.freeze_und", text.freeze_und, fix=fix)
     vision = config.vision_config
     if vision is not None and not config.reference_overrides_applied:
-        check_int("BagelConfig.vit_select_layer", config.vit_select_layer, minimum=-vision.num_hidden_layers,
-                  fix=f"The ViT has {vision.num_hidden_layers} layers.")  # fmt: skip
+        check_int(
+            "BagelConfig.vit_select_layer",
+            config.vit_select_layer,
+            minimum=-vision.num_hidden_layers,
+            fix=f"The ViT has {vision.num_hidden_layers} layers.",
+        )
 
 
 def _warn_unknown_keys(kwargs: Mapping[str, Any]) -> None:
@@ -294,7 +327,7 @@ class BagelConfig(PretrainedConfig):
         return files
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "BagelConfig":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BagelConfig:
         """Read `config.json`, or, in a directory of the released layout that has none, build the
         config from `llm_config.json` + `vit_config.json` with BAGEL-7B-MoT's top-level values."""
         path = Path(pretrained_model_name_or_path)
@@ -309,7 +342,7 @@ class BagelConfig(PretrainedConfig):
         return config
 
     @classmethod
-    def from_released_files(cls, directory: str | os.PathLike, **kwargs: Any) -> "BagelConfig":
+    def from_released_files(cls, directory: str | os.PathLike, **kwargs: Any) -> BagelConfig:
         directory = Path(directory)
         sidecars = {}
         for name in ("llm_config.json", "vit_config.json"):

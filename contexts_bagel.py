@@ -53,7 +53,7 @@ class BagelContext:
         return len(self.lengths)
 
     @classmethod
-    def concat(cls, contexts: list["BagelContext"]) -> "BagelContext":
+    def concat(cls, contexts: list[BagelContext]) -> BagelContext:
         """The sequences of several contexts as one batch (one copy of the caches)."""
         if len(contexts) == 1:
             return contexts[0]
@@ -64,7 +64,7 @@ class BagelContext:
             sum((c.positions for c in contexts), ()),
         )
 
-    def select(self, indices: list[int]) -> "BagelContext":
+    def select(self, indices: list[int]) -> BagelContext:
         """A context holding only the given sequences."""
         starts = [0]
         for n in self.lengths:
@@ -118,4 +118,3 @@ class CacheStep:
             self.keys.append(k)
             self.values.append(v)
         return packed_attention(q, k, v, plan)
-

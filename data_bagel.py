@@ -1,4 +1,3 @@
-# coding=utf-8
 """Training data readers for BAGEL and the packed, sharded, mixed, resumable dataset.
 
 The readers take the reference's (ByteDance-Seed/Bagel) formats unchanged:
@@ -27,9 +26,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -115,8 +115,10 @@ class ParquetSource(DataSource):
             parquet = pq.ParquetFile(file)
             missing = set(self.columns) - set(parquet.schema_arrow.names)
             if missing:
-                raise ValueError(f"{file} lacks the column(s) {sorted(missing)} that {type(self).__name__} reads "
-                                 f"(it needs {list(self.columns)}).")
+                raise ValueError(
+                    f"{file} lacks the column(s) {sorted(missing)} that {type(self).__name__} reads "
+                    f"(it needs {list(self.columns)})."
+                )
             metadata = parquet.metadata
             self._chunks += [Chunk(file, g, 0, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
 
@@ -155,15 +157,19 @@ class EditParquet(ParquetSource):
     def to_plan(self, row, builder, generator):
         images, instructions = row["image_list"], row["instruction_list"]
         if len(images) < 2 or len(instructions) < len(images) - 1:
-            raise ValueError(f"an edit row needs >= 2 images and one instruction list per step, got {len(images)} "
-                             f"images and {len(instructions)} instruction lists.")
+            raise ValueError(
+                f"an edit row needs >= 2 images and one instruction list per step, got {len(images)} "
+                f"images and {len(instructions)} instruction lists."
+            )
         start = int(torch.randint(len(images) - 1, (), generator=generator))
         end = start + 1 + int(torch.randint(min(2, len(images) - 1 - start), (), generator=generator))
         # a step's alternatives; a plain string is one instruction (not a list of characters to pick from)
         options = [[step] if isinstance(step, str) else list(step) for step in instructions]
         if not all(options[i - 1] and all(isinstance(o, str) for o in options[i - 1]) for i in range(1, len(images))):
-            raise ValueError("instruction_list must hold, per step, an instruction or a non-empty list of "
-                             f"alternative instructions (strings), got {instructions!r}.")  # fmt: skip
+            raise ValueError(
+                "instruction_list must hold, per step, an instruction or a non-empty list of "
+                f"alternative instructions (strings), got {instructions!r}."
+            )
         steps = [_choice(options[i - 1], generator) for i in range(start + 1, end + 1)]
         if len(steps) > 1 and torch.rand((), generator=generator).item() < 0.5:
             chain, steps = [start, end], [". ".join(steps) + "."]
@@ -181,8 +187,10 @@ class LlavaJsonl(DataSource):
     def __init__(self, jsonl_path: PathLike, image_dir: PathLike):
         self.path, self.image_dir = str(jsonl_path), Path(image_dir)
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image_dir {str(image_dir)!r} is not a directory: give the folder that the image "
-                                    f"names of {jsonl_path} are relative to.")  # fmt: skip
+            raise FileNotFoundError(
+                f"image_dir {str(image_dir)!r} is not a directory: give the folder that the image "
+                f"names of {jsonl_path} are relative to."
+            )
         with open(jsonl_path, encoding="utf-8") as f:
             self.lines = [line for line in f if line.strip()]
         if not self.lines:
@@ -216,13 +224,16 @@ def shard_chunks(chunks: Sequence[Chunk], shard: int, num_shards: int) -> list[C
         pieces = -(-num_shards // len(chunks))
         chunks = [
             Chunk(c.path, c.row_group, c.start + c.num_rows * i // pieces, c.start + c.num_rows * (i + 1) // pieces)
-            for c in chunks for i in range(pieces)
-        ]  # fmt: skip
+            for c in chunks
+            for i in range(pieces)
+        ]
         chunks = [c for c in chunks if c.num_rows > 0]
     if len(chunks) < num_shards:
         rows = sum(c.num_rows for c in chunks)
-        raise ValueError(f"a source has {rows} rows, fewer than the {num_shards} readers (ranks x DataLoader workers) "
-                         "that share it; add data or use fewer workers.")
+        raise ValueError(
+            f"a source has {rows} rows, fewer than the {num_shards} readers (ranks x DataLoader workers) "
+            "that share it; add data or use fewer workers."
+        )
     return list(chunks[shard::num_shards])
 
 
@@ -274,7 +285,7 @@ class SourceStream:
                 chunk_pos, epoch = 0, epoch + 1
         self.position = [epoch, chunk_pos, row_pos]
 
-    def __iter__(self) -> "SourceStream":
+    def __iter__(self) -> SourceStream:
         return self
 
     def __next__(self) -> tuple[tuple[int, int, int, int], list[PlanItem]]:
@@ -284,8 +295,10 @@ class SourceStream:
             plan = self.read(*key[1:])
             if plan is not None:
                 return key, plan
-        raise ValueError(f"{type(self.source).__name__}: none of the {self.num_rows} rows of this reader's shard gives "
-                         "a training sample (understanding rows need an answer with tokens).")
+        raise ValueError(
+            f"{type(self.source).__name__}: none of the {self.num_rows} rows of this reader's shard gives "
+            "a training sample (understanding rows need an answer with tokens)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +341,10 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
             raise ValueError("BagelPackedDataset needs at least one source.")
         weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
         if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"weights must be one non-negative number per source ({len(sources)}) with a positive "
-                             f"sum, got {weights}.")
+            raise ValueError(
+                f"weights must be one non-negative number per source ({len(sources)}) with a positive "
+                f"sum, got {weights}."
+            )
         # checks the limits now rather than in a worker
         self.max_num_tokens_per_sample = Packer(packing, **packer_kwargs).max_num_tokens_per_sample
         self.sources, self.builder, self.packing = list(sources), builder, packing
@@ -353,12 +368,15 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         if self._reader is None or (self._reader["shard"], self._reader["num_shards"]) != (shard, num_shards):
             # (a reader built in the main process and copied into a worker is another shard's)
             self._reader = dict(
-                shard=shard, num_shards=num_shards,
-                streams=[SourceStream(source, self.builder, shard, num_shards, self.seed, index)
-                         for index, source in enumerate(self.sources)],
+                shard=shard,
+                num_shards=num_shards,
+                streams=[
+                    SourceStream(source, self.builder, shard, num_shards, self.seed, index)
+                    for index, source in enumerate(self.sources)
+                ],
                 mixer=seeded_generator(self.seed, shard, "mix"),
                 packer=Packer(self.packing, seed=self.seed * 1_000_003 + shard, **self.packer_kwargs),
-            )  # fmt: skip
+            )
             if self._pending_state is not None:
                 self._apply_state(self._pending_state)
                 self._pending_state = None
@@ -404,10 +422,13 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         """Where this reader stands between packs: source positions, generators, waiting samples."""
         reader = self._setup()
         return dict(
-            shard=reader["shard"], num_shards=reader["num_shards"], seed=self.seed,
+            shard=reader["shard"],
+            num_shards=reader["num_shards"],
+            seed=self.seed,
             positions=[list(stream.position) for stream in reader["streams"]],
-            mixer=reader["mixer"].get_state(), packer=reader["packer"].state_dict(),
-        )  # fmt: skip
+            mixer=reader["mixer"].get_state(),
+            packer=reader["packer"].state_dict(),
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict()`'s result (applied when this reader starts, in its worker)."""
@@ -421,8 +442,10 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         saved = (state["shard"], state["num_shards"], state["seed"], len(state["positions"]))
         here = (reader["shard"], reader["num_shards"], self.seed, len(reader["streams"]))
         if saved != here:
-            raise ValueError(f"the data state (shard, readers, seed, sources) = {saved} was saved by another setup "
-                             f"than this one {here}; resume with the same world size, num_workers, seed and sources.")
+            raise ValueError(
+                f"the data state (shard, readers, seed, sources) = {saved} was saved by another setup "
+                f"than this one {here}; resume with the same world size, num_workers, seed and sources."
+            )
         for stream, position in zip(reader["streams"], state["positions"]):
             stream.position = list(position)
         reader["mixer"].set_state(state["mixer"])

@@ -181,8 +181,10 @@ class DecodeRunner:
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads may keep using the GPU (eagerly) during the capture.
-            with torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"), \
-                    graph_branches(self.branch_streams):  # fmt: skip
+            with (
+                torch.cuda.graph(graph, stream=self.graph_stream, capture_error_mode="thread_local"),
+                graph_branches(self.branch_streams),
+            ):
                 logits = self._step()
             self.graph, self.logits = graph, logits
             if self._on_capture is not None:
@@ -298,6 +300,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if all(g is None for g in generators):
         return torch.multinomial(probs, 1).squeeze(1)
-    rows = [torch.multinomial(p.to(g.device if g else p.device), 1, generator=g).to(logits.device) for p, g in zip(probs, generators)]
+    rows = [
+        torch.multinomial(p.to(g.device if g else p.device), 1, generator=g).to(logits.device)
+        for p, g in zip(probs, generators)
+    ]
     return torch.cat(rows)
-

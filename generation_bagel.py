@@ -120,7 +120,9 @@ class BagelGenerationMixin:
         embed = self.get_input_embeddings()
         return embed(torch.tensor(ids, dtype=torch.long, device=self._main_device()))
 
-    def _image_blocks(self, payloads: list[torch.Tensor], special: SpecialTokenIds) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_blocks(
+        self, payloads: list[torch.Tensor], special: SpecialTokenIds
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Wrap each sequence's image tokens (n_b, hidden) as [start] tokens [end], packed.
         Returns the embeddings (sum(n_b + 2), hidden) and the rows holding image tokens."""
         device = payloads[0].device
@@ -138,10 +140,14 @@ class BagelGenerationMixin:
     @staticmethod
     def _block_positions(context: BagelContext, lengths: list[int], device) -> torch.Tensor:
         """Every token of a sequence's image block sits at that sequence's next rope position."""
-        return torch.repeat_interleave(torch.tensor(context.positions, device=device), torch.tensor(lengths, device=device))
+        return torch.repeat_interleave(
+            torch.tensor(context.positions, device=device), torch.tensor(lengths, device=device)
+        )
 
     @torch.no_grad()
-    def add_text_tokens(self, context: BagelContext, token_ids: list[list[int]], special: SpecialTokenIds) -> BagelContext:
+    def add_text_tokens(
+        self, context: BagelContext, token_ids: list[list[int]], special: SpecialTokenIds
+    ) -> BagelContext:
         """Append `[bos] + ids + [eos]` to each sequence (causal, UND weights)."""
         if not isinstance(token_ids, (list, tuple)) or len(token_ids) != context.batch_size:
             raise ValueError(f"token_ids must hold one list of ids per sequence ({context.batch_size}).")
@@ -149,36 +155,46 @@ class BagelGenerationMixin:
         for i, ids in enumerate(token_ids):
             check_int_list(f"token_ids[{i}]", ids, minimum=0)
             if ids and max(ids) >= vocab:
-                raise ValueError(f"token_ids[{i}] holds id {max(ids)}, outside the vocabulary of {vocab} tokens: "
-                                 "encode text with this model's processor (processor.encode_text).")  # fmt: skip
+                raise ValueError(
+                    f"token_ids[{i}] holds id {max(ids)}, outside the vocabulary of {vocab} tokens: "
+                    "encode text with this model's processor (processor.encode_text)."
+                )
         sequences = [[special.bos, *ids, special.eos] for ids in token_ids]
         embeds = self._embed_ids([t for s in sequences for t in s])
-        positions = torch.cat(
-            [torch.arange(p, p + len(s)) for p, s in zip(context.positions, sequences)]
-        ).to(embeds.device)
+        positions = torch.cat([torch.arange(p, p + len(s)) for p, s in zip(context.positions, sequences)]).to(
+            embeds.device
+        )
         lengths = [len(s) for s in sequences]
         _, new = self._forward_step(context, embeds, lengths, positions, causal=True)
         return advance(new, lengths)
 
     @torch.no_grad()
-    def add_vit_images(self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds) -> BagelContext:
+    def add_vit_images(
+        self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds
+    ) -> BagelContext:
         """Append one image per sequence through the ViT path. `images` are (3, H, W) tensors in
         [-1, 1] with H, W multiples of the patch size (see `BagelProcessor.vit_transform`)."""
         from .processing_bagel import patchify_vit
 
         device = self._main_device()
-        patches = [patchify_vit(img, self.config.vit_patch_size, self.config.vit_max_num_patch_per_side) for img in images]
+        patches = [
+            patchify_vit(img, self.config.vit_patch_size, self.config.vit_max_num_patch_per_side) for img in images
+        ]
         pixels = torch.cat([p for p, _ in patches]).to(device)
         pos_ids = torch.cat([i for _, i in patches]).to(device)
         seqlens = [p.shape[0] for p, _ in patches]
         vit = self.model.embed_vit_tokens(pixels, pos_ids, torch.tensor(seqlens)).split(seqlens)
         embeds, _ = self._image_blocks(list(vit), special)
         lengths = [n + 2 for n in seqlens]
-        _, new = self._forward_step(context, embeds, lengths, self._block_positions(context, lengths, device), causal=False)
+        _, new = self._forward_step(
+            context, embeds, lengths, self._block_positions(context, lengths, device), causal=False
+        )
         return advance(new, [1] * len(lengths))
 
     @torch.no_grad()
-    def add_vae_images(self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds) -> BagelContext:
+    def add_vae_images(
+        self, context: BagelContext, images: list[torch.Tensor], special: SpecialTokenIds
+    ) -> BagelContext:
         """Append one image per sequence through the VAE path (clean latent, t = 0, GEN weights).
         `images` are (3, H, W) tensors in [-1, 1] with H, W multiples of 16."""
         self._require_generation()
@@ -229,8 +245,12 @@ class BagelGenerationMixin:
         return_logits = check_bool("return_logits", return_logits)
         batch = context.batch_size
         _check_streamer(streamer, batch)
-        _check_fits_context(self, [n + max_length for n in context.lengths], "max_length",
-                            f"Lower max_length to at most {self._context_limit() - max(context.lengths)}.")  # fmt: skip
+        _check_fits_context(
+            self,
+            [n + max_length for n in context.lengths],
+            "max_length",
+            f"Lower max_length to at most {self._context_limit() - max(context.lengths)}.",
+        )
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
@@ -296,7 +316,9 @@ class BagelGenerationMixin:
         size, cache length bucket) and `max_bytes` of KV cache (None: an eighth of the GPU's memory;
         1 GiB on the CPU). 0 entries keeps nothing."""
         max_entries = check_int("max_entries", max_entries, minimum=0)
-        max_bytes = None if max_bytes is None else check_int("max_bytes", max_bytes, minimum=0, fix="None: the default.")
+        max_bytes = (
+            None if max_bytes is None else check_int("max_bytes", max_bytes, minimum=0, fix="None: the default.")
+        )
         pool = self._decode_pool()
         with pool.lock:
             pool.max_entries, pool.max_bytes = max_entries, max_bytes
@@ -343,7 +365,11 @@ class BagelGenerationMixin:
         """A step reading `tokens` (B,): advances the cache, writes the greedy next tokens back into
         `tokens` and returns the next-token logits (B, vocab) in float32. Embedding, decoder, lm
         head and argmax all run inside it (inside the graph on the GPU)."""
-        decoder, embed, head = self.model.language_model.model, self.get_input_embeddings(), self.get_output_embeddings()
+        decoder, embed, head = (
+            self.model.language_model.model,
+            self.get_input_embeddings(),
+            self.get_output_embeddings(),
+        )
         route = TokenRoute(tokens.shape[0])
 
         def step() -> torch.Tensor:
@@ -416,11 +442,15 @@ class BagelGenerationMixin:
         counts = [h * w for h, w in grids]
         dim = self.config.latent_patch_size**2 * self.model.latent_channel
         if init_noise is None:
-            init_noise = [torch.randn(n, dim, generator=generator, device=generator.device if generator else "cpu")
-                          for n in counts]  # fmt: skip
+            init_noise = [
+                torch.randn(n, dim, generator=generator, device=generator.device if generator else "cpu")
+                for n in counts
+            ]
         x = torch.cat([n.float() for n in init_noise]).to(device)
         pos = torch.cat([latent_position_ids(h, w, self.config.max_latent_size, device) for h, w in grids])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+        )
 
         guided = params.cfg_text_scale > 1.0
         branches = [context] + ([cfg_text_context] if guided else [])
@@ -433,8 +463,9 @@ class BagelGenerationMixin:
             if parallel is None:
                 velocity = self._guided_velocity(branches, pos, counts, special, params, seq_of_token, run)
             else:
-                x, velocity = parallel_velocity(self, parallel, x, branches, pos, counts, special, params, seq_of_token,
-                                                run)  # fmt: skip
+                x, velocity = parallel_velocity(
+                    self, parallel, x, branches, pos, counts, special, params, seq_of_token, run
+                )
             steps = range(sampler.num_steps)
             if progress:
                 from tqdm.auto import tqdm
@@ -453,16 +484,20 @@ class BagelGenerationMixin:
         contexts = (("context", context), ("cfg_text_context", cfg_text_context), ("cfg_img_context", cfg_img_context))
         for name, ctx in contexts:
             if not isinstance(ctx, BagelContext):
-                raise TypeError(f"{name} must be a BagelContext (model.new_context() and add_*), got "
-                                f"{type(ctx).__name__}.")  # fmt: skip
+                raise TypeError(
+                    f"{name} must be a BagelContext (model.new_context() and add_*), got {type(ctx).__name__}."
+                )
             if ctx.batch_size != context.batch_size:
-                raise ValueError(f"{name} holds {ctx.batch_size} sequences but context holds {context.batch_size}: "
-                                 "the guidance contexts are earlier states of the same batch.")  # fmt: skip
+                raise ValueError(
+                    f"{name} holds {ctx.batch_size} sequences but context holds {context.batch_size}: "
+                    "the guidance contexts are earlier states of the same batch."
+                )
         if not isinstance(params, GuidanceParams):
             raise TypeError(f"params must be a GuidanceParams, got {type(params).__name__}.")
         if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != context.batch_size:
-            raise ValueError(f"image_sizes must list one (height, width) per sequence ({context.batch_size}), got "
-                             f"{image_sizes!r}.")  # fmt: skip
+            raise ValueError(
+                f"image_sizes must list one (height, width) per sequence ({context.batch_size}), got {image_sizes!r}."
+            )
         grids = []
         for i, size in enumerate(image_sizes):
             if not isinstance(size, (list, tuple)) or len(size) != 2:
@@ -473,8 +508,10 @@ class BagelGenerationMixin:
             dim = self.config.latent_patch_size**2 * self.model.latent_channel
             shapes = [(h * w, dim) for h, w in grids]
             if len(init_noise) != len(shapes) or any(tuple(n.shape) != s for n, s in zip(init_noise, shapes)):
-                raise ValueError(f"init_noise must be one tensor per image of shapes {shapes}, got "
-                                 f"{[tuple(n.shape) for n in init_noise]}.")  # fmt: skip
+                raise ValueError(
+                    f"init_noise must be one tensor per image of shapes {shapes}, got "
+                    f"{[tuple(n.shape) for n in init_noise]}."
+                )
         return grids
 
     def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None):
@@ -520,17 +557,30 @@ class BagelGenerationMixin:
         embeds, gen_rows = self._image_blocks(list(latents.split(counts * n_branches)), special)
         lengths = [n + 2 for n in counts * n_branches]
         positions = self._block_positions(context, lengths, x.device)
-        hidden, _ = self._forward_step(context, embeds, lengths, positions, causal=False, gen_index=gen_rows, store=False,
-                                       shard=shard, final_norm=final_norm)  # fmt: skip
+        hidden, _ = self._forward_step(
+            context,
+            embeds,
+            lengths,
+            positions,
+            causal=False,
+            gen_index=gen_rows,
+            store=False,
+            shard=shard,
+            final_norm=final_norm,
+        )
         return hidden[gen_rows]
 
     @torch.no_grad()
-    def decode_latents(self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def decode_latents(
+        self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
         """Latent tokens -> (1, C, 2h, 2w) latents -> VAE decode -> (1, 3, H, W) images in ~[-1, 1]."""
         p = self.config.latent_patch_size
         if len(latent_tokens) != len(image_sizes):
-            raise ValueError(f"decode_latents got {len(latent_tokens)} latents but {len(image_sizes)} image_sizes: "
-                             "give one (height, width) per image.")  # fmt: skip
+            raise ValueError(
+                f"decode_latents got {len(latent_tokens)} latents but {len(image_sizes)} image_sizes: "
+                "give one (height, width) per image."
+            )
         images = []
         for tokens, (height, width) in zip(latent_tokens, image_sizes):
             h, w = self._latent_grid(height, width)
@@ -538,7 +588,6 @@ class BagelGenerationMixin:
             conv_in = self.vae.decoder.conv_in
             images.append(self.vae.decode(latent.to(execution_device(conv_in), conv_in.weight.dtype)))
         return images
-
 
     # --- the high-level API -------------------------------------------------------------------
 
@@ -560,8 +609,9 @@ class BagelGenerationMixin:
         """Tokens a sequence may hold: the language model's `max_position_embeddings`."""
         return int(self.config.text_config.max_position_embeddings)
 
-    def _check_prompt_fits(self, batch, processor, think, understanding_output, max_new_tokens, vae_max_size,
-                           sizes) -> int:  # fmt: skip
+    def _check_prompt_fits(
+        self, batch, processor, think, understanding_output, max_new_tokens, vae_max_size, sizes
+    ) -> int:
         """Count the tokens each request of `interleave` will hold (its text, its images at their
         resized sizes, the image it generates) from the text and image sizes alone, and refuse it
         before anything is computed when that outgrows the model's context. Returns how many
@@ -586,7 +636,8 @@ class BagelGenerationMixin:
                 if generating:  # resized a second time for the VAE, as the reference does
                     w2, h2 = get_resize_size(w, h, *vae_rule)
                     n += (w2 // self.vae.downsample // self.config.latent_patch_size) * (
-                        h2 // self.vae.downsample // self.config.latent_patch_size) + 2  # fmt: skip
+                        h2 // self.vae.downsample // self.config.latent_patch_size
+                    ) + 2
                     height, width = h, w
             prompt_tokens.append(n)
             if generating:
@@ -597,15 +648,21 @@ class BagelGenerationMixin:
         # the prompt must leave room for one of them at least.
         decodes = understanding_output or think
         overhead = 0 if not decodes else (1 if understanding_output else 2)
-        _check_fits_context(self, [n + overhead + (1 if decodes else 0) for n in fixed], "prompt",
-                            "Shorten the prompt or give fewer or smaller images.")  # fmt: skip
+        _check_fits_context(
+            self,
+            [n + overhead + (1 if decodes else 0) for n in fixed],
+            "prompt",
+            "Shorten the prompt or give fewer or smaller images.",
+        )
         room = self._context_limit() - max(fixed) - overhead
         if decodes and max_new_tokens > room:
             logger.warning(
                 "max_new_tokens=%d (max_think_tokens of generate_image / edit_image) does not fit the model's context "
-                "of %d tokens after this prompt: decoding stops after %d tokens.", max_new_tokens,
-                self._context_limit(), room,
-            )  # fmt: skip
+                "of %d tokens after this prompt: decoding stops after %d tokens.",
+                max_new_tokens,
+                self._context_limit(),
+                room,
+            )
             return room
         return max_new_tokens
 
@@ -663,14 +720,28 @@ class BagelGenerationMixin:
             parallel = ParallelLayout.of(parallel, self.device)
             if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
                 run = lambda requests, seeds, inner: self.interleave(  # noqa: E731
-                    requests, understanding_output=understanding_output, think=think, max_new_tokens=max_new_tokens,
-                    do_sample=do_sample, temperature=temperature, top_p=top_p, height=height, width=width,
-                    params=params, seed=seeds, progress=progress, processor=processor, parallel=inner,
-                    streamer=streamer, step_cache=step_cache)  # fmt: skip
+                    requests,
+                    understanding_output=understanding_output,
+                    think=think,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_p=top_p,
+                    height=height,
+                    width=width,
+                    params=params,
+                    seed=seeds,
+                    progress=progress,
+                    processor=processor,
+                    parallel=inner,
+                    streamer=streamer,
+                    step_cache=step_cache,
+                )
                 outputs = parallel.run_requests(run, batch, seed)
                 return outputs if batched else outputs[0]
-        special = SpecialTokenIds(processor.bos_token_id, processor.eos_token_id,
-                                  processor.start_of_image_id, processor.end_of_image_id)  # fmt: skip
+        special = SpecialTokenIds(
+            processor.bos_token_id, processor.eos_token_id, processor.start_of_image_id, processor.end_of_image_id
+        )
         generators = request_generators(seed, len(batch))
         vae_max_size = processor.vae_max_size
         if not understanding_output:
@@ -679,8 +750,9 @@ class BagelGenerationMixin:
             height = vae_max_size if height is None else check_int("height", height)
             width = vae_max_size if width is None else check_int("width", width)
         sizes = [(height, width)] * len(batch)
-        max_new_tokens = self._check_prompt_fits(batch, processor, think, understanding_output, max_new_tokens,
-                                                 vae_max_size, sizes)  # fmt: skip
+        max_new_tokens = self._check_prompt_fits(
+            batch, processor, think, understanding_output, max_new_tokens, vae_max_size, sizes
+        )
         gen = self.new_context(len(batch))
         cfg_text = cfg_img = gen
         if think:
@@ -696,8 +768,9 @@ class BagelGenerationMixin:
                 # the processor's VAE rule, within what this checkpoint generates
                 images = [processor.vae_resize(img, vae_max_size) for img in items]
                 if not understanding_output:  # resized twice, as the reference does (its vae_transform resizes)
-                    gen = self.add_vae_images(gen, [processor.vae_transform(img, vae_max_size) for img in images],
-                                              special)  # fmt: skip
+                    gen = self.add_vae_images(
+                        gen, [processor.vae_transform(img, vae_max_size) for img in images], special
+                    )
                 gen = self.add_vit_images(gen, [processor.vit_transform(img) for img in images], special)
                 sizes = [(img.height, img.width) for img in images]
                 cfg_text = gen
@@ -706,9 +779,16 @@ class BagelGenerationMixin:
                 self._latent_grid(h, w)
         outputs: list[list] = [[] for _ in batch]
         if understanding_output or think:
-            texts = self.generate_text_ids(gen, special, max_length=max_new_tokens + 1, do_sample=do_sample,
-                                           temperature=temperature, top_p=top_p, generator=generators,
-                                           streamer=streamer)  # fmt: skip
+            texts = self.generate_text_ids(
+                gen,
+                special,
+                max_length=max_new_tokens + 1,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generators,
+                streamer=streamer,
+            )
             for out, ids in zip(outputs, texts):
                 out.append(processor.decode(ids[1:]))
             if understanding_output:
@@ -719,35 +799,83 @@ class BagelGenerationMixin:
             dim = self.config.latent_patch_size**2 * self.model.latent_channel
             grids = [self._latent_grid(h, w) for h, w in sizes]
             noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
-        latents = self.generate_latents(gen, cfg_text, cfg_img, sizes, special, params, init_noise=noise, progress=progress,
-                                        parallel=parallel, step_cache=step_cache)  # fmt: skip
+        latents = self.generate_latents(
+            gen,
+            cfg_text,
+            cfg_img,
+            sizes,
+            special,
+            params,
+            init_noise=noise,
+            progress=progress,
+            parallel=parallel,
+            step_cache=step_cache,
+        )
         from .processing_bagel import tensor_to_image
 
         for out, image in zip(outputs, self.decode_latents(latents, sizes)):
             out.append(tensor_to_image(image.float().cpu()))
         return outputs if batched else outputs[0]
 
-    def chat(self, images, prompt, think: bool = False, max_new_tokens: int = 512, do_sample: bool = False,
-             temperature: float = 0.3, top_p: float = 1.0, seed=None, processor=None, parallel=None,
-             streamer=None):  # fmt: skip
+    def chat(
+        self,
+        images,
+        prompt,
+        think: bool = False,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+        top_p: float = 1.0,
+        seed=None,
+        processor=None,
+        parallel=None,
+        streamer=None,
+    ):
         """Answer `prompt` about `images` (None, one PIL image or a list). A list of prompts is a
         batch; `images` is then a list with one entry (None, image or list) per prompt.
         `streamer`: a transformers streamer that gets the answer as it is decoded, e.g.
         `TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True)` (one request only)."""
         prompts, image_lists = _as_batch(prompt, images)
         batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
-        out = self.interleave(batch, understanding_output=True, think=think, max_new_tokens=max_new_tokens,
-                              do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, processor=processor,
-                              parallel=parallel, streamer=streamer)  # fmt: skip
+        out = self.interleave(
+            batch,
+            understanding_output=True,
+            think=think,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            processor=processor,
+            parallel=parallel,
+            streamer=streamer,
+        )
         texts = [o[0] for o in out]
         return texts if isinstance(prompt, (list, tuple)) else texts[0]
 
-    def generate_image(self, prompt, height: int | None = None, width: int | None = None, think: bool = False,
-                       num_steps: int = 50, cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
-                       cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
-                       timestep_shift: float = 3.0, seed=None, progress: bool = True, max_think_tokens: int = 1000,
-                       processor=None, parallel=None, step_cache=None, streamer=None, do_sample: bool = False,
-                       temperature: float = 0.3):  # fmt: skip
+    def generate_image(
+        self,
+        prompt,
+        height: int | None = None,
+        width: int | None = None,
+        think: bool = False,
+        num_steps: int = 50,
+        cfg_text_scale: float = 4.0,
+        cfg_img_scale: float = 1.0,
+        cfg_interval=(0.4, 1.0),
+        cfg_renorm_type: str = "global",
+        cfg_renorm_min: float = 0.0,
+        timestep_shift: float = 3.0,
+        seed=None,
+        progress: bool = True,
+        max_think_tokens: int = 1000,
+        processor=None,
+        parallel=None,
+        step_cache=None,
+        streamer=None,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+    ):
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
         with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking,
         greedy or sampled with `do_sample` at `temperature`), the thinking sent to `streamer` as
@@ -756,41 +884,107 @@ class BagelGenerationMixin:
         BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
         `parallel`: several GPUs (docs/serving.md, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
         or a policy object (README, "Faster generation")."""
-        params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
-                           cfg_renorm_min, think, max_think_tokens)  # fmt: skip
+        params = _guidance(
+            num_steps,
+            timestep_shift,
+            cfg_text_scale,
+            cfg_img_scale,
+            cfg_interval,
+            cfg_renorm_type,
+            cfg_renorm_min,
+            think,
+            max_think_tokens,
+        )
         prompts, _ = _as_batch(prompt, None)
-        out = self.interleave([[p] for p in prompts], think=think, height=height, width=width, params=params,
-                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel, step_cache=step_cache, streamer=streamer, do_sample=do_sample,
-                              temperature=temperature)  # fmt: skip
+        out = self.interleave(
+            [[p] for p in prompts],
+            think=think,
+            height=height,
+            width=width,
+            params=params,
+            seed=seed,
+            progress=progress,
+            max_new_tokens=max_think_tokens,
+            processor=processor,
+            parallel=parallel,
+            step_cache=step_cache,
+            streamer=streamer,
+            do_sample=do_sample,
+            temperature=temperature,
+        )
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
-    def edit_image(self, image, prompt, think: bool = False, num_steps: int = 50, cfg_text_scale: float = 4.0,
-                   cfg_img_scale: float = 2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel",
-                   cfg_renorm_min: float = 0.0, timestep_shift: float = 3.0, seed=None, progress: bool = True,
-                   max_think_tokens: int = 1000, processor=None, parallel=None, step_cache=None, streamer=None,
-                   do_sample: bool = False, temperature: float = 0.3):  # fmt: skip
+    def edit_image(
+        self,
+        image,
+        prompt,
+        think: bool = False,
+        num_steps: int = 50,
+        cfg_text_scale: float = 4.0,
+        cfg_img_scale: float = 2.0,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm_type: str = "text_channel",
+        cfg_renorm_min: float = 0.0,
+        timestep_shift: float = 3.0,
+        seed=None,
+        progress: bool = True,
+        max_think_tokens: int = 1000,
+        processor=None,
+        parallel=None,
+        step_cache=None,
+        streamer=None,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+    ):
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
         a batch. `num_steps` is the number of denoising steps (model evaluations). With `think`:
         `streamer`, `do_sample` and `temperature` as `generate_image`'s. `parallel`: several GPUs
         (docs/serving.md, "Several GPUs"). `step_cache`: as in `generate_image`."""
-        params = _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type,
-                           cfg_renorm_min, think, max_think_tokens)  # fmt: skip
+        params = _guidance(
+            num_steps,
+            timestep_shift,
+            cfg_text_scale,
+            cfg_img_scale,
+            cfg_interval,
+            cfg_renorm_type,
+            cfg_renorm_min,
+            think,
+            max_think_tokens,
+        )
         prompts, image_lists = _as_batch(prompt, image)
         if any(len(imgs) != 1 for imgs in image_lists):
             raise ValueError("edit_image takes exactly one image per prompt.")
-        out = self.interleave([imgs + [p] for imgs, p in zip(image_lists, prompts)], think=think, params=params,
-                              seed=seed, progress=progress, max_new_tokens=max_think_tokens, processor=processor,
-                              parallel=parallel, step_cache=step_cache, streamer=streamer, do_sample=do_sample,
-                              temperature=temperature)  # fmt: skip
+        out = self.interleave(
+            [imgs + [p] for imgs, p in zip(image_lists, prompts)],
+            think=think,
+            params=params,
+            seed=seed,
+            progress=progress,
+            max_new_tokens=max_think_tokens,
+            processor=processor,
+            parallel=parallel,
+            step_cache=step_cache,
+            streamer=streamer,
+            do_sample=do_sample,
+            temperature=temperature,
+        )
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
 
 
-def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min,
-              think, max_think_tokens) -> GuidanceParams:  # fmt: skip
+def _guidance(
+    num_steps,
+    timestep_shift,
+    cfg_text_scale,
+    cfg_img_scale,
+    cfg_interval,
+    renorm_type,
+    renorm_min,
+    think,
+    max_think_tokens,
+) -> GuidanceParams:
     """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
     reference's `num_timesteps` counts the points of the schedule, one more. `think` and
     `max_think_tokens` are checked here under their own names (interleave calls the latter
@@ -798,8 +992,9 @@ def _guidance(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_inte
     num_steps = check_int("num_steps", num_steps, minimum=1, fix="The default is 50.")
     check_bool("think", think)
     check_int("max_think_tokens", max_think_tokens, minimum=1, fix="The default is 1000.")
-    return GuidanceParams(num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type,
-                          renorm_min)  # fmt: skip
+    return GuidanceParams(
+        num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min
+    )
 
 
 def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
@@ -817,8 +1012,10 @@ def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
 def _check_generators(generators: list) -> None:
     for g in generators:
         if g is not None and not isinstance(g, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator (or None, or a list of them for generate_text_ids), "
-                            f"got {type(g).__name__}; for a seed use torch.Generator().manual_seed(seed).")  # fmt: skip
+            raise TypeError(
+                f"generator must be a torch.Generator (or None, or a list of them for generate_text_ids), "
+                f"got {type(g).__name__}; for a seed use torch.Generator().manual_seed(seed)."
+            )
 
 
 def _check_streamer(streamer, batch: int) -> None:
@@ -911,4 +1108,3 @@ def _looks_like_image_path(text: str) -> bool:
         return False
     suffix = "." + text.rsplit(".", 1)[-1].lower() if "." in text else ""
     return suffix in Image.registered_extensions()
-

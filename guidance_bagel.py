@@ -34,8 +34,13 @@ class GuidanceParams:
         check_int("num_timesteps", self.num_timesteps, minimum=2, fix="The reference's default is 50.")
         check_number("timestep_shift", self.timestep_shift, minimum=0, open_min=True, fix="The reference uses 3.0.")
         for name in ("cfg_text_scale", "cfg_img_scale"):
-            check_number(name, getattr(self, name), minimum=0, fix="1.0 turns that guidance off; the default is 4.0 "
-                         "for text and 1.0 (text-to-image) or 2.0 (editing) for images.")  # fmt: skip
+            check_number(
+                name,
+                getattr(self, name),
+                minimum=0,
+                fix="1.0 turns that guidance off; the default is 4.0 "
+                "for text and 1.0 (text-to-image) or 2.0 (editing) for images.",
+            )
         check_choice("cfg_renorm_type", self.cfg_renorm_type, ("global", "channel", "text_channel"))
         check_number("cfg_renorm_min", self.cfg_renorm_min, minimum=0, maximum=1, fix="The reference uses 0.0.")
         object.__setattr__(self, "cfg_interval", check_interval("cfg_interval", self.cfg_interval))
@@ -78,7 +83,10 @@ def _renorm(reference: torch.Tensor, guided: torch.Tensor, per_token: bool, para
     if per_token:
         norm_ref, norm_guided = reference.norm(dim=-1, keepdim=True), guided.norm(dim=-1, keepdim=True)
     else:
-        norm_ref, norm_guided = _segment_norm(reference, seq_of_token, counts), _segment_norm(guided, seq_of_token, counts)
+        norm_ref, norm_guided = (
+            _segment_norm(reference, seq_of_token, counts),
+            _segment_norm(guided, seq_of_token, counts),
+        )
     return guided * (norm_ref / (norm_guided + 1e-8)).clamp(min=params.cfg_renorm_min, max=1.0)
 
 
@@ -125,12 +133,12 @@ class StepCacheBranches:
             key = tuple(ran)
             if key not in self._joined:
                 self._joined[key] = BagelContext.concat([self.contexts[b] for b in ran])
-            out = self.model._latent_hidden(self._joined[key], x, t, self.pos, self.counts, len(ran), self.special,
-                                            self.shard, final_norm=False)  # fmt: skip
+            out = self.model._latent_hidden(
+                self._joined[key], x, t, self.pos, self.counts, len(ran), self.special, self.shard, final_norm=False
+            )
             for b, part in zip(ran, out.chunk(len(ran))):
                 self.run.update(b, t, part)
                 hidden[b] = part
         dtype = self.model.get_input_embeddings().weight.dtype  # the decoder's, as computed rows have it
         rows = [hidden[b] if b in hidden else self.run.predict(b, t).to(dtype) for b in ids]
         return list(self.model._velocity_head(torch.cat(rows)).chunk(len(ids)))
-

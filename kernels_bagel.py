@@ -69,12 +69,19 @@ def fuses_rms_norm_rotary(x: torch.Tensor) -> bool:
     """Whether `rms_norm_rotary` can take x (N, heads, dim): CUDA with Triton, each head's
     values contiguous and the heads back to back (tokens may be strided), dim a power of two."""
     dim = x.shape[-1]
-    return (triton is not None and x.is_cuda and x.shape[0] > 0 and x.stride(2) == 1 and x.stride(1) == dim
-            and dim & (dim - 1) == 0)  # zero rows (a GEN side run empty in training): torch's ops
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.shape[0] > 0
+        and x.stride(2) == 1
+        and x.stride(1) == dim
+        and dim & (dim - 1) == 0
+    )  # zero rows (a GEN side run empty in training): torch's ops
 
 
-def rms_norm_rotary(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                    signed_sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def rms_norm_rotary(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, signed_sin: torch.Tensor
+) -> torch.Tensor:
     """RMSNorm over the last dim of x (N, heads, dim) with `weight` (dim,), then the rotary
     embedding with cos and signed_sin (N, dim) as `rotary_cos_sin` makes them; in float32, rounded
     once to x's dtype. Returns a new contiguous (N, heads, dim). Only where `fuses_rms_norm_rotary`."""
@@ -87,8 +94,9 @@ class _RMSNormRotary(torch.autograd.Function):
         n, heads, dim = x.shape
         out = x.new_empty(x.shape)
         grid = (triton.cdiv(n * heads, _ROWS),)
-        _rms_norm_rotary_forward[grid](x, weight, cos, signed_sin, out, n * heads, heads, x.stride(0), eps,
-                                       HALF=dim // 2, ROWS=_ROWS)  # fmt: skip
+        _rms_norm_rotary_forward[grid](
+            x, weight, cos, signed_sin, out, n * heads, heads, x.stride(0), eps, HALF=dim // 2, ROWS=_ROWS
+        )
         ctx.save_for_backward(x, weight, cos, signed_sin)
         ctx.eps = eps
         return out
@@ -101,8 +109,21 @@ class _RMSNormRotary(torch.autograd.Function):
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         programs = triton.cdiv(n * heads, _ROWS)
         grad_weight = torch.empty(programs, dim, dtype=torch.float32, device=x.device)  # summed below
-        _rms_norm_rotary_backward[(programs,)](grad, x, weight, cos, signed_sin, grad_x, grad_weight, n * heads, heads,
-                                               x.stride(0), ctx.eps, HALF=dim // 2, ROWS=_ROWS)  # fmt: skip
+        _rms_norm_rotary_backward[(programs,)](
+            grad,
+            x,
+            weight,
+            cos,
+            signed_sin,
+            grad_x,
+            grad_weight,
+            n * heads,
+            heads,
+            x.stride(0),
+            ctx.eps,
+            HALF=dim // 2,
+            ROWS=_ROWS,
+        )
         return grad_x, grad_weight.sum(0).to(weight.dtype), None, None, None
 
 
@@ -111,21 +132,36 @@ def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     kv_heads, dim) laid out alike: Triton on CUDA, bf16/fp16 all (float32 would take TF32 dots),
     dim a power of two of at least 16, whole groups of heads."""
     heads, dim = q.shape[1:]
-    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and keys.dtype == values.dtype == q.dtype and dim >= 16 and dim & (dim - 1) == 0
-            and heads % keys.shape[1] == 0 and q.is_contiguous() and keys.stride()[1:] == (dim, 1)
-            and values.stride() == keys.stride())  # fmt: skip
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and keys.dtype == values.dtype == q.dtype
+        and dim >= 16
+        and dim & (dim - 1) == 0
+        and heads % keys.shape[1] == 0
+        and q.is_contiguous()
+        and keys.stride()[1:] == (dim, 1)
+        and values.stride() == keys.stride()
+    )
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     used: torch.Tensor, capacity: int) -> torch.Tensor:  # fmt: skip
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    used: torch.Tensor,
+    capacity: int,
+) -> torch.Tensor:
     """The decode step's cache write and attention, one new token per sequence: k, v (B, kv_heads,
     dim) are written into row `used[b] - 1` of sequence b's slot of the cache `keys`, `values`
     (B * capacity, kv_heads, dim; rows [b * capacity, (b + 1) * capacity)), then q (B, heads,
     dim) attends over the slot's first `used[b]` rows (1 <= used[b] <= capacity, unchecked: int32
     on the GPU, so a CUDA graph replays it as the cache grows); query head h reads kv head
-    h // (heads // kv_heads). -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split holding the new row
-    writes it (two index_copy kernels fewer a layer). Only where `fuses_decode_attention`."""
+    h // (heads // kv_heads). -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split
+    holding the new row writes it (two index_copy kernels fewer a layer). Only where `fuses_decode_attention`."""
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -135,12 +171,28 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     k, v = k.contiguous(), v.contiguous()
     _decode_attention_splits[(batch * kv_heads, splits)](
-        q, k, v, keys, values, used, partial, lse, capacity, keys.stride(0), dim**-0.5, KV_HEADS=kv_heads,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLIT=split,
-        BLOCK_N=_DECODE_BLOCK_N)  # fmt: skip
+        q,
+        k,
+        v,
+        keys,
+        values,
+        used,
+        partial,
+        lse,
+        capacity,
+        keys.stride(0),
+        dim**-0.5,
+        KV_HEADS=kv_heads,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        DIM=dim,
+        SPLIT=split,
+        BLOCK_N=_DECODE_BLOCK_N,
+    )
     out = torch.empty_like(q)
-    _decode_attention_combine[(batch * heads,)](partial, lse, out, splits, DIM=dim,
-                                                SPLITS_PAD=triton.next_power_of_2(splits))  # fmt: skip
+    _decode_attention_combine[(batch * heads,)](
+        partial, lse, out, splits, DIM=dim, SPLITS_PAD=triton.next_power_of_2(splits)
+    )
     return out
 
 
@@ -159,10 +211,23 @@ def fuses_decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     device check). Reentrant activation checkpointing (not transformers' default) runs its first
     forward without autograd, so a side of at most 16 tokens would take these kernels there and
     torch's in the recomputation: equal to rounding, not bit for bit."""
-    return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dim() == 2
-            and x.shape[0] <= DECODE_ROWS and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16)
-            and all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == x.dtype and w.device == x.device
-                    and w.is_contiguous() for w in weights if w is not None))  # fmt: skip
+    return (
+        triton is not None
+        and x.is_cuda
+        and not torch.is_grad_enabled()
+        and x.dim() == 2
+        and x.shape[0] <= DECODE_ROWS
+        and x.is_contiguous()
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and all(
+            type(w) in (torch.Tensor, torch.nn.Parameter)
+            and w.dtype == x.dtype
+            and w.device == x.device
+            and w.is_contiguous()
+            for w in weights
+            if w is not None
+        )
+    )
 
 
 def folds_norm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -173,9 +238,16 @@ def folds_norm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return x.shape[0] == 1 and fuses_decoding(x, *weights)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
-         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-         add: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None):  # fmt: skip
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    up_weight: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+):
     """x @ weight.T (+ bias) for a few rows (decoding): x (M, K), weight (N, K) -> (M, N) in x's
     dtype, float32 accumulation.
     - `up_weight` (N, K): SwiGLU's silu(x @ weight.T) * (x @ up_weight.T), both weights in one pass.
@@ -192,25 +264,48 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     `config`: block_n, block_k, warps, stages). Only where `fuses_decoding`."""
     rows, k = x.shape
     n = weight.shape[0]
-    if rows > DECODE_ROWS or (rows > 1 and (norm is not None or residual is not None)) or (
-            bias is not None and up_weight is not None) or (add is not None and (
-            add.shape != (rows, n) or add.dtype != x.dtype or not add.is_contiguous())):  # fmt: skip
-        raise ValueError(f"gemv takes at most {DECODE_ROWS} rows, one with a norm or residual, no bias with up_weight, "
-                         f"`add` contiguous, of the output's shape {(rows, n)} and x's dtype {x.dtype}; got {rows} rows, "
-                         f"norm={norm is not None}, residual={residual is not None}, bias={bias is not None}, "
-                         f"up_weight={up_weight is not None}, "
-                         f"add={None if add is None else (tuple(add.shape), add.dtype, add.is_contiguous())}.")  # fmt: skip
+    if (
+        rows > DECODE_ROWS
+        or (rows > 1 and (norm is not None or residual is not None))
+        or (bias is not None and up_weight is not None)
+        or (add is not None and (add.shape != (rows, n) or add.dtype != x.dtype or not add.is_contiguous()))
+    ):
+        raise ValueError(
+            f"gemv takes at most {DECODE_ROWS} rows, one with a norm or residual, no bias with up_weight, "
+            f"`add` contiguous, of the output's shape {(rows, n)} and x's dtype {x.dtype}; got {rows} rows, "
+            f"norm={norm is not None}, residual={residual is not None}, bias={bias is not None}, "
+            f"up_weight={up_weight is not None}, "
+            f"add={None if add is None else (tuple(add.shape), add.dtype, add.is_contiguous())}."
+        )
     block_n, block_k, num_warps, num_stages = config or _GEMV_CONFIGS[up_weight is not None, rows > 1, norm is not None]
     out = x.new_empty(rows, n)
     total = torch.empty_like(x) if residual is not None else out
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, norm_weight,
-        residual if residual is not None else x, total, add if add is not None else out, out, rows, n, k, eps,
-        HAS_BIAS=bias is not None, GATED=up_weight is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+        x,
+        weight,
+        up_weight if up_weight is not None else weight,
+        bias if bias is not None else weight,
+        norm_weight,
+        residual if residual is not None else x,
+        total,
+        add if add is not None else out,
+        out,
+        rows,
+        n,
+        k,
+        eps,
+        HAS_BIAS=bias is not None,
+        GATED=up_weight is not None,
+        NORM=norm is not None,
+        RESIDUAL=residual is not None,
         ADD=add is not None,
-        BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=num_stages)  # fmt: skip
+        BLOCK_M=1 if rows == 1 else 16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out if residual is None else (total, out)
 
 
@@ -221,10 +316,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 # every program: wider programs (16 weight rows, not 4) read them fewer times, 66.8 us against
 # 70.1; folded q/k/v keep the plain one-row config (0.1 us from the best).
 _GEMV_CONFIGS = {
-    (False, False, False): (4, 512, 4, 3), (True, False, False): (4, 256, 4, 3),
-    (False, True, False): (32, 512, 4, 3), (True, True, False): (32, 256, 4, 3),
-    (False, False, True): (4, 512, 4, 3), (True, False, True): (16, 256, 8, 1),
-}  # fmt: skip
+    (False, False, False): (4, 512, 4, 3),
+    (True, False, False): (4, 256, 4, 3),
+    (False, True, False): (32, 512, 4, 3),
+    (True, True, False): (32, 256, 4, 3),
+    (False, False, True): (4, 512, 4, 3),
+    (True, False, True): (16, 256, 8, 1),
+}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -235,8 +333,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     rows, dim = x.shape
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else out
-    _rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, total, out, dim, eps,
-                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(dim))  # fmt: skip
+    _rms_norm_kernel[(rows,)](
+        x,
+        residual if residual is not None else x,
+        weight,
+        total,
+        out,
+        dim,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(dim),
+    )
     return out if residual is None else (total, out)
 
 
@@ -258,7 +365,12 @@ if triton is not None:
         token, head = rows // heads, rows % heads
         cols = tl.arange(0, HALF)[None, :]
         x_offsets = (token * token_stride + head * 2 * HALF)[:, None] + cols
-        return x_offsets, rows[:, None] * (2 * HALF) + cols, token[:, None] * (2 * HALF) + cols, (rows < num_rows)[:, None]
+        return (
+            x_offsets,
+            rows[:, None] * (2 * HALF) + cols,
+            token[:, None] * (2 * HALF) + cols,
+            (rows < num_rows)[:, None],
+        )
 
     @triton.jit
     def _halves(ptr, offsets, mask, HALF: tl.constexpr):
@@ -273,8 +385,19 @@ if triton is not None:
         return x1 * rstd, x2 * rstd, rstd
 
     @triton.jit
-    def _rms_norm_rotary_forward(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, num_rows, heads, token_stride, eps,
-                                 HALF: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    def _rms_norm_rotary_forward(
+        x_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        num_rows,
+        heads,
+        token_stride,
+        eps,
+        HALF: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
         x_off, row_off, t_off, mask = _rows_of(num_rows, heads, token_stride, HALF, ROWS)
         xhat1, xhat2, _ = _normalized(x_ptr, x_off, mask, eps, HALF)
         w1, w2 = _halves(w_ptr, tl.arange(0, HALF)[None, :], None, HALF)
@@ -287,8 +410,21 @@ if triton is not None:
         tl.store(out_ptr + row_off + HALF, (n2 * cos2 + n1 * sin2).to(dtype), mask=mask)
 
     @triton.jit
-    def _rms_norm_rotary_backward(grad_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, grad_x_ptr, grad_w_ptr, num_rows, heads,
-                                  token_stride, eps, HALF: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    def _rms_norm_rotary_backward(
+        grad_ptr,
+        x_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        grad_x_ptr,
+        grad_w_ptr,
+        num_rows,
+        heads,
+        token_stride,
+        eps,
+        HALF: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
         x_off, row_off, t_off, mask = _rows_of(num_rows, heads, token_stride, HALF, ROWS)
         g1, g2 = _halves(grad_ptr, row_off, mask, HALF)
         cos1, cos2 = _halves(cos_ptr, t_off, mask, HALF)
@@ -331,10 +467,25 @@ if triton is not None:
         tl.store(grad_gate_ptr + offsets, (grad * up * d_silu).to(grad_gate_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode_attention_splits(q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, used_ptr, partial_ptr, lse_ptr, capacity,
-                                 row_stride, scale, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                                 GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLIT: tl.constexpr,
-                                 BLOCK_N: tl.constexpr):  # fmt: skip
+    def _decode_attention_splits(
+        q_ptr,
+        new_k_ptr,
+        new_v_ptr,
+        k_ptr,
+        v_ptr,
+        used_ptr,
+        partial_ptr,
+        lse_ptr,
+        capacity,
+        row_stride,
+        scale,
+        KV_HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        DIM: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """One (sequence, kv head, split of the keys): the new key / value written if the new row
         is in this split, then the split's attention output for the kv head's query heads,
         normalised, and its log-sum-exp (-inf for a split past the keys)."""
@@ -384,15 +535,38 @@ if triton is not None:
         dims = tl.arange(0, DIM)
         lse = tl.load(lse_ptr + row * splits + parts, mask=parts < splits, other=float("-inf"))
         weights = tl.exp(lse - tl.max(lse, 0))  # split 0 always has a key: the max is finite
-        outs = tl.load(partial_ptr + (row * splits + parts)[:, None] * DIM + dims[None, :],
-                       mask=(parts < splits)[:, None], other=0.0)  # fmt: skip
+        outs = tl.load(
+            partial_ptr + (row * splits + parts)[:, None] * DIM + dims[None, :],
+            mask=(parts < splits)[:, None],
+            other=0.0,
+        )
         out = tl.sum(outs * weights[:, None], 0) / tl.sum(weights, 0)
         tl.store(out_ptr + row * DIM + dims, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, up_ptr, b_ptr, g_ptr, res_ptr, total_ptr, add_ptr, out_ptr, rows, n, k, eps,
-                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                     ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    def _gemv_kernel(
+        x_ptr,
+        w_ptr,
+        up_ptr,
+        b_ptr,
+        g_ptr,
+        res_ptr,
+        total_ptr,
+        add_ptr,
+        out_ptr,
+        rows,
+        n,
+        k,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        GATED: tl.constexpr,
+        NORM: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        ADD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
         m = tl.arange(0, BLOCK_M)
         dtype = out_ptr.dtype.element_ty
@@ -447,8 +621,9 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, total_ptr, out_ptr, dim, eps, HAS_RESIDUAL: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
+    def _rms_norm_kernel(
+        x_ptr, res_ptr, w_ptr, total_ptr, out_ptr, dim, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr
+    ):
         offsets = tl.program_id(0).to(tl.int64) * dim + tl.arange(0, BLOCK)
         mask = tl.arange(0, BLOCK) < dim
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -102,7 +102,11 @@ def parallel_linears(x: torch.Tensor, layers: tuple[Linear, ...], norm: nn.Modul
     while a decode graph is captured (`graph_branches`), the layers are parallel branches of it."""
     plain = all(type(layer) is Linear for layer in layers)
     branches = layers
-    if norm is not None and plain and folds_norm(x, norm.weight, *(p for l in layers for p in (l.weight, l.bias))):
+    if (
+        norm is not None
+        and plain
+        and folds_norm(x, norm.weight, *(p for layer in layers for p in (layer.weight, layer.bias)))
+    ):
         folded = (norm.weight, norm.variance_epsilon)
         branches = tuple(functools.partial(_normed_gemv, layer=layer, norm=folded) for layer in layers)
     elif norm is not None:
@@ -192,4 +196,3 @@ class _MasterWeightLinear(torch.autograd.Function):
             grad_w = weight.new_zeros(weight.shape, dtype=torch.float32).split(ctx.rows)
         grad_b = grad_2d.sum(0, dtype=torch.float32).split(ctx.rows) if ctx.has_bias else (None,) * len(ctx.rows)
         return grad_x, None, None, *grad_w, *grad_b
-

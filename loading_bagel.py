@@ -63,17 +63,29 @@ VAE_KEY_MAPPING = {r"^encoder\.": "vae.encoder.", r"^decoder\.": "vae.decoder."}
 #: time embedder, whose errors go straight into the predicted velocity, and the VAE. Full module
 #: paths: transformers versions match them as prefixes, suffixes or substrings.
 UNQUANTIZED_MODULES = [
-    "model.language_model.lm_head", "model.llm2vae", "model.vae2llm", "model.time_embedder", "vae",
+    "model.language_model.lm_head",
+    "model.llm2vae",
+    "model.vae2llm",
+    "model.time_embedder",
+    "vae",
 ]
 #: The reference's ViT with `rope=True` stores its 2-D rotary tables (deterministic, recomputed by
 #: our `SiglipRotary2D`) as persistent buffers.
 VIT_ROPE_TABLES = r"(^|\.)vit_model\.vision_model\.rope\.(cos|sin)_[hw]$"
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
     "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}  # fmt: skip
+}
 
 
 # ---- what the model tells transformers' loader ----------------------------------------------
@@ -110,7 +122,9 @@ def with_unquantized_defaults(quantization_config: Any) -> Any:
     `modules_to_not_convert`)."""
     is_dict = isinstance(quantization_config, dict)
     method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
-    name = "llm_int8_skip_modules" if str(getattr(method, "value", method)) == "bitsandbytes" else "modules_to_not_convert"
+    name = (
+        "llm_int8_skip_modules" if str(getattr(method, "value", method)) == "bitsandbytes" else "modules_to_not_convert"
+    )
     if is_dict:
         if quantization_config.get(name) is not None:
             return quantization_config
@@ -164,7 +178,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dt
     return info
 
 
-def resolve_checkpoint_dir(name_or_path: str | os.PathLike, subfolder: str, hub_kwargs: dict, stage: int | None) -> Path:
+def resolve_checkpoint_dir(
+    name_or_path: str | os.PathLike, subfolder: str, hub_kwargs: dict, stage: int | None
+) -> Path:
     """A local directory as is; a Hub id through `snapshot_download` (configs, code, tokenizer files,
     ema.safetensors, and ae.safetensors unless stage 1 was asked for). A name that can only be a
     local path (no `owner/` part, a leading `.`, `/` or `~`, an existing first folder, more than one
@@ -181,8 +197,12 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, subfolder: str, hub_
         "vit_config.json) or a Hub repository id owner/name such as 'ByteDance-Seed/BAGEL-7B-MoT'"
     )
     owner = text.split("/", 1)[0]
-    if (text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep in text.replace("/", "")
-            or Path(owner).is_dir()):  # fmt: skip
+    if (
+        text.startswith((".", "/", "~"))
+        or text.count("/") != 1
+        or os.sep in text.replace("/", "")
+        or Path(owner).is_dir()
+    ):
         raise FileNotFoundError(f"No directory {local} (relative to {Path.cwd()}): {wanted}.")
     from huggingface_hub import constants, snapshot_download
 
@@ -211,7 +231,9 @@ def weight_headers(directory: Path) -> dict[str, dict]:
         others = [n for n in present if n.endswith((".safetensors", ".bin", ".pt"))]
         extra = (
             f" It has {', '.join(others)}, which is not the BAGEL layout (save with "
-            "BagelForUnifiedMultimodal.save_pretrained)." if others else ""
+            "BagelForUnifiedMultimodal.save_pretrained)."
+            if others
+            else ""
         )
         raise FileNotFoundError(
             f"No BAGEL weights in {directory}: {WEIGHTS_NAME} is missing.{extra} A BAGEL checkpoint directory holds "
@@ -251,8 +273,12 @@ def config_from_directory(directory: Path) -> BagelConfig:
         model_type = _json_file(file).get("model_type")
         if model_type not in (None, BagelConfig.model_type):
             if all((directory / name).is_file() for name in ("llm_config.json", "vit_config.json")):
-                logger.info("%s describes a %r model; building the BAGEL config from llm_config.json + "
-                            "vit_config.json instead.", file, model_type)
+                logger.info(
+                    "%s describes a %r model; building the BAGEL config from llm_config.json + "
+                    "vit_config.json instead.",
+                    file,
+                    model_type,
+                )
                 return BagelConfig.from_released_files(directory)
             raise ValueError(
                 f"{file} is a {model_type!r} config, not a BAGEL one, and the directory has no llm_config.json + "
@@ -271,7 +297,9 @@ def _json_file(file: Path) -> dict:
     return data
 
 
-def loadable_directory(directory: Path, headers: dict[str, dict], config: BagelConfig | None) -> tuple[Path, str | None]:
+def loadable_directory(
+    directory: Path, headers: dict[str, dict], config: BagelConfig | None
+) -> tuple[Path, str | None]:
     """A directory transformers' `from_pretrained` can read, and the temporary directory to remove
     once the model is gone (None when `directory` itself is readable: a BAGEL config.json, and the
     index `build_index` makes of the weight files present)."""
@@ -359,7 +387,9 @@ def _check_devices(device_map) -> None:
     places = device_map.values() if isinstance(device_map, dict) else [device_map]
     named = [str(p) for p in places if isinstance(p, (str, torch.device))]
     if any(p.startswith("cuda") for p in named) and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        build = (
+            "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        )
         raise ValueError(
             f"device_map={device_map!r} names a CUDA device, but this torch ({torch.__version__}) is {build}: use "
             "device_map='cpu', or run on a machine with an NVIDIA GPU and torch's CUDA build."
@@ -371,7 +401,9 @@ def _format_keys(keys: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _check_loading_info(model, info: dict, headers: dict, directory: Path, strict: bool, ignore_mismatched: bool) -> dict:
+def _check_loading_info(
+    model, info: dict, headers: dict, directory: Path, strict: bool, ignore_mismatched: bool
+) -> dict:
     """Raise, naming the keys, where transformers would only warn: shapes that disagree with the
     config (unless `ignore_mismatched_sizes`), and with `strict` checkpoint tensors the model has no
     place for and model weights the checkpoint lacks (a missing ae.safetensors only warns: the VAE
@@ -380,10 +412,13 @@ def _check_loading_info(model, info: dict, headers: dict, directory: Path, stric
     mismatched = sorted((key, tuple(ckpt), tuple(want)) for key, ckpt, want in info["mismatched_keys"])
     if mismatched and not ignore_mismatched:
         source = (
-            "the vae_config of config.json" if all(k.startswith("vae.") for k, _, _ in mismatched)
+            "the vae_config of config.json"
+            if all(k.startswith("vae.") for k, _, _ in mismatched)
             else "config.json, or llm_config.json + vit_config.json"
         )
-        lines = "\n".join(f"  {key}: checkpoint {list(ckpt)} vs model {list(want)}" for key, ckpt, want in mismatched[:20])
+        lines = "\n".join(
+            f"  {key}: checkpoint {list(ckpt)} vs model {list(want)}" for key, ckpt, want in mismatched[:20]
+        )
         more = f"\n  ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""
         raise ValueError(
             f"The checkpoint in {directory} does not match the configuration: {len(mismatched)} tensor(s) have "
@@ -402,28 +437,37 @@ def _check_loading_info(model, info: dict, headers: dict, directory: Path, stric
         gen_only = all(checkpoint_bucket(k) == "gen" for k in lacking)
         hint = (
             " These are the generation (GEN) weights: the checkpoint is understanding-only; load it with stage=1."
-            if gen_only and model.config.stage == 2 else ""
+            if gen_only and model.config.stage == 2
+            else ""
         )
         raise ValueError(
-            f"{directory / WEIGHTS_NAME} lacks {len(lacking)} weight(s) the model needs: {_format_keys(lacking)}.{hint} "
+            f"{directory / WEIGHTS_NAME} lacks {len(lacking)} weight(s) the model needs: "
+            f"{_format_keys(lacking)}.{hint} "
             "Check that the config matches the checkpoint, or pass strict=False to initialise them randomly."
         )
     if random_vae and strict:
         raise FileNotFoundError(
-            f"{directory} has no {VAE_WEIGHTS_NAME}: a stage-2 model needs the FLUX autoencoder's weights to encode and "
-            f"decode images (without them it generates noise). Put {VAE_WEIGHTS_NAME} from the BAGEL release in the "
-            "directory, load with stage=1 for understanding only, or pass strict=False to keep a random VAE."
+            f"{directory} has no {VAE_WEIGHTS_NAME}: a stage-2 model needs the FLUX autoencoder's weights to "
+            f"encode and decode images (without them it generates noise). Put {VAE_WEIGHTS_NAME} from the BAGEL "
+            "release in the directory, load with stage=1 for understanding only, or pass strict=False to keep a "
+            "random VAE."
         )
     if random_vae:  # strict=False
         logger.warning(
             "%s has no %s: the VAE of this stage-2 model is randomly initialised, so encoding / decoding images "
             "gives noise. Put the FLUX autoencoder weights (ae.safetensors from the BAGEL release) in the "
-            "checkpoint directory, or load with stage=1 for understanding only.", directory, VAE_WEIGHTS_NAME,
+            "checkpoint directory, or load with stage=1 for understanding only.",
+            directory,
+            VAE_WEIGHTS_NAME,
         )
     if missing:
         logger.warning("Initialised %d weight(s) missing from the checkpoint: %s", len(missing), _format_keys(missing))
-    return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched,
-            "error_msgs": list(info.get("error_msgs", []))}  # fmt: skip
+    return {
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+        "mismatched_keys": mismatched,
+        "error_msgs": list(info.get("error_msgs", [])),
+    }
 
 
 def load_processor(directory: Path, config: BagelConfig):
@@ -438,7 +482,10 @@ def load_processor(directory: Path, config: BagelConfig):
     except Exception as err:  # noqa: BLE001 - the model itself loaded; say why the processor did not
         logger.warning(
             "Loaded the model but not its processor from %s (%s: %s); pass processor=BagelProcessor.from_pretrained"
-            "(...) to chat / generate_image / edit_image.", directory, type(err).__name__, err,
+            "(...) to chat / generate_image / edit_image.",
+            directory,
+            type(err).__name__,
+            err,
         )
         return None
 
@@ -470,8 +517,11 @@ def remote_code_files(*search_dirs: str | os.PathLike | None) -> dict[str, Path]
         source = next((d / name for d in dirs if (d / name).is_file()), None)
         if source is None:
             if name != "processing_bagel.py":
-                logger.warning("Remote-code module %s not found in %s; the saved directory will lack it.", name,
-                               ", ".join(map(str, dirs)))
+                logger.warning(
+                    "Remote-code module %s not found in %s; the saved directory will lack it.",
+                    name,
+                    ", ".join(map(str, dirs)),
+                )
             continue
         found[name] = source
         pending += [f"{module}.py" for module in _relative_imports(source)]
@@ -492,8 +542,9 @@ def save_bagel_pretrained(model, save_directory, is_main_process, state_dict, sa
             "huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory)."
         )
     if not safe_serialization:
-        raise ValueError("BAGEL checkpoints are safetensors only (ema.safetensors / ae.safetensors): "
-                         "use safe_serialization=True.")
+        raise ValueError(
+            "BAGEL checkpoints are safetensors only (ema.safetensors / ae.safetensors): use safe_serialization=True."
+        )
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError(
             "This model was quantized when loaded; the released layout holds unquantized weights. Save the model "
@@ -512,12 +563,13 @@ def save_bagel_pretrained(model, save_directory, is_main_process, state_dict, sa
         if key.startswith("model."):
             ema[key] = tensor
         elif key.startswith("vae."):
-            vae[key[len("vae."):]] = tensor
+            vae[key[len("vae.") :]] = tensor
         else:
             other.append(key)
     if other:
-        raise ValueError(f"state_dict keys outside model.* / vae.* cannot be saved in the BAGEL layout: "
-                         f"{_format_keys(other)}.")
+        raise ValueError(
+            f"state_dict keys outside model.* / vae.* cannot be saved in the BAGEL layout: {_format_keys(other)}."
+        )
     if not ema:
         raise ValueError("state_dict has no model.* tensors to write to ema.safetensors.")
 

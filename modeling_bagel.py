@@ -20,7 +20,8 @@ if not __package__:  # `import modeling_bagel` from a clone (no package for the 
 import contextlib
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -101,8 +102,11 @@ class Qwen2MLP(nn.Module):
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # One cast of x for both projections, not one each (their input gradients add in bf16).
             x = x.to(torch.get_autocast_dtype("cuda"))
-        if self.fused_silu and _plain(self.gate_proj, self.up_proj) and fuses_decoding(
-                x, self.gate_proj.weight, self.up_proj.weight):  # fmt: skip
+        if (
+            self.fused_silu
+            and _plain(self.gate_proj, self.up_proj)
+            and fuses_decoding(x, self.gate_proj.weight, self.up_proj.weight)
+        ):
             return gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight)  # one pass, silu too
         gate, up = self.gate_proj(x), self.up_proj(x)
         return silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up
@@ -115,8 +119,9 @@ class Qwen2MLP(nn.Module):
         elsewhere (CPU, training, offloaded or quantized weights) the modules are called as usual."""
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight, residual):
-            total, h = gemv(x, gate.weight, up_weight=up.weight, norm=(norm.weight, norm.variance_epsilon),
-                            residual=residual)  # fmt: skip
+            total, h = gemv(
+                x, gate.weight, up_weight=up.weight, norm=(norm.weight, norm.variance_epsilon), residual=residual
+            )
         else:
             total, normed = norm(x, residual=residual)  # modules called, for offloading hooks
             if not fuses_decoding(normed, down.weight, total):
@@ -180,7 +185,9 @@ class Qwen2MoTAttention(nn.Module):
         if cache is None:  # the plan is in route order (Qwen2MoTModel.forward)
             return packed_attention(q, k, v, plan).flatten(1)
         # attention over the cached context too, which is kept in packed order
-        return route.sort(cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan)).flatten(1)
+        return route.sort(
+            cache.attend(self.layer_idx, route.unsort(q), route.unsort(k), route.unsort(v), plan)
+        ).flatten(1)
 
 
 class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
@@ -360,7 +367,10 @@ class BagelModel(nn.Module):
             self.latent_pos_embed = PositionEmbedding2D(config.max_latent_size, text.hidden_size)
 
     def embed_vit_tokens(
-        self, pixel_values: torch.Tensor, position_ids: torch.Tensor, seqlens: torch.Tensor | list[int],
+        self,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor,
+        seqlens: torch.Tensor | list[int],
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Packed patches (N, 3*P*P) of images with `seqlens` patches each -> (N, hidden).
@@ -532,7 +542,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         tokens), "ce" (the lm head on zero tokens: "ce" is then (0,)), "mse" (llm2vae likewise).
         The outputs are those of the pack alone.
         """
-        check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})  # docs/training.md, "Training inputs"
+        check_training_inputs(
+            self, {k: v for k, v in locals().items() if k != "self"}
+        )  # docs/training.md, "Training inputs"
         always_run = set(always_run)
         if not always_run <= {"vit", "gen", "ce", "mse"}:
             raise ValueError(f"always_run={sorted(always_run)}: use parts among 'vit', 'gen', 'ce', 'mse'.")
@@ -543,7 +555,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         # lookup), nothing here waits for the GPU before the ViT is queued (its kernels are too short
         # to keep the GPU busy on their own).
         plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, packed_text_ids.device)
-        checks = [_token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)]
+        checks = [
+            _token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)
+        ]
         embeds = self.get_input_embeddings()(packed_text_ids)
 
         vit = None
@@ -570,15 +584,22 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 raise ValueError(
                     "padded_latent was given to a stage-1 (understanding-only) model; load it with stage=2."
                 )
-            if None in (patchified_vae_latent_shapes, packed_latent_position_ids, packed_vae_token_indexes,
-                        packed_timesteps):  # fmt: skip
+            if None in (
+                patchified_vae_latent_shapes,
+                packed_latent_position_ids,
+                packed_vae_token_indexes,
+                packed_timesteps,
+            ):
                 raise ValueError(
                     "padded_latent needs patchified_vae_latent_shapes, packed_latent_position_ids, "
                     "packed_vae_token_indexes and packed_timesteps."
                 )
             p = self.config.latent_patch_size
             clean = torch.cat(
-                [patchify_latent(lat[:, : h * p, : w * p], p) for lat, (h, w) in zip(padded_latent, patchified_vae_latent_shapes)]
+                [
+                    patchify_latent(lat[:, : h * p, : w * p], p)
+                    for lat, (h, w) in zip(padded_latent, patchified_vae_latent_shapes)
+                ]
             )
             if clean.shape[0] != packed_vae_token_indexes.shape[0]:
                 raise ValueError(
@@ -675,11 +696,16 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         Shapes that disagree with the config raise an error naming them unless
         `ignore_mismatched_sizes=True`. A stage-2 checkpoint without `ae.safetensors` is refused
         (with `strict=False` the VAE stays randomly initialised and a warning is logged). When the
-        directory has tokenizer files, `model.processor` is the checkpoint's `BagelProcessor` (used by `chat` / `generate_image` /
-        `edit_image`), else None. The model is returned in eval mode.
+        directory has tokenizer files, `model.processor` is the checkpoint's `BagelProcessor` (used by
+        `chat` / `generate_image` / `edit_image`), else None. The model is returned in eval mode.
         """
         loaded = load_pretrained(
-            super().from_pretrained, pretrained_model_name_or_path, model_args, stage=stage, strict=strict, kwargs=kwargs
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            model_args,
+            stage=stage,
+            strict=strict,
+            kwargs=kwargs,
         )
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         for module in model.modules():  # transformers' loader makes every loaded parameter trainable
@@ -758,19 +784,30 @@ def _timestep_checks(split_lens, attn_modes, vae_indexes, timesteps, mse_indexes
     noised = noise_split[torch.searchsorted(split_ends, vae_indexes, right=True).clamp(max=len(split_lens) - 1)]
     clean = timesteps == float("-inf")
     checks = [
-        ((noised | clean).all(), "A VAE token outside a `noise` split has a finite timestep: clean images (`full` "
-         "splits) take packed_timesteps = -inf (t = 0, no noise); only `noise` splits are noised."),
-        ((~noised | ~(clean | timesteps.isnan())).all(), "A VAE token in a `noise` split has timestep -inf or NaN: "
-         "noised images take a finite raw timestep (before the sigmoid), e.g. one torch.randn(()) per image; "
-         "clean images go in `full` splits."),
-    ]  # fmt: skip
+        (
+            (noised | clean).all(),
+            "A VAE token outside a `noise` split has a finite timestep: clean images (`full` "
+            "splits) take packed_timesteps = -inf (t = 0, no noise); only `noise` splits are noised.",
+        ),
+        (
+            (~noised | ~(clean | timesteps.isnan())).all(),
+            "A VAE token in a `noise` split has timestep -inf or NaN: "
+            "noised images take a finite raw timestep (before the sigmoid), e.g. one torch.randn(()) per image; "
+            "clean images go in `full` splits.",
+        ),
+    ]
     if mse_indexes is not None:
         n = mse_indexes.shape[0]
         slot = torch.where(noised, noised.long().cumsum(0) - 1, n).clamp(max=n)
         in_order = vae_indexes.new_full((n + 1,), -1).scatter(0, slot, vae_indexes)[:n]
-        checks.append(((noised.sum() == n) & (in_order == mse_indexes).all(), "mse_loss_indexes selects other "
-                       "positions than the noised VAE tokens: it must list exactly the VAE tokens of `noise` splits, "
-                       "in packed order."))  # fmt: skip
+        checks.append(
+            (
+                (noised.sum() == n) & (in_order == mse_indexes).all(),
+                "mse_loss_indexes selects other "
+                "positions than the noised VAE tokens: it must list exactly the VAE tokens of `noise` splits, "
+                "in packed order.",
+            )
+        )
     return checks
 
 

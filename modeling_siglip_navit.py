@@ -64,8 +64,12 @@ class SiglipVisionEmbeddings(nn.Module):
         conv = self.patch_embedding
         if not isinstance(conv, nn.Conv2d):
             return
-        linear = Linear(conv.in_channels * conv.kernel_size[0] ** 2, conv.out_channels, device=conv.weight.device,
-                        dtype=conv.weight.dtype)
+        linear = Linear(
+            conv.in_channels * conv.kernel_size[0] ** 2,
+            conv.out_channels,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         if not conv.weight.is_meta:
             with torch.no_grad():
                 linear.weight.copy_(conv_to_linear_weight(conv.weight))
@@ -177,7 +181,8 @@ class SiglipVisionModel(nn.Module):
             lengths = torch.diff(cu_seqlens.to("cpu", torch.long)).tolist()
             if (cu_seqlens[0] != 0) or sum(lengths) != packed_pixel_values.shape[0]:
                 raise ValueError(
-                    f"cu_seqlens {cu_seqlens.tolist()} does not cover the {packed_pixel_values.shape[0]} packed patches: "
+                    f"cu_seqlens {cu_seqlens.tolist()} does not cover the {packed_pixel_values.shape[0]} packed "
+                    "patches: "
                     "it must start at 0 and end at the number of patches."
                 )
             plan = AttentionPlan.segments(lengths)

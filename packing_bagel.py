@@ -1,4 +1,3 @@
-# coding=utf-8
 """Training data for BAGEL: sample plans, their packing into the training forward's batch, and the
 clean-image VAE encoding of a pack.
 
@@ -26,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -90,7 +90,7 @@ class PlanItem:
             raise ValueError(f"a {self.kind} item needs a (3, H, W) image tensor, got {shape}.")
 
     @classmethod
-    def from_reference(cls, item: Mapping[str, Any], data: list[int] | torch.Tensor) -> "PlanItem":
+    def from_reference(cls, item: Mapping[str, Any], data: list[int] | torch.Tensor) -> PlanItem:
         """From a reference `sequence_plan` entry (`type`, `loss`, `enable_cfg`, `special_token_loss`,
         `special_token_label`) and its text ids or image tensor."""
         label = item.get("special_token_label") if item.get("special_token_loss", 0) else None
@@ -136,12 +136,14 @@ class PackingConfig:
         len2weight(1, self.loss_reduction)  # validates the name
 
     @classmethod
-    def from_model_config(cls, config, special_token_ids: Mapping[str, int], **overrides: Any) -> "PackingConfig":
+    def from_model_config(cls, config, special_token_ids: Mapping[str, int], **overrides: Any) -> PackingConfig:
         """From a `BagelConfig` and the special ids (`BagelProcessor.special_token_ids` or the dict of
         `add_bagel_special_tokens`)."""
         if getattr(config, "interpolate_pos", False):
-            raise ValueError("interpolate_pos=True (interpolated ViT / latent position ids) is not supported by the "
-                             "packing; BAGEL was trained with interpolate_pos=False.")
+            raise ValueError(
+                "interpolate_pos=True (interpolated ViT / latent position ids) is not supported by the "
+                "packing; BAGEL was trained with interpolate_pos=False."
+            )
         values = dict(
             vit_patch_size=config.vit_patch_size,
             vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
@@ -164,13 +166,17 @@ class PackingConfig:
         """(h, w) latent tokens of a (3, H, W) VAE image; a clear error unless it fits the grid."""
         stride, (height, width) = self.vae_token_stride, image.shape[1:]
         if height % stride or width % stride:
-            raise ValueError(f"VAE image size {height}x{width} (H x W) is not a multiple of {stride} pixels; "
-                             "resize it with the VAE transform (PlanBuilder / processing_bagel.resize_image).")
+            raise ValueError(
+                f"VAE image size {height}x{width} (H x W) is not a multiple of {stride} pixels; "
+                "resize it with the VAE transform (PlanBuilder / processing_bagel.resize_image)."
+            )
         h, w = height // stride, width // stride
         if max(h, w) > self.max_latent_size:
-            raise ValueError(f"VAE image {height}x{width} gives a {h}x{w} latent grid, larger than max_latent_size="
-                             f"{self.max_latent_size} per side; use smaller images (at most "
-                             f"{self.max_latent_size * stride} pixels a side).")
+            raise ValueError(
+                f"VAE image {height}x{width} gives a {h}x{w} latent grid, larger than max_latent_size="
+                f"{self.max_latent_size} per side; use smaller images (at most "
+                f"{self.max_latent_size * stride} pixels a side)."
+            )
         return h, w
 
     def item_length(self, item: PlanItem) -> int:
@@ -224,8 +230,11 @@ class PackBuilder:
     def _dropped(self, item: PlanItem) -> bool:
         if not item.enable_cfg:
             return False
-        prob = {TEXT: self.config.text_cond_dropout_prob, VIT_IMAGE: self.config.vit_cond_dropout_prob,
-                VAE_IMAGE: self.config.vae_cond_dropout_prob}[item.kind]  # fmt: skip
+        prob = {
+            TEXT: self.config.text_cond_dropout_prob,
+            VIT_IMAGE: self.config.vit_cond_dropout_prob,
+            VAE_IMAGE: self.config.vae_cond_dropout_prob,
+        }[item.kind]
         return torch.rand((), generator=self.generator).item() < prob
 
     def _text_token(self, token: int) -> None:
@@ -316,15 +325,21 @@ class PackBuilder:
             raise ValueError("cannot build an empty pack: add at least one sample.")
         long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         pack: dict[str, Any] = dict(
-            sequence_length=self.length, sample_lens=list(self.sample_lens), split_lens=list(self.split_lens),
-            attn_modes=list(self.attn_modes), packed_text_ids=long(self.text_ids),
-            packed_text_indexes=long(self.text_indexes), packed_position_ids=long(self.position_ids),
-        )  # fmt: skip
+            sequence_length=self.length,
+            sample_lens=list(self.sample_lens),
+            split_lens=list(self.split_lens),
+            attn_modes=list(self.attn_modes),
+            packed_text_ids=long(self.text_ids),
+            packed_text_indexes=long(self.text_indexes),
+            packed_position_ids=long(self.position_ids),
+        )
         if self.vit_tokens:
             pack.update(
-                packed_vit_tokens=torch.cat(self.vit_tokens), packed_vit_position_ids=torch.cat(self.vit_position_ids),
-                packed_vit_token_indexes=long(self.vit_indexes), vit_token_seqlens=long(self.vit_seqlens),
-            )  # fmt: skip
+                packed_vit_tokens=torch.cat(self.vit_tokens),
+                packed_vit_position_ids=torch.cat(self.vit_position_ids),
+                packed_vit_token_indexes=long(self.vit_indexes),
+                vit_token_seqlens=long(self.vit_seqlens),
+            )
         if self.vae_images:
             height = max(image.shape[1] for image in self.vae_images)
             width = max(image.shape[2] for image in self.vae_images)
@@ -332,18 +347,20 @@ class PackBuilder:
             for slot, image in zip(padded, self.vae_images):
                 slot[:, : image.shape[1], : image.shape[2]] = image
             pack.update(
-                padded_images=padded, patchified_vae_latent_shapes=list(self.latent_shapes),
+                padded_images=padded,
+                patchified_vae_latent_shapes=list(self.latent_shapes),
                 packed_latent_position_ids=torch.cat(self.latent_position_ids),
                 packed_vae_token_indexes=long(self.vae_indexes),
                 packed_timesteps=torch.tensor(self.timesteps, dtype=torch.float32),
-            )  # fmt: skip
+            )
             if self.mse_indexes:
                 pack["mse_loss_indexes"] = long(self.mse_indexes)
         if self.ce_indexes:
             pack.update(
-                packed_label_ids=long(self.label_ids), ce_loss_indexes=long(self.ce_indexes),
+                packed_label_ids=long(self.label_ids),
+                ce_loss_indexes=long(self.ce_indexes),
                 ce_loss_weights=torch.tensor(self.ce_weights, dtype=torch.float32),
-            )  # fmt: skip
+            )
         return pack
 
 
@@ -399,9 +416,10 @@ class Packer:
 
     def state_dict(self) -> dict[str, Any]:
         return dict(
-            generator=self.generator.get_state(), buffer=[key for key, _ in self.buffer],
+            generator=self.generator.get_state(),
+            buffer=[key for key, _ in self.buffer],
             carry=None if self.carry is None else self.carry[0],
-        )  # fmt: skip
+        )
 
     def load_state_dict(self, state: Mapping[str, Any], read: Callable[[Any], list[PlanItem]]) -> None:
         self.generator.set_state(state["generator"])
@@ -431,8 +449,10 @@ class Packer:
             key, plan, waited = entry
             length = self.config.plan_length(plan)
             if length > self.max_num_tokens_per_sample:
-                logger.warning(f"skipping sample {key!r}: {length} tokens > max_num_tokens_per_sample "
-                               f"({self.max_num_tokens_per_sample}).")
+                logger.warning(
+                    f"skipping sample {key!r}: {length} tokens > max_num_tokens_per_sample "
+                    f"({self.max_num_tokens_per_sample})."
+                )
                 continue
             if builder.length + length > self.max_num_tokens:
                 if not waited and len(self.buffer) < self.max_buffer_size:
@@ -535,8 +555,10 @@ class PlanBuilder:
         `images[i]` into `images[i + 1]`; every target is generated (loss), intermediate ones are then
         entered clean (VAE + ViT) for the next step."""
         if len(images) < 2 or len(instructions) != len(images) - 1:
-            raise ValueError(f"an edit needs N >= 2 images and N - 1 instructions, got {len(images)} images and "
-                             f"{len(instructions)} instructions.")
+            raise ValueError(
+                f"an edit needs N >= 2 images and N - 1 instructions, got {len(images)} images and "
+                f"{len(instructions)} instructions."
+            )
         plan = self.image(images[0], vae=True, vit=True)
         for step, (instruction, target) in enumerate(zip(instructions, images[1:]), start=1):
             plan += self.text(instruction)
@@ -552,8 +574,10 @@ class PlanBuilder:
         dropped for CFG. Returns None when no answer has tokens (the reference skips such samples)."""
         placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversation if turn["from"] == "human")
         if placeholders != len(images):
-            raise ValueError(f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders in its human turns "
-                             f"but {len(images)} images were given; put one {IMAGE_PLACEHOLDER} per image.")
+            raise ValueError(
+                f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders in its human turns "
+                f"but {len(images)} images were given; put one {IMAGE_PLACEHOLDER} per image."
+            )
         remaining = iter(images)
         plan: list[PlanItem] = []
         for turn in conversation:

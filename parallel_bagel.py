@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -91,7 +91,7 @@ class ParallelLayout:
         self.requests_spread = requests_spread
 
     @classmethod
-    def of(cls, parallel, device) -> "ParallelLayout":
+    def of(cls, parallel, device) -> ParallelLayout:
         """`parallel`: "batch", "cfg" or "sp" (all ranks on that), a dict of sizes
         (`{"cfg": 2, "sp": 2}`), a `BagelParallel` or a layout."""
         if isinstance(parallel, ParallelLayout):
@@ -166,8 +166,9 @@ def _init_distributed(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, counts, special, params, seq_of_token,
-                      run=None):  # fmt: skip
+def parallel_velocity(
+    model, parallel, x, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None
+):
     """`generate_latents`'s `velocity(x, t, use_cfg)` over the cfg x sp ranks of this rank's batch
     group, and the starting latents x (N, p*p*C) as all ranks of the group share them. `run`: a
     step cache's state, this rank's own: it caches the branches this rank runs (an sp group's
@@ -188,6 +189,7 @@ def parallel_velocity(model, parallel, x, branches: list[BagelContext], pos, cou
         return model._predict_velocity(context, x, t, pos, counts, n_branches, special, shard=shard)
 
     if run is not None:
+
         def agree(value: float) -> float:  # the largest over the cfg group (its ranks plan the same step)
             box = torch.tensor([value], dtype=torch.float64, device=x.device)
             dist.all_reduce(box, op=dist.ReduceOp.MAX, group=cfg_group)
@@ -230,8 +232,11 @@ def ulysses_kv_heads(num_heads: int, kv_heads: int, size: int) -> list[int]:
     [r*h, (r+1)*h), h = num_heads / size, and the KV heads they read (the same number per rank)."""
     per_rank, group = num_heads // size, num_heads // kv_heads
     if num_heads % size or (per_rank % group and group % per_rank):
-        fits = [s for s in range(2, num_heads + 1) if num_heads % s == 0 and ((num_heads // s) % group == 0
-                or group % (num_heads // s) == 0)]  # fmt: skip
+        fits = [
+            s
+            for s in range(2, num_heads + 1)
+            if num_heads % s == 0 and ((num_heads // s) % group == 0 or group % (num_heads // s) == 0)
+        ]
         raise ValueError(
             f"Sequence parallelism over {size} ranks cannot split {num_heads} attention heads ({kv_heads} key/value "
             f"heads) into whole per-rank groups; use sp in {fits}."
@@ -276,7 +281,10 @@ class UlyssesShard:
             per_rank = self.kv_index.numel() // self.size
             index = self._kv_index(context.keys[0].device)[self.rank * per_rank : (self.rank + 1) * per_rank]
             heads = lambda tensors: tuple(t.index_select(1, index) for t in tensors)  # noqa: E731
-            kept = (context, BagelContext(heads(context.keys), heads(context.values), context.lengths, context.positions))
+            kept = (
+                context,
+                BagelContext(heads(context.keys), heads(context.values), context.lengths, context.positions),
+            )
             self._contexts[id(context)] = kept
         return kept[1]
 

@@ -1,4 +1,3 @@
-# coding=utf-8
 """Processor for BAGEL (ByteDance-Seed/Bagel): text tokenizer plus the VAE and ViT image transforms.
 
 The image preprocessing follows the reference implementation:
@@ -16,10 +15,12 @@ in a Hub repository and be loaded with ``AutoProcessor.from_pretrained(..., trus
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from PIL import Image
+
 from .imports_bagel import quiet_third_party_imports
 from .validation_bagel import check_int
 
@@ -339,8 +340,10 @@ class BagelProcessor(ProcessorMixin):
         self.vit_patch_size = check_int("vit_patch_size", vit_patch_size, minimum=1)
         self.vit_stride = check_int("vit_stride", vit_stride, minimum=1)
         if self.vit_stride % self.vit_patch_size:
-            raise ValueError(f"vit_stride ({vit_stride}) must be a multiple of vit_patch_size ({vit_patch_size}): the "
-                             "ViT cuts resized images into whole patches.")  # fmt: skip
+            raise ValueError(
+                f"vit_stride ({vit_stride}) must be a multiple of vit_patch_size ({vit_patch_size}): the "
+                "ViT cuts resized images into whole patches."
+            )
         self.vit_max_num_patch_per_side = check_int("vit_max_num_patch_per_side", vit_max_num_patch_per_side, minimum=1)
         self.max_pixels = check_int("max_pixels", max_pixels, minimum=1)
         super().__init__(tokenizer, chat_template=chat_template)
@@ -405,8 +408,9 @@ class BagelProcessor(ProcessorMixin):
                 "(the resize rules are the processor's settings, e.g. BagelProcessor(tokenizer, vit_max_size=...))."
             )
         if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors must be 'pt' (or None), got {return_tensors!r}: BAGEL works on torch "
-                             "tensors.")
+            raise ValueError(
+                f"return_tensors must be 'pt' (or None), got {return_tensors!r}: BAGEL works on torch tensors."
+            )
         if images is None and text is None:
             raise ValueError("Give text=, images= or both.")
         data: dict[str, Any] = {}

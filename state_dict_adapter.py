@@ -57,7 +57,10 @@ VAE_PATTERNS = [r"^encoder\.", r"^decoder\."]
 _BUCKETS = [
     (name, [re.compile(p) for p in patterns])
     for name, patterns in (
-        ("shared", SHARED_PATTERNS), ("gen", GEN_PATTERNS), ("und", UND_PATTERNS), ("vae", VAE_PATTERNS)
+        ("shared", SHARED_PATTERNS),
+        ("gen", GEN_PATTERNS),
+        ("und", UND_PATTERNS),
+        ("vae", VAE_PATTERNS),
     )
 ]
 _STAGES = {"1": 1, "2": 2, "stage1": 1, "stage2": 2}
@@ -65,7 +68,7 @@ _KEEP = {1: ("shared", "und"), 2: ("shared", "und", "gen")}
 
 
 def _strip_root(key: str) -> str:
-    return key[len(ROOT):] if key.startswith(ROOT) else key
+    return key[len(ROOT) :] if key.startswith(ROOT) else key
 
 
 def checkpoint_bucket(key: str) -> str:
@@ -91,9 +94,7 @@ def _normalize_stage(stage) -> int:
         stage = str(stage)
     if isinstance(stage, str) and stage.strip().lower() in _STAGES:
         return _STAGES[stage.strip().lower()]
-    raise ValueError(
-        f"Unknown BAGEL stage {stage!r}: use 1 / 'stage1' (understanding only) or 2 / 'stage2' (joint)."
-    )
+    raise ValueError(f"Unknown BAGEL stage {stage!r}: use 1 / 'stage1' (understanding only) or 2 / 'stage2' (joint).")
 
 
 class BagelStateDictAdapter:
@@ -116,8 +117,9 @@ class BagelStateDictAdapter:
             if len(unknown) > 10:
                 shown += f", ... ({len(unknown) - 10} more)"
             if strict:
-                raise KeyError(f"{len(unknown)} unrecognised BAGEL checkpoint key(s): {shown}; "
-                               "pass strict=False to drop them")
+                raise KeyError(
+                    f"{len(unknown)} unrecognised BAGEL checkpoint key(s): {shown}; pass strict=False to drop them"
+                )
             logger.warning("dropping %d unrecognised BAGEL checkpoint key(s): %s", len(unknown), shown)
         if buckets.get("vae"):
             logger.info("dropping %d VAE key(s); the VAE loads from ae.safetensors", len(buckets["vae"]))
@@ -141,7 +143,7 @@ class BagelStateDictAdapter:
         """One native tensor -> ``[(checkpoint_key, tensor)]``; KeyError if not under ``model.``."""
         if not fqn.startswith(ROOT):
             raise KeyError(f"{fqn!r} is not a BAGEL model key (expected it under {ROOT!r})")
-        return [(fqn[len(ROOT):], tensor)]
+        return [(fqn[len(ROOT) :], tensor)]
 
 
 def load_bagel_checkpoint_state_dict(checkpoint_dir, *, stage=2, strict: bool = True, config=None) -> dict:

@@ -17,8 +17,8 @@ reaches the output: caching that one alone gives the same result with 1/L of the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -226,7 +226,7 @@ class _AdaptiveRun(StepCacheRun):
         coefficients = [hidden.to(torch.float32, copy=True)]
         for k, old in enumerate(state.coefficients[: self.policy.order], start=1):
             coefficients.append((coefficients[-1] - old) / (t - state.nodes[-k]))
-        state.nodes = (state.nodes + [t])[-(self.policy.order + 1):]
+        state.nodes = (state.nodes + [t])[-(self.policy.order + 1) :]
         state.coefficients = coefficients
 
     def predict(self, branch, t):
@@ -258,7 +258,8 @@ def resolve_step_cache(step_cache):
         if step_cache not in STEP_CACHES:
             raise ValueError(
                 f"step_cache={step_cache!r} is not a step cache: use None (every step exact), "
-                f"{' or '.join(repr(n) for n in STEP_CACHES)}, or a policy object such as AdaptiveTaylor(tolerance=0.02)."
+                f"{' or '.join(repr(n) for n in STEP_CACHES)}, "
+                "or a policy object such as AdaptiveTaylor(tolerance=0.02)."
             )
         return STEP_CACHES[step_cache]()
     if callable(getattr(step_cache, "start", None)):  # a policy of the caller's own

@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -201,9 +202,15 @@ TRAINING_KEYWORD_HINTS = {
 ATTN_MODES = ("causal", "full", "noise")
 _GROUPS = {
     "packed_vit_tokens": ("packed_vit_token_indexes", "packed_vit_position_ids", "vit_token_seqlens"),
-    "padded_latent": ("patchified_vae_latent_shapes", "packed_latent_position_ids", "packed_vae_token_indexes",
-                      "packed_timesteps", "mse_loss_indexes", "packed_noise"),
-}  # fmt: skip
+    "padded_latent": (
+        "patchified_vae_latent_shapes",
+        "packed_latent_position_ids",
+        "packed_vae_token_indexes",
+        "packed_timesteps",
+        "mse_loss_indexes",
+        "packed_noise",
+    ),
+}
 
 
 def check_training_inputs(model, inputs: dict[str, Any]) -> None:
@@ -217,10 +224,16 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
         raise ValueError("nested_attention_masks is not supported: pass split_lens and attn_modes instead.")
     for key in unused:
         if key in TRAINING_KEYWORD_HINTS:
-            raise TypeError(f"The BAGEL training forward takes no {key}=: use {TRAINING_KEYWORD_HINTS[key]}, as the "
-                            "'Training inputs' table of docs/training.md says.")  # fmt: skip
-    check_keywords("The BAGEL training forward", unused, [k for k in inputs if k != "unused"],
-                   "Its arguments are listed in the 'Training inputs' table of docs/training.md.")  # fmt: skip
+            raise TypeError(
+                f"The BAGEL training forward takes no {key}=: use {TRAINING_KEYWORD_HINTS[key]}, as the "
+                "'Training inputs' table of docs/training.md says."
+            )
+    check_keywords(
+        "The BAGEL training forward",
+        unused,
+        [k for k in inputs if k != "unused"],
+        "Its arguments are listed in the 'Training inputs' table of docs/training.md.",
+    )
     config = model.config
     get = inputs.get
     length = check_int("sequence_length", get("sequence_length"), minimum=1)
@@ -232,8 +245,9 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
     if split_lens is not None or attn_modes is not None:
         split_lens = check_int_list("split_lens", split_lens, minimum=1)
         if not isinstance(attn_modes, (list, tuple)) or len(attn_modes) != len(split_lens):
-            raise ValueError(f"attn_modes must be a list of one mode per split ({len(split_lens)}), got "
-                             f"{_shown(attn_modes)}.")
+            raise ValueError(
+                f"attn_modes must be a list of one mode per split ({len(split_lens)}), got {_shown(attn_modes)}."
+            )
         for i, mode in enumerate(attn_modes):
             check_choice(f"attn_modes[{i}]", mode, ATTN_MODES)
         ends, total = set(), 0
@@ -242,66 +256,108 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
             ends.add(total)
         sample_ends = set(torch.tensor(sample_lens).cumsum(0).tolist())
         if total != length or not sample_ends <= ends:
-            raise ValueError(f"split_lens ({split_lens}) must cut every sample of sample_lens ({sample_lens}) into "
-                             "splits exactly: no split may cross the end of a sample.")  # fmt: skip
+            raise ValueError(
+                f"split_lens ({split_lens}) must cut every sample of sample_lens ({sample_lens}) into "
+                "splits exactly: no split may cross the end of a sample."
+            )
     else:
         split_lens, attn_modes = list(sample_lens), ["causal"] * len(sample_lens)
 
     text_ids = check_tensor("packed_text_ids", get("packed_text_ids"), dims=1, integer=True)
-    text_index = check_tensor("packed_text_indexes", get("packed_text_indexes"), dims=1, integer=True,
-                              rows=text_ids.shape[0], fix="It gives the packed index of each text id.")  # fmt: skip
-    positions = check_tensor("packed_position_ids", get("packed_position_ids"), dims=1, integer=True, rows=length,
-                             fix="One rope position per packed token.")  # fmt: skip
+    text_index = check_tensor(
+        "packed_text_indexes",
+        get("packed_text_indexes"),
+        dims=1,
+        integer=True,
+        rows=text_ids.shape[0],
+        fix="It gives the packed index of each text id.",
+    )
+    positions = check_tensor(
+        "packed_position_ids",
+        get("packed_position_ids"),
+        dims=1,
+        integer=True,
+        rows=length,
+        fix="One rope position per packed token.",
+    )
     vocab = model.get_input_embeddings().num_embeddings
-    ranges = [("packed_text_ids", text_ids, 0, vocab, "Ids index the vocabulary: encode text with model.processor."),
-              ("packed_text_indexes", text_index, 0, length, ""),
-              ("packed_position_ids", positions, 0, config.text_config.max_position_embeddings,
-               "Rope positions start from 0 in each sample (docs/training.md, 'Training inputs').")]  # fmt: skip
+    ranges = [
+        ("packed_text_ids", text_ids, 0, vocab, "Ids index the vocabulary: encode text with model.processor."),
+        ("packed_text_indexes", text_index, 0, length, ""),
+        (
+            "packed_position_ids",
+            positions,
+            0,
+            config.text_config.max_position_embeddings,
+            "Rope positions start from 0 in each sample (docs/training.md, 'Training inputs').",
+        ),
+    ]
     conventions: list[tuple[torch.Tensor, str]] = []
 
     for lead, members in _GROUPS.items():
         if get(lead) is None:
             given = [m for m in members if not _empty(get(m))]  # empty ones describe nothing
             if given:
-                raise ValueError(f"{', '.join(given)} given without {lead}: they describe its tokens; pass {lead} "
-                                 "too, or leave them out.")  # fmt: skip
+                raise ValueError(
+                    f"{', '.join(given)} given without {lead}: they describe its tokens; pass {lead} "
+                    "too, or leave them out."
+                )
     if get("packed_vit_tokens") is not None:
         if not config.visual_und or getattr(model.model, "vit_model", None) is None:
             raise ValueError("packed_vit_tokens was given to a model without the ViT (visual_und=False).")
         p = config.vit_patch_size
-        vit = check_tensor("packed_vit_tokens", get("packed_vit_tokens"), dims=2, integer=False, columns=3 * p * p,
-                           fix="Patches of the ViT: processor(images=...) or processor.vit_patches(image).")  # fmt: skip
+        vit = check_tensor(
+            "packed_vit_tokens",
+            get("packed_vit_tokens"),
+            dims=2,
+            integer=False,
+            columns=3 * p * p,
+            fix="Patches of the ViT: processor(images=...) or processor.vit_patches(image).",
+        )
         for name in ("packed_vit_token_indexes", "packed_vit_position_ids"):
             if get(name) is None:
                 raise ValueError(f"packed_vit_tokens needs {name} (docs/training.md, 'Training inputs').")
-        vit_index = check_tensor("packed_vit_token_indexes", get("packed_vit_token_indexes"), dims=1, integer=True,
-                                 rows=vit.shape[0])  # fmt: skip
-        vit_pos = check_tensor("packed_vit_position_ids", get("packed_vit_position_ids"), dims=1, integer=True,
-                               rows=vit.shape[0])  # fmt: skip
+        vit_index = check_tensor(
+            "packed_vit_token_indexes", get("packed_vit_token_indexes"), dims=1, integer=True, rows=vit.shape[0]
+        )
+        vit_pos = check_tensor(
+            "packed_vit_position_ids", get("packed_vit_position_ids"), dims=1, integer=True, rows=vit.shape[0]
+        )
         seqlens = get("vit_token_seqlens")
         if seqlens is None:
             raise ValueError("packed_vit_tokens needs vit_token_seqlens (the number of patches of each image).")
         if not torch.is_tensor(seqlens) or seqlens.device.type == "cpu":
             counts = check_int_list("vit_token_seqlens", seqlens, minimum=1)
             if sum(counts) != vit.shape[0]:
-                raise ValueError(f"vit_token_seqlens add up to {sum(counts)} but packed_vit_tokens has {vit.shape[0]} "
-                                 "patches: give the number of patches of each image.")  # fmt: skip
+                raise ValueError(
+                    f"vit_token_seqlens add up to {sum(counts)} but packed_vit_tokens has {vit.shape[0]} "
+                    "patches: give the number of patches of each image."
+                )
         side = config.vit_max_num_patch_per_side
-        ranges += [("packed_vit_token_indexes", vit_index, 0, length, ""),
-                   ("packed_vit_position_ids", vit_pos, 0, side * side, f"row * {side} + col of each patch.")]  # fmt: skip
+        ranges += [
+            ("packed_vit_token_indexes", vit_index, 0, length, ""),
+            ("packed_vit_position_ids", vit_pos, 0, side * side, f"row * {side} + col of each patch."),
+        ]
 
     if get("padded_latent") is not None:
         if not config.visual_gen:
             raise ValueError("padded_latent was given to a stage-1 (understanding-only) model; load it with stage=2.")
-        latent = check_tensor("padded_latent", get("padded_latent"), dims=4, integer=False,
-                              fix="(images, channels, h * 2, w * 2): model.vae.encode(images), zero-padded.")  # fmt: skip
+        latent = check_tensor(
+            "padded_latent",
+            get("padded_latent"),
+            dims=4,
+            integer=False,
+            fix="(images, channels, h * 2, w * 2): model.vae.encode(images), zero-padded.",
+        )
         channels = model.model.latent_channel
         if latent.shape[1] != channels:
             raise ValueError(f"padded_latent has {latent.shape[1]} channels; the VAE's latents have {channels}.")
         shapes = get("patchified_vae_latent_shapes")
         if not isinstance(shapes, (list, tuple)) or len(shapes) != latent.shape[0]:
-            raise ValueError(f"patchified_vae_latent_shapes must list one (h, w) per image of padded_latent "
-                             f"({latent.shape[0]}), got {_shown(shapes)}.")  # fmt: skip
+            raise ValueError(
+                f"patchified_vae_latent_shapes must list one (h, w) per image of padded_latent "
+                f"({latent.shape[0]}), got {_shown(shapes)}."
+            )
         p, limit = config.latent_patch_size, config.max_latent_size
         for i, shape in enumerate(shapes):
             if not isinstance(shape, (list, tuple)) or len(shape) != 2:
@@ -310,25 +366,43 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
             if h > limit or w > limit or h * p > latent.shape[2] or w * p > latent.shape[3]:
                 raise ValueError(
                     f"patchified_vae_latent_shapes[{i}] = {(h, w)} does not fit: at most {limit} tokens a side "
-                    f"(max_latent_size) and within padded_latent's {tuple(latent.shape[2:])} latent pixels ({p} a token)."
-                )  # fmt: skip
+                    f"(max_latent_size) and within padded_latent's {tuple(latent.shape[2:])} latent pixels "
+                    f"({p} a token)."
+                )
         tokens = sum(h * w for h, w in shapes)
         names = ("packed_latent_position_ids", "packed_vae_token_indexes", "packed_timesteps")
         for name in names:
             if get(name) is None:
                 raise ValueError(f"padded_latent needs {name} (docs/training.md, 'Training inputs').")
-        vae_pos, vae_index = (check_tensor(n, get(n), dims=1, integer=True, rows=tokens,
-                                           fix="One per latent token of patchified_vae_latent_shapes.")
-                              for n in names[:2])  # fmt: skip
-        timesteps = check_tensor("packed_timesteps", get("packed_timesteps"), dims=1, integer=False, rows=tokens,
-                                 fix="One raw timestep per latent token (-inf for a clean image).")  # fmt: skip
+        vae_pos, vae_index = (
+            check_tensor(
+                n,
+                get(n),
+                dims=1,
+                integer=True,
+                rows=tokens,
+                fix="One per latent token of patchified_vae_latent_shapes.",
+            )
+            for n in names[:2]
+        )
+        timesteps = check_tensor(
+            "packed_timesteps",
+            get("packed_timesteps"),
+            dims=1,
+            integer=False,
+            rows=tokens,
+            fix="One raw timestep per latent token (-inf for a clean image).",
+        )
         if get("mse_loss_indexes") is not None:
             check_tensor("mse_loss_indexes", get("mse_loss_indexes"), dims=1, integer=True)
         if get("packed_noise") is not None:
-            check_tensor("packed_noise", get("packed_noise"), dims=2, integer=False, rows=tokens,
-                         columns=p * p * channels)  # fmt: skip
-        ranges += [("packed_vae_token_indexes", vae_index, 0, length, ""),
-                   ("packed_latent_position_ids", vae_pos, 0, limit * limit, f"row * {limit} + col of each token.")]
+            check_tensor(
+                "packed_noise", get("packed_noise"), dims=2, integer=False, rows=tokens, columns=p * p * channels
+            )
+        ranges += [
+            ("packed_vae_token_indexes", vae_index, 0, length, ""),
+            ("packed_latent_position_ids", vae_pos, 0, limit * limit, f"row * {limit} + col of each token."),
+        ]
         conventions.append(_one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps))
 
     if (get("ce_loss_indexes") is None) != (get("packed_label_ids") is None):
@@ -336,13 +410,26 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
         raise ValueError(f"{given} was given without {missing}: the CE loss needs both (one label per index).")
     if get("ce_loss_indexes") is not None:
         ce_index = check_tensor("ce_loss_indexes", get("ce_loss_indexes"), dims=1, integer=True)
-        labels = check_tensor("packed_label_ids", get("packed_label_ids"), dims=1, integer=True, rows=ce_index.shape[0],
-                              fix="One label per index of ce_loss_indexes.")  # fmt: skip
+        labels = check_tensor(
+            "packed_label_ids",
+            get("packed_label_ids"),
+            dims=1,
+            integer=True,
+            rows=ce_index.shape[0],
+            fix="One label per index of ce_loss_indexes.",
+        )
         if get("ce_loss_weights") is not None:
             check_tensor("ce_loss_weights", get("ce_loss_weights"), dims=1, integer=False, rows=ce_index.shape[0])
-        ranges += [("ce_loss_indexes", ce_index, 0, length, ""),
-                   ("packed_label_ids", labels, 0, model.get_output_embeddings().out_features,
-                    "Labels are token ids (no -100: leave such tokens out of ce_loss_indexes).")]  # fmt: skip
+        ranges += [
+            ("ce_loss_indexes", ce_index, 0, length, ""),
+            (
+                "packed_label_ids",
+                labels,
+                0,
+                model.get_output_embeddings().out_features,
+                "Labels are token ids (no -100: leave such tokens out of ce_loss_indexes).",
+            ),
+        ]
     images = [get(n) for n in ("packed_vit_token_indexes", "packed_vae_token_indexes") if not _empty(get(n))]
     if images:
         conventions.append(_images_in_image_splits(split_lens, attn_modes, torch.cat(images)))
@@ -395,8 +482,10 @@ def _check_values(ranges: list[tuple], conventions: list[tuple[torch.Tensor, str
     for ok, (name, t, lo, hi, fix) in zip(passed, ranges):
         if not ok:
             bad = t[(t < lo) | (t >= hi)].unique()[:5].tolist()
-            raise ValueError(f"{name} must hold values in [0, {hi - 1}]; it holds {bad}"
-                             f"{' among others' if len(bad) == 5 else ''}. {fix}".rstrip())  # fmt: skip
-    for ok, (_, message) in zip(passed[len(ranges):], conventions):
+            raise ValueError(
+                f"{name} must hold values in [0, {hi - 1}]; it holds {bad}"
+                f"{' among others' if len(bad) == 5 else ''}. {fix}".rstrip()
+            )
+    for ok, (_, message) in zip(passed[len(ranges) :], conventions):
         if not ok:
             raise ValueError(message)

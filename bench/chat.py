@@ -9,8 +9,18 @@ figure is HBM bandwidth utilisation.
 import argparse
 
 import torch
-from common import (PEAK_BF16_FLOPS, PEAK_HBM_BYTES_PER_S, Timer, attention_flops, build_model, decoder_weights,
-                    full_size_config, no_stop, report, special_ids)
+from common import (
+    PEAK_BF16_FLOPS,
+    PEAK_HBM_BYTES_PER_S,
+    Timer,
+    attention_flops,
+    build_model,
+    decoder_weights,
+    full_size_config,
+    no_stop,
+    report,
+    special_ids,
+)
 
 
 def main():
@@ -45,13 +55,21 @@ def main():
     vit_tokens = 4900
     prefill_flops = sum(2 * und * n + attention_flops(text, n, n) for n in context.lengths)
     prefill_flops += args.batch * (2 * vit * vit_tokens + attention_flops(config.vision_config, vit_tokens, vit_tokens))
-    kv_bytes_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    kv_bytes_per_token = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 2
+    )
     steps = generated / args.batch
     decode_bytes = steps * 2 * (und + head) + sum(steps * (n + steps / 2) * kv_bytes_per_token for n in context.lengths)
-    report(workload="chat", batch=args.batch, prefill_s=round(t_prefill.seconds, 3),
-           prefill_mfu=round(prefill_flops / t_prefill.seconds / PEAK_BF16_FLOPS, 3),
-           decode_s=round(t_decode.seconds, 3), new_tokens=generated, tokens_per_s=round(generated / t_decode.seconds, 1),
-           decode_hbm_util=round(decode_bytes / t_decode.seconds / PEAK_HBM_BYTES_PER_S, 3))
+    report(
+        workload="chat",
+        batch=args.batch,
+        prefill_s=round(t_prefill.seconds, 3),
+        prefill_mfu=round(prefill_flops / t_prefill.seconds / PEAK_BF16_FLOPS, 3),
+        decode_s=round(t_decode.seconds, 3),
+        new_tokens=generated,
+        tokens_per_s=round(generated / t_decode.seconds, 1),
+        decode_hbm_util=round(decode_bytes / t_decode.seconds / PEAK_HBM_BYTES_PER_S, 3),
+    )
 
 
 if __name__ == "__main__":

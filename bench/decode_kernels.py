@@ -46,14 +46,26 @@ def gemm(name: str, out_features: int, in_features: int, rows: int, args) -> Non
     weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     us = graphed_us(lambda i: F.linear(x, weights[i]), copies)
-    report(kernel=f"linear {name}", rows=rows, shape=[out_features, in_features], us=round(us, 2),
-           tb_per_s=round(weight_bytes / us / 1e6, 2))  # fmt: skip
+    report(
+        kernel=f"linear {name}",
+        rows=rows,
+        shape=[out_features, in_features],
+        us=round(us, 2),
+        tb_per_s=round(weight_bytes / us / 1e6, 2),
+    )
     if args.gemv:  # the Triton GEMV's block sizes, swept: its best against cuBLAS's
         best = sweep_gemv(x, weights, copies, F.linear(x, weights[0]))
         if best is None:
             return
-        report(kernel=f"triton gemv {name}", rows=rows, shape=[out_features, in_features], us=round(best[0], 2),
-               tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
+        report(
+            kernel=f"triton gemv {name}",
+            rows=rows,
+            shape=[out_features, in_features],
+            us=round(best[0], 2),
+            tb_per_s=round(weight_bytes / best[0] / 1e6, 2),
+            vs_cublas=round(us / best[0], 3),
+            config=best[1],
+        )
 
 
 def gated(rows: int, args) -> None:
@@ -63,8 +75,13 @@ def gated(rows: int, args) -> None:
 
     weight_bytes = 2 * INTER * HIDDEN * 2
     copies = max(2, L2_FLUSH_BYTES // weight_bytes)
-    pairs = [(torch.randn(INTER, HIDDEN, device="cuda", dtype=torch.bfloat16),
-              torch.randn(INTER, HIDDEN, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]  # fmt: skip
+    pairs = [
+        (
+            torch.randn(INTER, HIDDEN, device="cuda", dtype=torch.bfloat16),
+            torch.randn(INTER, HIDDEN, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(copies)
+    ]
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     swiglu = lambda inputs, pair: silu_mul(F.linear(inputs, pair[0]), F.linear(inputs, pair[1]))  # noqa: E731
     us = graphed_us(lambda i: swiglu(x, pairs[i]), copies)
@@ -79,8 +96,14 @@ def gated(rows: int, args) -> None:
     for name, (expected, extra) in forms.items():
         best = sweep_gemv(x, pairs, copies, expected, **extra)
         if best is not None:
-            report(kernel=f"triton gemv {name}", rows=rows, us=round(best[0], 2),
-                   tb_per_s=round(weight_bytes / best[0] / 1e6, 2), vs_cublas=round(us / best[0], 3), config=best[1])  # fmt: skip
+            report(
+                kernel=f"triton gemv {name}",
+                rows=rows,
+                us=round(best[0], 2),
+                tb_per_s=round(weight_bytes / best[0] / 1e6, 2),
+                vs_cublas=round(us / best[0], 3),
+                config=best[1],
+            )
 
 
 def norm(rows: int) -> None:
@@ -135,8 +158,9 @@ def attention(batch: int, cached: int) -> None:
     capacity = cached + 128
     layer_bytes = 2 * batch * capacity * KV_HEADS * HEAD_DIM * 2
     copies = max(2, L2_FLUSH_BYTES // layer_bytes)
-    caches = [torch.randn(2, batch * capacity, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-              for _ in range(copies)]  # fmt: skip
+    caches = [
+        torch.randn(2, batch * capacity, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(copies)
+    ]
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     cu_k = cu_q * capacity
@@ -144,18 +168,28 @@ def attention(batch: int, cached: int) -> None:
     used = torch.full((batch,), cached + 1, dtype=torch.int32, device="cuda")
     read_bytes = 2 * batch * (cached + 1) * KV_HEADS * HEAD_DIM * 2
     variants = {
-        "triton decode_attention (and cache write)": lambda i: decode_attention(q, new_kv, new_kv, *caches[i], used,
-                                                                                capacity),  # fmt: skip
-        "varlen, used keys": lambda i: varlen_kernel(q, caches[i][0], caches[i][1], cu_q, cu_k, 1, capacity,
-                                                     False, used),  # fmt: skip
+        "triton decode_attention (and cache write)": lambda i: decode_attention(
+            q, new_kv, new_kv, *caches[i], used, capacity
+        ),
+        "varlen, used keys": lambda i: varlen_kernel(
+            q, caches[i][0], caches[i][1], cu_q, cu_k, 1, capacity, False, used
+        ),
         "sdpa gqa, exact length": lambda i: F.scaled_dot_product_attention(
-            q[:, :, None], caches[i][0].view(batch, capacity, KV_HEADS, HEAD_DIM)[:, : cached + 1].transpose(1, 2),
-            caches[i][1].view(batch, capacity, KV_HEADS, HEAD_DIM)[:, : cached + 1].transpose(1, 2), enable_gqa=True),
+            q[:, :, None],
+            caches[i][0].view(batch, capacity, KV_HEADS, HEAD_DIM)[:, : cached + 1].transpose(1, 2),
+            caches[i][1].view(batch, capacity, KV_HEADS, HEAD_DIM)[:, : cached + 1].transpose(1, 2),
+            enable_gqa=True,
+        ),
     }
     for name, run in variants.items():
         us = graphed_us(run, copies)
-        report(kernel=f"attention {name}", batch=batch, cached=cached, us=round(us, 2),
-               tb_per_s=round(read_bytes / us / 1e6, 2))  # fmt: skip
+        report(
+            kernel=f"attention {name}",
+            batch=batch,
+            cached=cached,
+            us=round(us, 2),
+            tb_per_s=round(read_bytes / us / 1e6, 2),
+        )
 
 
 def main():
@@ -164,9 +198,16 @@ def main():
     args = parser.parse_args()
     import_repo()
     torch.manual_seed(0)
-    shapes = {"q": (HEADS * HEAD_DIM, HIDDEN), "k or v": (KV_HEADS * HEAD_DIM, HIDDEN), "q+k+v stacked": (
-        (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "o": (HIDDEN, HEADS * HEAD_DIM), "gate or up": (INTER, HIDDEN),
-        "gate+up stacked": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm head": (VOCAB, HIDDEN)}
+    shapes = {
+        "q": (HEADS * HEAD_DIM, HIDDEN),
+        "k or v": (KV_HEADS * HEAD_DIM, HIDDEN),
+        "q+k+v stacked": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+        "o": (HIDDEN, HEADS * HEAD_DIM),
+        "gate or up": (INTER, HIDDEN),
+        "gate+up stacked": (2 * INTER, HIDDEN),
+        "down": (HIDDEN, INTER),
+        "lm head": (VOCAB, HIDDEN),
+    }
     for rows in (1, 16):
         for name, (out_features, in_features) in shapes.items():
             gemm(name, out_features, in_features, rows, args)

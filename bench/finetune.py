@@ -36,8 +36,10 @@ def parse_mode(mode: str) -> tuple[str, float]:
     except ValueError:
         fraction = -1.0
     if kind not in MODES or not 0.0 <= fraction <= 1.0:
-        raise SystemExit(f"Unknown mode {mode!r}: one of {', '.join(MODES)}, each optionally with +ac "
-                         "(every layer) or +acF (a fraction F of the layers, e.g. lora+ac0.25).")  # fmt: skip
+        raise SystemExit(
+            f"Unknown mode {mode!r}: one of {', '.join(MODES)}, each optionally with +ac "
+            "(every layer) or +acF (a fraction F of the layers, e.g. lora+ac0.25)."
+        )
     return kind, fraction
 
 
@@ -53,9 +55,15 @@ def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, finetune.warmup_cosine(cfg))
     batch = packed_batch(config, device=device, t2i_samples=12, und_samples=2, und_text=600)
     step = lambda: finetune.train_step(model, batch, cfg, optimizer, scheduler, params, None)  # noqa: E731
-    result = dict(workload="finetune", mode=mode, gpus=dist.get_world_size(), tokens=batch["sequence_length"],
-                  optimizer=cfg["optimizer"], activation_checkpointing=fraction,
-                  trained_params=sum(p.numel() for p in params))  # DTensor numel: the whole tensor  # fmt: skip
+    result = dict(
+        workload="finetune",
+        mode=mode,
+        gpus=dist.get_world_size(),
+        tokens=batch["sequence_length"],
+        optimizer=cfg["optimizer"],
+        activation_checkpointing=fraction,
+        trained_params=sum(p.numel() for p in params),
+    )  # DTensor numel: the whole tensor
     try:
         for _ in range(2):  # warm-up: optimizer state (torchao compiles its step), allocator
             step()
@@ -64,8 +72,11 @@ def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
             for _ in range(steps):
                 step()
         seconds = t.seconds / steps
-        result.update(seconds=round(seconds, 4), tokens_per_s=round(batch["sequence_length"] / seconds),
-                      mfu=round(train_flops(config, batch, kind) / seconds / PEAK_BF16_FLOPS, 3))  # fmt: skip
+        result.update(
+            seconds=round(seconds, 4),
+            tokens_per_s=round(batch["sequence_length"] / seconds),
+            mfu=round(train_flops(config, batch, kind) / seconds / PEAK_BF16_FLOPS, 3),
+        )
     except torch.OutOfMemoryError:
         result.update(error="out of memory")
     if dist.get_rank() == 0:
@@ -78,8 +89,9 @@ def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modes", default="lora+ac0.25,lora+ac,gen+ac0.5,gen+ac",
-                        help="comma-separated, e.g. lora+ac0.25,gen+ac")  # fmt: skip
+    parser.add_argument(
+        "--modes", default="lora+ac0.25,lora+ac,gen+ac0.5,gen+ac", help="comma-separated, e.g. lora+ac0.25,gen+ac"
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gpus", type=int, default=1, help="> 1: relaunch under torchrun with this many GPUs")
     args = parser.parse_args()
@@ -88,8 +100,13 @@ def main():
 
         torchrun(["--standalone", f"--nproc_per_node={args.gpus}", __file__, *sys.argv[1:]])
         return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost"),
-                       ("MASTER_PORT", "29511")):  # fmt: skip
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "localhost"),
+        ("MASTER_PORT", "29511"),
+    ):
         os.environ.setdefault(key, value)
     finetune = load_example("finetune")
     _, world, device = finetune.init_distributed()

@@ -37,8 +37,13 @@ def main():
         params = sum(p.numel() for p in model.parameters())
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in model.parameters())
-        report(workload="load", stage=stage, params_b=round(params / 1e9, 2), load_s=round(t_load.seconds, 2),
-               save_s=round(t_save.seconds, 2))
+        report(
+            workload="load",
+            stage=stage,
+            params_b=round(params / 1e9, 2),
+            load_s=round(t_load.seconds, 2),
+            save_s=round(t_save.seconds, 2),
+        )
         del model
         gc.collect()
         torch.cuda.empty_cache()

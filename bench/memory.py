@@ -44,8 +44,8 @@ def _bnb(**kwargs):
 
 
 def _torchao(kind: str):
-    from transformers import TorchAoConfig
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
 
     return TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig())
 
@@ -84,14 +84,21 @@ class Workload:
     def params(self, steps: int):
         from bagel_remote.guidance_bagel import GuidanceParams
 
-        return GuidanceParams(num_timesteps=steps, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0,
-                              cfg_interval=(0.4, 1.0), cfg_renorm_type="global")
+        return GuidanceParams(
+            num_timesteps=steps,
+            timestep_shift=3.0,
+            cfg_text_scale=4.0,
+            cfg_img_scale=1.0,
+            cfg_interval=(0.4, 1.0),
+            cfg_renorm_type="global",
+        )
 
     def t2i(self, model, steps: int):
         sizes = [(self.size, self.size)]
         context = model.add_text_tokens(model.new_context(), [self.prompt], self.special)
-        latents = model.generate_latents(context, model.new_context(), context, sizes, self.special,
-                                         self.params(steps), init_noise=self.noise)
+        latents = model.generate_latents(
+            context, model.new_context(), context, sizes, self.special, self.params(steps), init_noise=self.noise
+        )
         return latents, model.decode_latents(latents, sizes)
 
     def velocity(self, model) -> torch.Tensor:
@@ -111,7 +118,11 @@ class Workload:
 def ensure_checkpoint(directory: Path, workload_args) -> None:
     """Build the random full-size model on the GPU, keep its bf16 reference outputs and save it."""
     reference = directory / "reference.pt"
-    if reference.is_file() and torch.load(reference)["size"] == workload_args.size and (directory / "ema.safetensors").is_file():
+    if (
+        reference.is_file()
+        and torch.load(reference)["size"] == workload_args.size
+        and (directory / "ema.safetensors").is_file()
+    ):
         return
     torch.manual_seed(0)
     config = full_size_config()
@@ -147,8 +158,14 @@ def run_mode(name: str, directory: Path, args) -> None:
     model = BagelForUnifiedMultimodal.from_pretrained(directory, stage=stage, dtype=torch.bfloat16, **kwargs)
     torch.cuda.synchronize()
     load_s = time.perf_counter() - start
-    result = {"workload": "memory", "mode": name, "cap_gb": cap, "stage": stage, "load_s": round(load_s, 1),
-              "weights_gb": round(torch.cuda.memory_allocated() / GB, 2)}  # fmt: skip
+    result = {
+        "workload": "memory",
+        "mode": name,
+        "cap_gb": cap,
+        "stage": stage,
+        "load_s": round(load_s, 1),
+        "weights_gb": round(torch.cuda.memory_allocated() / GB, 2),
+    }
     devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
     result["devices"] = devices
     work = Workload(model.config, args)
@@ -168,8 +185,10 @@ def run_mode(name: str, directory: Path, args) -> None:
         torch.cuda.reset_peak_memory_stats()
         with Timer() as t:
             ids = model.generate_text_ids(context, work.no_stop, max_length=args.new_tokens + 1)
-        result.update(chat_tokens_per_s=round((len(ids[0]) - 1) / t.seconds, 1),
-                      chat_peak_gb=round(torch.cuda.max_memory_allocated() / GB, 2))
+        result.update(
+            chat_tokens_per_s=round((len(ids[0]) - 1) / t.seconds, 1),
+            chat_peak_gb=round(torch.cuda.max_memory_allocated() / GB, 2),
+        )
     report(size=args.size, steps=args.steps, new_tokens=args.new_tokens, **result)
     del model, context
     gc.collect()
@@ -183,8 +202,12 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--headroom-gb", type=float, default=4.0,
-                        help="GPU memory the offload modes keep free of weights (activations, staging)")
+    parser.add_argument(
+        "--headroom-gb",
+        type=float,
+        default=4.0,
+        help="GPU memory the offload modes keep free of weights (activations, staging)",
+    )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))

@@ -32,13 +32,16 @@ def t2i(model, special, args):
 def decode(model, special, args):
     stop_never = no_stop(special)
     image = torch.rand(3, 980, 980, device="cuda") * 2 - 1
-    context = model.add_text_tokens(model.add_vit_images(model.new_context(1), [image], special), [list(range(30))],
-                                    special)  # fmt: skip
+    context = model.add_text_tokens(
+        model.add_vit_images(model.new_context(1), [image], special), [list(range(30))], special
+    )
     run = lambda: model.generate_text_ids(context, stop_never, max_length=args.tokens)
     run()
     with Timer() as t:
         run()
-    return run, dict(tokens=args.tokens, seconds=round(t.seconds, 4), ms_per_token=round(1000 * t.seconds / args.tokens, 2))
+    return run, dict(
+        tokens=args.tokens, seconds=round(t.seconds, 4), ms_per_token=round(1000 * t.seconds / args.tokens, 2)
+    )
 
 
 def train(model, special, args):
@@ -60,8 +63,9 @@ KERNEL_KINDS = {  # first match wins: flash's split-KV kernels also say "splitk"
 
 def _gpu_events(prof) -> list:
     """The profile's GPU kernels and copies, by start time."""
-    return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                  key=lambda e: e.time_range.start)  # fmt: skip
+    return sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start
+    )
 
 
 def gpu_time_split(prof) -> dict:
@@ -83,7 +87,7 @@ def print_last_step(prof, steps: int) -> None:
     call's few setup copies shift it by a few kernels). What each kernel of a step takes: the table
     above sums kernels of one name, e.g. every GEMV shape together."""
     events = _gpu_events(prof)
-    last = events[-(len(events) // steps):]
+    last = events[-(len(events) // steps) :]
     for before, event in zip([None, *last], last):
         gap = 0 if before is None else event.time_range.start - before.time_range.end
         print(f"{event.time_range.elapsed_us():8.2f} us  gap {gap:6.2f}  {event.name[:90]}")

@@ -55,8 +55,9 @@ def edit(model, special, rng):
     images = model.add_vit_images(images, [image[:, : size // 14 * 14, : size // 14 * 14]], special)
     full = model.add_text_tokens(images, prompt, special)
     text_only = model.add_text_tokens(model.new_context(1), prompt, special)
-    params = GuidanceParams(num_timesteps=rng.randint(3, 4), cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                            cfg_renorm_type="text_channel")  # fmt: skip
+    params = GuidanceParams(
+        num_timesteps=rng.randint(3, 4), cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel"
+    )
     latents = model.generate_latents(full, images, text_only, [(size, size)], special, params)
     model.decode_latents(latents, [(size, size)])
 
@@ -92,20 +93,35 @@ def main():
             baseline = memory()
         if calls % 50 == 0:
             m = memory()
-            print(f"call {calls:5d}  {time.perf_counter() - start:7.1f} s  allocated {m['allocated'] / 1e9:7.3f} GB  "
-                  f"reserved {m['reserved'] / 1e9:7.3f} GB  decode pool {m['pool'] / MB:8.1f} MB "
-                  f"({len(pool.runners)} shapes, {pool.captures} captures)", flush=True)  # fmt: skip
+            print(
+                f"call {calls:5d}  {time.perf_counter() - start:7.1f} s  allocated {m['allocated'] / 1e9:7.3f} GB  "
+                f"reserved {m['reserved'] / 1e9:7.3f} GB  decode pool {m['pool'] / MB:8.1f} MB "
+                f"({len(pool.runners)} shapes, {pool.captures} captures)",
+                flush=True,
+            )
     seconds = time.perf_counter() - start
     end = memory()
     growth = {}
     if baseline is not None:
         outside_pool = lambda m: m["allocated"] - m["pool"]
-        growth = dict(growth_mb=round((outside_pool(end) - outside_pool(baseline)) / MB, 1),
-                      allocated_growth_mb=round((end["allocated"] - baseline["allocated"]) / MB, 1),
-                      reserved_growth_mb=round((end["reserved"] - baseline["reserved"]) / MB, 1))  # fmt: skip
-    report(workload="soak", calls=calls, **counts, seconds=round(seconds, 1), calls_per_s=round(calls / seconds, 2),
-           settle_calls=args.settle, **growth, pool_mb=round(end["pool"] / MB, 1), captures=pool.captures,
-           allocated_gb=round(end["allocated"] / 1e9, 3), reserved_gb=round(end["reserved"] / 1e9, 3))  # fmt: skip
+        growth = dict(
+            growth_mb=round((outside_pool(end) - outside_pool(baseline)) / MB, 1),
+            allocated_growth_mb=round((end["allocated"] - baseline["allocated"]) / MB, 1),
+            reserved_growth_mb=round((end["reserved"] - baseline["reserved"]) / MB, 1),
+        )
+    report(
+        workload="soak",
+        calls=calls,
+        **counts,
+        seconds=round(seconds, 1),
+        calls_per_s=round(calls / seconds, 2),
+        settle_calls=args.settle,
+        **growth,
+        pool_mb=round(end["pool"] / MB, 1),
+        captures=pool.captures,
+        allocated_gb=round(end["allocated"] / 1e9, 3),
+        reserved_gb=round(end["reserved"] / 1e9, 3),
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import (PEAK_BF16_FLOPS, Timer, attention_flops, build_model, decoder_weights, full_size_config, report,
-                    special_ids, tiny_config)
+from common import (
+    PEAK_BF16_FLOPS,
+    Timer,
+    attention_flops,
+    build_model,
+    decoder_weights,
+    full_size_config,
+    report,
+    special_ids,
+    tiny_config,
+)
 
 DEFAULT_LAYOUTS = {2: ["cfg=2", "sp=2", "batch=2"], 4: ["cfg=2,sp=2", "sp=4", "batch=4", "batch=2,cfg=2"]}
 
@@ -80,8 +89,14 @@ def main():
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
     special = special_ids(config)
-    params = GuidanceParams(num_timesteps=args.steps, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0,
-                            cfg_interval=(0.4, 1.0), cfg_renorm_type="global")  # fmt: skip
+    params = GuidanceParams(
+        num_timesteps=args.steps,
+        timestep_shift=3.0,
+        cfg_text_scale=4.0,
+        cfg_img_scale=1.0,
+        cfg_interval=(0.4, 1.0),
+        cfg_renorm_type="global",
+    )
     vocab = config.text_config.vocab_size
     dim = config.latent_patch_size**2 * model.model.latent_channel
     grid = args.size // (model.vae.downsample * config.latent_patch_size)
@@ -101,8 +116,17 @@ def main():
         context = model.add_text_tokens(model.new_context(len(prompts)), prompts, special)
         noise = [torch.randn(grid * grid, dim, generator=torch.Generator().manual_seed(s)) for s in seeds]
         sizes = [(args.size, args.size)] * len(prompts)
-        latents = model.generate_latents(context, model.new_context(len(prompts)), context, sizes, special, params,
-                                         init_noise=noise, parallel=parallel, step_cache=step_cache)  # fmt: skip
+        latents = model.generate_latents(
+            context,
+            model.new_context(len(prompts)),
+            context,
+            sizes,
+            special,
+            params,
+            init_noise=noise,
+            parallel=parallel,
+            step_cache=step_cache,
+        )
         images = model.decode_latents(latents, sizes)
         assert all(torch.isfinite(image).all() for image in images)
         decoded[:] = [image.float().cpu() for image in images]
@@ -127,11 +151,15 @@ def main():
 
     def flops() -> float:
         gen, und = decoder_weights(model, "gen"), decoder_weights(model, "und")
-        return sum(2 * gen * n + 2 * und * 2 + attention_flops(config.text_config, n + 2, length + n + 2)
-                   for length, n in forwards)  # fmt: skip
+        return sum(
+            2 * gen * n + 2 * und * 2 + attention_flops(config.text_config, n + 2, length + n + 2)
+            for length, n in forwards
+        )
 
-    requests = lambda n: [torch.randint(0, vocab, (30,), generator=torch.Generator().manual_seed(i)).tolist()  # noqa: E731
-                          for i in range(n)]  # fmt: skip
+    requests = lambda n: [
+        torch.randint(0, vocab, (30,), generator=torch.Generator().manual_seed(i)).tolist()  # noqa: E731
+        for i in range(n)
+    ]
     single: dict[int, tuple[float, list, float]] = {}  # requests -> (seconds, latents, FLOPs) on one GPU
 
     def one_gpu(n: int) -> tuple[float, list, float]:
@@ -139,11 +167,20 @@ def main():
             run = lambda: generate(requests(n), list(range(n)), None)  # noqa: E731
             seconds, latents = timed(run, all_ranks=False)
             single[n] = seconds, latents, flops()
-            report(workload="t2i", gpus=1, layout="single", size=args.size, steps=args.steps, requests=n,
-                   seconds=round(seconds, 3), seconds_per_image=round(seconds / n, 3),
-                   latent_tokens_per_s=round(sum(c for _, c in forwards) / seconds),
-                   mfu=round(flops() / seconds / PEAK_BF16_FLOPS, 3), branch_passes=len(forwards) // n,
-                   bitwise_repeats=repeats_equal[id(run)])  # fmt: skip
+            report(
+                workload="t2i",
+                gpus=1,
+                layout="single",
+                size=args.size,
+                steps=args.steps,
+                requests=n,
+                seconds=round(seconds, 3),
+                seconds_per_image=round(seconds / n, 3),
+                latent_tokens_per_s=round(sum(c for _, c in forwards) / seconds),
+                mfu=round(flops() / seconds / PEAK_BF16_FLOPS, 3),
+                branch_passes=len(forwards) // n,
+                bitwise_repeats=repeats_equal[id(run)],
+            )
         return single[n]
 
     if args.gpus == 1:
@@ -156,12 +193,22 @@ def main():
             seconds, latents = timed(run, all_ranks=False)
             ref_seconds, ref_latents, _ = single[n]
             relative = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-            report(workload="t2i", gpus=1, layout="single", step_cache=spec, size=args.size, steps=args.steps,
-                   requests=n, seconds=round(seconds, 3), seconds_per_image=round(seconds / n, 3),
-                   speedup_vs_exact=round(ref_seconds / seconds, 3), branch_passes=len(forwards) // n,
-                   latent_rel_err=round(max(relative(a, b) for a, b in zip(latents, ref_latents)), 5),
-                   image_rel_err=round(max(relative(a, b) for a, b in zip(decoded, exact_images)), 5),
-                   bitwise_repeats=repeats_equal[id(run)])  # fmt: skip
+            report(
+                workload="t2i",
+                gpus=1,
+                layout="single",
+                step_cache=spec,
+                size=args.size,
+                steps=args.steps,
+                requests=n,
+                seconds=round(seconds, 3),
+                seconds_per_image=round(seconds / n, 3),
+                speedup_vs_exact=round(ref_seconds / seconds, 3),
+                branch_passes=len(forwards) // n,
+                latent_rel_err=round(max(relative(a, b) for a, b in zip(latents, ref_latents)), 5),
+                image_rel_err=round(max(relative(a, b) for a, b in zip(decoded, exact_images)), 5),
+                bitwise_repeats=repeats_equal[id(run)],
+            )
         return
     for text in args.layouts or DEFAULT_LAYOUTS.get(args.gpus, [f"batch={args.gpus}"]):
         layout = ParallelLayout.of(parse_layout(text), device)
@@ -177,13 +224,21 @@ def main():
         seconds, latents = timed(run, all_ranks=True)
         if rank == 0:
             ref_seconds, ref_latents, ref_flops = single[n]  # the workload's FLOPs are one GPU's
-            report(workload="t2i", gpus=args.gpus, layout=text, size=args.size, steps=args.steps, requests=n,
-                   seconds=round(seconds, 3), seconds_per_image=round(seconds / n, 3),
-                   speedup_vs_1gpu=round(ref_seconds / seconds, 3),
-                   mfu_per_gpu=round(ref_flops / seconds / args.gpus / PEAK_BF16_FLOPS, 3),
-                   max_abs_diff_vs_1gpu=max((a - b).abs().max().item() for a, b in zip(latents, ref_latents)),
-                   max_abs_latent=max(b.abs().max().item() for b in ref_latents),
-                   bitwise_repeats=repeats_equal[id(run)])  # fmt: skip
+            report(
+                workload="t2i",
+                gpus=args.gpus,
+                layout=text,
+                size=args.size,
+                steps=args.steps,
+                requests=n,
+                seconds=round(seconds, 3),
+                seconds_per_image=round(seconds / n, 3),
+                speedup_vs_1gpu=round(ref_seconds / seconds, 3),
+                mfu_per_gpu=round(ref_flops / seconds / args.gpus / PEAK_BF16_FLOPS, 3),
+                max_abs_diff_vs_1gpu=max((a - b).abs().max().item() for a, b in zip(latents, ref_latents)),
+                max_abs_latent=max(b.abs().max().item() for b in ref_latents),
+                bitwise_repeats=repeats_equal[id(run)],
+            )
     dist.destroy_process_group()
 
 
@@ -200,8 +255,12 @@ def run_upstream(args) -> None:
     subprocess on this GPU: its JSON line, tagged."""
     tool = Path(__file__).resolve().parents[2] / "shared" / "tools" / "bench_upstream.py"
     env = dict(os.environ, UPSTREAM_BAGEL=args.upstream, PYTHONPATH=args.upstream_path)
-    done = subprocess.run([sys.executable, str(tool), "--taylorseer", "--steps", str(args.steps), "--size",
-                           str(args.size)], env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(tool), "--taylorseer", "--steps", str(args.steps), "--size", str(args.size)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise SystemExit(f"bench_upstream.py failed ({done.returncode}):\n{done.stderr[-4000:]}")

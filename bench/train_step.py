@@ -12,8 +12,9 @@ import torch
 from common import PEAK_BF16_FLOPS, Timer, build_model, full_size_config, report, train_flops
 
 
-def packed_batch(config, device="cuda", t2i_samples=5, und_samples=2, text_len=30, latent_side=32, vit_side=35,
-                 und_text=200):
+def packed_batch(
+    config, device="cuda", t2i_samples=5, und_samples=2, text_len=30, latent_side=32, vit_side=35, und_text=200
+):
     """The collator's packed inputs for the workload above (random ids and pixels)."""
     p = config.latent_patch_size
     z = int(config.vae_config["z_channels"])
@@ -112,8 +113,14 @@ def main():
             step()
     seconds = t.seconds / args.steps
     tokens = batch["sequence_length"]
-    report(workload="train_step", layers=args.layers, tokens=tokens, seconds=round(seconds, 4),
-           tokens_per_s=round(tokens / seconds), mfu=round(train_flops(config, batch) / seconds / PEAK_BF16_FLOPS, 3))
+    report(
+        workload="train_step",
+        layers=args.layers,
+        tokens=tokens,
+        seconds=round(seconds, 4),
+        tokens_per_s=round(tokens / seconds),
+        mfu=round(train_flops(config, batch) / seconds / PEAK_BF16_FLOPS, 3),
+    )
 
 
 if __name__ == "__main__":

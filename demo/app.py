@@ -79,8 +79,9 @@ def quantization_config(name: str):
     raise ValueError(f"Unknown --quantization {name!r}: use {', '.join(QUANTIZATION)}.")
 
 
-def load_model(model: str = TINY, quantization: str | None = None, stage: int | None = None,
-               device_map: str | None = None):  # fmt: skip
+def load_model(
+    model: str = TINY, quantization: str | None = None, stage: int | None = None, device_map: str | None = None
+):
     """The BAGEL model to serve, and the line of Python that loads it so (for the "as code" box)."""
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda else "float32"
@@ -102,8 +103,11 @@ def load_model(model: str = TINY, quantization: str | None = None, stage: int | 
         load_model.tmp = tempfile.TemporaryDirectory(prefix="bagel-demo-tiny-")
         model = str(make_tiny_checkpoint(Path(load_model.tmp.name) / "bagel-tiny"))
         name = "bagel-tiny"  # python scripts/make_tiny_checkpoint.py --out bagel-tiny
-    line = f"AutoModel.from_pretrained({name!r}, trust_remote_code=True, " + ", ".join(
-        f"{k}={v}" for k, v in shown.items()) + ")"  # fmt: skip
+    line = (
+        f"AutoModel.from_pretrained({name!r}, trust_remote_code=True, "
+        + ", ".join(f"{k}={v}" for k, v in shown.items())
+        + ")"
+    )
     if IN_CLONE:  # the clone's code, also for checkpoints without it (the released repository)
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -133,8 +137,10 @@ def user_errors(fn):
             raise gr.Error(str(e), title="Invalid input") from None
         except torch.OutOfMemoryError:
             logger.exception("out of memory")
-            raise gr.Error("Out of memory: try fewer images, a smaller aspect ratio or fewer thinking tokens.",
-                           title="Out of memory") from None  # fmt: skip
+            raise gr.Error(
+                "Out of memory: try fewer images, a smaller aspect ratio or fewer thinking tokens.",
+                title="Out of memory",
+            ) from None
         except Exception as e:
             logger.exception("request failed")
             raise gr.Error(f"The model failed ({type(e).__name__}: {e}). Details are in the server log.") from None
@@ -228,33 +234,117 @@ class BagelDemo:
     # --- handlers: generators of output updates ----------------------------------------------
 
     @user_errors
-    def text_to_image(self, prompt, count, think, seed, ratio, cfg_text_scale, cfg_interval_start, cfg_renorm_type,
-                      cfg_renorm_min, num_steps, timestep_shift, step_cache, do_sample, max_think_tokens, temperature,
-                      history, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    def text_to_image(
+        self,
+        prompt,
+        count,
+        think,
+        seed,
+        ratio,
+        cfg_text_scale,
+        cfg_interval_start,
+        cfg_renorm_type,
+        cfg_renorm_min,
+        num_steps,
+        timestep_shift,
+        step_cache,
+        do_sample,
+        max_think_tokens,
+        temperature,
+        history,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         prompt = check_prompt(prompt)
         height, width = self.image_size(ratio)
-        kwargs = dict(height=height, width=width, num_steps=int(num_steps), cfg_text_scale=float(cfg_text_scale),
-                      cfg_interval=(float(cfg_interval_start), 1.0), cfg_renorm_type=cfg_renorm_type,
-                      cfg_renorm_min=float(cfg_renorm_min), timestep_shift=float(timestep_shift))  # fmt: skip
-        yield from self._generate("generate_image", [], prompt, count, think, seed, kwargs, step_cache, do_sample,
-                                  max_think_tokens, temperature, history)  # fmt: skip
+        kwargs = dict(
+            height=height,
+            width=width,
+            num_steps=int(num_steps),
+            cfg_text_scale=float(cfg_text_scale),
+            cfg_interval=(float(cfg_interval_start), 1.0),
+            cfg_renorm_type=cfg_renorm_type,
+            cfg_renorm_min=float(cfg_renorm_min),
+            timestep_shift=float(timestep_shift),
+        )
+        yield from self._generate(
+            "generate_image",
+            [],
+            prompt,
+            count,
+            think,
+            seed,
+            kwargs,
+            step_cache,
+            do_sample,
+            max_think_tokens,
+            temperature,
+            history,
+        )
 
     @user_errors
-    def edit(self, image, prompt, count, think, seed, cfg_text_scale, cfg_img_scale, cfg_interval_start,
-             cfg_renorm_type, cfg_renorm_min, num_steps, timestep_shift, step_cache, do_sample, max_think_tokens,
-             temperature, history, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    def edit(
+        self,
+        image,
+        prompt,
+        count,
+        think,
+        seed,
+        cfg_text_scale,
+        cfg_img_scale,
+        cfg_interval_start,
+        cfg_renorm_type,
+        cfg_renorm_min,
+        num_steps,
+        timestep_shift,
+        step_cache,
+        do_sample,
+        max_think_tokens,
+        temperature,
+        history,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         if image is None:
             raise gr.Error("Upload an image to edit first.", title="No image")
         prompt = check_prompt(prompt)
-        kwargs = dict(num_steps=int(num_steps), cfg_text_scale=float(cfg_text_scale),
-                      cfg_img_scale=float(cfg_img_scale), cfg_interval=(float(cfg_interval_start), 1.0),
-                      cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=float(cfg_renorm_min),
-                      timestep_shift=float(timestep_shift))  # fmt: skip
-        yield from self._generate("edit_image", [image], prompt, count, think, seed, kwargs, step_cache, do_sample,
-                                  max_think_tokens, temperature, history)  # fmt: skip
+        kwargs = dict(
+            num_steps=int(num_steps),
+            cfg_text_scale=float(cfg_text_scale),
+            cfg_img_scale=float(cfg_img_scale),
+            cfg_interval=(float(cfg_interval_start), 1.0),
+            cfg_renorm_type=cfg_renorm_type,
+            cfg_renorm_min=float(cfg_renorm_min),
+            timestep_shift=float(timestep_shift),
+        )
+        yield from self._generate(
+            "edit_image",
+            [image],
+            prompt,
+            count,
+            think,
+            seed,
+            kwargs,
+            step_cache,
+            do_sample,
+            max_think_tokens,
+            temperature,
+            history,
+        )
 
-    def _generate(self, method, images, prompt, count, think, seed, kwargs, step_cache, do_sample, max_think_tokens,
-                  temperature, history):  # fmt: skip
+    def _generate(
+        self,
+        method,
+        images,
+        prompt,
+        count,
+        think,
+        seed,
+        kwargs,
+        step_cache,
+        do_sample,
+        max_think_tokens,
+        temperature,
+        history,
+    ):
         count, seed = int(count), resolve_seed(seed)
         if think:
             kwargs.update(think=True, max_think_tokens=int(max_think_tokens), do_sample=bool(do_sample))
@@ -282,8 +372,10 @@ class BagelDemo:
         new = []
         for i, picture in enumerate(pictures):  # request i of a batch is seed + i (alone: the same up to rounding)
             code = as_code(method, args + [repr(prompt)], dict(kwargs, seed=seed + i), target, self.load_line)
-            caption = (f"{'edit' if images else 'text'} · seed {seed + i} · {kwargs['num_steps']} steps · "
-                       f"{picture.width}x{picture.height}")  # all of them in its code
+            caption = (
+                f"{'edit' if images else 'text'} · seed {seed + i} · {kwargs['num_steps']} steps · "
+                f"{picture.width}x{picture.height}"
+            )  # all of them in its code
             new.append(Result(picture, caption, code))
         history = history + new
         if batch:  # the batch's call; each picture's own (seed + i) is in the gallery
@@ -304,6 +396,7 @@ class BagelDemo:
         if do_sample:
             kwargs.update(temperature=float(temperature), seed=resolve_seed(seed))
         code = as_code("chat", ["image", repr(prompt)], kwargs, "answer", self.load_line)
+
         def call(streamer):
             return self.model.chat(image, prompt, streamer=streamer, **kwargs)
 
@@ -325,117 +418,260 @@ class BagelDemo:
         k = {}
         with gr.Accordion("Inference hyperparameters", open=False, elem_id=f"{tab}-knobs"):
             with gr.Row():
-                k["seed"] = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed", elem_id=f"{tab}-seed",
-                                      info="0 for a random seed (shown with the result), positive to reproduce")
+                k["seed"] = gr.Slider(
+                    0,
+                    MAX_SEED,
+                    value=0,
+                    step=1,
+                    label="Seed",
+                    elem_id=f"{tab}-seed",
+                    info="0 for a random seed (shown with the result), positive to reproduce",
+                )
                 if tab == "t2i":
-                    k["ratio"] = gr.Dropdown(list(ASPECT_RATIOS), value="1:1", label="Aspect ratio",
-                                             elem_id="t2i-ratio",
-                                             info=f"width:height, the longer side {self.long_side}")  # fmt: skip
-                k["count"] = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id=f"{tab}-count",
-                                       info="images a prompt, generated as one batch (seeds seed, seed + 1, ...)")
+                    k["ratio"] = gr.Dropdown(
+                        list(ASPECT_RATIOS),
+                        value="1:1",
+                        label="Aspect ratio",
+                        elem_id="t2i-ratio",
+                        info=f"width:height, the longer side {self.long_side}",
+                    )
+                k["count"] = gr.Slider(
+                    1,
+                    MAX_IMAGES,
+                    value=1,
+                    step=1,
+                    label="Images",
+                    elem_id=f"{tab}-count",
+                    info="images a prompt, generated as one batch (seeds seed, seed + 1, ...)",
+                )
             with gr.Row():
-                k["cfg_text_scale"] = gr.Slider(1.0, 8.0, value=4.0, step=0.1, label="Text guidance",
-                                                elem_id=f"{tab}-cfg-text",
-                                                info="how strongly the image follows the prompt")
+                k["cfg_text_scale"] = gr.Slider(
+                    1.0,
+                    8.0,
+                    value=4.0,
+                    step=0.1,
+                    label="Text guidance",
+                    elem_id=f"{tab}-cfg-text",
+                    info="how strongly the image follows the prompt",
+                )
                 if img_scale:
-                    k["cfg_img_scale"] = gr.Slider(1.0, 4.0, value=2.0, step=0.1, label="Image guidance",
-                                                   elem_id=f"{tab}-cfg-img",
-                                                   info="how much of the input image's detail is kept")
-                k["cfg_interval_start"] = gr.Slider(0.0, 1.0, value=interval_start, step=0.1,
-                                                    label="Guidance interval start", elem_id=f"{tab}-cfg-interval",
-                                                    info="guidance applies for t in (start, 1]")
+                    k["cfg_img_scale"] = gr.Slider(
+                        1.0,
+                        4.0,
+                        value=2.0,
+                        step=0.1,
+                        label="Image guidance",
+                        elem_id=f"{tab}-cfg-img",
+                        info="how much of the input image's detail is kept",
+                    )
+                k["cfg_interval_start"] = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=interval_start,
+                    step=0.1,
+                    label="Guidance interval start",
+                    elem_id=f"{tab}-cfg-interval",
+                    info="guidance applies for t in (start, 1]",
+                )
             with gr.Row():
-                k["cfg_renorm_type"] = gr.Dropdown(RENORM_TYPES, value=renorm, label="Renorm type",
-                                                   elem_id=f"{tab}-renorm", info="if the image is blurry, use 'global'")
-                k["cfg_renorm_min"] = gr.Slider(0.0, 1.0, value=0.0, step=0.1, label="Renorm min",
-                                                elem_id=f"{tab}-renorm-min", info="1.0 disables renormalisation")
+                k["cfg_renorm_type"] = gr.Dropdown(
+                    RENORM_TYPES,
+                    value=renorm,
+                    label="Renorm type",
+                    elem_id=f"{tab}-renorm",
+                    info="if the image is blurry, use 'global'",
+                )
+                k["cfg_renorm_min"] = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=0.0,
+                    step=0.1,
+                    label="Renorm min",
+                    elem_id=f"{tab}-renorm-min",
+                    info="1.0 disables renormalisation",
+                )
             with gr.Row():
-                k["num_steps"] = gr.Slider(10, 100, value=50, step=1, label="Denoising steps", elem_id=f"{tab}-steps",
-                                           info="model evaluations (the reference's timesteps count one more)")
-                k["timestep_shift"] = gr.Slider(1.0, shift_max, value=3.0, step=0.5, label="Timestep shift",
-                                                elem_id=f"{tab}-shift", info="higher for layout, lower for detail")
+                k["num_steps"] = gr.Slider(
+                    10,
+                    100,
+                    value=50,
+                    step=1,
+                    label="Denoising steps",
+                    elem_id=f"{tab}-steps",
+                    info="model evaluations (the reference's timesteps count one more)",
+                )
+                k["timestep_shift"] = gr.Slider(
+                    1.0,
+                    shift_max,
+                    value=3.0,
+                    step=0.5,
+                    label="Timestep shift",
+                    elem_id=f"{tab}-shift",
+                    info="higher for layout, lower for detail",
+                )
             with gr.Row(visible=self.step_cache):
-                k["step_cache"] = gr.Dropdown(["off", *STEP_CACHES], value="off", label="Step cache",
-                                              visible=self.step_cache, elem_id=f"{tab}-step-cache",
-                                              info="predict the decoder on some steps: faster, approximate")
+                k["step_cache"] = gr.Dropdown(
+                    ["off", *STEP_CACHES],
+                    value="off",
+                    label="Step cache",
+                    visible=self.step_cache,
+                    elem_id=f"{tab}-step-cache",
+                    info="predict the decoder on some steps: faster, approximate",
+                )
             with gr.Group(visible=False) as thinking_knobs:
                 with gr.Row():
-                    k["do_sample"] = gr.Checkbox(label="Sampling", value=False, elem_id=f"{tab}-sample",
-                                                 info="sample the thinking text (else greedy)")
-                    k["max_think_tokens"] = gr.Slider(64, 4096, value=1024, step=64, label="Max thinking tokens",
-                                                      elem_id=f"{tab}-think-tokens")
-                    k["temperature"] = gr.Slider(0.1, 1.0, value=0.3, step=0.1, label="Temperature",
-                                                 elem_id=f"{tab}-temperature")
+                    k["do_sample"] = gr.Checkbox(
+                        label="Sampling",
+                        value=False,
+                        elem_id=f"{tab}-sample",
+                        info="sample the thinking text (else greedy)",
+                    )
+                    k["max_think_tokens"] = gr.Slider(
+                        64, 4096, value=1024, step=64, label="Max thinking tokens", elem_id=f"{tab}-think-tokens"
+                    )
+                    k["temperature"] = gr.Slider(
+                        0.1, 1.0, value=0.3, step=0.1, label="Temperature", elem_id=f"{tab}-temperature"
+                    )
         return k, thinking_knobs
 
     def _image_tab(self, tab: str, history, history_gallery):
         edit = tab == "edit"
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Input image", type="pil", image_mode=None, format="png",
-                                 sources=["upload", "clipboard"], elem_id="edit-input") if edit else None  # fmt: skip
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt",
-                                    placeholder="What to change" if edit else "What to draw")
-                think = gr.Checkbox(label="Thinking", value=False, elem_id=f"{tab}-think",
-                                    info="the model writes a plan first")
+                image = (
+                    gr.Image(
+                        label="Input image",
+                        type="pil",
+                        image_mode=None,
+                        format="png",
+                        sources=["upload", "clipboard"],
+                        elem_id="edit-input",
+                    )
+                    if edit
+                    else None
+                )
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    lines=2,
+                    elem_id=f"{tab}-prompt",
+                    placeholder="What to change" if edit else "What to draw",
+                )
+                think = gr.Checkbox(
+                    label="Thinking", value=False, elem_id=f"{tab}-think", info="the model writes a plan first"
+                )
                 button = gr.Button("Edit" if edit else "Generate", variant="primary", elem_id=f"{tab}-run")
                 knobs, thinking_knobs = self._image_knobs(
-                    tab, 0.0 if edit else 0.4, "text_channel" if edit else "global", img_scale=edit,
-                    shift_max=10.0 if edit else 5.0)  # fmt: skip
+                    tab,
+                    0.0 if edit else 0.4,
+                    "text_channel" if edit else "global",
+                    img_scale=edit,
+                    shift_max=10.0 if edit else 5.0,
+                )
             with gr.Column():
                 thinking = gr.Textbox(label="Thinking", lines=4, visible=False, elem_id=f"{tab}-thinking")
-                gallery = gr.Gallery(label="Result", format="png", columns=2, height=360, preview=False,
-                                     elem_id=f"{tab}-gallery")  # fmt: skip
+                gallery = gr.Gallery(
+                    label="Result", format="png", columns=2, height=360, preview=False, elem_id=f"{tab}-gallery"
+                )
                 code = gr.Code(label="As code", language="python", elem_id=f"{tab}-code")
-        think.change(lambda on: (gr.update(visible=on), gr.update(visible=on)), think, [thinking, thinking_knobs],
-                     queue=False)  # fmt: skip
+        think.change(
+            lambda on: (gr.update(visible=on), gr.update(visible=on)), think, [thinking, thinking_knobs], queue=False
+        )
         names = (["cfg_text_scale", "cfg_img_scale"] if edit else ["ratio", "cfg_text_scale"]) + [
-            "cfg_interval_start", "cfg_renorm_type", "cfg_renorm_min", "num_steps", "timestep_shift", "step_cache",
-            "do_sample", "max_think_tokens", "temperature"]  # the handler's arguments after the seed
+            "cfg_interval_start",
+            "cfg_renorm_type",
+            "cfg_renorm_min",
+            "num_steps",
+            "timestep_shift",
+            "step_cache",
+            "do_sample",
+            "max_think_tokens",
+            "temperature",
+        ]  # the handler's arguments after the seed
         order = ([image] if edit else []) + [prompt, knobs["count"], think, knobs["seed"]]
         order += [knobs[n] for n in names] + [history]
         # The shared gallery follows the history only after a success (an error marks only this tab's outputs).
-        gr.on([button.click, prompt.submit], self.edit if edit else self.text_to_image, order,
-              [thinking, gallery, code, history], concurrency_id="model", api_name=tab).success(
-            self._gallery, history, history_gallery, queue=False)  # fmt: skip
+        gr.on(
+            [button.click, prompt.submit],
+            self.edit if edit else self.text_to_image,
+            order,
+            [thinking, gallery, code, history],
+            concurrency_id="model",
+            api_name=tab,
+        ).success(self._gallery, history, history_gallery, queue=False)
 
     def _understanding_tab(self):
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Input image", type="pil", image_mode=None, format="png",
-                                 sources=["upload", "clipboard"], elem_id="und-input")
+                image = gr.Image(
+                    label="Input image",
+                    type="pil",
+                    image_mode=None,
+                    format="png",
+                    sources=["upload", "clipboard"],
+                    elem_id="und-input",
+                )
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Ask about the image", elem_id="und-prompt")
-                think = gr.Checkbox(label="Thinking", value=False, elem_id="und-think",
-                                    info="the model reasons before it answers")
+                think = gr.Checkbox(
+                    label="Thinking", value=False, elem_id="und-think", info="the model reasons before it answers"
+                )
                 button = gr.Button("Ask", variant="primary", elem_id="und-run")
                 with gr.Accordion("Inference hyperparameters", open=False, elem_id="und-knobs"):
                     with gr.Row():
-                        do_sample = gr.Checkbox(label="Sampling", value=False, elem_id="und-sample",
-                                                info="sample the answer (else greedy)")
-                        temperature = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Temperature",
-                                                elem_id="und-temperature")  # fmt: skip
+                        do_sample = gr.Checkbox(
+                            label="Sampling", value=False, elem_id="und-sample", info="sample the answer (else greedy)"
+                        )
+                        temperature = gr.Slider(
+                            0.05, 1.0, value=0.3, step=0.05, label="Temperature", elem_id="und-temperature"
+                        )
                     with gr.Row():
-                        max_new_tokens = gr.Slider(64, 4096, value=512, step=64, label="Max new tokens",
-                                                   elem_id="und-tokens", info="thinking included")
-                        seed = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed", elem_id="und-seed",
-                                         info="with sampling: 0 for a random seed")
+                        max_new_tokens = gr.Slider(
+                            64,
+                            4096,
+                            value=512,
+                            step=64,
+                            label="Max new tokens",
+                            elem_id="und-tokens",
+                            info="thinking included",
+                        )
+                        seed = gr.Slider(
+                            0,
+                            MAX_SEED,
+                            value=0,
+                            step=1,
+                            label="Seed",
+                            elem_id="und-seed",
+                            info="with sampling: 0 for a random seed",
+                        )
             with gr.Column():
                 answer = gr.Textbox(label="Answer", lines=12, elem_id="und-answer")
                 code = gr.Code(label="As code", language="python", elem_id="und-code")
-        gr.on([button.click, prompt.submit], self.understand,
-              [image, prompt, think, do_sample, temperature, max_new_tokens, seed], [answer, code],
-              concurrency_id="model", api_name="understand")  # fmt: skip
+        gr.on(
+            [button.click, prompt.submit],
+            self.understand,
+            [image, prompt, think, do_sample, temperature, max_new_tokens, seed],
+            [answer, code],
+            concurrency_id="model",
+            api_name="understand",
+        )
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="BAGEL") as demo:
             gr.Markdown("# BAGEL\nText-to-image, image editing and image understanding with one model.")
             history = gr.State([])
             # The results of both image tabs, shown below the tabs (rendered there).
-            history_gallery = gr.Gallery(label="Results so far (newest first; select one for its code)", format="png",
-                                         columns=6, height=300, preview=False, fit_columns=False, elem_id="history",
-                                         render=False)  # fmt: skip
-            history_code = gr.Code(label="As code (selected result)", language="python", elem_id="history-code",
-                                   render=False)  # fmt: skip
+            history_gallery = gr.Gallery(
+                label="Results so far (newest first; select one for its code)",
+                format="png",
+                columns=6,
+                height=300,
+                preview=False,
+                fit_columns=False,
+                elem_id="history",
+                render=False,
+            )
+            history_code = gr.Code(
+                label="As code (selected result)", language="python", elem_id="history-code", render=False
+            )
             with gr.Tabs():
                 if self.can_generate:
                     with gr.Tab("Text to image", id="t2i", elem_id="tab-t2i"):
@@ -461,14 +697,29 @@ def can_generate_with(model, argument: str) -> bool:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
-    parser.add_argument("--model", default=env("BAGEL_MODEL", TINY),
-                        help="Hub id or directory of a BAGEL checkpoint (default: a tiny random one, to try the app)")
-    parser.add_argument("--quantization", choices=list(QUANTIZATION), default=env("BAGEL_QUANTIZATION") or None,
-                        help="load quantized: nf4 (bitsandbytes), int8 (torchao weight-only), float8 (torchao)")
-    parser.add_argument("--stage", type=int, choices=[1, 2], default=int(env("BAGEL_STAGE", 0)) or None,
-                        help="1: understanding only (about half the memory)")
-    parser.add_argument("--device-map", default=env("BAGEL_DEVICE_MAP") or None,
-                        help='"auto" spreads the model over all GPUs (default: one GPU, else the CPU)')
+    parser.add_argument(
+        "--model",
+        default=env("BAGEL_MODEL", TINY),
+        help="Hub id or directory of a BAGEL checkpoint (default: a tiny random one, to try the app)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=list(QUANTIZATION),
+        default=env("BAGEL_QUANTIZATION") or None,
+        help="load quantized: nf4 (bitsandbytes), int8 (torchao weight-only), float8 (torchao)",
+    )
+    parser.add_argument(
+        "--stage",
+        type=int,
+        choices=[1, 2],
+        default=int(env("BAGEL_STAGE", 0)) or None,
+        help="1: understanding only (about half the memory)",
+    )
+    parser.add_argument(
+        "--device-map",
+        default=env("BAGEL_DEVICE_MAP") or None,
+        help='"auto" spreads the model over all GPUs (default: one GPU, else the CPU)',
+    )
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, 0.0.0.0 on a Space)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="a temporary public link through Gradio")
@@ -480,8 +731,7 @@ def main(argv=None) -> None:
     demo = BagelDemo(model, load_line).build()
     # One model call at a time (concurrency_id "model"); further requests wait in the queue, shown in the page.
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                max_file_size="50mb")  # fmt: skip
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, max_file_size="50mb")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_config import ConfigError, help_text  # noqa: E402
@@ -78,7 +79,6 @@ from repo_package import import_repo  # noqa: E402
 import_repo()  # this checkout, as the package `bagel_remote` (its modules import each other relatively)
 from bagel_remote import data_bagel, packing_bagel  # noqa: E402
 from bagel_remote.configuration_bagel import BagelConfig  # noqa: E402
-from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal  # noqa: E402
 from bagel_remote.loading_bagel import (  # noqa: E402
     VAE_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -86,6 +86,7 @@ from bagel_remote.loading_bagel import (  # noqa: E402
     load_processor,
     resolve_checkpoint_dir,
 )
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal  # noqa: E402
 from bagel_remote.state_dict_adapter import checkpoint_bucket  # noqa: E402
 
 WEIGHT_FILES = {"model.": WEIGHTS_NAME, "vae.": VAE_WEIGHTS_NAME}  # native prefix -> released file
@@ -141,9 +142,11 @@ def lora_config(cfg: dict):
 
     projections = "|".join(LORA_TARGETS[side] for side in cfg["lora_sides"])
     return LoraConfig(
-        r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+        r=cfg["lora_rank"],
+        lora_alpha=cfg["lora_alpha"],
+        lora_dropout=cfg["lora_dropout"],
         target_modules=rf".*language_model\.model\.layers\.\d+\.({projections})",
-    )  # fmt: skip
+    )
 
 
 def shard_units(model) -> list[torch.nn.Module]:
@@ -169,8 +172,8 @@ class CheckpointReader:
     def _stored(self, name: str) -> tuple[str, str] | None:
         name = name.replace(".base_layer.", ".")
         for prefix in self.handles:
-            if name.startswith(prefix) and name[len(prefix):] in self.keys[prefix]:
-                return prefix, name[len(prefix):]
+            if name.startswith(prefix) and name[len(prefix) :] in self.keys[prefix]:
+                return prefix, name[len(prefix) :]
         return None
 
     def __contains__(self, name: str) -> bool:
@@ -181,8 +184,9 @@ class CheckpointReader:
         return self.handles[prefix].get_tensor(key)
 
 
-def materialize(module: torch.nn.Module, root, device: torch.device, reader: CheckpointReader | None,
-                prefix: str) -> list[str]:  # fmt: skip
+def materialize(
+    module: torch.nn.Module, root, device: torch.device, reader: CheckpointReader | None, prefix: str
+) -> list[str]:
     """Give the meta parameters of `module` storage on `device`, initialised by the model's
     `_init_weights` (LoRA layers by PEFT's own init), then overwritten from the checkpoint where it
     has them. `prefix` is the module's name in `root`. Returns the names the checkpoint lacked."""
@@ -202,8 +206,10 @@ def materialize(module: torch.nn.Module, root, device: torch.device, reader: Che
                 if reader is not None and name in reader:
                     stored = reader.read(name)
                     if stored.shape != sub._parameters[n].shape:
-                        raise ValueError(f"{name}: checkpoint shape {tuple(stored.shape)} != model "
-                                         f"{tuple(sub._parameters[n].shape)}; the config does not match the weights.")
+                        raise ValueError(
+                            f"{name}: checkpoint shape {tuple(stored.shape)} != model "
+                            f"{tuple(sub._parameters[n].shape)}; the config does not match the weights."
+                        )
                     sub._parameters[n].copy_(stored)
                 elif "lora_" not in name:
                     missing.append(name)
@@ -214,8 +220,14 @@ def materialize(module: torch.nn.Module, root, device: torch.device, reader: Che
     return missing
 
 
-def load_and_shard(model, reader: CheckpointReader | None, device: torch.device, mesh, frozen_dtype: torch.dtype,
-                   mp_policy: MixedPrecisionPolicy) -> list[str]:  # fmt: skip
+def load_and_shard(
+    model,
+    reader: CheckpointReader | None,
+    device: torch.device,
+    mesh,
+    frozen_dtype: torch.dtype,
+    mp_policy: MixedPrecisionPolicy,
+) -> list[str]:
     """Materialise (from `reader`, else random), cast frozen weights to `frozen_dtype` and shard
     each layer in turn, then the rest with the root (the VAE left unsharded). Returns the names
     the checkpoint lacked."""
@@ -250,8 +262,9 @@ def enable_activation_checkpointing(model, setting: bool | float) -> None:
     only in recent versions and counts the ViT and decoder layers as one sequence."""
     fraction = float(setting) if isinstance(setting, (bool, int, float)) else -1.0
     if not 0.0 <= fraction <= 1.0:
-        raise SystemExit(f"activation_checkpointing={setting!r}: use true, false or a fraction of the layers "
-                         "in [0, 1] (e.g. 0.25).")  # fmt: skip
+        raise SystemExit(
+            f"activation_checkpointing={setting!r}: use true, false or a fraction of the layers in [0, 1] (e.g. 0.25)."
+        )
     if fraction == 0.0:
         return
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -277,14 +290,17 @@ def build_model(cfg: dict, checkpoint_dir: Path | None, config: BagelConfig, dev
         get_peft_model(model, lora)  # wraps the projections in place; only LoRA weights train
     if not any(p.requires_grad for p in model.parameters()):
         switches = {k: cfg[k] for k in ("freeze_vit", "freeze_und", "freeze_llm", "lora_rank") if cfg[k]}
-        raise SystemExit(f"Nothing to train: {switches} freeze every weight of this stage-{config.stage} model; "
-                         "unset a freeze switch.")  # fmt: skip
+        raise SystemExit(
+            f"Nothing to train: {switches} freeze every weight of this stage-{config.stage} model; "
+            "unset a freeze switch."
+        )
     enable_activation_checkpointing(model, cfg["activation_checkpointing"])
     cuda = device.type == "cuda"
     mp_policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32 if cuda else None,
+        param_dtype=torch.bfloat16 if cuda else None,
+        reduce_dtype=torch.float32 if cuda else None,
         cast_forward_inputs=False,  # latents, noise and timesteps stay float32 until the model casts them
-    )  # fmt: skip
+    )
     reader = CheckpointReader(checkpoint_dir) if checkpoint_dir is not None else None
     missing = load_and_shard(model, reader, device, mesh, torch.bfloat16 if cuda else torch.float32, mp_policy)
     if missing and reader is not None and dist.get_rank() == 0:
@@ -350,22 +366,30 @@ def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: in
         paths = {"jsonl_path" if spec["kind"] == "llava" else "paths": spec["path"]}
         try:
             source = getattr(data_bagel, SOURCES[spec["kind"]])(
-                **paths, **({"image_dir": spec["image_dir"]} if spec["kind"] == "llava" else {}))
+                **paths, **({"image_dir": spec["image_dir"]} if spec["kind"] == "llava" else {})
+            )
             next(data_bagel.SourceStream(source, builder, 0, 1, cfg["seed"], index))
         except (OSError, ValueError) as error:
             raise SystemExit(f"{where}: no readable sample: {error}") from error
         sources.append(source)
     limits = {k: v for k, v in data.items() if k not in ("sources", "weights", "num_workers")}
     dataset = data_bagel.BagelPackedDataset(
-        sources, builder, packing_bagel.PackingConfig.from_model_config(config, processor.special_token_ids),
-        weights=data["weights"], seed=cfg["seed"], rank=rank, world_size=world, **limits,
-    )  # fmt: skip
+        sources,
+        builder,
+        packing_bagel.PackingConfig.from_model_config(config, processor.special_token_ids),
+        weights=data["weights"],
+        seed=cfg["seed"],
+        rank=rank,
+        world_size=world,
+        **limits,
+    )
     if not data["num_workers"]:
         return dataset
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    return StatefulDataLoader(dataset, batch_size=None, num_workers=data["num_workers"],
-                              pin_memory=torch.cuda.is_available())  # fmt: skip
+    return StatefulDataLoader(
+        dataset, batch_size=None, num_workers=data["num_workers"], pin_memory=torch.cuda.is_available()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +412,14 @@ def host_group():
 def pack_counts(batch: dict) -> list[int]:
     """This pack's tokens by kind (`COUNTS`), from its tensors' shapes."""
     rows = lambda key: 0 if batch.get(key) is None else batch[key].shape[0]  # noqa: E731
-    return [batch["sequence_length"], rows("packed_text_ids"), rows("packed_vit_tokens"),
-            rows("packed_vae_token_indexes"), rows("ce_loss_indexes"), rows("mse_loss_indexes")]  # fmt: skip
+    return [
+        batch["sequence_length"],
+        rows("packed_text_ids"),
+        rows("packed_vit_tokens"),
+        rows("packed_vae_token_indexes"),
+        rows("ce_loss_indexes"),
+        rows("mse_loss_indexes"),
+    ]
 
 
 def forward_backward(model, batch: dict, cfg: dict) -> dict[str, float]:
@@ -441,8 +471,9 @@ def build_optimizer(cfg: dict, params: list[torch.nn.Parameter]) -> torch.optim.
         try:
             from torchao.optim import AdamW8bit
         except ImportError as err:
-            raise SystemExit("optimizer=adamw8bit needs torchao's 8-bit AdamW: pip install torchao "
-                             "(or use optimizer=adamw).") from err  # fmt: skip
+            raise SystemExit(
+                "optimizer=adamw8bit needs torchao's 8-bit AdamW: pip install torchao (or use optimizer=adamw)."
+            ) from err
         return AdamW8bit(params, **kwargs)
     raise SystemExit(f"optimizer={cfg['optimizer']!r}: use adamw or adamw8bit.")
 
@@ -494,12 +525,15 @@ def training_state(model, optimizer, scheduler, ema: EMA | None, dataset, step: 
     # one for every weight (`get_state_dict` steps it once with zero gradients): which have one.
     stepped = [name for name, p in model.named_parameters() if optimizer.state.get(p)]
     return {
-        "model": model_sd, "optim": optim_sd, "ema": ema.shadow if ema else {},
-        "trainer": {"step": step, "scheduler": scheduler.state_dict()}, "stepped": _blob(stepped),
+        "model": model_sd,
+        "optim": optim_sd,
+        "ema": ema.shadow if ema else {},
+        "trainer": {"step": step, "scheduler": scheduler.state_dict()},
+        "stepped": _blob(stepped),
         # Each rank's own, as one opaque blob: DCP matches nested entries against the structure of
         # the state it loads into, which for the data (waiting samples, workers) is not known ahead.
         f"rank{rank}": _blob({"rng": rng, "data": dataset.state_dict()}),
-    }  # fmt: skip
+    }
 
 
 def _blob(obj) -> io.BytesIO:
@@ -545,8 +579,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, ema: EMA | None, da
     # (the states `get_state_dict` made for every weight are replaced by the loaded ones, these only)
     state["optim"]["state"] = {name: v for name, v in state["optim"]["state"].items() if name in stepped}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=DCP_LOAD_OPTIONS)  # fmt: skip
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=DCP_LOAD_OPTIONS
+    )
     scheduler.load_state_dict(state["trainer"]["scheduler"])
     mine = _unblob(state[f"rank{dist.get_rank()}"])
     dataset.load_state_dict(mine["data"])
@@ -647,8 +682,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        print("Not started by torchrun: training as one process (torchrun --nproc_per_node N examples/finetune.py "
-              "... for N).", file=sys.stderr)  # fmt: skip
+        print(
+            "Not started by torchrun: training as one process (torchrun --nproc_per_node N examples/finetune.py "
+            "... for N).",
+            file=sys.stderr,
+        )
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -713,13 +751,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"Cannot resume from {resume}: {detail[0][:500]}\nIt was written by a run with other "
                 "settings (ranks, num_workers, data sources, freeze / LoRA switches) or is damaged. Rerun with that "
                 "run's settings, or start afresh: resume=false (deletes out_dir's checkpoints and log) or another "
-                "out_dir." if rank == 0 else 1  # one message, not one per rank
+                "out_dir."
+                if rank == 0
+                else 1  # one message, not one per rank
             ) from error
     if rank == 0:
         continue_log(out_dir / "log.jsonl", step)
         n_trained = sum(p.numel() for p in params)  # DTensor numel: the whole tensor
-        print(f"{n_trained:,} trained parameters ({n_trained / 1e6:.2f}M) on {world} rank(s)"
-              + (f"; resumed from {resume} (step {step})" if resume else ""), file=sys.stderr)  # fmt: skip
+        print(
+            f"{n_trained:,} trained parameters ({n_trained / 1e6:.2f}M) on {world} rank(s)"
+            + (f"; resumed from {resume} (step {step})" if resume else ""),
+            file=sys.stderr,
+        )
     log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=rank != 0, dynamic_ncols=True)
     packs = iter(dataset)  # a StatefulDataLoader draws its base seed from the global generator here,

@@ -11,7 +11,7 @@ The defaults are the fields' (examples/finetune.yaml is the commented template a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
@@ -31,7 +31,7 @@ class Source(_Strict):
     """One data source in the reference's format (docs/training.md, Data formats)."""
 
     kind: Literal["t2i", "edit", "llava"] = Field(description="t2i parquet, edit parquet or LLaVA-style JSONL")
-    path: Union[str, list[str]] = Field(description="a file, a directory (its *.parquet) or a list of either")
+    path: str | list[str] = Field(description="a file, a directory (its *.parquet) or a list of either")
     image_dir: str | None = Field(None, description="llava only: the folder the JSONL's image names are relative to")
 
     @model_validator(mode="after")
@@ -59,24 +59,30 @@ class Data(_Strict):
     def _consistent(self):
         if self.weights is not None:
             if len(self.weights) != len(self.sources) or min(self.weights) < 0 or sum(self.weights) <= 0:
-                raise ValueError(f"weights: give one non-negative weight per source ({len(self.sources)}) with a "
-                                 f"positive sum, got {self.weights}")  # fmt: skip
+                raise ValueError(
+                    f"weights: give one non-negative weight per source ({len(self.sources)}) with a "
+                    f"positive sum, got {self.weights}"
+                )
         for key in ("expected_num_tokens", "max_num_tokens_per_sample"):
             if getattr(self, key) > self.max_num_tokens:
-                raise ValueError(f"{key}: {getattr(self, key)} is above max_num_tokens ({self.max_num_tokens}); "
-                                 f"lower it or raise max_num_tokens")  # fmt: skip
+                raise ValueError(
+                    f"{key}: {getattr(self, key)} is above max_num_tokens ({self.max_num_tokens}); "
+                    f"lower it or raise max_num_tokens"
+                )
         return self
 
 
 class FinetuneConfig(_Strict):
     """Every key of a fine-tuning run (examples/finetune.yaml)."""
 
-    model: str = Field("ByteDance-Seed/BAGEL-7B-MoT", min_length=1,
-                       description="checkpoint directory or Hub id, released layout")
-    out_dir: str = Field("outputs/finetune", min_length=1,
-                         description="checkpoints/step_N, log.jsonl, final/ (and adapter/)")
+    model: str = Field(
+        "ByteDance-Seed/BAGEL-7B-MoT", min_length=1, description="checkpoint directory or Hub id, released layout"
+    )
+    out_dir: str = Field(
+        "outputs/finetune", min_length=1, description="checkpoints/step_N, log.jsonl, final/ (and adapter/)"
+    )
     seed: int = Field(0, ge=0, description="seeds initialisation, data order, noise")
-    data: Union[str, Data, None] = Field(None, description="a torch.save'd list of packs, or {sources: [...], ...}")
+    data: str | Data | None = Field(None, description="a torch.save'd list of packs, or {sources: [...], ...}")
     max_steps: int = Field(1000, gt=0, description="optimizer steps")
     lr: float = Field(2.0e-5, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
@@ -95,15 +101,20 @@ class FinetuneConfig(_Strict):
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     lora_sides: list[Literal["und", "gen"]] = Field(
-        ["und", "gen"], min_length=1, description="und: q/k/v/o, gate/up/down; gen: their *_moe_gen twins")
-    activation_checkpointing: Union[StrictBool, float] = Field(
-        True, description="true, false or a fraction of each stack's layers in [0, 1]")
+        ["und", "gen"], min_length=1, description="und: q/k/v/o, gate/up/down; gen: their *_moe_gen twins"
+    )
+    activation_checkpointing: StrictBool | float = Field(
+        True, description="true, false or a fraction of each stack's layers in [0, 1]"
+    )
     ema_decay: float = Field(0.0, ge=0, lt=1, description="> 0: keep an EMA of the trained weights")
     save_every: int = Field(500, gt=0, description="DCP checkpoint every N steps (and at the end)")
     log_every: int = Field(1, gt=0, description="a log.jsonl line every N steps")
     save_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the final save")
-    resume: StrictBool = Field(True, description="resume from out_dir's last checkpoint; false: delete out_dir's "
-                               "checkpoints and log and start afresh")  # fmt: skip
+    resume: StrictBool = Field(
+        True,
+        description="resume from out_dir's last checkpoint; false: delete out_dir's "
+        "checkpoints and log and start afresh",
+    )
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -129,11 +140,15 @@ class FinetuneConfig(_Strict):
     @model_validator(mode="after")
     def _trains_something(self):
         if self.lora_rank and self.freeze_llm:
-            raise ValueError("freeze_llm: LoRA (lora_rank > 0) adapts the decoder, which freeze_llm freezes; drop "
-                             "freeze_llm (with LoRA everything but the adapters is frozen anyway)")  # fmt: skip
+            raise ValueError(
+                "freeze_llm: LoRA (lora_rank > 0) adapts the decoder, which freeze_llm freezes; drop "
+                "freeze_llm (with LoRA everything but the adapters is frozen anyway)"
+            )
         if self.lora_rank and self.freeze_und and "und" in self.lora_sides:
-            raise ValueError("lora_sides: with freeze_und the understanding path gets no gradient, so its 'und' "
-                             "adapters would never train; use lora_sides=[gen]")  # fmt: skip
+            raise ValueError(
+                "lora_sides: with freeze_und the understanding path gets no gradient, so its 'und' "
+                "adapters would never train; use lora_sides=[gen]"
+            )
         return self
 
 
@@ -171,8 +186,10 @@ def validate(raw: dict[str, Any]) -> dict[str, Any]:
         problems = [_describe(e) for e in error.errors(include_url=False)]
         if isinstance(raw.get("data"), dict):  # a data dict is also tried as a pack-file path: drop that echo
             problems = [p for p in problems if not p.startswith("data: Input should be a valid string")]
-        raise ConfigError("Invalid fine-tuning config (see `python examples/finetune.py --help`):\n  "
-                          + "\n  ".join(dict.fromkeys(problems))) from None  # fmt: skip
+        raise ConfigError(
+            "Invalid fine-tuning config (see `python examples/finetune.py --help`):\n  "
+            + "\n  ".join(dict.fromkeys(problems))
+        ) from None
     return config.model_dump()
 
 

@@ -12,7 +12,8 @@ Shapes: LLM hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 320; ViT hidden 32, 
 ``vit_config.json`` (2 built), patch 14, image_size 980 so that its position table covers the
 processor's 70 x 70 patch grid; VAE ch 32, ch_mult [1, 1, 1, 1] (8x downsampling), one res block,
 16 latent channels. The processor resizes VAE images to at most 256 x 256 (the tiny model's default
-image size; the latent table, max_latent_size 64, covers 1024 x 1024 as BAGEL-7B-MoT's). Weights come from the model's own initialisation under ``torch.manual_seed(seed)``,
+image size; the latent table, max_latent_size 64, covers 1024 x 1024 as BAGEL-7B-MoT's).
+Weights come from the model's own initialisation under ``torch.manual_seed(seed)``,
 except ``llm2vae`` (zeros at init) which gets small random values so that generation is non-trivial.
 The same seed gives byte-identical files.
 """

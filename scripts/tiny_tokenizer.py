@@ -53,9 +53,7 @@ def _training_lines() -> list[str]:
     return lines * 4
 
 
-def _place_tokens(
-    regular: list[str], vocab_size: int, special_token_ids: dict[str, int] | None
-) -> dict[str, int]:
+def _place_tokens(regular: list[str], vocab_size: int, special_token_ids: dict[str, int] | None) -> dict[str, int]:
     """Final token -> id map: specials at their ids (or after the regular tokens), regular tokens in order."""
     specials = [ENDOFTEXT, *BAGEL_TOKENS]
     if special_token_ids is None:

@@ -41,7 +41,7 @@ class Parity:
 
     def case_inputs(self, case: str) -> dict:
         prefix = case + "."
-        return {k[len(prefix):]: v for k, v in self.inputs.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.inputs.items() if k.startswith(prefix)}
 
     def understanding_batch(self) -> dict:
         """The train case's sample 2 alone (a `full` ViT image, then `causal` text with all the CE
@@ -57,13 +57,20 @@ class Parity:
         assert sum(split_lens) == length and modes == ["full", "causal"]
         text = ti["packed_text_indexes"] >= off
         return dict(
-            sequence_length=length, sample_lens=[length], split_lens=split_lens, attn_modes=modes,
-            packed_text_ids=ti["packed_text_ids"][text], packed_text_indexes=ti["packed_text_indexes"][text] - off,
+            sequence_length=length,
+            sample_lens=[length],
+            split_lens=split_lens,
+            attn_modes=modes,
+            packed_text_ids=ti["packed_text_ids"][text],
+            packed_text_indexes=ti["packed_text_indexes"][text] - off,
             packed_position_ids=ti["packed_position_ids"][off:],
-            packed_vit_tokens=ti["packed_vit_tokens"], packed_vit_token_indexes=ti["packed_vit_token_indexes"] - off,
-            packed_vit_position_ids=ti["packed_vit_position_ids"], vit_token_seqlens=ti["vit_token_seqlens"],
-            ce_loss_indexes=ti["ce_loss_indexes"] - off, packed_label_ids=ti["packed_label_ids"],
-        )  # fmt: skip
+            packed_vit_tokens=ti["packed_vit_tokens"],
+            packed_vit_token_indexes=ti["packed_vit_token_indexes"] - off,
+            packed_vit_position_ids=ti["packed_vit_position_ids"],
+            vit_token_seqlens=ti["vit_token_seqlens"],
+            ce_loss_indexes=ti["ce_loss_indexes"] - off,
+            packed_label_ids=ti["packed_label_ids"],
+        )
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +97,8 @@ def tiny_model(parity):
 def tiny_processor():
     """A BagelProcessor over the tiny byte-level tokenizer (scripts/tiny_tokenizer.py, whose special
     tokens sit at tiny-a's ids), sized for tiny-a."""
-    from tiny_tokenizer import build_tiny_tokenizer
-
     from bagel_remote.processing_bagel import BagelProcessor
+    from tiny_tokenizer import build_tiny_tokenizer
 
     return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **TINY_PROCESSOR_SIZES)
 
@@ -122,7 +128,6 @@ def assert_close(actual, expected, rtol: float = 1e-4, name: str = "") -> None:
 def tensor_reads(monkeypatch) -> list:
     """The keys read through `safetensors.safe_open` (by the adapter and by the loader)."""
     import safetensors
-
     from bagel_remote import state_dict_adapter
 
     read: list[str] = []

@@ -46,8 +46,9 @@ def main(checkpoint: str, packs_path: str, out_path: str) -> None:
         # rotated packs, then pack 0 on every rank (2 ranks: understanding; 4: text only): for GEN-only
         # training a step where no rank has anything to generate, so nothing gets a gradient
         order = [(rank + 1) % len(packs), (rank + 2) % len(packs), 0]
-        steps = [finetune.train_step(model, packs[i], cfg, optimizer, scheduler, list(trained.values()), None)
-                 for i in order]  # fmt: skip
+        steps = [
+            finetune.train_step(model, packs[i], cfg, optimizer, scheduler, list(trained.values()), None) for i in order
+        ]
         results[mode] = {"start": start, "grads": grads, "metrics": metrics, "steps": steps}
         del model, optimizer
     if rank == 0:

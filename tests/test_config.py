@@ -7,20 +7,33 @@ import re
 import shutil
 
 import pytest
+from bagel_remote.configuration_bagel import BAGEL_PAD_TOKEN_ID, BagelConfig, normalize_stage
+from conftest import REPO_ROOT
 from transformers import Qwen2Config, SiglipVisionConfig
 
-from conftest import REPO_ROOT
-
-from bagel_remote.configuration_bagel import BAGEL_PAD_TOKEN_ID, BagelConfig, normalize_stage
-
 LLM = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6, hidden_act="silu",
-)  # fmt: skip
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+)
 VIT = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
-    image_size=56, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-)  # fmt: skip
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    patch_size=14,
+    image_size=56,
+    num_channels=3,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
 
 
 def make(**kwargs) -> BagelConfig:
@@ -249,10 +262,15 @@ def test_from_pretrained_keyword_arguments_that_nothing_takes_warn(caplog, tmp_p
     assert unused == {"device_map": "cpu"} and not caplog.records
 
 
-@pytest.mark.parametrize("field, value, kind", [("latent_patch_size", "2", "an integer"),
-                                                ("max_latent_size", 64.0, "an integer"),
-                                                ("vit_select_layer", True, "an integer"),
-                                                ("timestep_shift", "3.0", "a number")])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, kind",
+    [
+        ("latent_patch_size", "2", "an integer"),
+        ("max_latent_size", 64.0, "an integer"),
+        ("vit_select_layer", True, "an integer"),
+        ("timestep_shift", "3.0", "a number"),
+    ],
+)
 def test_numeric_fields_refuse_other_types_by_name(field, value, kind):
     with pytest.raises(TypeError, match=rf"BagelConfig\.{field} must be {kind}, got {re.escape(repr(value))}.*quotes"):
         BagelConfig(**{field: value})

@@ -11,9 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
-from test_packing import SMALL_SIZES, CharTokenizer, _pil, small_config
-
 from bagel_remote.data_bagel import (
     BagelPackedDataset,
     EditParquet,
@@ -22,6 +19,8 @@ from bagel_remote.data_bagel import (
     T2IParquet,
 )
 from bagel_remote.packing_bagel import PlanBuilder
+from PIL import Image
+from test_packing import SMALL_SIZES, CharTokenizer, _pil, small_config
 
 
 def _png(width: int, height: int, seed: int) -> bytes:
@@ -39,7 +38,9 @@ def write_t2i(directory, files: int = 3, row_groups: int = 2, rows: int = 3):
     directory.mkdir(parents=True)
     n = 0
     for f in range(files):
-        with pq.ParquetWriter(directory / f"part-{f}.parquet", pa.schema([("image", pa.binary()), ("captions", pa.string())])) as writer:
+        with pq.ParquetWriter(
+            directory / f"part-{f}.parquet", pa.schema([("image", pa.binary()), ("captions", pa.string())])
+        ) as writer:
             for _ in range(row_groups):
                 batch = {"image": [], "captions": []}
                 for _ in range(rows):
@@ -90,7 +91,11 @@ def test_edit_parquet_reader(tmp_path, builder):
         for text in texts:
             assert text in {"make it red", "redden", "make it big", "make it red. make it big.", "redden. make it big."}
         if len(texts) == 2:  # the two-step chain: the intermediate target is generated, then entered clean
-            assert [(i.kind, i.loss) for i in plan[3:6]] == [("vae_image", True), ("vae_image", False), ("vit_image", False)]
+            assert [(i.kind, i.loss) for i in plan[3:6]] == [
+                ("vae_image", True),
+                ("vae_image", False),
+                ("vit_image", False),
+            ]
     # one step from 0 or from 1 (4 items), two joined steps (4 items), a two-step chain (8 items)
     assert set(kinds) == {(1, 4), (2, 8)} and kinds[1, 4] > kinds[2, 8] > 0
 
@@ -100,11 +105,16 @@ def test_llava_jsonl_reader(tmp_path, builder):
     _pil(56, 28, 0).save(tmp_path / "img" / "a.png")
     _pil(28, 28, 1).save(tmp_path / "img" / "b.jpg")
     lines = [
-        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]},
-        {"image": ["a.png", "b.jpg"], "conversations": [{"from": "human", "value": "<image><image> Diff?"},
-                                                         {"from": "gpt", "value": "Size."}]},
+        {
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}],
+        },
+        {
+            "image": ["a.png", "b.jpg"],
+            "conversations": [{"from": "human", "value": "<image><image> Diff?"}, {"from": "gpt", "value": "Size."}],
+        },
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]},  # no answer: skipped
-    ]  # fmt: skip
+    ]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     source = LlavaJsonl(tmp_path / "data.jsonl", tmp_path / "img")
     rows = source.read_chunk(source.chunks()[0])
@@ -156,9 +166,10 @@ def test_rank_and_worker_pick_the_shard(tmp_path, builder):
     dataset = BagelPackedDataset([source], builder, small_config(), rank=1, world_size=2, **kwargs)
     assert dataset.state_dict()["shard"] == 1 and dataset.state_dict()["num_shards"] == 2
     loader = torch.utils.data.DataLoader(
-        BagelPackedDataset([source], builder, small_config(), rank=1, world_size=2, **kwargs), batch_size=None,
+        BagelPackedDataset([source], builder, small_config(), rank=1, world_size=2, **kwargs),
+        batch_size=None,
         num_workers=2,
-    )  # fmt: skip
+    )
     captions = Counter()
     for _, pack in zip(range(18), loader):
         ids = pack["packed_text_ids"].tolist()
@@ -180,30 +191,47 @@ def test_mixing_follows_the_weights(tmp_path, builder):
     samples = dataset.samples()
     counts = Counter(next(samples)[0][0] for _ in range(900))
     assert counts[2] == 0 and 0.6 < counts[0] / 900 < 0.73, counts
-    keys = lambda seed: [next(s)[0] for s in [BagelPackedDataset(  # noqa: E731
-        sources, builder, small_config(), weights=[6, 3, 0], seed=seed).samples()] for _ in range(40)]
+    keys = lambda seed: [
+        next(s)[0]
+        for s in [
+            BagelPackedDataset(  # noqa: E731
+                sources, builder, small_config(), weights=[6, 3, 0], seed=seed
+            ).samples()
+        ]
+        for _ in range(40)
+    ]
     assert keys(1) == keys(1) != keys(2), "the mixing is drawn from the seed"
     with pytest.raises(ValueError, match="weights"):
         BagelPackedDataset(sources, builder, small_config(), weights=[1, 1])
 
 
 def _packs_equal(a, b) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a
-    )
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
 def _mixed_dataset(tmp_path, builder, **overrides):
     t2i = T2IParquet(write_t2i(tmp_path / "t2i", files=2, row_groups=2, rows=3))
     pq.write_table(
-        pa.table({"image_list": [[_png(32, 32, i), _png(32, 48, i + 1), _png(32, 32, i + 2)] for i in range(4)],
-                  "instruction_list": [[["up"], ["down", "left"]]] * 4}),
-        tmp_path / "edit.parquet", row_group_size=2,
-    )  # fmt: skip
+        pa.table(
+            {
+                "image_list": [[_png(32, 32, i), _png(32, 48, i + 1), _png(32, 32, i + 2)] for i in range(4)],
+                "instruction_list": [[["up"], ["down", "left"]]] * 4,
+            }
+        ),
+        tmp_path / "edit.parquet",
+        row_group_size=2,
+    )
     edit = EditParquet(tmp_path / "edit.parquet")
     config = small_config(text_cond_dropout_prob=0.3, vit_cond_dropout_prob=0.3, vae_cond_dropout_prob=0.3)
-    kwargs = dict(weights=[2, 1], seed=5, max_num_tokens=48, expected_num_tokens=40, max_num_tokens_per_sample=48,
-                  prefer_buffer_before=20, max_buffer_size=2)  # fmt: skip
+    kwargs = dict(
+        weights=[2, 1],
+        seed=5,
+        max_num_tokens=48,
+        expected_num_tokens=40,
+        max_num_tokens_per_sample=48,
+        prefer_buffer_before=20,
+        max_buffer_size=2,
+    )
     return lambda: BagelPackedDataset([t2i, edit], builder, config, **{**kwargs, **overrides})
 
 

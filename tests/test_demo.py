@@ -81,9 +81,22 @@ def server(app, artefacts, request):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(artefacts / "server.log", "w")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "demo" / "app.py"), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-queue", "8"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "demo" / "app.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-queue",
+            "8",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO_ROOT,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         request.getfixturevalue("tiny")  # loaded here while the server starts
@@ -100,7 +113,8 @@ def server(app, artefacts, request):
             except OSError:
                 time.sleep(0.3)
         TIMINGS["start (process to first page; this process loaded the model meanwhile)"] = round(
-            time.perf_counter() - start, 2)  # fmt: skip
+            time.perf_counter() - start, 2
+        )
         yield url
     finally:
         proc.terminate()
@@ -120,8 +134,9 @@ def browser():
     if not Path(CHROMIUM).exists():
         _missing(f"no chromium at {CHROMIUM}: apt-get install chromium")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         yield browser
         browser.close()
 
@@ -183,8 +198,9 @@ def run_image_tab(page, tab: str, new_images: int) -> float:
     before = history_count(page)
     start = time.perf_counter()
     page.click(f"#{tab}-run")
-    page.wait_for_function(f"document.querySelectorAll('#history img').length >= {before + new_images}",
-                           timeout=TIMEOUT_MS)  # fmt: skip
+    page.wait_for_function(
+        f"document.querySelectorAll('#history img').length >= {before + new_images}", timeout=TIMEOUT_MS
+    )
     return time.perf_counter() - start
 
 
@@ -414,8 +430,14 @@ def test_understanding_tab(page, tiny, images, artefacts):
     start = time.perf_counter()
     page.click("#und-run")
     page.wait_for_function("document.querySelector('#und-code .cm-content')?.innerText.includes('max_new_tokens=128')")
-    expected = model.chat(Image.open(images["RGBA"]), "What is in this picture?", max_new_tokens=128, do_sample=True,
-                          temperature=1.0, seed=21)  # fmt: skip
+    expected = model.chat(
+        Image.open(images["RGBA"]),
+        "What is in this picture?",
+        max_new_tokens=128,
+        do_sample=True,
+        temperature=1.0,
+        seed=21,
+    )
     page.wait_for_function("(t) => document.querySelector('#und-answer textarea').value === t", arg=as_shown(expected))
     TIMINGS["image understanding, 128 tokens"] = round(time.perf_counter() - start, 2)
     texts = seen(page, "#und-answer textarea")
@@ -467,9 +489,22 @@ def test_step_cache_control_follows_the_model(app, tiny):
     if not has_cache:
         return
     demo = app.BagelDemo(model)
-    knobs = dict(count=1, think=False, seed=1, ratio="1:1", cfg_text_scale=4.0, cfg_interval_start=0.4,
-                 cfg_renorm_type="global", cfg_renorm_min=0.0, num_steps=12, timestep_shift=3.0, do_sample=False,
-                 max_think_tokens=64, temperature=0.3, history=[])  # fmt: skip
+    knobs = dict(
+        count=1,
+        think=False,
+        seed=1,
+        ratio="1:1",
+        cfg_text_scale=4.0,
+        cfg_interval_start=0.4,
+        cfg_renorm_type="global",
+        cfg_renorm_min=0.0,
+        num_steps=12,
+        timestep_shift=3.0,
+        do_sample=False,
+        max_think_tokens=64,
+        temperature=0.3,
+        history=[],
+    )
     for name in app.STEP_CACHES:
         *_, (_, [(image, _)], code, _) = demo.text_to_image("a cat", step_cache=name, **knobs)
         assert f"step_cache={name!r}" in code and same(image, run_code(code, model)["image"])
@@ -493,8 +528,13 @@ def test_handlers_refuse_bad_input_by_message(app, tiny):
         list(demo.understand(Image.new("RGB", (1, 1)), "what?", False, False, 0.3, 16, 0))
     with pytest.raises(gr.Error, match="temperature must be"):
         list(demo.understand(Image.new("RGB", (64, 64)), "what?", False, True, 0.0, 16, 0))
-    assert [demo.image_size(r) for r in app.ASPECT_RATIOS] == [(256, 256), (192, 256), (256, 192), (144, 256),
-                                                               (256, 144)]  # fmt: skip
+    assert [demo.image_size(r) for r in app.ASPECT_RATIOS] == [
+        (256, 256),
+        (192, 256),
+        (256, 192),
+        (144, 256),
+        (256, 144),
+    ]
 
 
 def test_app_file_alone_loads_a_hub_style_checkpoint(app, tiny, tmp_path):

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from repo_package import load_example  # scripts/ is on sys.path (conftest)
 from test_modeling import JOINT_PACK, make_batch, tiny_model
-
-from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
 peft = pytest.importorskip("peft")
 
@@ -47,9 +46,11 @@ def test_activation_checkpointing_same_loss_and_gradients():
     calls = {"decoder": 0, "vit": 0}
     # pre-hooks: a recomputation stops as soon as it has what the backward needs, maybe mid-module
     model.model.language_model.model.layers[0].mlp.register_forward_pre_hook(
-        lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+        lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1)
+    )
     model.model.vit_model.vision_model.encoder.layers[0].mlp.register_forward_pre_hook(
-        lambda *_: calls.__setitem__("vit", calls["vit"] + 1))  # fmt: skip
+        lambda *_: calls.__setitem__("vit", calls["vit"] + 1)
+    )
     model.gradient_checkpointing_enable()
     loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
     # each layer runs once forward and once more when the backward recomputes it
@@ -121,8 +122,18 @@ PACKS_MISSING_PARTS = {
 }
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA (the float32-master-weight path under bf16 autocast)"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs CUDA (the float32-master-weight path under bf16 autocast)"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("freeze_und", [False, True])
 def test_always_run_gives_every_trained_weight_a_gradient_and_changes_nothing(device, freeze_und):
     """Packs without ViT images, latents, CE or MSE: with `always_run` those parts still run (on
@@ -132,10 +143,16 @@ def test_always_run_gives_every_trained_weight_a_gradient_and_changes_nothing(de
     model = trained_model().to(device)
     model.config.text_config.freeze_und = freeze_und
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")
-    tolerance = ({"out": dict(rtol=0, atol=0), "grad": dict(rtol=1e-4, atol=1e-6)} if device == "cpu" else
-                 {"out": dict(rtol=2e-2, atol=2e-2), "grad": dict(rtol=5e-2, atol=1e-3)})  # fmt: skip
-    trained = {n for n, p in model.named_parameters()
-               if p.requires_grad and not n.startswith("vae.") and not (freeze_und and finetune.is_und_param(n))}
+    tolerance = (
+        {"out": dict(rtol=0, atol=0), "grad": dict(rtol=1e-4, atol=1e-6)}
+        if device == "cpu"
+        else {"out": dict(rtol=2e-2, atol=2e-2), "grad": dict(rtol=5e-2, atol=1e-3)}
+    )
+    trained = {
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not n.startswith("vae.") and not (freeze_und and finetune.is_und_param(n))
+    }
 
     def run(batch, **kwargs):
         model.zero_grad(set_to_none=True)
@@ -206,8 +223,9 @@ def test_lora_trains_only_adapters_and_merge_gives_unmerged_outputs():
     model.eval()
     with torch.no_grad():
         unmerged = model(**batch, output_hidden_states=True)
-        assert not torch.allclose(unmerged["last_hidden_state"],
-                                  _fresh_outputs(base, model.config, batch)["last_hidden_state"])  # fmt: skip
+        assert not torch.allclose(
+            unmerged["last_hidden_state"], _fresh_outputs(base, model.config, batch)["last_hidden_state"]
+        )
         merged_model = adapted.merge_and_unload()
         assert not any(hasattr(m, "lora_A") for m in merged_model.modules())
         merged = merged_model(**batch, output_hidden_states=True)
@@ -276,8 +294,9 @@ def test_freeze_switches():
     finetune.apply_freezing(model, {**base, "freeze_und": True})
     assert model.config.text_config.freeze_und
     left = trainable(model)
-    assert left and all("_moe_gen" in n or n.startswith(("model.time_embedder", "model.vae2llm", "model.llm2vae"))
-                        for n in left)  # fmt: skip
+    assert left and all(
+        "_moe_gen" in n or n.startswith(("model.time_embedder", "model.vae2llm", "model.llm2vae")) for n in left
+    )
 
     model = trained_model()
     finetune.apply_freezing(model, {**base, "freeze_vit": True, "freeze_llm": True})

@@ -15,14 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from bagel_remote.data_bagel import BagelPackedDataset, EditParquet, LlavaJsonl
+from bagel_remote.packing_bagel import PlanBuilder
 from conftest import REPO_ROOT
 from repo_package import load_example
 from test_data import _png, write_t2i
 from test_modeling import tiny_config
 from test_packing import SMALL_SIZES, CharTokenizer, small_config
-
-from bagel_remote.data_bagel import BagelPackedDataset, EditParquet, LlavaJsonl
-from bagel_remote.packing_bagel import PlanBuilder
 
 finetune = load_example("finetune")
 finetune_config = sys.modules["finetune_config"]  # imported by finetune.py from examples/
@@ -66,14 +65,18 @@ T2I = "{kind: t2i, path: data/t2i}"
         ("data={sources: [{kind: llava, path: a.jsonl}]}", "data.sources.0.image_dir", "needs image_dir"),
         ("data={sources: [{kind: t2i, path: t, image_dir: i}]}", "data.sources.0.image_dir", "only llava"),
         ("data={sources: []}", "data.sources", "at least 1 item"),
-        (f"data={{sources: [{T2I}], max_num_tokens: 1000, expected_num_tokens: 900, max_num_tokens_per_sample: 2000}}",
-         "data.max_num_tokens_per_sample", "above max_num_tokens (1000)"),
+        (
+            f"data={{sources: [{T2I}], max_num_tokens: 1000, expected_num_tokens: 900, "
+            "max_num_tokens_per_sample: 2000}",
+            "data.max_num_tokens_per_sample",
+            "above max_num_tokens (1000)",
+        ),
         (f"data={{sources: [{T2I}], max_num_tokens: 1000}}", "data.expected_num_tokens", "above max_num_tokens"),
         (f"data={{sources: [{T2I}], weights: [1, 2]}}", "data.weights", "one non-negative weight per source (1)"),
         (f"data={{sources: [{T2I}], num_workers: -1}}", "data.num_workers", "greater than or equal to 0"),
         (f"data={{sources: [{T2I}], workers: 2}}", "data.workers", "unknown key"),
     ],
-)  # fmt: skip
+)
 def test_bad_values_are_refused_naming_the_key(tmp_path, override, key, allowed):
     with pytest.raises(ConfigError) as error:
         finetune_config.load_config([override])
@@ -121,11 +124,18 @@ def test_values_read_as_yaml_and_defaults_from_the_schema(tmp_path):
 
 
 def test_help_lists_every_key():
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    for key in (*finetune_config.FinetuneConfig.model_fields, "data.max_num_tokens_per_sample",
-                "data.sources[].image_dir"):  # fmt: skip
+    for key in (
+        *finetune_config.FinetuneConfig.model_fields,
+        "data.max_num_tokens_per_sample",
+        "data.sources[].image_dir",
+    ):
         assert f"  {key} " in result.stdout, key
 
 
@@ -145,15 +155,23 @@ def test_data_that_cannot_give_a_sample_stops_before_the_model(tmp_path, checkpo
     no_answer = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]}
     (tmp_path / "silent.jsonl").write_text(json.dumps(no_answer) + "\n")
     cases = [
-        (dict(kind="llava", path=str(tmp_path / "silent.jsonl"), image_dir=str(tmp_path / "images")),
-         r"data.sources.0 \(llava: .*silent.jsonl\): no readable sample: .*none of the 1 rows"),
-        (dict(kind="llava", path=str(tmp_path / "silent.jsonl"), image_dir=str(tmp_path / "nowhere")),
-         r"data.sources.0 .*image_dir '.*nowhere' is not a directory"),
+        (
+            dict(kind="llava", path=str(tmp_path / "silent.jsonl"), image_dir=str(tmp_path / "images")),
+            r"data.sources.0 \(llava: .*silent.jsonl\): no readable sample: .*none of the 1 rows",
+        ),
+        (
+            dict(kind="llava", path=str(tmp_path / "silent.jsonl"), image_dir=str(tmp_path / "nowhere")),
+            r"data.sources.0 .*image_dir '.*nowhere' is not a directory",
+        ),
         (dict(kind="t2i", path=str(tmp_path / "absent")), r"data.sources.0 \(t2i: .*absent\).*no parquet file"),
-    ]  # fmt: skip
+    ]
     pq.write_table(pa.table({"image": [b"not an image"], "captions": ['{"a": "x"}']}), tmp_path / "broken.parquet")
-    cases.append((dict(kind="t2i", path=str(tmp_path / "broken.parquet")),
-                  r"data.sources.0 \(t2i: .*broken.parquet\): no readable sample: .*row 0 .*cannot identify image"))
+    cases.append(
+        (
+            dict(kind="t2i", path=str(tmp_path / "broken.parquet")),
+            r"data.sources.0 \(t2i: .*broken.parquet\): no readable sample: .*row 0 .*cannot identify image",
+        )
+    )
     for source, message in cases:
         with pytest.raises(SystemExit, match=message):
             build(_data_cfg(**source))
@@ -169,9 +187,14 @@ def test_packing_samples_all_too_long_says_so(tmp_path):
     write_t2i(tmp_path / "t2i", files=1, row_groups=1, rows=3)
     from bagel_remote.data_bagel import T2IParquet
 
-    dataset = BagelPackedDataset([T2IParquet(tmp_path / "t2i")], PlanBuilder(CharTokenizer(), **SMALL_SIZES),
-                                 small_config(), max_num_tokens=64, expected_num_tokens=32,
-                                 max_num_tokens_per_sample=8)  # fmt: skip
+    dataset = BagelPackedDataset(
+        [T2IParquet(tmp_path / "t2i")],
+        PlanBuilder(CharTokenizer(), **SMALL_SIZES),
+        small_config(),
+        max_num_tokens=64,
+        expected_num_tokens=32,
+        max_num_tokens_per_sample=8,
+    )
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("packing looped on samples it can never pack"))
     signal.alarm(60)
     try:
@@ -184,8 +207,10 @@ def test_packing_samples_all_too_long_says_so(tmp_path):
 def test_edit_instructions_given_as_strings_are_whole_instructions(tmp_path):
     builder = PlanBuilder(CharTokenizer(), **SMALL_SIZES)
     images = [_png(32, 32, i) for i in range(3)]
-    pq.write_table(pa.table({"image_list": [images], "instruction_list": [["make it red", "make it big"]]}),
-                   tmp_path / "edit.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"image_list": [images], "instruction_list": [["make it red", "make it big"]]}),
+        tmp_path / "edit.parquet",
+    )
     source = EditParquet(tmp_path / "edit.parquet")
     row = source.read_chunk(source.chunks()[0])[0]
     texts = set()

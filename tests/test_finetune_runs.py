@@ -25,13 +25,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from bagel_remote import packing_bagel
+from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from conftest import REPO_ROOT
 from repo_package import load_example
 from test_data import _png, write_t2i
 from test_packing import _pil
-
-from bagel_remote import packing_bagel
-from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 
 peft = pytest.importorskip("peft")
 finetune = load_example("finetune")
@@ -52,14 +51,24 @@ def workspace(tmp_path_factory):
     (root / "edit").mkdir()
     chains = [[_png(32, 32, 10 + 3 * i + j) for j in range(3)] for i in range(4)]
     instructions = [[["make it red", "redden"], ["bigger"]]] * 4
-    pq.write_table(pa.table({"image_list": chains, "instruction_list": instructions}),
-                   root / "edit" / "part-0.parquet", row_group_size=2)  # fmt: skip
+    pq.write_table(
+        pa.table({"image_list": chains, "instruction_list": instructions}),
+        root / "edit" / "part-0.parquet",
+        row_group_size=2,
+    )
     (root / "images").mkdir()
     lines = []
     for i in range(4):
         _pil(28, 28, 20 + i).save(root / "images" / f"{i}.png")
-        lines.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                             {"from": "gpt", "value": f"A thing {i}."}]})  # fmt: skip
+        lines.append(
+            {
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is it?"},
+                    {"from": "gpt", "value": f"A thing {i}."},
+                ],
+            }
+        )
     lines.append({"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi there."}]})
     (root / "llava.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
@@ -74,9 +83,14 @@ def run_config(workspace: Path, name: str, sources: list[str], num_workers: int,
         "llava": {"kind": "llava", "path": str(workspace / "llava.jsonl"), "image_dir": str(workspace / "images")},
     }
     cfg.update(model=str(workspace / "checkpoint"), warmup_steps=1, save_dtype="float32", **keys)
-    cfg["data"] = {"sources": [specs[s] for s in sources], "weights": [2, 1, 1][: len(sources)],
-                   "max_num_tokens": 1024, "expected_num_tokens": 700, "max_num_tokens_per_sample": 1024,
-                   "num_workers": num_workers}  # fmt: skip
+    cfg["data"] = {
+        "sources": [specs[s] for s in sources],
+        "weights": [2, 1, 1][: len(sources)],
+        "max_num_tokens": 1024,
+        "expected_num_tokens": 700,
+        "max_num_tokens_per_sample": 1024,
+        "num_workers": num_workers,
+    }
     path = workspace / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -136,11 +150,16 @@ def _packs(checkpoint: Path) -> list[dict]:
     model = BagelForUnifiedMultimodal.from_pretrained(checkpoint)
     processor = model.processor
     sizes = packing_bagel.ImageSizes(64, 32, 16), packing_bagel.ImageSizes(56, 28, 14)
-    builder = packing_bagel.PlanBuilder(processor.tokenizer, vae_sizes=sizes[0], vit_sizes=sizes[1],
-                                        edit_vit_sizes=sizes[1])  # fmt: skip
+    builder = packing_bagel.PlanBuilder(
+        processor.tokenizer, vae_sizes=sizes[0], vit_sizes=sizes[1], edit_vit_sizes=sizes[1]
+    )
     config = packing_bagel.PackingConfig.from_model_config(
-        model.config, processor.special_token_ids, text_cond_dropout_prob=0, vit_cond_dropout_prob=0,
-        vae_cond_dropout_prob=0)  # fmt: skip
+        model.config,
+        processor.special_token_ids,
+        text_cond_dropout_prob=0,
+        vit_cond_dropout_prob=0,
+        vae_cond_dropout_prob=0,
+    )
     answer = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A small square."}]
     plans = [
         [builder.text("Just some text to learn.", loss=True)[0]],
@@ -202,8 +221,18 @@ def test_ranks_with_different_packs_equal_one_process(workspace, world):
     packs = [packs[3], packs[1]] if world == 2 else packs
     packs_path, out = workspace / f"packs{world}.pt", workspace / f"ranks{world}.pt"
     torch.save(packs, packs_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               str(REPO_ROOT / "tests" / "finetune_ranks.py"), str(workspace / "checkpoint"), str(packs_path), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(world),
+        str(REPO_ROOT / "tests" / "finetune_ranks.py"),
+        str(workspace / "checkpoint"),
+        str(packs_path),
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]
     results = torch.load(out, weights_only=False)
@@ -243,9 +272,13 @@ def test_ranks_with_different_packs_equal_one_process(workspace, world):
 
 
 SCENARIOS = [  # (mode, DataLoader workers, where the run is killed)
-    ("lora", 1, "step"), ("lora", 0, "save"), ("gen", 0, "save"), ("gen", 1, "step"), ("full", 0, "step"),
+    ("lora", 1, "step"),
+    ("lora", 0, "save"),
+    ("gen", 0, "save"),
+    ("gen", 1, "step"),
+    ("full", 0, "step"),
     ("full", 1, "save"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("mode, workers, kill", SCENARIOS, ids=[f"{m}-workers{w}-kill_at_{k}" for m, w, k in SCENARIOS])
@@ -333,8 +366,15 @@ def test_damaged_checkpoint_is_refused_then_resume_false_restarts_as_one_process
     out = workspace / "damaged"
     (out / "checkpoints" / "step_00000009").mkdir(parents=True)  # a run that died: no DCP files
     (out / "log.jsonl").write_text('{"step": 1, "loss": 0}\n')
-    command = [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), f"model={workspace / 'checkpoint'}",
-               f"data={workspace / 'one_pack.pt'}", f"out_dir={out}", "max_steps=1", "save_dtype=float32"]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "examples" / "finetune.py"),
+        f"model={workspace / 'checkpoint'}",
+        f"data={workspace / 'one_pack.pt'}",
+        f"out_dir={out}",
+        "max_steps=1",
+        "save_dtype=float32",
+    ]
     env = {**ENV, "HF_MODULES_CACHE": str(workspace / "modules")}
     failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert failed.returncode != 0
@@ -357,12 +397,22 @@ def test_a_weight_first_trained_after_the_resume_starts_its_optimizer_state_as_u
     packs = _packs(workspace / "checkpoint")
     torch.save([packs[1], packs[1], packs[1], packs[3], packs[3], packs[3]], workspace / "late_ce.pt")
     out = workspace / "late_ce"
-    command = [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), f"model={workspace / 'checkpoint'}",
-               f"data={workspace / 'late_ce.pt'}", f"out_dir={out}", "max_steps=6", "save_every=3", "lr=1e-3",
-               "warmup_steps=0", "save_dtype=float32"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "examples" / "finetune.py"),
+        f"model={workspace / 'checkpoint'}",
+        f"data={workspace / 'late_ce.pt'}",
+        f"out_dir={out}",
+        "max_steps=6",
+        "save_every=3",
+        "lr=1e-3",
+        "warmup_steps=0",
+        "save_dtype=float32",
+    ]
     env = {**ENV, "HF_MODULES_CACHE": str(workspace / "modules")}
-    killed = subprocess.run(command, capture_output=True, text=True, env={**env, "BAGEL_FINETUNE_EXIT_AT": "step:5"},
-                            timeout=300)  # fmt: skip
+    killed = subprocess.run(
+        command, capture_output=True, text=True, env={**env, "BAGEL_FINETUNE_EXIT_AT": "step:5"}, timeout=300
+    )
     assert killed.returncode != 0
     before = log_of(out)
     assert [e["ce_tokens"] > 0 for e in before] == [False, False, False, True, True]

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
-from PIL import Image
-
 from bagel_remote.autoencoder_bagel import unpatchify_latent
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.contexts_bagel import BagelContext, SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.processing_bagel import BagelProcessor, get_resize_size
+from conftest import assert_close
+from PIL import Image
 
 # Processor sizes that fit the tiny checkpoint (ViT grid 8 x 8 patches of 14, latents up to 8 x 8 of 16 px).
 PROCESSOR_SIZES = dict(
@@ -68,10 +67,14 @@ def processor() -> BagelProcessor:
 def _params(case: dict, **overrides) -> GuidanceParams:
     p = case["params"]
     kwargs = dict(
-        num_timesteps=p["num_timesteps"], timestep_shift=p["timestep_shift"], cfg_text_scale=p["cfg_text_scale"],
-        cfg_img_scale=p["cfg_img_scale"], cfg_interval=tuple(p["cfg_interval"]), cfg_renorm_type=p["cfg_renorm_type"],
+        num_timesteps=p["num_timesteps"],
+        timestep_shift=p["timestep_shift"],
+        cfg_text_scale=p["cfg_text_scale"],
+        cfg_img_scale=p["cfg_img_scale"],
+        cfg_interval=tuple(p["cfg_interval"]),
+        cfg_renorm_type=p["cfg_renorm_type"],
         cfg_renorm_min=p["cfg_renorm_min"],
-    )  # fmt: skip
+    )
     kwargs.update(overrides)
     return GuidanceParams(**kwargs)
 
@@ -148,9 +151,14 @@ def test_t2i_parity(model, special, parity):
     case = parity.meta["cases"]["t2i"]
     full = model.add_text_tokens(model.new_context(1), [case["prompt_ids"]], special)
     latents = model.generate_latents(
-        full, model.new_context(1), full, [tuple(case["image_hw"])], special, _params(case),
+        full,
+        model.new_context(1),
+        full,
+        [tuple(case["image_hw"])],
+        special,
+        _params(case),
         init_noise=[parity.inputs["t2i.init_noise"]],
-    )  # fmt: skip
+    )
     _check_image_case(model, parity, "t2i", latents)
 
 
@@ -161,9 +169,14 @@ def test_edit_parity(model, special, parity):
     full = model.add_text_tokens(image_ctx, [case["prompt_ids"]], special)
     cfg_img = model.add_text_tokens(model.new_context(1), [case["prompt_ids"]], special)
     latents = model.generate_latents(
-        full, image_ctx, cfg_img, [tuple(case["image_hw"])], special, _params(case),
+        full,
+        image_ctx,
+        cfg_img,
+        [tuple(case["image_hw"])],
+        special,
+        _params(case),
         init_noise=[parity.inputs["edit.init_noise"]],
-    )  # fmt: skip
+    )
     _check_image_case(model, parity, "edit", latents)
 
 
@@ -220,13 +233,21 @@ def test_latent_batch_of_different_sizes_matches_single(model, special, renorm, 
     sizes = [(64, 96), (48, 32)]
     prompts = [PROMPT_A, PROMPT_B]
     noise = [_noise(model, h, w, seed) for (h, w), seed in zip(sizes, (11, 12))]
-    params = GuidanceParams(num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=img_scale, cfg_interval=(0.0, 1.0),
-                            cfg_renorm_type=renorm)  # fmt: skip
+    params = GuidanceParams(
+        num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=img_scale, cfg_interval=(0.0, 1.0), cfg_renorm_type=renorm
+    )
 
     def run(indices):
         full = model.add_text_tokens(model.new_context(len(indices)), [prompts[i] for i in indices], special)
-        return model.generate_latents(full, model.new_context(len(indices)), full, [sizes[i] for i in indices],
-                                      special, params, init_noise=[noise[i] for i in indices])  # fmt: skip
+        return model.generate_latents(
+            full,
+            model.new_context(len(indices)),
+            full,
+            [sizes[i] for i in indices],
+            special,
+            params,
+            init_noise=[noise[i] for i in indices],
+        )
 
     batch = run([0, 1])
     assert [tuple(x.shape) for x in batch] == [tuple(n.shape) for n in noise]
@@ -239,8 +260,9 @@ def test_latent_batch_of_different_sizes_matches_single(model, special, renorm, 
 def test_latents_with_generator_are_reproducible(model, special):
     full = model.add_text_tokens(model.new_context(1), [PROMPT_A], special)
     params = GuidanceParams(num_timesteps=3)
-    run = lambda seed: model.generate_latents(full, model.new_context(1), full, [(32, 48)], special, params,
-                                              generator=torch.Generator().manual_seed(seed))[0]  # fmt: skip
+    run = lambda seed: model.generate_latents(
+        full, model.new_context(1), full, [(32, 48)], special, params, generator=torch.Generator().manual_seed(seed)
+    )[0]
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
 
@@ -288,8 +310,9 @@ def test_generate_image_batch_matches_single(model, processor):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(3, 64, 64), np.zeros((64, 64, 3), dtype=np.uint8), 3],
-                         ids=["tensor", "ndarray", "int"])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(3, 64, 64), np.zeros((64, 64, 3), dtype=np.uint8), 3], ids=["tensor", "ndarray", "int"]
+)
 def test_non_image_input(model, processor, bad):
     with pytest.raises(TypeError, match="PIL.Image"):
         model.chat(bad, "what is this?", max_new_tokens=2, processor=processor)
@@ -523,8 +546,9 @@ def test_contexts_are_immutable(model, special):
     longer = model.add_text_tokens(ctx, [PROMPT_B], special)
     model.add_vae_images(ctx, [_image_tensor(32, 48, 1)], special)
     model.generate_text_ids(ctx, special, max_length=4)
-    model.generate_latents(ctx, model.new_context(1), ctx, [(32, 32)], special,
-                           GuidanceParams(num_timesteps=2, cfg_interval=(0.0, 1.0)))  # fmt: skip
+    model.generate_latents(
+        ctx, model.new_context(1), ctx, [(32, 32)], special, GuidanceParams(num_timesteps=2, cfg_interval=(0.0, 1.0))
+    )
     _assert_unchanged(ctx, snap)
     assert longer.lengths[0] == ctx.lengths[0] + len(PROMPT_B) + 2
     # The old context still serves another branch, with the same result as before.
@@ -565,20 +589,23 @@ def test_rope_positions_and_lengths(model, special):
 
 
 def test_interleave_think_understanding(model, processor):
-    out = model.interleave([_pil(90, 60), "what is this?"], understanding_output=True, think=True,
-                           max_new_tokens=6, processor=processor)  # fmt: skip
+    out = model.interleave(
+        [_pil(90, 60), "what is this?"], understanding_output=True, think=True, max_new_tokens=6, processor=processor
+    )
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
     assert isinstance(model.chat(_pil(90, 60), "what is this?", think=True, max_new_tokens=6, processor=processor), str)
-    batch = model.interleave([["what is this?"], ["and this?"]], understanding_output=True, think=True,
-                             max_new_tokens=4, processor=processor)  # fmt: skip
+    batch = model.interleave(
+        [["what is this?"], ["and this?"]], understanding_output=True, think=True, max_new_tokens=4, processor=processor
+    )
     assert len(batch) == 2 and all(len(o) == 1 and isinstance(o[0], str) for o in batch)
 
 
 @pytest.mark.parametrize("size", [(90, 60), (200, 150), (64, 64)])
 def test_edit_image_returns_vae_resized_size(model, processor, size):
     source = _pil(*size, seed=4)
-    expected = get_resize_size(*size, processor.vae_max_size, processor.vae_min_size, processor.vae_stride,
-                               processor.max_pixels)  # fmt: skip
+    expected = get_resize_size(
+        *size, processor.vae_max_size, processor.vae_min_size, processor.vae_stride, processor.max_pixels
+    )
     out = model.edit_image(source, "make it blue", num_steps=2, seed=0, progress=False, processor=processor)
     assert isinstance(out, Image.Image) and out.mode == "RGB" and out.size == expected
 
@@ -610,7 +637,9 @@ def test_bf16_model_on_the_cpu_computes_matmuls_and_convolutions_in_float32(pari
     seen = set()
     for name in ("linear", "conv2d"):
         real = getattr(F, name)
-        monkeypatch.setattr(F, name, lambda x, w, *a, _real=real, _name=name, **k: seen.add((_name, w.dtype)) or _real(x, w, *a, **k))
+        monkeypatch.setattr(
+            F, name, lambda x, w, *a, _real=real, _name=name, **k: seen.add((_name, w.dtype)) or _real(x, w, *a, **k)
+        )
     image = model.generate_image("a cat", height=32, width=32, num_steps=1, seed=0, progress=False, processor=processor)
     assert seen == {("linear", torch.float32), ("conv2d", torch.float32)}
     answer = model.chat(image, "what is this?", max_new_tokens=3, processor=processor)
@@ -626,13 +655,15 @@ def test_default_size_is_the_largest_the_checkpoint_generates(model, processor):
     small = BagelProcessor(processor.tokenizer, **dict(PROCESSOR_SIZES, vae_max_size=64))
     assert model.generate_image("a cat", num_steps=1, seed=0, progress=False, processor=small).size == (64, 64)
     big = BagelProcessor(processor.tokenizer, **dict(PROCESSOR_SIZES, vae_max_size=1024, vae_min_size=512))
-    assert model.edit_image(_pil(300, 200), "blue", num_steps=1, seed=0, progress=False, processor=big).size == (128, 80)
+    assert model.edit_image(_pil(300, 200), "blue", num_steps=1, seed=0, progress=False, processor=big).size == (
+        128,
+        80,
+    )
 
 
 def test_chat_streams_tokens_as_they_are_decoded(model, processor, monkeypatch):
-    from transformers import TextIteratorStreamer
-
     from bagel_remote import decoding_bagel
+    from transformers import TextIteratorStreamer
 
     image = _pil(90, 60, 3)
     answer = model.chat(image, "what is this?", max_new_tokens=12, processor=processor)
@@ -710,7 +741,7 @@ def test_decode_state_is_reused_across_calls(model, special):
     reused = [model.generate_text_ids(longer, special, max_length=6, return_logits=True)]
     reused.append(_decode(model, special, [PROMPT_A]))
     assert len(pool.runners) == 1  # both fit one capacity bucket
-    (key, runner), = pool.runners.items()
+    ((key, runner),) = pool.runners.items()
     assert key[:2] == (1, 64) and runner.cache.capacity == 64
     again = _decode(model, special, [PROMPT_A])
     assert pool.runners[key] is runner

@@ -6,15 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_close
-
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from bagel_remote import attention_bagel, kernels_bagel, layers_bagel, modeling_bagel, modeling_siglip_navit
 from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
+from conftest import assert_close
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,10 +37,16 @@ def _train_inputs(parity, dtype=torch.float32):
     meta = parity.meta["cases"]["train"]
     for name in ("padded_latent", "packed_vit_tokens"):
         inputs[name] = inputs[name].to(dtype)
-    return dict(inputs, sequence_length=meta["sequence_length"], sample_lens=meta["sample_lens"],
-                split_lens=meta["split_lens"], attn_modes=meta["attn_modes"],
-                patchified_vae_latent_shapes=meta["patchified_vae_latent_shapes"], packed_noise=noise,
-                output_hidden_states=True)
+    return dict(
+        inputs,
+        sequence_length=meta["sequence_length"],
+        sample_lens=meta["sample_lens"],
+        split_lens=meta["split_lens"],
+        attn_modes=meta["attn_modes"],
+        patchified_vae_latent_shapes=meta["patchified_vae_latent_shapes"],
+        packed_noise=noise,
+        output_hidden_states=True,
+    )
 
 
 def _loss_and_grads(model, inputs: dict, autocast: bool = True) -> tuple[torch.Tensor, dict]:
@@ -73,8 +77,11 @@ def test_bf16_varlen_path_matches_exact_path(parity, monkeypatch):
     inputs = _train_inputs(parity, torch.bfloat16)
     with torch.no_grad():
         fast = model(**inputs)
-        monkeypatch.setattr(attention_bagel, "varlen_attention",
-                            lambda q, k, v, group: attention_bagel._sdpa_per_segment(q, k, v, group))
+        monkeypatch.setattr(
+            attention_bagel,
+            "varlen_attention",
+            lambda q, k, v, group: attention_bagel._sdpa_per_segment(q, k, v, group),
+        )
         with sdpa_kernel(SDPBackend.MATH):
             plain = model(**inputs)
     for name in ("ce", "mse", "last_hidden_state"):
@@ -132,8 +139,10 @@ def test_master_weight_gradients_match_autocast(parity, monkeypatch):
     weights = [name for name, g in exact_grads.items() if g.dim() == 2]
     error = lambda g, name: ((g[name] - exact_grads[name]).norm() / exact_grads[name].norm()).item()
     ours, autocast = [error(grads, n) for n in weights], [error(plain_grads, n) for n in weights]
-    print(f"weight gradients vs float32 over {len(weights)} weights: ours max {max(ours):.2e} mean "
-          f"{sum(ours) / len(ours):.2e}; autocast max {max(autocast):.2e} mean {sum(autocast) / len(autocast):.2e}")
+    print(
+        f"weight gradients vs float32 over {len(weights)} weights: ours max {max(ours):.2e} mean "
+        f"{sum(ours) / len(ours):.2e}; autocast max {max(autocast):.2e} mean {sum(autocast) / len(autocast):.2e}"
+    )
     assert max(ours) < 5e-2
     assert sum(ours) <= 1.1 * sum(autocast)
 
@@ -195,15 +204,21 @@ def test_long_inference_segments_match_exact_attention(heads, kv_heads, dim):
 def test_inference_parity_on_gpu(parity):
     """KV-cached chat and guided text-to-image on the GPU (float32) against the reference, and the
     same run in bf16 through the varlen kernels stays close."""
-    from safetensors.torch import load_file
-
     from bagel_remote.guidance_bagel import GuidanceParams
+    from safetensors.torch import load_file
 
     special = _special_ids(parity)
     chat, t2i = parity.meta["cases"]["chat"], parity.meta["cases"]["t2i"]
     p = t2i["params"]
-    params = GuidanceParams(p["num_timesteps"], p["timestep_shift"], p["cfg_text_scale"], p["cfg_img_scale"],
-                            tuple(p["cfg_interval"]), p["cfg_renorm_type"], p["cfg_renorm_min"])  # fmt: skip
+    params = GuidanceParams(
+        p["num_timesteps"],
+        p["timestep_shift"],
+        p["cfg_text_scale"],
+        p["cfg_img_scale"],
+        tuple(p["cfg_interval"]),
+        p["cfg_renorm_type"],
+        p["cfg_renorm_min"],
+    )
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = _parity_model(parity, dtype)
@@ -211,11 +226,19 @@ def test_inference_parity_on_gpu(parity):
         model.vae.to("cuda", dtype)
         context = model.add_vit_images(model.new_context(1), [parity.inputs["chat.image"].cuda()], special)
         context = model.add_text_tokens(context, [chat["prompt_ids"]], special)
-        generated, logits = model.generate_text_ids(context, special, max_length=chat["max_new_tokens"],
-                                                    return_logits=True)  # fmt: skip
+        generated, logits = model.generate_text_ids(
+            context, special, max_length=chat["max_new_tokens"], return_logits=True
+        )
         full = model.add_text_tokens(model.new_context(1), [t2i["prompt_ids"]], special)
-        latents = model.generate_latents(full, model.new_context(1), full, [tuple(t2i["image_hw"])], special, params,
-                                         init_noise=[parity.inputs["t2i.init_noise"]])  # fmt: skip
+        latents = model.generate_latents(
+            full,
+            model.new_context(1),
+            full,
+            [tuple(t2i["image_hw"])],
+            special,
+            params,
+            init_noise=[parity.inputs["t2i.init_noise"]],
+        )
         results[dtype] = (generated[0], logits[0].float().cpu(), latents[0].float().cpu())
     generated, logits, latents = results[torch.float32]
     assert generated == parity.expected["chat.generated_ids"].tolist()
@@ -233,7 +256,8 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     """Two requests of different lengths decoded together through the graphed step (its attention
     the Triton decode attention, or torch's varlen kernel where Triton is missing), against each
     request alone through the plain step (eager, SDPA with a mask, torch's GEMMs and layer norms;
-    the q/k norm + rotary stays Triton's), same bf16 model. Alone through our one-row kernels, whose folded norms round elsewhere (1% of the
+    the q/k norm + rotary stays Triton's), same bf16 model. Alone through our one-row kernels, whose
+    folded norms round elsewhere (1% of the
     largest logit here), greedy decoding of this random model picks another token at a near-tie
     by step 3, and the logits part from there: those kernels are checked by
     `test_decoder_decoding_kernels_match_eager`."""
@@ -254,8 +278,11 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     original = getattr(decoding_bagel, kernel)
     monkeypatch.setattr(decoding_bagel, kernel, lambda *args: calls.append(1) or original(*args))
     branched, graph_branches = [], layers_bagel._graph_branches
-    monkeypatch.setattr(layers_bagel, "_graph_branches",
-                        lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams))
+    monkeypatch.setattr(
+        layers_bagel,
+        "_graph_branches",
+        lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams),
+    )
     _, fast = model.generate_text_ids(context, no_stop, max_length=8, return_logits=True)
     layers = model.config.text_config.num_hidden_layers
     assert len(calls) == 2 * layers  # the eager step and the capture
@@ -291,8 +318,10 @@ def test_repeated_decoding_reuses_one_graph_and_keeps_memory_flat(parity):
         assert run(i) == first[i % 2]
     torch.cuda.synchronize()
     pool = model._decode_pool()
-    print(f"after 44 calls: {pool.captures} capture(s), allocated {torch.cuda.memory_allocated() - allocated:+d} "
-          f"bytes since call 4")  # fmt: skip
+    print(
+        f"after 44 calls: {pool.captures} capture(s), allocated {torch.cuda.memory_allocated() - allocated:+d} "
+        f"bytes since call 4"
+    )
     assert pool.captures == 1 and len(pool.runners) == 1
     assert torch.cuda.memory_allocated() == allocated
     cache_bytes = pool.nbytes
@@ -342,8 +371,9 @@ def test_decode_attention_matches_exact_attention(dtype):
         expected_keys, expected_values = keys.clone(), values.clone()
         for b, n in enumerate(used):
             expected_keys[b * capacity + n - 1], expected_values[b * capacity + n - 1] = new_k[b], new_v[b]
-        out = kernels_bagel.decode_attention(q, new_k, new_v, keys, values,
-                                             torch.tensor(used, dtype=torch.int32, device="cuda"), capacity)  # fmt: skip
+        out = kernels_bagel.decode_attention(
+            q, new_k, new_v, keys, values, torch.tensor(used, dtype=torch.int32, device="cuda"), capacity
+        )
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
         for b, n in enumerate(used):
             rows = slice(b * capacity, b * capacity + n)
@@ -391,8 +421,11 @@ def test_decoding_gemv_matches_linear(dtype):
     with pytest.raises(ValueError, match="one with a norm"):
         kernels_bagel.gemv(torch.ones(2, k, device="cuda", dtype=dtype), w, norm=(g, 1e-6))
     x = torch.ones(2, k, device="cuda", dtype=dtype)
-    for add in (torch.ones(1, n, device="cuda", dtype=dtype), torch.ones(2, n, device="cuda"),
-                torch.ones(n, 2, device="cuda", dtype=dtype).T):  # fmt: skip
+    for add in (
+        torch.ones(1, n, device="cuda", dtype=dtype),
+        torch.ones(2, n, device="cuda"),
+        torch.ones(n, 2, device="cuda", dtype=dtype).T,
+    ):
         with pytest.raises(ValueError, match="of the output's shape"):
             kernels_bagel.gemv(x, w, add=add)
     layer = layers_bagel.Linear(64, 48).to("cuda", dtype)
@@ -457,7 +490,9 @@ def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
     decoder = _parity_model(parity, torch.bfloat16).model.language_model.model
     calls = []
     for module in (modeling_bagel, layers_bagel):
-        monkeypatch.setattr(module, "gemv", lambda *a, gemv=kernels_bagel.gemv, **kw: calls.append(kw) or gemv(*a, **kw))
+        monkeypatch.setattr(
+            module, "gemv", lambda *a, gemv=kernels_bagel.gemv, **kw: calls.append(kw) or gemv(*a, **kw)
+        )
     torch.manual_seed(0)
     for n in (1, 5):
         x = torch.randn(n, decoder.config.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -490,8 +525,12 @@ def test_fused_silu_mul_matches_eager():
     fused = kernels_bagel.silu_mul(gate, up)
     eager = torch.nn.functional.silu(gate) * up
     results = {"out": (fused, eager)}
-    results.update(zip(("d_gate", "d_up"), zip(torch.autograd.grad(fused, (gate, up), grad),
-                                                torch.autograd.grad(eager, (gate, up), grad))))  # fmt: skip
+    results.update(
+        zip(
+            ("d_gate", "d_up"),
+            zip(torch.autograd.grad(fused, (gate, up), grad), torch.autograd.grad(eager, (gate, up), grad)),
+        )
+    )
     for name, (ours, ref) in results.items():
         err = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         print(f"fused silu*mul vs eager, {name}: max relative error {err:.2e}")
@@ -532,8 +571,9 @@ def test_lora_wrapped_projections_step_aside_from_the_stacked_gemm():
     projections, each wrapper's own forward runs, so the adapters' outputs count."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    attn = modeling_siglip_navit.SiglipAttention(modeling_siglip_navit.SiglipVisionConfig(
-        hidden_size=64, num_attention_heads=2, intermediate_size=128)).cuda()  # fmt: skip
+    attn = modeling_siglip_navit.SiglipAttention(
+        modeling_siglip_navit.SiglipVisionConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    ).cuda()
     layers = lambda: (attn.q_proj, attn.k_proj, attn.v_proj)  # noqa: E731
     peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]), attn)
     for module in layers():

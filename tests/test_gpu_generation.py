@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Recording, assert_close
-
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+from conftest import Recording, assert_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -77,15 +76,21 @@ def _contexts(model, case: str, think: bool):
 def _params(case: str, steps: int = 8) -> GuidanceParams:
     if case == "t2i":  # global renorm: the per-sequence norm that index_add_ once summed with atomics
         return GuidanceParams(num_timesteps=steps + 1, cfg_text_scale=4.0, cfg_interval=(0.4, 1.0))
-    return GuidanceParams(num_timesteps=steps + 1, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                          cfg_renorm_type="text_channel")  # fmt: skip
+    return GuidanceParams(
+        num_timesteps=steps + 1,
+        cfg_text_scale=4.0,
+        cfg_img_scale=2.0,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm_type="text_channel",
+    )
 
 
 def _generate(model, case: str, seed: int, think: bool = False, step_cache=None) -> torch.Tensor:
     full, cfg_text, cfg_img = _contexts(model, case, think)
     generator = torch.Generator("cuda").manual_seed(seed)
-    latents = model.generate_latents(full, cfg_text, cfg_img, [(SIZE, SIZE)], SPECIAL, _params(case),
-                                     generator=generator, step_cache=step_cache)  # fmt: skip
+    latents = model.generate_latents(
+        full, cfg_text, cfg_img, [(SIZE, SIZE)], SPECIAL, _params(case), generator=generator, step_cache=step_cache
+    )
     torch.cuda.synchronize()
     return latents[0].float().cpu()
 
@@ -142,17 +147,18 @@ def test_step_cache_memory_is_given_back_and_its_error_is_small(wide, step_cache
     assert 0 < recording.run.peak_bytes <= 2 * 8 * tokens * hidden * 4
     assert recording.run.predictions > 0
     err = ((cached - exact).norm() / exact.norm()).item()
-    print(f"{step_cache}: relative error of the final latents {err:.3e}, {recording.run.runs} branch passes, "
-          f"{recording.run.predictions} predicted")  # fmt: skip
+    print(
+        f"{step_cache}: relative error of the final latents {err:.3e}, {recording.run.runs} branch passes, "
+        f"{recording.run.predictions} predicted"
+    )
     assert err < 0.1
 
 
 def test_taylorseer_parity_on_gpu_float32(parity):
     """The reference's TaylorSeer fixture (t2i and edit, with and without the cache) in float32 on
     the GPU: latent tokens to 1e-4."""
-    from safetensors.torch import load_file
-
     from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
+    from safetensors.torch import load_file
 
     tensors = load_file(str(parity.root / "taylorseer.safetensors"))
     cases = json.loads((parity.root / "taylorseer.json").read_text())["cases"]
@@ -173,7 +179,14 @@ def test_taylorseer_parity_on_gpu_float32(parity):
             full, cfg_text = model.add_text_tokens(image, [case["prompt_ids"]], special), image
             cfg_img = model.add_text_tokens(model.new_context(1), [case["prompt_ids"]], special)
         for kind, step_cache in (("full", None), ("taylorseer", "taylorseer")):
-            latents = model.generate_latents(full, cfg_text, cfg_img, [tuple(case["image_hw"])], special,
-                                             GuidanceParams(**p), init_noise=[tensors[f"input.{name}.init_noise"]],
-                                             step_cache=step_cache)  # fmt: skip
+            latents = model.generate_latents(
+                full,
+                cfg_text,
+                cfg_img,
+                [tuple(case["image_hw"])],
+                special,
+                GuidanceParams(**p),
+                init_noise=[tensors[f"input.{name}.init_noise"]],
+                step_cache=step_cache,
+            )
             assert_close(latents[0], tensors[f"{kind}.{name}.latent_tokens"], 1e-4, f"{kind}.{name} on the GPU")

@@ -10,11 +10,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+from PIL import Image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LM = "model.language_model."
@@ -42,8 +41,9 @@ def _run(model) -> dict:
     ids, logits = model.generate_text_ids(context, special, max_length=12, return_logits=True)
     prompt = model.add_text_tokens(model.new_context(), [proc.encode_text("a red cat")], special)
     noise = [torch.randn(16, 64, generator=torch.Generator().manual_seed(0))]
-    latents = model.generate_latents(prompt, model.new_context(), prompt, [(64, 64)], special,
-                                     GuidanceParams(num_timesteps=4), init_noise=noise)  # fmt: skip
+    latents = model.generate_latents(
+        prompt, model.new_context(), prompt, [(64, 64)], special, GuidanceParams(num_timesteps=4), init_noise=noise
+    )
     texts = model.chat(image, "what is it", max_new_tokens=8)
     picture = model.generate_image("a cat", height=64, width=64, num_steps=3, seed=0, progress=False)
     edited = model.edit_image(image, "make it blue", num_steps=3, seed=0, progress=False)
@@ -93,7 +93,8 @@ def test_bitsandbytes_chat_and_t2i(tiny, bf16, bits, monkeypatch):
 
     config = (
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
     )
     model, info = BagelForUnifiedMultimodal.from_pretrained(
         tiny, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=config, output_loading_info=True
@@ -120,8 +121,9 @@ def test_torchao_chat_and_t2i(tiny, bf16, kind, monkeypatch):
     from transformers import TorchAoConfig
 
     config = TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Float8DynamicActivationFloat8WeightConfig())
-    model = BagelForUnifiedMultimodal.from_pretrained(tiny, dtype=torch.bfloat16, device_map={"": 0},
-                                                      quantization_config=config)  # fmt: skip
+    model = BagelForUnifiedMultimodal.from_pretrained(
+        tiny, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=config
+    )
     assert type(model.model.language_model.model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"
     assert model._can_graph(torch.device("cuda", 0))
     _graphed_decode_matches_eager(model, monkeypatch)
@@ -132,7 +134,12 @@ def test_cpu_offload_matches_one_gpu(tiny, bf16):
     """Half the decoder on the CPU (accelerate streams it in): eager decode, same results as one GPU
     within the kernels' differences (the fused norm + rotary steps aside for offloaded layers)."""
     on_gpu = ("model.embed_tokens", "model.layers.0", "model.norm", "model.norm_moe_gen")
-    device_map = {**{LM + name: 0 for name in on_gpu}, LM + "model.layers.1": "cpu", LM + "lm_head": "cpu", "vae": "cpu"}
+    device_map = {
+        **{LM + name: 0 for name in on_gpu},
+        LM + "model.layers.1": "cpu",
+        LM + "lm_head": "cpu",
+        "vae": "cpu",
+    }
     for name in ("vit_model", "connector", "vit_pos_embed", "time_embedder", "vae2llm", "llm2vae", "latent_pos_embed"):
         device_map["model." + name] = 0
     model = BagelForUnifiedMultimodal.from_pretrained(tiny, dtype=torch.bfloat16, device_map=device_map)

@@ -17,15 +17,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_modeling import JOINT_PACK, make_batch
-
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.parallel_bagel import BagelParallel
 from bagel_remote.processing_bagel import BagelProcessor
+from PIL import Image
+from test_modeling import JOINT_PACK, make_batch
 
 
 def _image(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
@@ -60,8 +59,9 @@ EDIT = dict(num_steps=1, progress=False)
 
 
 def _chat(**kwargs):
-    return lambda m, p: m.chat(kwargs.pop("images", IMG), kwargs.pop("prompt", "What is it?"), processor=p,
-                               **{"max_new_tokens": 2, **kwargs})  # fmt: skip
+    return lambda m, p: m.chat(
+        kwargs.pop("images", IMG), kwargs.pop("prompt", "What is it?"), processor=p, **{"max_new_tokens": 2, **kwargs}
+    )
 
 
 def _t2i(prompt="a red fox", **kwargs):
@@ -100,8 +100,16 @@ API_ERRORS = [
     ("max_new_tokens-bool", _chat(max_new_tokens=True), TypeError, "max_new_tokens"),
     ("max_new_tokens-float", _chat(max_new_tokens=2.0), TypeError, ("max_new_tokens", "2.0")),
     ("streamer-not-a-streamer", _chat(streamer=object()), TypeError, ("streamer", "put()")),
-    ("streamer-on-a-batch", _chat(images=[IMG, IMG], prompt=["a?", "b?"], streamer=type("S", (), {
-        "put": lambda self, x: None, "end": lambda self: None})()), ValueError, "streamer"),  # fmt: skip
+    (
+        "streamer-on-a-batch",
+        _chat(
+            images=[IMG, IMG],
+            prompt=["a?", "b?"],
+            streamer=type("S", (), {"put": lambda self, x: None, "end": lambda self: None})(),
+        ),
+        ValueError,
+        "streamer",
+    ),
     ("processor-str", _chat(processor="bagel"), TypeError, "processor"),
     ("parallel-unknown", _chat(parallel="pipeline"), ValueError, ("parallel", "'pipeline'")),
     ("parallel-bool-size", _chat(parallel={"cfg": True}), TypeError, ("parallel['cfg']", "True")),
@@ -147,8 +155,12 @@ API_ERRORS = [
     ("interleave-empty", _interleave([]), ValueError, "Nothing to run"),
     ("interleave-path", _interleave(["cat.png", "Describe it."], understanding_output=True), TypeError, "cat.png"),
     ("interleave-ragged-batch", _interleave([[IMG, "a"], ["b"]]), ValueError, "same sequence of inputs"),
-    ("understanding_output-str", _interleave([IMG, "a"], understanding_output="yes"), TypeError,
-     "understanding_output"),  # fmt: skip
+    (
+        "understanding_output-str",
+        _interleave([IMG, "a"], understanding_output="yes"),
+        TypeError,
+        "understanding_output",
+    ),
     ("params-dict", _interleave(["a cat"], params={"num_timesteps": 3}), TypeError, "params"),
 ]
 
@@ -161,8 +173,9 @@ def test_api_refuses_by_name(tiny_model, tiny_processor, call, error, names):
 
 
 def test_max_think_tokens_is_not_reported_as_max_new_tokens(tiny_model, tiny_processor):
-    message = _raises(lambda: _t2i(think=True, max_think_tokens=0)(tiny_model, tiny_processor), ValueError,
-                      "max_think_tokens")  # fmt: skip
+    message = _raises(
+        lambda: _t2i(think=True, max_think_tokens=0)(tiny_model, tiny_processor), ValueError, "max_think_tokens"
+    )
     assert "max_new_tokens" not in message
 
 
@@ -185,8 +198,11 @@ def test_context_api_refuses_by_name(tiny_model, special):
         (lambda: m.generate_latents(ctx, ctx, ctx, [64], special, params), TypeError, "image_sizes[0]"),
         (lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64.0)], special, params), TypeError, "image_sizes[0][1]"),
         (lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, {"cfg": 4}), TypeError, "params"),
-        (lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, init_noise=[torch.zeros(3, 64)]),
-         ValueError, "init_noise"),  # fmt: skip
+        (
+            lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, init_noise=[torch.zeros(3, 64)]),
+            ValueError,
+            "init_noise",
+        ),
         (lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, progress="yes"), TypeError, "progress"),
         (lambda: GuidanceParams(num_timesteps=1), ValueError, "num_timesteps"),
         (lambda: GuidanceParams(cfg_text_scale=NAN), ValueError, "cfg_text_scale"),
@@ -215,12 +231,16 @@ def test_decoding_past_the_context_stops_at_its_end_with_a_warning(tiny_model, t
     assert 0 < room < 8
     with caplog.at_level(logging.WARNING):
         answer = tiny_model.chat(None, prompt, max_new_tokens=10**6, processor=tiny_processor)
-    assert any("max_new_tokens=1000000" in r.getMessage() and f"stops after {room}" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "max_new_tokens=1000000" in r.getMessage() and f"stops after {room}" in r.getMessage() for r in caplog.records
+    )
     assert answer == tiny_model.chat(None, prompt, max_new_tokens=room, processor=tiny_processor)
     # One token more of prompt and nothing fits: refused by name.
-    _raises(lambda: tiny_model.chat(None, prompt + "a" * (room + 1), processor=tiny_processor), ValueError,
-            ("prompt", "too long"))  # fmt: skip
+    _raises(
+        lambda: tiny_model.chat(None, prompt + "a" * (room + 1), processor=tiny_processor),
+        ValueError,
+        ("prompt", "too long"),
+    )
 
 
 @pytest.mark.parametrize("seed", [-1, np.int64(3), 2**64 - 1], ids=["negative", "numpy", "largest"])
@@ -233,8 +253,10 @@ def test_unusual_seeds_work_and_are_reproducible(tiny_model, tiny_processor, see
 def test_greedy_decoding_takes_temperature_zero(tiny_model, tiny_processor):
     """temperature=0 / top_p=0 are the usual 'no sampling': greedy decoding takes them as it is."""
     greedy = tiny_model.chat(IMG, "What is it?", max_new_tokens=4, processor=tiny_processor)
-    assert tiny_model.chat(IMG, "What is it?", max_new_tokens=4, temperature=0.0, top_p=0.0,
-                           processor=tiny_processor) == greedy  # fmt: skip
+    assert (
+        tiny_model.chat(IMG, "What is it?", max_new_tokens=4, temperature=0.0, top_p=0.0, processor=tiny_processor)
+        == greedy
+    )
 
 
 def test_guidance_scales_at_their_edges_give_images(tiny_model, tiny_processor):
@@ -302,13 +324,22 @@ CONFIG_ERRORS = [
     ("vit_patch_size-str", dict(vit_patch_size="14"), TypeError, ("vit_patch_size", "quotes")),
     ("dropout-above-one", dict(vit_cond_dropout_prob=1.5), ValueError, "vit_cond_dropout_prob"),
     ("vit_select_layer-positive", dict(vit_select_layer=1), ValueError, "vit_select_layer"),
-    ("vit_select_layer-past-the-tower", dict(vit_config={"num_hidden_layers": 3}, vit_select_layer=-100), ValueError, ("vit_select_layer", "-100")),
+    (
+        "vit_select_layer-past-the-tower",
+        dict(vit_config={"num_hidden_layers": 3}, vit_select_layer=-100),
+        ValueError,
+        ("vit_select_layer", "-100"),
+    ),
     ("connector_act-typo", dict(connector_act="gelu_pytorch_tan"), ValueError, ("connector_act", "gelu_pytorch_tanh")),
     ("visual_gen-str", dict(visual_gen="yes"), TypeError, "visual_gen"),
     ("vae-z_channels-zero", dict(vae_config={"z_channels": 0}), ValueError, "vae_config['z_channels']"),
     ("vae-scale-str", dict(vae_config={"scale_factor": "0.3"}), TypeError, "vae_config['scale_factor']"),
-    ("heads-not-dividing", dict(llm_config={"hidden_size": 64, "num_attention_heads": 5}), ValueError,
-     ("text_config", "num_attention_heads")),  # fmt: skip
+    (
+        "heads-not-dividing",
+        dict(llm_config={"hidden_size": 64, "num_attention_heads": 5}),
+        ValueError,
+        ("text_config", "num_attention_heads"),
+    ),
     ("vocab-zero", dict(llm_config={"vocab_size": 0}), ValueError, "text_config.vocab_size"),
     ("freeze_und-str", dict(llm_config={"freeze_und": "maybe"}), TypeError, "freeze_und"),
     ("stage-3", dict(stage=3), ValueError, "3"),
@@ -334,14 +365,20 @@ def test_config_json_with_a_negative_timestep_shift_does_not_load(tiny_copy):
 
 def test_config_overrides_at_load_are_checked_too(tiny_copy):
     _raises(lambda: BagelConfig.from_pretrained(tiny_copy, max_latent_size=-4), ValueError, "max_latent_size")
-    _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy, timestep_shift=float("nan")), ValueError,
-            "timestep_shift")  # fmt: skip
+    _raises(
+        lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy, timestep_shift=float("nan")),
+        ValueError,
+        "timestep_shift",
+    )
 
 
 def test_stage2_checkpoint_without_ae_is_refused(tiny_copy, caplog):
     (tiny_copy / "ae.safetensors").unlink()
-    _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy), FileNotFoundError,
-            ("ae.safetensors", "stage=1", "strict=False"))  # fmt: skip
+    _raises(
+        lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy),
+        FileNotFoundError,
+        ("ae.safetensors", "stage=1", "strict=False"),
+    )
     with caplog.at_level(logging.WARNING):  # asked for: a random VAE, with a warning
         model = BagelForUnifiedMultimodal.from_pretrained(tiny_copy, strict=False)
     assert model.vae is not None and any("randomly initialised" in r.getMessage() for r in caplog.records)
@@ -366,8 +403,11 @@ def test_hub_id_offline_without_a_cached_copy_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
-    _raises(lambda: BagelForUnifiedMultimodal.from_pretrained("nobody/bagel-tiny", cache_dir=str(tmp_path / "hf")),
-            FileNotFoundError, ("'nobody/bagel-tiny'", "offline", "Hub repository id"))  # fmt: skip
+    _raises(
+        lambda: BagelForUnifiedMultimodal.from_pretrained("nobody/bagel-tiny", cache_dir=str(tmp_path / "hf")),
+        FileNotFoundError,
+        ("'nobody/bagel-tiny'", "offline", "Hub repository id"),
+    )
     assert time.perf_counter() - start < 5
 
 
@@ -380,8 +420,11 @@ def test_loading_arguments_and_file_errors(tiny_copy):
     if not torch.cuda.is_available():
         _raises(lambda: load(tiny_copy, device_map="cuda"), ValueError, ("device_map='cuda'", "device_map='cpu'"))
         _raises(lambda: load(tiny_copy, device_map={"": "cuda:0"}), ValueError, "device_map")
-    _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy / "ema.safetensors"), NotADirectoryError,
-            "ema.safetensors")  # fmt: skip
+    _raises(
+        lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy / "ema.safetensors"),
+        NotADirectoryError,
+        "ema.safetensors",
+    )
     (tiny_copy / "ema.safetensors").write_bytes(b"not a safetensors file")
     _raises(lambda: BagelForUnifiedMultimodal.from_pretrained(tiny_copy), ValueError, "ema.safetensors")
 
@@ -430,57 +473,144 @@ FORWARD_ERRORS = [
     ("labels", lambda b: _with(b, labels=b["packed_label_ids"]), TypeError, ("labels=", "packed_label_ids")),
     ("attention_mask", lambda b: _with(b, attention_mask=torch.ones(3)), TypeError, ("attention_mask", "sample_lens")),
     ("input_ids", lambda b: _with(b, input_ids=b["packed_text_ids"]), TypeError, "packed_text_ids"),
-    ("typo", lambda b: _with(b, packed_label_id=b["packed_label_ids"]), TypeError,
-     ("'packed_label_id'", "did you mean 'packed_label_ids'")),  # fmt: skip
-    ("nested_attention_masks", lambda b: _with(b, nested_attention_masks=[torch.ones(2, 2)]), ValueError,
-     "nested_attention_masks"),  # fmt: skip
-    ("negative-position", lambda b: _with(b, packed_position_ids=_set(b["packed_position_ids"], 3, -5)), ValueError,
-     ("packed_position_ids", "[-5]")),  # fmt: skip
-    ("position-past-the-context", lambda b: _with(b, packed_position_ids=_set(b["packed_position_ids"], 3, 10**5)),
-     ValueError, ("packed_position_ids", "100000")),  # fmt: skip
+    (
+        "typo",
+        lambda b: _with(b, packed_label_id=b["packed_label_ids"]),
+        TypeError,
+        ("'packed_label_id'", "did you mean 'packed_label_ids'"),
+    ),
+    (
+        "nested_attention_masks",
+        lambda b: _with(b, nested_attention_masks=[torch.ones(2, 2)]),
+        ValueError,
+        "nested_attention_masks",
+    ),
+    (
+        "negative-position",
+        lambda b: _with(b, packed_position_ids=_set(b["packed_position_ids"], 3, -5)),
+        ValueError,
+        ("packed_position_ids", "[-5]"),
+    ),
+    (
+        "position-past-the-context",
+        lambda b: _with(b, packed_position_ids=_set(b["packed_position_ids"], 3, 10**5)),
+        ValueError,
+        ("packed_position_ids", "100000"),
+    ),
     ("timesteps-differ-in-one-image", _timesteps_differ, ValueError, ("packed_timesteps", "one noised image")),
-    ("text-id-out-of-vocab", lambda b: _with(b, packed_text_ids=_set(b["packed_text_ids"], 0, 10**6)), ValueError,
-     ("packed_text_ids", "1000000", "vocabulary")),  # fmt: skip
-    ("text-id-negative", lambda b: _with(b, packed_text_ids=_set(b["packed_text_ids"], 0, -1)), ValueError,
-     "packed_text_ids"),  # fmt: skip
-    ("label-out-of-vocab", lambda b: _with(b, packed_label_ids=_set(b["packed_label_ids"], 0, 10**6)), ValueError,
-     ("packed_label_ids", "1000000")),  # fmt: skip
-    ("label-ignore-index", lambda b: _with(b, packed_label_ids=_set(b["packed_label_ids"], 0, -100)), ValueError,
-     ("packed_label_ids", "-100", "ce_loss_indexes")),  # fmt: skip
-    ("text-ids-float", lambda b: _with(b, packed_text_ids=b["packed_text_ids"].float()), TypeError,
-     ("packed_text_ids", "integers")),  # fmt: skip
-    ("text-ids-list", lambda b: _with(b, packed_text_ids=b["packed_text_ids"].tolist()), TypeError,
-     ("packed_text_ids", "torch.Tensor")),  # fmt: skip
-    ("positions-2d", lambda b: _with(b, packed_position_ids=b["packed_position_ids"][None]), ValueError,
-     ("packed_position_ids", "1 dimension")),  # fmt: skip
-    ("sequence_length-str", lambda b: _with(b, sequence_length=str(b["sequence_length"])), TypeError,
-     "sequence_length"),  # fmt: skip
+    (
+        "text-id-out-of-vocab",
+        lambda b: _with(b, packed_text_ids=_set(b["packed_text_ids"], 0, 10**6)),
+        ValueError,
+        ("packed_text_ids", "1000000", "vocabulary"),
+    ),
+    (
+        "text-id-negative",
+        lambda b: _with(b, packed_text_ids=_set(b["packed_text_ids"], 0, -1)),
+        ValueError,
+        "packed_text_ids",
+    ),
+    (
+        "label-out-of-vocab",
+        lambda b: _with(b, packed_label_ids=_set(b["packed_label_ids"], 0, 10**6)),
+        ValueError,
+        ("packed_label_ids", "1000000"),
+    ),
+    (
+        "label-ignore-index",
+        lambda b: _with(b, packed_label_ids=_set(b["packed_label_ids"], 0, -100)),
+        ValueError,
+        ("packed_label_ids", "-100", "ce_loss_indexes"),
+    ),
+    (
+        "text-ids-float",
+        lambda b: _with(b, packed_text_ids=b["packed_text_ids"].float()),
+        TypeError,
+        ("packed_text_ids", "integers"),
+    ),
+    (
+        "text-ids-list",
+        lambda b: _with(b, packed_text_ids=b["packed_text_ids"].tolist()),
+        TypeError,
+        ("packed_text_ids", "torch.Tensor"),
+    ),
+    (
+        "positions-2d",
+        lambda b: _with(b, packed_position_ids=b["packed_position_ids"][None]),
+        ValueError,
+        ("packed_position_ids", "1 dimension"),
+    ),
+    (
+        "sequence_length-str",
+        lambda b: _with(b, sequence_length=str(b["sequence_length"])),
+        TypeError,
+        "sequence_length",
+    ),
     ("sample_lens-zero", lambda b: _with(b, sample_lens=[0, *b["sample_lens"]]), ValueError, "sample_lens[0]"),
     ("split-across-samples", _split_across_samples, ValueError, ("split_lens", "cross")),
-    ("attn_mode-unknown", lambda b: _with(b, attn_modes=["bidirectional", *b["attn_modes"][1:]]), ValueError,
-     "attn_modes[0]"),  # fmt: skip
+    (
+        "attn_mode-unknown",
+        lambda b: _with(b, attn_modes=["bidirectional", *b["attn_modes"][1:]]),
+        ValueError,
+        "attn_modes[0]",
+    ),
     ("image-in-a-causal-split", _image_in_a_text_split, ValueError, ("attn_modes", "causal")),
     ("attn_modes-short", lambda b: _with(b, attn_modes=b["attn_modes"][1:]), ValueError, "attn_modes"),
-    ("vit-position-past-the-grid", lambda b: _with(b, packed_vit_position_ids=_set(b["packed_vit_position_ids"], 0, 10**4)),
-     ValueError, ("packed_vit_position_ids", "10000")),  # fmt: skip
-    ("vit-columns", lambda b: _with(b, packed_vit_tokens=b["packed_vit_tokens"][:, :10]), ValueError,
-     ("packed_vit_tokens", "588 columns")),  # fmt: skip
+    (
+        "vit-position-past-the-grid",
+        lambda b: _with(b, packed_vit_position_ids=_set(b["packed_vit_position_ids"], 0, 10**4)),
+        ValueError,
+        ("packed_vit_position_ids", "10000"),
+    ),
+    (
+        "vit-columns",
+        lambda b: _with(b, packed_vit_tokens=b["packed_vit_tokens"][:, :10]),
+        ValueError,
+        ("packed_vit_tokens", "588 columns"),
+    ),
     ("vit-seqlens-sum", lambda b: _with(b, vit_token_seqlens=[1]), ValueError, ("vit_token_seqlens", "add up")),
-    ("latent-position-past-the-table",
-     lambda b: _with(b, packed_latent_position_ids=_set(b["packed_latent_position_ids"], 0, 10**4)), ValueError,
-     ("packed_latent_position_ids", "10000")),  # fmt: skip
-    ("latent-shape-too-large", lambda b: _with(b, patchified_vae_latent_shapes=[(2, 2), (2, 30)]), ValueError,
-     "patchified_vae_latent_shapes[1]"),  # fmt: skip
-    ("latent-channels", lambda b: _with(b, padded_latent=b["padded_latent"][:, :3]), ValueError,
-     ("padded_latent", "channels")),  # fmt: skip
-    ("latent-shapes-count", lambda b: _with(b, patchified_vae_latent_shapes=[(2, 2)]), ValueError,
-     "patchified_vae_latent_shapes"),  # fmt: skip
-    ("ce-without-labels", lambda b: {k: v for k, v in b.items() if k != "packed_label_ids"}, ValueError,
-     ("ce_loss_indexes", "packed_label_ids")),  # fmt: skip
-    ("ce-index-out-of-range", lambda b: _with(b, ce_loss_indexes=_set(b["ce_loss_indexes"], 0, 10**4)), ValueError,
-     "ce_loss_indexes"),  # fmt: skip
-    ("mse-without-latents", lambda b: {k: v for k, v in b.items() if k != "padded_latent"}, ValueError,
-     ("mse_loss_indexes", "padded_latent")),  # fmt: skip
+    (
+        "latent-position-past-the-table",
+        lambda b: _with(b, packed_latent_position_ids=_set(b["packed_latent_position_ids"], 0, 10**4)),
+        ValueError,
+        ("packed_latent_position_ids", "10000"),
+    ),
+    (
+        "latent-shape-too-large",
+        lambda b: _with(b, patchified_vae_latent_shapes=[(2, 2), (2, 30)]),
+        ValueError,
+        "patchified_vae_latent_shapes[1]",
+    ),
+    (
+        "latent-channels",
+        lambda b: _with(b, padded_latent=b["padded_latent"][:, :3]),
+        ValueError,
+        ("padded_latent", "channels"),
+    ),
+    (
+        "latent-shapes-count",
+        lambda b: _with(b, patchified_vae_latent_shapes=[(2, 2)]),
+        ValueError,
+        "patchified_vae_latent_shapes",
+    ),
+    (
+        "ce-without-labels",
+        lambda b: {k: v for k, v in b.items() if k != "packed_label_ids"},
+        ValueError,
+        ("ce_loss_indexes", "packed_label_ids"),
+    ),
+    (
+        "ce-index-out-of-range",
+        lambda b: _with(b, ce_loss_indexes=_set(b["ce_loss_indexes"], 0, 10**4)),
+        ValueError,
+        "ce_loss_indexes",
+    ),
+    (
+        "mse-without-latents",
+        lambda b: {k: v for k, v in b.items() if k != "padded_latent"},
+        ValueError,
+        ("mse_loss_indexes", "padded_latent"),
+    ),
     ("noise-columns", lambda b: _with(b, packed_noise=b["packed_noise"][:, :3]), ValueError, "packed_noise"),
     ("output_hidden_states-str", lambda b: _with(b, output_hidden_states="yes"), TypeError, "output_hidden_states"),
 ]
@@ -529,7 +659,10 @@ def test_training_forward_refuses_on_the_gpu_before_any_lookup(tiny_model, pack)
     on_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in pack.items()}
     cases = {case[0]: case[1] for case in FORWARD_ERRORS}
     with torch.no_grad():
-        for make, names in ((cases["text-id-out-of-vocab"], "packed_text_ids"),
-                            (cases["negative-position"], "packed_position_ids"), (_timesteps_differ, "packed_timesteps")):
+        for make, names in (
+            (cases["text-id-out-of-vocab"], "packed_text_ids"),
+            (cases["negative-position"], "packed_position_ids"),
+            (_timesteps_differ, "packed_timesteps"),
+        ):
             _raises(lambda: model(**make(on_gpu)), ValueError, names)
         assert torch.isfinite(model(**on_gpu)["ce"]).all()

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import ast
 
-from conftest import REPO_ROOT
-
 from bagel_remote.contexts_bagel import CacheStep, KVCacheStep
 from bagel_remote.decoding_bagel import DecodeCache
 from bagel_remote.parallel_bagel import UlyssesShard
+from conftest import REPO_ROOT
 
 
 def _relative_imports() -> dict[str, set[str]]:
@@ -50,7 +49,9 @@ def test_no_module_imports_one_that_imports_it_back():
     graph = _relative_imports()
     assert {"generation_bagel", "parallel_bagel", "contexts_bagel", "layers_bagel"} <= set(graph)
     assert _cycle(graph) is None
-    assert _cycle({**graph, "contexts_bagel": graph["contexts_bagel"] | {"generation_bagel"}}) is not None  # it finds one
+    assert (
+        _cycle({**graph, "contexts_bagel": graph["contexts_bagel"] | {"generation_bagel"}}) is not None
+    )  # it finds one
     # Parallel generation takes what it needs from the modules below the API, not from the API.
     assert "generation_bagel" not in graph["parallel_bagel"] and "parallel_bagel" in graph["generation_bagel"]
 

@@ -10,17 +10,15 @@ import shutil
 import warnings
 from pathlib import Path
 
+import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from bagel_remote.configuration_bagel import DEFAULT_VAE_CONFIG, BagelConfig
 from bagel_remote.modeling_bagel import AUTO_MAP, BagelForUnifiedMultimodal, remote_code_files
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
-
-import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
 from conftest import REPO_ROOT, assert_close
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 GEN_MARKERS = ("_moe_gen", "time_embedder", "vae2llm", "llm2vae", "latent_pos_embed")
 
@@ -85,26 +83,55 @@ def _automodel():
 
 # The released llm_config.json (Qwen2.5-7B-Instruct's) and vit_config.json (SigLIP so400m/14 at 980).
 RELEASED_LLM_CONFIG = dict(
-    architectures=["Qwen2ForCausalLM"], attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
-    hidden_act="silu", hidden_size=3584, initializer_range=0.02, intermediate_size=18944,
-    max_position_embeddings=32768, max_window_layers=28, num_attention_heads=28, num_hidden_layers=28,
-    num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=131072, tie_word_embeddings=False,
-    use_cache=True, use_sliding_window=False, vocab_size=152064,
-)  # fmt: skip
+    architectures=["Qwen2ForCausalLM"],
+    attention_dropout=0.0,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    hidden_act="silu",
+    hidden_size=3584,
+    initializer_range=0.02,
+    intermediate_size=18944,
+    max_position_embeddings=32768,
+    max_window_layers=28,
+    num_attention_heads=28,
+    num_hidden_layers=28,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    sliding_window=131072,
+    tie_word_embeddings=False,
+    use_cache=True,
+    use_sliding_window=False,
+    vocab_size=152064,
+)
 RELEASED_VIT_CONFIG = dict(
-    architectures=["SiglipVisionModel"], attention_dropout=0.0, hidden_act="gelu_pytorch_tanh", hidden_size=1152,
-    image_size=980, intermediate_size=4304, layer_norm_eps=1e-6, num_attention_heads=16, num_channels=3,
-    num_hidden_layers=27, patch_size=14,
-)  # fmt: skip
+    architectures=["SiglipVisionModel"],
+    attention_dropout=0.0,
+    hidden_act="gelu_pytorch_tanh",
+    hidden_size=1152,
+    image_size=980,
+    intermediate_size=4304,
+    layer_norm_eps=1e-6,
+    num_attention_heads=16,
+    num_channels=3,
+    num_hidden_layers=27,
+    patch_size=14,
+)
 
 
 def bagel_7b_config() -> BagelConfig:
     """How the root config.json is generated (then written with to_json_string(use_diff=False))."""
     config = BagelConfig(
-        llm_config=dict(RELEASED_LLM_CONFIG), vit_config=dict(RELEASED_VIT_CONFIG), latent_patch_size=2,
-        max_latent_size=64, vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh", interpolate_pos=False,
-        timestep_shift=1.0, stage=2,
-    )  # fmt: skip
+        llm_config=dict(RELEASED_LLM_CONFIG),
+        vit_config=dict(RELEASED_VIT_CONFIG),
+        latent_patch_size=2,
+        max_latent_size=64,
+        vit_max_num_patch_per_side=70,
+        connector_act="gelu_pytorch_tanh",
+        interpolate_pos=False,
+        timestep_shift=1.0,
+        stage=2,
+    )
     config.auto_map = dict(AUTO_MAP)
     return config
 
@@ -134,15 +161,28 @@ def test_root_config_json_is_bagel_7b_mot(tmp_path):
     config = BagelConfig.from_pretrained(REPO_ROOT)  # loading does not re-apply the overrides
     text, vit = config.text_config, config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
-        3584, 28, 28, 4)  # fmt: skip
+        3584,
+        28,
+        28,
+        4,
+    )
     assert (text.intermediate_size, text.vocab_size, text.max_position_embeddings) == (18944, 152064, 32768)
     assert (text.rms_norm_eps, text.hidden_act, text.bos_token_id, text.eos_token_id) == (1e-6, "silu", 151643, 151645)
     assert text.rope_parameters["rope_theta"] == 1e6 and text.qk_norm is True and text.tie_word_embeddings is False
     assert text.layer_module == "Qwen2MoTDecoderLayer"
     assert (vit.hidden_size, vit.num_hidden_layers, vit.num_attention_heads, vit.intermediate_size) == (
-        1152, 26, 16, 4304)  # fmt: skip
+        1152,
+        26,
+        16,
+        4304,
+    )
     assert (vit.patch_size, vit.image_size, vit.layer_norm_eps, vit.hidden_act, vit.rope) == (
-        14, 980, 1e-6, "gelu_pytorch_tanh", False)  # fmt: skip
+        14,
+        980,
+        1e-6,
+        "gelu_pytorch_tanh",
+        False,
+    )
     assert (config.latent_patch_size, config.max_latent_size, config.vit_max_num_patch_per_side) == (2, 64, 70)
     assert (config.connector_act, config.interpolate_pos, config.timestep_shift) == ("gelu_pytorch_tanh", False, 1.0)
     # The released sidecars are recovered exactly (27 ViT layers in the json).
@@ -219,10 +259,15 @@ def test_automodel_reproduces_parity_outputs(parity, tmp_path, monkeypatch):
             vit["packed_pixel_values"], vit["packed_flattened_position_ids"], seqlens
         )
         out = model(
-            **train, packed_noise=noise, output_hidden_states=True, sequence_length=meta["sequence_length"],
-            sample_lens=meta["sample_lens"], split_lens=meta["split_lens"], attn_modes=meta["attn_modes"],
+            **train,
+            packed_noise=noise,
+            output_hidden_states=True,
+            sequence_length=meta["sequence_length"],
+            sample_lens=meta["sample_lens"],
+            split_lens=meta["split_lens"],
+            attn_modes=meta["attn_modes"],
             patchified_vae_latent_shapes=meta["patchified_vae_latent_shapes"],
-        )  # fmt: skip
+        )
     assert_close(embeddings, parity.expected["vit.embeddings"], 1e-4, "vit.embeddings")
     for name in ("ce", "mse", "last_hidden_state"):
         assert_close(out[name], parity.expected[f"train.{name}"], 1e-4, f"train.{name}")
@@ -244,9 +289,16 @@ def test_automodel_forwards_extra_kwargs_and_honours_config(tiny, tmp_path, monk
     # Our classmethod accepts what AutoModel passes on, and honours config=.
     config = BagelConfig.from_pretrained(repo, stage=1)
     model = BagelForUnifiedMultimodal.from_pretrained(
-        repo, config=config, trust_remote_code=True, _from_auto=True, adapter_kwargs={}, code_revision=None,
-        low_cpu_mem_usage=True, attn_implementation="sdpa", revision=None,
-    )  # fmt: skip
+        repo,
+        config=config,
+        trust_remote_code=True,
+        _from_auto=True,
+        adapter_kwargs={},
+        code_revision=None,
+        low_cpu_mem_usage=True,
+        attn_implementation="sdpa",
+        revision=None,
+    )
     assert model.config.stage == 1 and model.vae is None
     assert config.stage == 1  # the caller's config object is not modified...
     BagelForUnifiedMultimodal.from_pretrained(repo, config=config, stage=2)
@@ -339,11 +391,22 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path, monkeypatch):
     model.save_pretrained(out)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"} <= names
-    assert {"configuration_bagel.py", "modeling_bagel.py", "processing_bagel.py", "state_dict_adapter.py",
-            "autoencoder_bagel.py", "attention_bagel.py", "generation_bagel.py", "modeling_siglip_navit.py",
-            "contexts_bagel.py", "decoding_bagel.py", "guidance_bagel.py", "parallel_bagel.py", "step_cache_bagel.py",
-            "layers_bagel.py"
-            } <= names
+    assert {
+        "configuration_bagel.py",
+        "modeling_bagel.py",
+        "processing_bagel.py",
+        "state_dict_adapter.py",
+        "autoencoder_bagel.py",
+        "attention_bagel.py",
+        "generation_bagel.py",
+        "modeling_siglip_navit.py",
+        "contexts_bagel.py",
+        "decoding_bagel.py",
+        "guidance_bagel.py",
+        "parallel_bagel.py",
+        "step_cache_bagel.py",
+        "layers_bagel.py",
+    } <= names
     assert not {"model.safetensors", "pytorch_model.bin"} & names
     assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= names  # model.processor
     config = json.loads((out / "config.json").read_text())
@@ -490,11 +553,16 @@ def test_hub_id_goes_through_snapshot_download(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = BagelForUnifiedMultimodal.from_pretrained(
-        "some-org/bagel-tiny", stage=1, revision="v1", cache_dir=str(tmp_path), token="hf_x", local_files_only=True,
+        "some-org/bagel-tiny",
+        stage=1,
+        revision="v1",
+        cache_dir=str(tmp_path),
+        token="hf_x",
+        local_files_only=True,
         force_download=True,
-    )  # fmt: skip
+    )
     assert model.config.stage == 1
-    (repo_id, kwargs), = calls
+    ((repo_id, kwargs),) = calls
     assert repo_id == "some-org/bagel-tiny"
     assert kwargs["revision"] == "v1" and kwargs["cache_dir"] == str(tmp_path) and kwargs["token"] == "hf_x"
     assert kwargs["local_files_only"] is True and kwargs["force_download"] is True
@@ -616,9 +684,19 @@ def test_make_tiny_checkpoint(tiny, tmp_path):
     from transformers import AutoTokenizer
 
     names = {p.name for p in tiny.iterdir()}
-    assert {"config.json", "llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors",
-            "tokenizer.json", "tokenizer_config.json", "processor_config.json", "configuration_bagel.py",
-            "modeling_bagel.py", "processing_bagel.py"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "llm_config.json",
+        "vit_config.json",
+        "ema.safetensors",
+        "ae.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "configuration_bagel.py",
+        "modeling_bagel.py",
+        "processing_bagel.py",
+    } <= names
     tokenizer = AutoTokenizer.from_pretrained(tiny, trust_remote_code=True)  # config.json has an auto_map
     vocab = tokenizer.get_vocab()
     specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
@@ -645,9 +723,11 @@ def test_make_tiny_checkpoint(tiny, tmp_path):
 
     processor = AutoProcessor.from_pretrained(str(tiny), trust_remote_code=True)
     assert processor.special_token_ids == {
-        "bos_token_id": vocab["<|im_start|>"], "eos_token_id": vocab["<|im_end|>"],
-        "start_of_image": vocab["<|vision_start|>"], "end_of_image": vocab["<|vision_end|>"],
-    }  # fmt: skip
+        "bos_token_id": vocab["<|im_start|>"],
+        "eos_token_id": vocab["<|im_end|>"],
+        "start_of_image": vocab["<|vision_start|>"],
+        "end_of_image": vocab["<|vision_end|>"],
+    }
 
 
 def test_weights_missing_from_the_checkpoint_are_initialised_as_a_normal_build(tiny, tmp_path):
@@ -656,14 +736,22 @@ def test_weights_missing_from_the_checkpoint_are_initialised_as_a_normal_build(t
     loaded next to a missing one keeps its loaded value."""
     repo = _copy_repo(tiny, tmp_path / "sparse")
     state = load_file(str(repo / "ema.safetensors"))
-    dropped = ["vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed", "language_model.model.norm.weight",
-               "connector.fc2.bias", "llm2vae.weight"]  # fmt: skip
+    dropped = [
+        "vit_pos_embed.pos_embed",
+        "latent_pos_embed.pos_embed",
+        "language_model.model.norm.weight",
+        "connector.fc2.bias",
+        "llm2vae.weight",
+    ]
     save_file({k: v for k, v in state.items() if k not in dropped}, str(repo / "ema.safetensors"))
     model, info = BagelForUnifiedMultimodal.from_pretrained(repo, strict=False, output_loading_info=True)
     assert info["missing_keys"] == sorted("model." + k for k in dropped)
     normal = BagelForUnifiedMultimodal(BagelConfig.from_pretrained(tiny))
-    for key in ("model.vit_pos_embed.pos_embed", "model.latent_pos_embed.pos_embed",
-                "model.language_model.model.norm.weight"):  # deterministic tables and norms: exactly
+    for key in (
+        "model.vit_pos_embed.pos_embed",
+        "model.latent_pos_embed.pos_embed",
+        "model.language_model.model.norm.weight",
+    ):  # deterministic tables and norms: exactly
         assert torch.equal(_state(model)[key], _state(normal)[key]), key
     assert not model.model.connector.fc2.bias.any() and not model.model.llm2vae.weight.any()  # zero inits
     assert torch.equal(model.model.llm2vae.bias, state["llm2vae.bias"])  # its loaded sibling kept

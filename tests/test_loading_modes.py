@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 LM = "model.language_model."
 
@@ -57,8 +56,11 @@ def _generate(model, high_level: bool = True) -> dict[str, torch.Tensor]:
         "image": np.asarray(model.generate_image("a cat", height=64, width=64, num_steps=3, seed=0, progress=False)),
         # The edit encodes a processor-sized image with the VAE: only in float32 (bf16 convolutions
         # are very slow on the CPU).
-        **({"edited": np.asarray(model.edit_image(_image(), "make it blue", num_steps=3, seed=0, progress=False))}
-           if model.dtype == torch.float32 else {}),
+        **(
+            {"edited": np.asarray(model.edit_image(_image(), "make it blue", num_steps=3, seed=0, progress=False))}
+            if model.dtype == torch.float32
+            else {}
+        ),
     }
 
 
@@ -86,11 +88,21 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 
 OFFLOAD_MAP = {
-    LM + "model.embed_tokens": "cpu", LM + "model.layers.0": "disk", LM + "model.layers.1": "cpu",
-    LM + "model.norm": "disk", LM + "model.norm_moe_gen": "cpu", LM + "lm_head": "disk",
-    "model.vit_model": "disk", "model.connector": "cpu", "model.vit_pos_embed": "cpu", "model.time_embedder": "disk",
-    "model.vae2llm": "cpu", "model.llm2vae": "disk", "model.latent_pos_embed": "cpu", "vae": "disk",
-}  # fmt: skip
+    LM + "model.embed_tokens": "cpu",
+    LM + "model.layers.0": "disk",
+    LM + "model.layers.1": "cpu",
+    LM + "model.norm": "disk",
+    LM + "model.norm_moe_gen": "cpu",
+    LM + "lm_head": "disk",
+    "model.vit_model": "disk",
+    "model.connector": "cpu",
+    "model.vit_pos_embed": "cpu",
+    "model.time_embedder": "disk",
+    "model.vae2llm": "cpu",
+    "model.llm2vae": "disk",
+    "model.latent_pos_embed": "cpu",
+    "vae": "disk",
+}
 
 
 def test_device_map_dict_with_cpu_and_disk_offload_matches_one_device(tiny, tmp_path, one_device):
@@ -138,8 +150,11 @@ def _assert_int8_close(outputs: dict, reference: dict) -> None:
 
 
 def _weight_kinds(model) -> dict[str, str]:
-    return {name: type(module.weight).__name__ for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)}  # fmt: skip
+    return {
+        name: type(module.weight).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
 
 
 def test_torchao_int8_weight_only_at_load(tiny, bf16):
@@ -157,7 +172,9 @@ def test_torchao_int8_weight_only_at_load(tiny, bf16):
     kinds = _weight_kinds(model)
     quantized = {name for name, kind in kinds.items() if kind != "Parameter"}
     # UND and GEN projections of every decoder layer, and the ViT, are int8 ...
-    assert f"{LM}model.layers.1.self_attn.q_proj" in quantized and f"{LM}model.layers.1.mlp_moe_gen.down_proj" in quantized
+    assert (
+        f"{LM}model.layers.1.self_attn.q_proj" in quantized and f"{LM}model.layers.1.mlp_moe_gen.down_proj" in quantized
+    )
     assert "model.vit_model.vision_model.encoder.layers.0.mlp.fc1" in quantized
     # ... the output embedding, the generation head's projections and time embedder stay bf16.
     for name in (f"{LM}lm_head", "model.llm2vae", "model.vae2llm", "model.time_embedder.mlp.0"):
@@ -178,9 +195,8 @@ def test_torchao_quantize_after_load(tiny, bf16):
 def test_which_quantized_weights_decode_as_a_cuda_graph():
     """torchao tensors and bitsandbytes 4-bit weights are captured; 8-bit LLM.int8() (outlier
     search on the host) and integer Parameters are not."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
     from bagel_remote.decoding_bagel import capturable_weight
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     layer = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
     assert capturable_weight(layer.weight)
@@ -268,8 +284,9 @@ def test_vit_rope_checkpoint_loads_with_rope_on(tiny, tmp_path, layout):
     model.save_pretrained(repo)
     vit = config.vision_config
     state = load_file(str(repo / "ema.safetensors"))
-    for name, table in _reference_rope_tables(vit.hidden_size // vit.num_attention_heads,
-                                              vit.image_size // vit.patch_size).items():  # fmt: skip
+    for name, table in _reference_rope_tables(
+        vit.hidden_size // vit.num_attention_heads, vit.image_size // vit.patch_size
+    ).items():
         state[f"vit_model.vision_model.rope.{name}"] = table
     save_file(state, str(repo / "ema.safetensors"))
     assert json.loads((repo / "vit_config.json").read_text())["rope"] is True
@@ -278,7 +295,10 @@ def test_vit_rope_checkpoint_loads_with_rope_on(tiny, tmp_path, layout):
         (repo / "config.json").unlink()
         stage = 1
     else:  # the index of the save no longer lists the tables: the loader must not trust it
-        assert "vit_model.vision_model.rope.cos_h" not in json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+        assert (
+            "vit_model.vision_model.rope.cos_h"
+            not in json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+        )
     loaded, info = BagelForUnifiedMultimodal.from_pretrained(repo, stage=stage, output_loading_info=True)
     assert not any(info.values())
     assert loaded.config.vit_rope is True and loaded.config.vision_config.rope is True
@@ -302,8 +322,11 @@ def test_user_key_mapping_renames_checkpoint_keys(tiny, tmp_path):
     save_file(state, str(repo / "ema.safetensors"))
     with pytest.raises(ValueError, match="projector.fc1.weight"):
         BagelForUnifiedMultimodal.from_pretrained(repo)
-    model, info = BagelForUnifiedMultimodal.from_pretrained(repo, key_mapping={r"^projector\.": "connector."},
-                                                            output_loading_info=True)  # fmt: skip
+    model, info = BagelForUnifiedMultimodal.from_pretrained(
+        repo, key_mapping={r"^projector\.": "connector."}, output_loading_info=True
+    )
     assert not any(info.values())
     assert torch.equal(model.model.connector.fc1.weight, state["projector.fc1.weight"])
-    assert torch.equal(model.vae.decoder.conv_in.weight, load_file(str(tiny / "ae.safetensors"))["decoder.conv_in.weight"])
+    assert torch.equal(
+        model.vae.decoder.conv_in.weight, load_file(str(tiny / "ae.safetensors"))["decoder.conv_in.weight"]
+    )

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_close
-
 from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
 from bagel_remote.configuration_bagel import BagelConfig
+from bagel_remote.layers_bagel import Linear, apply_rotary, rotary_cos_sin
 from bagel_remote.modeling_bagel import (
     BagelForUnifiedMultimodal,
     BagelModel,
@@ -23,9 +22,9 @@ from bagel_remote.modeling_bagel import (
     _convert_patch_embedding_for_packed_vit,
     sincos_2d,
 )
-from bagel_remote.layers_bagel import Linear, apply_rotary, rotary_cos_sin
 from bagel_remote.modeling_siglip_navit import SiglipRotary2D, SiglipVisionEmbeddings, apply_rotary_2d
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
+from conftest import assert_close
 
 START, END = 12, 13  # <|vision_start|>, <|vision_end|> ids (as in the fixture); the tiny vocab holds them
 GEN_MARKERS = ("_moe_gen", "time_embedder", "vae2llm", "llm2vae", "latent_pos_embed")
@@ -36,26 +35,55 @@ GEN_MARKERS = ("_moe_gen", "time_embedder", "vae2llm", "llm2vae", "latent_pos_em
 # ----------------------------------------------------------------------------------------------
 
 TINY_VAE = {
-    "resolution": 256, "in_channels": 3, "downsample": 8, "ch": 32, "out_ch": 3, "ch_mult": [1, 1, 1, 1],
-    "num_res_blocks": 1, "z_channels": 16, "scale_factor": 0.3611, "shift_factor": 0.1159,
-}  # fmt: skip
+    "resolution": 256,
+    "in_channels": 3,
+    "downsample": 8,
+    "ch": 32,
+    "out_ch": 3,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "z_channels": 16,
+    "scale_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
 
 
 def tiny_config(stage=2, vit_rope=False, **kwargs) -> BagelConfig:
     llm = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
-        hidden_act="silu", pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        pad_token_id=0,
+    )
     # 3 layers as released: the reference overrides drop the last one (vit_select_layer=-2).
     vit = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, patch_size=14,
-        image_size=56, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-    )  # fmt: skip
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        patch_size=14,
+        image_size=56,
+        num_channels=3,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
     return BagelConfig(
-        llm_config=llm, vit_config=vit, vae_config=dict(TINY_VAE), max_latent_size=8,
-        vit_max_num_patch_per_side=4, stage=stage, vit_rope=vit_rope, **kwargs,
-    )  # fmt: skip
+        llm_config=llm,
+        vit_config=vit,
+        vae_config=dict(TINY_VAE),
+        max_latent_size=8,
+        vit_max_num_patch_per_side=4,
+        stage=stage,
+        vit_rope=vit_rope,
+        **kwargs,
+    )
 
 
 def tiny_model(stage=2, seed=0, **kwargs) -> BagelForUnifiedMultimodal:
@@ -71,8 +99,29 @@ def make_batch(config: BagelConfig, samples, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     p, side, lat_side = config.vit_patch_size, config.vit_max_num_patch_per_side, config.max_latent_size
     lp, z, vocab = config.latent_patch_size, int(config.vae_config["z_channels"]), config.text_config.vocab_size
-    b = {k: [] for k in ("text_ids", "text_idx", "pos", "vit_tok", "vit_idx", "vit_pos", "vit_lens", "latents",
-                         "shapes", "lat_pos", "vae_idx", "t", "mse", "ce", "labels", "splits", "modes", "samples")}
+    b = {
+        k: []
+        for k in (
+            "text_ids",
+            "text_idx",
+            "pos",
+            "vit_tok",
+            "vit_idx",
+            "vit_pos",
+            "vit_lens",
+            "latents",
+            "shapes",
+            "lat_pos",
+            "vae_idx",
+            "t",
+            "mse",
+            "ce",
+            "labels",
+            "splits",
+            "modes",
+            "samples",
+        )
+    }
     cur = 0
 
     def text(token, pos):
@@ -124,26 +173,33 @@ def make_batch(config: BagelConfig, samples, seed: int = 0) -> dict:
 
     long = lambda x: torch.tensor(x, dtype=torch.long)
     out = dict(
-        sequence_length=cur, sample_lens=b["samples"], split_lens=b["splits"], attn_modes=b["modes"],
-        packed_text_ids=long(b["text_ids"]), packed_text_indexes=long(b["text_idx"]),
+        sequence_length=cur,
+        sample_lens=b["samples"],
+        split_lens=b["splits"],
+        attn_modes=b["modes"],
+        packed_text_ids=long(b["text_ids"]),
+        packed_text_indexes=long(b["text_idx"]),
         packed_position_ids=long(b["pos"]),
-    )  # fmt: skip
+    )
     if b["vit_tok"]:
         out.update(
-            packed_vit_tokens=torch.cat(b["vit_tok"]), packed_vit_token_indexes=long(b["vit_idx"]),
+            packed_vit_tokens=torch.cat(b["vit_tok"]),
+            packed_vit_token_indexes=long(b["vit_idx"]),
             packed_vit_position_ids=long(b["vit_pos"]),
             vit_token_seqlens=torch.tensor(b["vit_lens"], dtype=torch.int32),
-        )  # fmt: skip
+        )
     if b["latents"]:
         hmax = max(x.shape[1] for x in b["latents"])
         wmax = max(x.shape[2] for x in b["latents"])
         padded = torch.stack([F.pad(x, (0, wmax - x.shape[2], 0, hmax - x.shape[1])) for x in b["latents"]])
         out.update(
-            padded_latent=padded, patchified_vae_latent_shapes=b["shapes"],
+            padded_latent=padded,
+            patchified_vae_latent_shapes=b["shapes"],
             packed_latent_position_ids=long(b["lat_pos"]),
-            packed_vae_token_indexes=long(b["vae_idx"]), packed_timesteps=torch.tensor(b["t"]),
+            packed_vae_token_indexes=long(b["vae_idx"]),
+            packed_timesteps=torch.tensor(b["t"]),
             packed_noise=torch.randn(len(b["vae_idx"]), lp * lp * z, generator=g),
-        )  # fmt: skip
+        )
         if b["mse"]:
             out["mse_loss_indexes"] = long(b["mse"])
     if b["ce"]:
@@ -184,10 +240,14 @@ def _train_kwargs(parity) -> dict:
     noise = inputs.pop("noise")
     inputs.pop("padded_images")
     return dict(
-        inputs, packed_noise=noise, sequence_length=meta["sequence_length"], sample_lens=meta["sample_lens"],
-        split_lens=meta["split_lens"], attn_modes=meta["attn_modes"],
+        inputs,
+        packed_noise=noise,
+        sequence_length=meta["sequence_length"],
+        sample_lens=meta["sample_lens"],
+        split_lens=meta["split_lens"],
+        attn_modes=meta["attn_modes"],
         patchified_vae_latent_shapes=meta["patchified_vae_latent_shapes"],
-    )  # fmt: skip
+    )
 
 
 def test_parity_vit(parity, parity_model):
@@ -241,9 +301,10 @@ def test_stage1_builds_und_only_and_reproduces_ce(parity):
 
 UND_NAMES = ["layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.1.self_attn.k_proj.weight"]
 GEN_NAMES = [
-    "layers.0.self_attn.q_proj_moe_gen.weight", "layers.0.mlp_moe_gen.gate_proj.weight",
+    "layers.0.self_attn.q_proj_moe_gen.weight",
+    "layers.0.mlp_moe_gen.gate_proj.weight",
     "layers.1.self_attn.k_proj_moe_gen.weight",
-]  # fmt: skip
+]
 
 
 def _decoder_grads(model, batch):
@@ -457,8 +518,10 @@ def test_plan_in_storage_order_reads_and_writes_rows_where_they_are():
     stored = torch.randperm(n, generator=g)  # storage row s holds packed row stored[s]
     position = torch.empty_like(stored)
     position[stored] = torch.arange(n)
-    for plan in (AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, torch.device("cpu")),
-                 AttentionPlan.segments([5, 7], causal=True)):  # fmt: skip
+    for plan in (
+        AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, torch.device("cpu")),
+        AttentionPlan.segments([5, 7], causal=True),
+    ):
         moved = packed_attention(q[stored], k[stored], v[stored], plan.in_storage_order(position))
         torch.testing.assert_close(moved, packed_attention(q, k, v, plan)[stored], rtol=0, atol=0)
 
@@ -545,7 +608,9 @@ def test_error_sample_lens_do_not_sum(tiny_stage2):
 def test_error_unknown_attn_mode(tiny_stage2):
     batch = make_batch(tiny_stage2.config, JOINT_PACK)
     modes = ["bidirectional"] + batch["attn_modes"][1:]
-    with pytest.raises(ValueError, match="attn_modes\\[0\\] must be one of 'causal', 'full', 'noise', got 'bidirectional'"):
+    with pytest.raises(
+        ValueError, match="attn_modes\\[0\\] must be one of 'causal', 'full', 'noise', got 'bidirectional'"
+    ):
         tiny_stage2(**dict(batch, attn_modes=modes))
     with pytest.raises(ValueError, match="split_lens has"):
         AttentionPlan.from_splits([2, 2], ["full"], [4], torch.device("cpu"))
@@ -631,8 +696,9 @@ def test_rotary_matches_rotate_half_formula_and_its_gradient():
     ours, ref = apply_rotary(x, cos, signed_sin), textbook(x)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     grad = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
-                               rtol=0, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0], rtol=0, atol=1e-12
+    )
     rope = SiglipRotary2D(16, max_num_patch_per_side=8)
     tables = rope(torch.tensor([0, 9, 17, 63, 30]))
     assert torch.autograd.gradcheck(lambda t: apply_rotary_2d(t, *tables), (x.detach()[:, :1].requires_grad_(),))
@@ -727,7 +793,9 @@ def test_low_precision_linear_on_the_cpu_computes_in_float32(monkeypatch):
         weights_seen.clear()
         out = layer(x.bfloat16())
         assert weights_seen == [(torch.float32, torch.float32)] and out.dtype == torch.bfloat16
-        expected = linear(x.bfloat16().float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        expected = linear(
+            x.bfloat16().float(), layer.weight.float(), None if layer.bias is None else layer.bias.float()
+        )
         torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
         assert layer.weight.dtype == torch.bfloat16  # stored in low precision
 

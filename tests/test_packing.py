@@ -7,10 +7,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-
-from conftest import REPO_ROOT, require_fixture
-
 from bagel_remote.packing_bagel import (
     ImageSizes,
     PackBuilder,
@@ -21,18 +17,25 @@ from bagel_remote.packing_bagel import (
     encode_pack,
     pack_samples,
 )
+from conftest import REPO_ROOT, require_fixture
+from PIL import Image
 
 PACK_DIR = REPO_ROOT.parent / "shared" / "parity" / "pack-a"
 BOS, EOS, START, END = 10, 11, 12, 13
 
 
-
-
 def small_config(**overrides) -> PackingConfig:
     values = dict(
-        bos_token_id=BOS, eos_token_id=EOS, start_of_image=START, end_of_image=END, vit_max_num_patch_per_side=8,
-        max_latent_size=8, text_cond_dropout_prob=0.0, vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0,
-    )  # fmt: skip
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        start_of_image=START,
+        end_of_image=END,
+        vit_max_num_patch_per_side=8,
+        max_latent_size=8,
+        text_cond_dropout_prob=0.0,
+        vit_cond_dropout_prob=0.0,
+        vae_cond_dropout_prob=0.0,
+    )
     return PackingConfig(**{**values, **overrides})
 
 
@@ -64,10 +67,14 @@ def _fixture_plans(meta, inputs) -> dict[str, list[PlanItem]]:
 def _fixture_config(meta) -> PackingConfig:
     assert meta["vae_downsample"] * meta["latent_patch_size"] == 16
     return small_config(
-        **meta["special_token_ids"], vit_patch_size=meta["vit_patch_size"], max_latent_size=meta["max_latent_size"],
-        vit_max_num_patch_per_side=meta["vit_max_num_patch_per_side"], vae_downsample=meta["vae_downsample"],
-        latent_patch_size=meta["latent_patch_size"], loss_reduction=meta["loss_reduction"],
-    )  # fmt: skip
+        **meta["special_token_ids"],
+        vit_patch_size=meta["vit_patch_size"],
+        max_latent_size=meta["max_latent_size"],
+        vit_max_num_patch_per_side=meta["vit_max_num_patch_per_side"],
+        vae_downsample=meta["vae_downsample"],
+        latent_patch_size=meta["latent_patch_size"],
+        loss_reduction=meta["loss_reduction"],
+    )
 
 
 @pytest.mark.parametrize("group", ["t2i", "edit", "und", "all"])
@@ -85,7 +92,9 @@ def test_pack_a_parity(pack_fixture, group):
         assert got == value, key
     for key, want in want_tensors.items():
         got = pack[key]
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{key}: {got.dtype} {got.shape} vs {want.dtype} {want.shape}"
+        assert got.dtype == want.dtype and got.shape == want.shape, (
+            f"{key}: {got.dtype} {got.shape} vs {want.dtype} {want.shape}"
+        )
         if key == "packed_timesteps":  # raw N(0, 1) draws: which are finite, one value per image
             assert torch.equal(torch.isfinite(got), torch.isfinite(want)), key
             continue
@@ -113,13 +122,16 @@ def test_layout_hand_computed():
     ids, special-token loss on the answer's eos)."""
     t2i = [PlanItem("text", [20, 21], enable_cfg=True), PlanItem("vae_image", _image(32, 48), loss=True)]
     edit = [
-        PlanItem("vae_image", _image(32, 32, 1), enable_cfg=True), PlanItem("vit_image", _image(28, 28, 2), enable_cfg=True),
-        PlanItem("text", [30], enable_cfg=True), PlanItem("vae_image", _image(32, 32, 3), loss=True),
-    ]  # fmt: skip
+        PlanItem("vae_image", _image(32, 32, 1), enable_cfg=True),
+        PlanItem("vit_image", _image(28, 28, 2), enable_cfg=True),
+        PlanItem("text", [30], enable_cfg=True),
+        PlanItem("vae_image", _image(32, 32, 3), loss=True),
+    ]
     und = [
-        PlanItem("vit_image", _image(14, 28, 4)), PlanItem("text", [40]),
+        PlanItem("vit_image", _image(14, 28, 4)),
+        PlanItem("text", [40]),
         PlanItem("text", [41, 42], loss=True, special_token_label=99),
-    ]  # fmt: skip
+    ]
     pack = pack_samples([t2i, edit, und], small_config(), torch.Generator().manual_seed(0))
 
     # t2i: [bos 20 21 eos] 0..3 causal; [start, 6 latents, end] 4..11 noise, all at rope 4
@@ -132,8 +144,32 @@ def test_layout_hand_computed():
     assert pack["attn_modes"] == ["causal", "noise", "full", "full", "causal", "noise", "full", "causal", "causal"]
     positions = [0, 1, 2, 3] + [4] * 8 + [0] * 6 + [1] * 6 + [2, 3, 4] + [5] * 6 + [0] * 4 + [1, 2, 3, 4, 5, 6, 7]
     assert pack["packed_position_ids"].tolist() == positions
-    text = {0: BOS, 1: 20, 2: 21, 3: EOS, 4: START, 11: END, 12: START, 17: END, 18: START, 23: END, 24: BOS, 25: 30,
-            26: EOS, 27: START, 32: END, 33: START, 36: END, 37: BOS, 38: 40, 39: EOS, 40: BOS, 41: 41, 42: 42, 43: EOS}  # fmt: skip
+    text = {
+        0: BOS,
+        1: 20,
+        2: 21,
+        3: EOS,
+        4: START,
+        11: END,
+        12: START,
+        17: END,
+        18: START,
+        23: END,
+        24: BOS,
+        25: 30,
+        26: EOS,
+        27: START,
+        32: END,
+        33: START,
+        36: END,
+        37: BOS,
+        38: 40,
+        39: EOS,
+        40: BOS,
+        41: 41,
+        42: 42,
+        43: EOS,
+    }
     assert pack["packed_text_indexes"].tolist() == list(text)
     assert pack["packed_text_ids"].tolist() == list(text.values())
     assert pack["packed_vae_token_indexes"].tolist() == list(range(5, 11)) + list(range(13, 17)) + list(range(28, 32))
@@ -141,9 +177,17 @@ def test_layout_hand_computed():
     assert pack["packed_latent_position_ids"].tolist() == [0, 1, 2, 8, 9, 10] + [0, 1, 8, 9] * 2
     assert pack["mse_loss_indexes"].tolist() == list(range(5, 11)) + list(range(28, 32))
     t = pack["packed_timesteps"]
-    assert torch.isfinite(t[:6]).all() and torch.isinf(t[6:10]).all() and (t[6:10] < 0).all() and torch.isfinite(t[10:]).all()
+    assert (
+        torch.isfinite(t[:6]).all()
+        and torch.isinf(t[6:10]).all()
+        and (t[6:10] < 0).all()
+        and torch.isfinite(t[10:]).all()
+    )
     assert pack["padded_images"].shape == (3, 3, 32, 48)
-    assert torch.equal(pack["padded_images"][1, :, :, :32], edit[0].data) and (pack["padded_images"][1, :, :, 32:] == 0).all()
+    assert (
+        torch.equal(pack["padded_images"][1, :, :, :32], edit[0].data)
+        and (pack["padded_images"][1, :, :, 32:] == 0).all()
+    )
     assert pack["packed_vit_token_indexes"].tolist() == [19, 20, 21, 22, 34, 35]
     assert pack["packed_vit_position_ids"].tolist() == [0, 1, 8, 9, 0, 1]
     assert pack["vit_token_seqlens"].tolist() == [4, 2]
@@ -158,8 +202,12 @@ def test_loss_reductions_and_cfg_dropout():
     assert weights["token"].tolist() == [1.0] * 4 and torch.allclose(weights["sample"], torch.full((4,), 0.25))
     # Dropped: the text vanishes (rope unchanged), a dropped image still advances rope by one.
     dropped = small_config(text_cond_dropout_prob=1.0, vit_cond_dropout_prob=1.0, vae_cond_dropout_prob=1.0)
-    plan = [PlanItem("vae_image", _image(16, 16), enable_cfg=True), PlanItem("text", [5], enable_cfg=True),
-            PlanItem("vit_image", _image(14, 14), enable_cfg=True), PlanItem("text", [6])]  # fmt: skip
+    plan = [
+        PlanItem("vae_image", _image(16, 16), enable_cfg=True),
+        PlanItem("text", [5], enable_cfg=True),
+        PlanItem("vit_image", _image(14, 14), enable_cfg=True),
+        PlanItem("text", [6]),
+    ]
     pack = pack_samples([plan], dropped)
     assert pack["packed_text_ids"].tolist() == [BOS, 6, EOS] and pack["packed_position_ids"].tolist() == [2, 3, 4]
     assert "padded_images" not in pack and "packed_vit_tokens" not in pack
@@ -193,15 +241,27 @@ def _text_plan(n: int) -> list[PlanItem]:
 
 
 def test_packer_thresholds_buffer_and_skip():
-    packer = Packer(small_config(), max_num_tokens=20, expected_num_tokens=15, max_num_tokens_per_sample=12,
-                    prefer_buffer_before=5, max_buffer_size=1)  # fmt: skip
+    packer = Packer(
+        small_config(),
+        max_num_tokens=20,
+        expected_num_tokens=15,
+        max_num_tokens_per_sample=12,
+        prefer_buffer_before=5,
+        max_buffer_size=1,
+    )
     stream = [("a", 8), ("b", 8), ("c", 13), ("d", 6), ("e", 10), ("f", 4), ("g", 9)]
     packs = list(packer.packs((key, _text_plan(n)) for key, n in stream))
     # a+b=16 >= 15: emitted. c skipped (13 > 12). d=6; e would make 16 <= 20: 16 >= 15 emitted.
     # f=4; g: 4+9=13 fine, end of stream: the last short pack.
     assert [p["sample_lens"] for p in packs] == [[8, 8], [6, 10], [4, 9]]
-    packer = Packer(small_config(), max_num_tokens=20, expected_num_tokens=19, max_num_tokens_per_sample=12,
-                    prefer_buffer_before=5, max_buffer_size=1)  # fmt: skip
+    packer = Packer(
+        small_config(),
+        max_num_tokens=20,
+        expected_num_tokens=19,
+        max_num_tokens_per_sample=12,
+        prefer_buffer_before=5,
+        max_buffer_size=1,
+    )
     stream = [("a", 12), ("b", 10), ("c", 11), ("d", 4), ("e", 3)]
     packs = list(packer.packs((key, _text_plan(n)) for key, n in stream))
     # a=12; b overflows -> buffer; c overflows, buffer full -> emit [a], c opens the next pack;
@@ -211,10 +271,18 @@ def test_packer_thresholds_buffer_and_skip():
 
 def test_packer_resume_gives_the_same_packs():
     config = small_config(text_cond_dropout_prob=0.5)
-    plans = {i: [PlanItem("text", [20] * (3 + i % 7), enable_cfg=True), PlanItem("vae_image", _image(16, 32, i), loss=True)]
-             for i in range(60)}  # fmt: skip
-    kwargs = dict(max_num_tokens=40, expected_num_tokens=30, max_num_tokens_per_sample=30, prefer_buffer_before=10,
-                  max_buffer_size=2, seed=3)  # fmt: skip
+    plans = {
+        i: [PlanItem("text", [20] * (3 + i % 7), enable_cfg=True), PlanItem("vae_image", _image(16, 32, i), loss=True)]
+        for i in range(60)
+    }
+    kwargs = dict(
+        max_num_tokens=40,
+        expected_num_tokens=30,
+        max_num_tokens_per_sample=30,
+        prefer_buffer_before=10,
+        max_buffer_size=2,
+        seed=3,
+    )
     full = list(Packer(config, **kwargs).packs(plans.items()))
     first = Packer(config, **kwargs)
     stream = iter(plans.items())
@@ -230,7 +298,7 @@ def test_packer_resume_gives_the_same_packs():
     for got, want in zip(head + tail, full):
         assert got.keys() == want.keys()
         for key in want:
-            assert (torch.equal(got[key], want[key]) if torch.is_tensor(want[key]) else got[key] == want[key]), key
+            assert torch.equal(got[key], want[key]) if torch.is_tensor(want[key]) else got[key] == want[key], key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +314,9 @@ class CharTokenizer:
         return [ord(c) % 200 + 20 for c in text]
 
 
-SMALL_SIZES = dict(vae_sizes=ImageSizes(64, 32, 16), vit_sizes=ImageSizes(56, 28, 14), edit_vit_sizes=ImageSizes(42, 28, 14))
+SMALL_SIZES = dict(
+    vae_sizes=ImageSizes(64, 32, 16), vit_sizes=ImageSizes(56, 28, 14), edit_vit_sizes=ImageSizes(42, 28, 14)
+)
 
 
 def _pil(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -261,23 +331,36 @@ def _summary(plan):
 def test_task_builders_follow_the_reference_plans():
     builder = PlanBuilder(CharTokenizer(), **SMALL_SIZES)
     assert _summary(builder.text_to_image("a cat", _pil(80, 40))) == [
-        ("text", False, True, 5), ("vae_image", True, False, (32, 64))]
+        ("text", False, True, 5),
+        ("vae_image", True, False, (32, 64)),
+    ]
     chain = builder.edit([_pil(40, 40, 0), _pil(40, 40, 1), _pil(40, 40, 2)], ["red", "big"])
     assert _summary(chain) == [
-        ("vae_image", False, True, (32, 32)), ("vit_image", False, True, (42, 42)), ("text", False, True, 3),
-        ("vae_image", True, False, (32, 32)), ("vae_image", False, True, (32, 32)), ("vit_image", False, True, (42, 42)),
-        ("text", False, True, 3), ("vae_image", True, False, (32, 32)),
-    ]  # fmt: skip
+        ("vae_image", False, True, (32, 32)),
+        ("vit_image", False, True, (42, 42)),
+        ("text", False, True, 3),
+        ("vae_image", True, False, (32, 32)),
+        ("vae_image", False, True, (32, 32)),
+        ("vit_image", False, True, (42, 42)),
+        ("text", False, True, 3),
+        ("vae_image", True, False, (32, 32)),
+    ]
     conversation = [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A dog."},
-        {"from": "human", "value": "And <image> here"}, {"from": "gpt", "value": "Cat"},
-    ]  # fmt: skip
+        {"from": "human", "value": "<image>\nWhat is it?"},
+        {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "And <image> here"},
+        {"from": "gpt", "value": "Cat"},
+    ]
     plan = builder.understanding([_pil(56, 28, 3), _pil(28, 28, 4)], conversation)
     assert _summary(plan) == [
-        ("vit_image", False, False, (28, 56)), ("text", False, False, 11), ("text", True, False, 6),
-        ("text", False, False, 3), ("vit_image", False, False, (28, 28)), ("text", False, False, 4),
+        ("vit_image", False, False, (28, 56)),
+        ("text", False, False, 11),
+        ("text", True, False, 6),
+        ("text", False, False, 3),
+        ("vit_image", False, False, (28, 28)),
+        ("text", False, False, 4),
         ("text", True, False, 3),
-    ]  # fmt: skip
+    ]
     assert plan[1].data == CharTokenizer().encode("What is it?")
     assert builder.understanding([], [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]) is None
     with pytest.raises(ValueError, match="placeholders"):
@@ -295,7 +378,6 @@ def test_task_builders_follow_the_reference_plans():
 def tiny(tmp_path_factory):
     from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
     from bagel_remote.processing_bagel import BagelProcessor
-
     from make_tiny_checkpoint import make_tiny_checkpoint  # scripts/ is on sys.path (conftest)
 
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
@@ -311,14 +393,21 @@ def _losses(model, pack, noise, timesteps):
 
 def test_pack_losses_equal_each_sample_alone(tiny):
     model, processor = tiny
-    config = PackingConfig.from_model_config(model.config, processor.special_token_ids, text_cond_dropout_prob=0.0,
-                                             vit_cond_dropout_prob=0.0, vae_cond_dropout_prob=0.0)  # fmt: skip
+    config = PackingConfig.from_model_config(
+        model.config,
+        processor.special_token_ids,
+        text_cond_dropout_prob=0.0,
+        vit_cond_dropout_prob=0.0,
+        vae_cond_dropout_prob=0.0,
+    )
     builder = PlanBuilder(processor.tokenizer, **SMALL_SIZES)
     samples = [
         builder.text_to_image("a red square", _pil(64, 32, 0)),
         builder.edit([_pil(48, 48, 1), _pil(48, 48, 2)], ["make it blue"]),
-        builder.understanding([_pil(42, 28, 3)], [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "blue"}]),
-    ]  # fmt: skip
+        builder.understanding(
+            [_pil(42, 28, 3)], [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "blue"}]
+        ),
+    ]
     joint = pack_samples(samples, config, torch.Generator().manual_seed(0))
     z = 4 * model.config.vae_config["z_channels"]
     noise = torch.randn(len(joint["packed_vae_token_indexes"]), z, generator=torch.Generator().manual_seed(1))
@@ -347,8 +436,11 @@ def test_encode_pack_on_gpu_matches_cpu(tiny):
     model, processor = tiny
     config = PackingConfig.from_model_config(model.config, processor.special_token_ids)
     builder = PlanBuilder(processor.tokenizer, **SMALL_SIZES)
-    pack = pack_samples([builder.text_to_image("a", _pil(64, 32)), builder.edit([_pil(48, 48, 1), _pil(48, 48, 2)], ["b"])],
-                        config, torch.Generator().manual_seed(0))  # fmt: skip
+    pack = pack_samples(
+        [builder.text_to_image("a", _pil(64, 32)), builder.edit([_pil(48, 48, 1), _pil(48, 48, 2)], ["b"])],
+        config,
+        torch.Generator().manual_seed(0),
+    )
     cpu = encode_pack(model, pack, "cpu", sample=False)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, to compare with the CPU

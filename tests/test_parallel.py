@@ -15,12 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close
-
 from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.parallel_bagel import BagelParallel, ParallelLayout, ulysses_kv_heads
 from bagel_remote.step_cache_bagel import AdaptiveTaylor
+from conftest import assert_close
 
 SPECIAL = SpecialTokenIds(10, 11, 12, 13)  # tiny-a's ids
 PROMPTS = [[272, 115, 200, 48, 82, 271], [185, 28, 161, 276, 94, 17, 3, 250, 99]]
@@ -73,8 +72,16 @@ def _t2i(model, rank: int, layouts: list, batch: int) -> dict:
     noise = [_noise(model, h // 16, w // 16, 11 + i) for i, (h, w) in enumerate(sizes)]
     params = GuidanceParams(num_timesteps=6, timestep_shift=1.0, cfg_text_scale=4.0, cfg_interval=(0.4, 1.0))
     full = model.add_text_tokens(model.new_context(batch), PROMPTS[:batch], SPECIAL)
-    run = lambda parallel, noise=noise: model.generate_latents(full, model.new_context(batch), full, sizes, SPECIAL,  # noqa: E731
-                                                               params, init_noise=noise, parallel=parallel)  # fmt: skip
+    run = lambda parallel, noise=noise: model.generate_latents(
+        full,
+        model.new_context(batch),
+        full,
+        sizes,
+        SPECIAL,  # noqa: E731
+        params,
+        init_noise=noise,
+        parallel=parallel,
+    )
     out = {str(layout): run(layout) for layout in layouts}
     out["unseeded"] = run(layouts[0], None)  # every rank's own noise: rank 0's wins
     if rank == 0:
@@ -92,10 +99,24 @@ def _edit(model, rank: int, layouts: list, steps: int = 3, step_cache=None) -> d
     cfg_img = model.add_text_tokens(model.new_context(2), PROMPTS, SPECIAL)
     sizes = [(64, 64), (32, 48)]
     noise = [_noise(model, h // 16, w // 16, 21 + i) for i, (h, w) in enumerate(sizes)]
-    params = GuidanceParams(num_timesteps=steps + 1, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                            cfg_renorm_type="text_channel")  # fmt: skip
-    run = lambda parallel: model.generate_latents(full, image_ctx, cfg_img, sizes, SPECIAL, params, init_noise=noise,  # noqa: E731
-                                                  parallel=parallel, step_cache=step_cache)  # fmt: skip
+    params = GuidanceParams(
+        num_timesteps=steps + 1,
+        cfg_text_scale=4.0,
+        cfg_img_scale=2.0,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm_type="text_channel",
+    )
+    run = lambda parallel: model.generate_latents(
+        full,
+        image_ctx,
+        cfg_img,
+        sizes,
+        SPECIAL,
+        params,
+        init_noise=noise,  # noqa: E731
+        parallel=parallel,
+        step_cache=step_cache,
+    )
     out = {str(layout): run(layout) for layout in layouts}
     if rank == 0:
         out["single"] = run(None)
@@ -104,11 +125,16 @@ def _edit(model, rank: int, layouts: list, steps: int = 3, step_cache=None) -> d
 
 def _processor():
     from bagel_remote.processing_bagel import BagelProcessor
-
     from tiny_tokenizer import build_tiny_tokenizer  # scripts/ is on sys.path (conftest)
 
-    return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), vit_max_num_patch_per_side=8,
-                          vit_max_size=112, vit_min_size=28, vae_max_size=128, vae_min_size=64)  # fmt: skip
+    return BagelProcessor(
+        build_tiny_tokenizer(None, vocab_size=320),
+        vit_max_num_patch_per_side=8,
+        vit_max_size=112,
+        vit_min_size=28,
+        vae_max_size=128,
+        vae_min_size=64,
+    )
 
 
 class _Collector:
@@ -136,8 +162,9 @@ def _api(model, rank: int) -> dict:
         "chat": model.chat(None, prompts, max_new_tokens=5, processor=processor, parallel="batch"),
     }
     streamed = _Collector()
-    out["streamed_chat"] = model.chat(None, prompts[0], max_new_tokens=5, processor=processor, parallel="cfg",
-                                      streamer=streamed)  # fmt: skip
+    out["streamed_chat"] = model.chat(
+        None, prompts[0], max_new_tokens=5, processor=processor, parallel="cfg", streamer=streamed
+    )
     out["streamed"] = (streamed.ids, streamed.ended)
     if rank == 0:
         out["single"] = model.generate_image(prompts, seed=5, **kwargs)
@@ -217,8 +244,10 @@ def test_sequence_parallel_four_ranks_with_cfg(tmp_path, model):
     """cfg 2 x sp 2, sp 4 (two ranks per KV head), and batch 2 x cfg 2 for editing (three
     branches on two cfg groups)."""
     results = _run_ranks(tmp_path, model, 4, "sp4")
-    for case, keys in (("t2i", [str(BagelParallel(cfg=2, sp=2)), "sp"]),
-                       ("edit", [str(BagelParallel(cfg=2, sp=2)), str(BagelParallel(batch=2, cfg=2))])):  # fmt: skip
+    for case, keys in (
+        ("t2i", [str(BagelParallel(cfg=2, sp=2)), "sp"]),
+        ("edit", [str(BagelParallel(cfg=2, sp=2)), str(BagelParallel(batch=2, cfg=2))]),
+    ):
         per_case = [r[case] for r in results]
         for key in keys:
             _assert_same_on_every_rank(per_case, key)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from bagel_remote.processing_bagel import (
     DEFAULT_MAX_PIXELS,
     MAX_IMAGE_PIXELS,
@@ -21,6 +19,7 @@ from bagel_remote.processing_bagel import (
     tensor_to_image,
     to_rgb,
 )
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BAGEL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
@@ -149,13 +148,16 @@ def test_to_rgb_la_palette_and_plain_modes():
     assert to_rgb(rgb_in).getpixel((0, 0)) == (1, 2, 3)
 
 
-@pytest.mark.parametrize("mode, values, expected", [
-    ("I;16", [0, 257, 32896, 65535], [0, 1, 128, 255]),
-    ("I;16B", [0, 257, 32896, 65535], [0, 1, 128, 255]),
-    ("I", [0, 257, 32896, 65535], [0, 1, 128, 255]),
-    ("F", [0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),
-    ("F", [0.0, 63.6, 128.0, 255.0], [0, 64, 128, 255]),  # a float image of 0..255
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode, values, expected",
+    [
+        ("I;16", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+        ("I;16B", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+        ("I", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+        ("F", [0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),
+        ("F", [0.0, 63.6, 128.0, 255.0], [0, 64, 128, 255]),  # a float image of 0..255
+    ],
+)
 def test_to_rgb_scales_16_bit_integer_and_float_images(mode, values, expected):
     import numpy as np
 
@@ -167,8 +169,10 @@ def test_to_rgb_scales_16_bit_integer_and_float_images(mode, values, expected):
     assert [rgb.getpixel((i, 0)) for i in range(4)] == [(v, v, v) for v in expected]
 
 
-@pytest.mark.parametrize("mode, values", [("I", [0, 70000]), ("I", [-5, 10]), ("F", [0.0, 300.0]), ("F", [-0.5, 1.0]),
-                                          ("F", [0.0, float("nan")])])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode, values",
+    [("I", [0, 70000]), ("I", [-5, 10]), ("F", [0.0, 300.0]), ("F", [-0.5, 1.0]), ("F", [0.0, float("nan")])],
+)
 def test_to_rgb_refuses_values_outside_the_mode_range(mode, values):
     import numpy as np
 

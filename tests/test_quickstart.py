@@ -41,8 +41,9 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Comp
     temp = tmp_path / "tmp"
     temp.mkdir(exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TMPDIR=str(temp))
-    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_quickstart_is_two_commands_and_ci_runs_the_second():
@@ -156,16 +157,27 @@ def test_released_repository_with_the_code_of_a_clone(tiny, tmp_path):
     assert model.config.stage == 1 and isinstance(model.chat(None, "hello", max_new_tokens=3), str)
     # The command line, with a stage-2 released layout (a config.json without auto_map, no code).
     full = _released_copy(tiny, tmp_path / "released-full", keep_config=True)
-    result = _run([str(REPO_ROOT / "examples" / "quickstart.py"), "--model", str(full), "--steps", "2", "--out",
-                   str(tmp_path / "out")], tmp_path)  # fmt: skip
+    result = _run(
+        [
+            str(REPO_ROOT / "examples" / "quickstart.py"),
+            "--model",
+            str(full),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "out" / "generated.png").size == (256, 256)
 
 
 def test_plain_import_from_a_clone_says_what_to_do(tmp_path):
     for module in ("modeling_bagel", "configuration_bagel"):
-        result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode != 0
         assert "relative import" not in result.stderr
         assert "get_class_from_dynamic_module(" in result.stderr and "README" in result.stderr, result.stderr[-2000:]

@@ -5,8 +5,6 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from bagel_remote import state_dict_adapter as sda
 from bagel_remote.state_dict_adapter import (
     GEN_PATTERNS,
@@ -18,6 +16,7 @@ from bagel_remote.state_dict_adapter import (
     _partition,
     load_bagel_checkpoint_state_dict,
 )
+from safetensors.torch import save_file
 
 LM = "language_model.model."
 
@@ -31,17 +30,32 @@ def _synthetic_keys(num_layers: int = 2) -> dict[str, list[str]]:
             bucket = gen if suffix else und
             for p in "qkv":
                 bucket += [f"{layer}self_attn.{p}_proj{suffix}.weight", f"{layer}self_attn.{p}_proj{suffix}.bias"]
-            bucket += [f"{layer}self_attn.o_proj{suffix}.weight",
-                       f"{layer}self_attn.q_norm{suffix}.weight", f"{layer}self_attn.k_norm{suffix}.weight",
-                       f"{layer}input_layernorm{suffix}.weight", f"{layer}post_attention_layernorm{suffix}.weight"]
+            bucket += [
+                f"{layer}self_attn.o_proj{suffix}.weight",
+                f"{layer}self_attn.q_norm{suffix}.weight",
+                f"{layer}self_attn.k_norm{suffix}.weight",
+                f"{layer}input_layernorm{suffix}.weight",
+                f"{layer}post_attention_layernorm{suffix}.weight",
+            ]
             bucket += [f"{layer}mlp{suffix}.{p}_proj.weight" for p in ("gate", "up", "down")]
-    und += ["vit_model.vision_model.embeddings.patch_embedding.weight",
-            "vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight",
-            "vit_model.vision_model.post_layernorm.bias",
-            "connector.fc1.weight", "connector.fc1.bias", "connector.fc2.weight", "connector.fc2.bias",
-            "vit_pos_embed.pos_embed"]
-    gen += [f"{LM}norm_moe_gen.weight", "latent_pos_embed.pos_embed",
-            "vae2llm.weight", "vae2llm.bias", "llm2vae.weight", "llm2vae.bias"]
+    und += [
+        "vit_model.vision_model.embeddings.patch_embedding.weight",
+        "vit_model.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+        "vit_model.vision_model.post_layernorm.bias",
+        "connector.fc1.weight",
+        "connector.fc1.bias",
+        "connector.fc2.weight",
+        "connector.fc2.bias",
+        "vit_pos_embed.pos_embed",
+    ]
+    gen += [
+        f"{LM}norm_moe_gen.weight",
+        "latent_pos_embed.pos_embed",
+        "vae2llm.weight",
+        "vae2llm.bias",
+        "llm2vae.weight",
+        "llm2vae.bias",
+    ]
     gen += [f"time_embedder.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
     shared = [f"{LM}embed_tokens.weight", "language_model.lm_head.weight", f"{LM}norm.weight"]
     vae = ["encoder.conv_in.weight", "decoder.up.0.block.0.conv1.bias"]
@@ -60,6 +74,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 # --- pure logic, synthetic keys -------------------------------------------------------------------
+
 
 def test_patterns_are_regex_strings():
     for patterns in (UND_PATTERNS, GEN_PATTERNS, VAE_PATTERNS, SHARED_PATTERNS):
@@ -82,17 +97,24 @@ def test_partition_synthetic():
 
 
 def test_partition_accepts_model_root_and_anchors_patterns():
-    parts = _partition({"model.vae2llm.weight": 0, "model.language_model.lm_head.weight": 1,
-                        "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight": 2,  # not the VAE encoder
-                        "language_model.model.norm.weight.extra": 3, "xencoder.foo": 4})
+    parts = _partition(
+        {
+            "model.vae2llm.weight": 0,
+            "model.language_model.lm_head.weight": 1,
+            "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight": 2,  # not the VAE encoder
+            "language_model.model.norm.weight.extra": 3,
+            "xencoder.foo": 4,
+        }
+    )
     assert list(parts["gen"]) == ["model.vae2llm.weight"]
     assert list(parts["shared"]) == ["model.language_model.lm_head.weight"]
     assert list(parts["und"]) == ["vit_model.vision_model.encoder.layers.0.mlp.fc1.weight"]
     assert sorted(parts["unknown"]) == ["language_model.model.norm.weight.extra", "xencoder.foo"]
 
 
-@pytest.mark.parametrize("stage,expected", [(1, 1), (2, 2), ("1", 1), ("2", 2), ("stage1", 1),
-                                            ("Stage2", 2), ("STAGE1", 1)])
+@pytest.mark.parametrize(
+    "stage,expected", [(1, 1), (2, 2), ("1", 1), ("2", 2), ("stage1", 1), ("Stage2", 2), ("STAGE1", 1)]
+)
 def test_normalize_stage(stage, expected):
     assert _normalize_stage(stage) == expected
 
@@ -121,7 +143,7 @@ def test_from_hf_stages_synthetic():
     assert set(stage1) == {"model." + k for k in keys["und"] + keys["shared"]}
     assert BagelStateDictAdapter(stage="stage1").from_hf(sd).keys() == stage1.keys()
     for key, value in stage1.items():
-        assert value is sd[key[len("model."):]]
+        assert value is sd[key[len("model.") :]]
 
 
 def test_from_hf_accepts_model_root():
@@ -207,6 +229,7 @@ def test_loader_synthetic(tmp_path):
 
 # --- the real tiny checkpoint ---------------------------------------------------------------------
 
+
 def _ema(parity) -> dict:
     from safetensors.torch import load_file
 
@@ -252,7 +275,7 @@ def test_loader_stages_real_checkpoint(parity, tensor_reads):
     gen = set(_partition(sd)["gen"])
     stage1 = load_bagel_checkpoint_state_dict(parity.checkpoint, stage=1)
     assert read and not gen & set(read)  # generation tensors are never read from disk
-    assert not any(k[len("model."):] in gen for k in stage1)
+    assert not any(k[len("model.") :] in gen for k in stage1)
     assert set(stage1) == {"model." + k for k in sd if k not in gen}
     stage2 = load_bagel_checkpoint_state_dict(parity.checkpoint, stage="stage2")
     _assert_same(dict(sorted(stage2.items())), dict(sorted(BagelStateDictAdapter().from_hf(sd).items())))

@@ -8,15 +8,14 @@ import json
 
 import pytest
 import torch
-from conftest import Recording, assert_close
-from test_generation import PROCESSOR_SIZES, _max_pixel_diff, _pil
-
 from bagel_remote.autoencoder_bagel import unpatchify_latent
 from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.processing_bagel import BagelProcessor
 from bagel_remote.step_cache_bagel import AdaptiveTaylor, TaylorSeer
+from conftest import Recording, assert_close
+from test_generation import PROCESSOR_SIZES, _max_pixel_diff, _pil
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,9 @@ def fixture(parity):
     """The TaylorSeer cases: (tensors, cases of taylorseer.json)."""
     from safetensors.torch import load_file
 
-    return load_file(str(parity.root / "taylorseer.safetensors")), json.loads((parity.root / "taylorseer.json").read_text())["cases"]
+    return load_file(str(parity.root / "taylorseer.safetensors")), json.loads(
+        (parity.root / "taylorseer.json").read_text()
+    )["cases"]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,16 @@ def _case_latents(model, special, fixture, name: str, step_cache, **param_overri
         image = model.add_vit_images(image, [tensors["input.edit.source_image_vit"]], special)
         full, cfg_text = model.add_text_tokens(image, [case["prompt_ids"]], special), image
         cfg_img = model.add_text_tokens(model.new_context(1), [case["prompt_ids"]], special)
-    return model.generate_latents(full, cfg_text, cfg_img, [tuple(case["image_hw"])], special, GuidanceParams(**p),
-                                  init_noise=[tensors[f"input.{name}.init_noise"]], step_cache=step_cache)[0]  # fmt: skip
+    return model.generate_latents(
+        full,
+        cfg_text,
+        cfg_img,
+        [tuple(case["image_hw"])],
+        special,
+        GuidanceParams(**p),
+        init_noise=[tensors[f"input.{name}.init_noise"]],
+        step_cache=step_cache,
+    )[0]
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,8 +89,10 @@ def test_taylorseer_and_uncached_parity(model, special, fixture, name):
     height, width = cases[name]["image_hw"]
     h, w = height // 16, width // 16
     recording = Recording(TaylorSeer())
-    outputs = {"full": _case_latents(model, special, fixture, name, None),
-               "taylorseer": _case_latents(model, special, fixture, name, recording)}  # fmt: skip
+    outputs = {
+        "full": _case_latents(model, special, fixture, name, None),
+        "taylorseer": _case_latents(model, special, fixture, name, recording),
+    }
     for kind, tokens in outputs.items():
         assert_close(tokens, tensors[f"{kind}.{name}.latent_tokens"], 1e-4, f"{kind}.{name}.latent_tokens")
         latent = unpatchify_latent(tokens, h, w, model.config.latent_patch_size)[None]
@@ -104,9 +115,13 @@ def test_adaptive_beats_taylorseer_on_the_fixture_cases(model, special, fixture)
     for name in ("t2i", "edit"):
         exact = _case_latents(model, special, fixture, name, None)
         results = {}
-        for label, policy in (("taylorseer", TaylorSeer()), ("default", AdaptiveTaylor()),
-                              ("0.02", AdaptiveTaylor(tolerance=0.02)), ("0.005", AdaptiveTaylor(tolerance=0.005)),
-                              ("zero", AdaptiveTaylor(tolerance=0))):  # fmt: skip
+        for label, policy in (
+            ("taylorseer", TaylorSeer()),
+            ("default", AdaptiveTaylor()),
+            ("0.02", AdaptiveTaylor(tolerance=0.02)),
+            ("0.005", AdaptiveTaylor(tolerance=0.005)),
+            ("zero", AdaptiveTaylor(tolerance=0)),
+        ):
             recording = Recording(policy)
             latents = _case_latents(model, special, fixture, name, recording)
             results[label] = (recording.run.runs, recording.run.predictions, _relative(latents, exact), latents)
@@ -169,8 +184,16 @@ def test_cache_is_closed_when_the_call_fails(model, special, monkeypatch):
 
     monkeypatch.setattr(model, "_velocity_head", failing_head)
     with pytest.raises(KeyboardInterrupt):
-        model.generate_latents(full, model.new_context(1), full, [(32, 32)], special, GuidanceParams(num_timesteps=12),
-                               generator=torch.Generator().manual_seed(0), step_cache=recording)  # fmt: skip
+        model.generate_latents(
+            full,
+            model.new_context(1),
+            full,
+            [(32, 32)],
+            special,
+            GuidanceParams(num_timesteps=12),
+            generator=torch.Generator().manual_seed(0),
+            step_cache=recording,
+        )
     assert recording.run.peak_bytes > 0 and recording.run.nbytes == 0
 
 
@@ -200,8 +223,16 @@ def test_think_mode_and_interleave_take_a_step_cache(model, processor):
     assert isinstance(thought, str) and image.size == (32, 32) and recording.run.predictions > 0
     again = model.generate_image("a castle", think=True, step_cache="taylorseer", **kwargs)
     assert again[0] == thought and _max_pixel_diff(again[1], image) == 0
-    out = model.interleave(["a castle"], height=32, width=32, params=GuidanceParams(num_timesteps=9), seed=1,
-                           progress=False, processor=processor, step_cache=AdaptiveTaylor(tolerance=0.05))  # fmt: skip
+    out = model.interleave(
+        ["a castle"],
+        height=32,
+        width=32,
+        params=GuidanceParams(num_timesteps=9),
+        seed=1,
+        progress=False,
+        processor=processor,
+        step_cache=AdaptiveTaylor(tolerance=0.05),
+    )
     assert len(out) == 1 and out[0].size == (32, 32)
 
 

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
-
 from bagel_remote.autoencoder_bagel import BagelAutoEncoder
+from conftest import assert_close
 
 # A small config for the tests that need no fixture (same shape as tiny-a's VAE).
 TINY_CONFIG = {
@@ -49,7 +48,7 @@ def parity_vae(parity) -> BagelAutoEncoder:
 @torch.no_grad()
 def test_parity_with_reference(parity, parity_vae):
     image = parity.case_inputs("vae")["image"]
-    expected = {k[len("vae."):]: v for k, v in parity.expected.items() if k.startswith("vae.")}
+    expected = {k[len("vae.") :]: v for k, v in parity.expected.items() if k.startswith("vae.")}
 
     moments = parity_vae.encode_moments(image)
     latent = parity_vae.encode(image)
