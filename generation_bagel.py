@@ -1,6 +1,7 @@
 """BAGEL inference on `BagelForUnifiedMultimodal`: context building, text decoding and image
 generation with classifier-free guidance, and the high-level API (`chat`, `generate_image`,
-`edit_image`, `interleave`) with its input checks.
+`edit_image`, `interleave`). Each public method checks its arguments first, with
+validation_bagel.py's checkers.
 
 The parts live beside it: contexts and cache steps (contexts_bagel.py), the decode engine
 (decoding_bagel.py), guidance and the sampler (guidance_bagel.py), step caches
@@ -28,10 +29,22 @@ from .processing_bagel import check_image_size, get_resize_size, latent_position
 from .step_cache_bagel import resolve_step_cache
 from .validation_bagel import (
     check_bool,
+    check_contexts,
+    check_fits_context,
+    check_generators,
+    check_image_api,
+    check_image_sizes,
+    check_image_tensors,
+    check_instance,
     check_int,
-    check_int_list,
-    check_number,
-    check_seeds,
+    check_interleave_inputs,
+    check_latent_grid,
+    check_processor,
+    check_prompts,
+    check_sampling,
+    check_streamer,
+    check_tensor_shapes,
+    check_token_ids,
 )
 
 logger = logging.get_logger(__name__)
@@ -149,16 +162,8 @@ class BagelGenerationMixin:
         self, context: BagelContext, token_ids: list[list[int]], special: SpecialTokenIds
     ) -> BagelContext:
         """Append `[bos] + ids + [eos]` to each sequence (causal, UND weights)."""
-        if not isinstance(token_ids, (list, tuple)) or len(token_ids) != context.batch_size:
-            raise ValueError(f"token_ids must hold one list of ids per sequence ({context.batch_size}).")
-        vocab = self.get_input_embeddings().num_embeddings
-        for i, ids in enumerate(token_ids):
-            check_int_list(f"token_ids[{i}]", ids, minimum=0)
-            if ids and max(ids) >= vocab:
-                raise ValueError(
-                    f"token_ids[{i}] holds id {max(ids)}, outside the vocabulary of {vocab} tokens: "
-                    "encode text with this model's processor (processor.encode_text)."
-                )
+        batch = _check_context(context, special)
+        check_token_ids(token_ids, batch, self.get_input_embeddings().num_embeddings)
         sequences = [[special.bos, *ids, special.eos] for ids in token_ids]
         embeds = self._embed_ids([t for s in sequences for t in s])
         positions = torch.cat([torch.arange(p, p + len(s)) for p, s in zip(context.positions, sequences)]).to(
@@ -176,6 +181,7 @@ class BagelGenerationMixin:
         [-1, 1] with H, W multiples of the patch size (see `BagelProcessor.vit_transform`)."""
         from .processing_bagel import patchify_vit
 
+        check_image_tensors("images", images, _check_context(context, special), "Use processor.vit_transform(image).")
         device = self._main_device()
         patches = [
             patchify_vit(img, self.config.vit_patch_size, self.config.vit_max_num_patch_per_side) for img in images
@@ -197,6 +203,7 @@ class BagelGenerationMixin:
     ) -> BagelContext:
         """Append one image per sequence through the VAE path (clean latent, t = 0, GEN weights).
         `images` are (3, H, W) tensors in [-1, 1] with H, W multiples of 16."""
+        check_image_tensors("images", images, _check_context(context, special), "Use processor.vae_transform(image).")
         self._require_generation()
         device, vae_device = self._main_device(), execution_device(self.vae.encoder.conv_in)
         tokens, pos_ids = [], []
@@ -240,23 +247,20 @@ class BagelGenerationMixin:
         The decode cache and CUDA graph of each shape are kept for later calls (see
         `clear_generation_cache`). Calls from several threads on one model take turns: each
         gets what it would get alone."""
+        batch = _check_context(context, special)
         max_length = check_int("max_length", max_length, minimum=1)
-        do_sample, temperature, top_p = _check_sampling(do_sample, temperature, top_p)
+        check_sampling(do_sample, temperature, top_p)
         return_logits = check_bool("return_logits", return_logits)
-        batch = context.batch_size
-        _check_streamer(streamer, batch)
-        _check_fits_context(
-            self,
+        check_streamer(streamer, batch)
+        generators = check_generators(generator, batch)
+        check_fits_context(
             [n + max_length for n in context.lengths],
+            self._context_limit(),
             "max_length",
             f"Lower max_length to at most {self._context_limit() - max(context.lengths)}.",
         )
         outputs = [[special.bos] for _ in range(batch)]
         step_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        generators = generator if isinstance(generator, (list, tuple)) else [generator] * batch
-        if len(generators) != batch:
-            raise ValueError(f"generator is a list of {len(generators)} for {batch} sequences: give one per sequence.")
-        _check_generators(generators)
         active = set(range(batch))
         if streamer is not None:
             streamer.put(torch.tensor([special.bos]))
@@ -401,16 +405,17 @@ class BagelGenerationMixin:
         stride = self.vae.downsample * self.config.latent_patch_size
         return min(processor.vae_max_size // stride, self.config.max_latent_size) * stride
 
+    def _latent_stride(self) -> tuple[int, int]:
+        """Pixels per latent token side, and the most tokens a side (`max_latent_size`)."""
+        return self.vae.downsample * self.config.latent_patch_size, self.config.max_latent_size
+
     def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image size in pixels -> latent token grid, with clear errors."""
-        stride = self.vae.downsample * self.config.latent_patch_size
-        if height % stride or width % stride or height <= 0 or width <= 0:
-            raise ValueError(f"Image height and width must be positive multiples of {stride}, got {height}x{width}.")
-        h, w = height // stride, width // stride
-        limit = self.config.max_latent_size
-        if h > limit or w > limit:
-            raise ValueError(f"{height}x{width} is too large: at most {limit * stride} pixels per side.")
-        return h, w
+        return check_latent_grid(height, width, *self._latent_stride())
+
+    def _latent_dim(self) -> int:
+        """Values of one latent token: p * p * C."""
+        return self.config.latent_patch_size**2 * self.model.latent_channel
 
     @torch.no_grad()
     def generate_latents(
@@ -435,12 +440,16 @@ class BagelGenerationMixin:
         state lives for this call only."""
         policy = resolve_step_cache(step_cache)
         self._require_generation()
-        device = self._main_device()
-        grids = self._check_latent_inputs(context, cfg_text_context, cfg_img_context, image_sizes, params, init_noise)
+        contexts = dict(context=context, cfg_text_context=cfg_text_context, cfg_img_context=cfg_img_context)
+        batch = check_contexts(contexts, BagelContext)
+        check_instance("params", params, GuidanceParams)
+        grids = check_image_sizes("image_sizes", image_sizes, batch, *self._latent_stride())
+        counts, dim = [h * w for h, w in grids], self._latent_dim()
+        if init_noise is not None:
+            check_tensor_shapes("init_noise", init_noise, [(n, dim) for n in counts])
         progress = check_bool("progress", progress)
-        _check_generators([generator])
-        counts = [h * w for h, w in grids]
-        dim = self.config.latent_patch_size**2 * self.model.latent_channel
+        check_generators([generator], 1)
+        device = self._main_device()
         if init_noise is None:
             init_noise = [
                 torch.randn(n, dim, generator=generator, device=generator.device if generator else "cpu")
@@ -478,41 +487,6 @@ class BagelGenerationMixin:
             if run is not None:  # its tensors go now, even if something still holds the run
                 run.close()
         return list(x.split(counts))
-
-    def _check_latent_inputs(self, context, cfg_text_context, cfg_img_context, image_sizes, params, init_noise):
-        """`generate_latents`' arguments agree with each other; returns each image's latent grid."""
-        contexts = (("context", context), ("cfg_text_context", cfg_text_context), ("cfg_img_context", cfg_img_context))
-        for name, ctx in contexts:
-            if not isinstance(ctx, BagelContext):
-                raise TypeError(
-                    f"{name} must be a BagelContext (model.new_context() and add_*), got {type(ctx).__name__}."
-                )
-            if ctx.batch_size != context.batch_size:
-                raise ValueError(
-                    f"{name} holds {ctx.batch_size} sequences but context holds {context.batch_size}: "
-                    "the guidance contexts are earlier states of the same batch."
-                )
-        if not isinstance(params, GuidanceParams):
-            raise TypeError(f"params must be a GuidanceParams, got {type(params).__name__}.")
-        if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != context.batch_size:
-            raise ValueError(
-                f"image_sizes must list one (height, width) per sequence ({context.batch_size}), got {image_sizes!r}."
-            )
-        grids = []
-        for i, size in enumerate(image_sizes):
-            if not isinstance(size, (list, tuple)) or len(size) != 2:
-                raise TypeError(f"image_sizes[{i}] must be a (height, width) pair in pixels, got {size!r}.")
-            height, width = check_int_list(f"image_sizes[{i}]", size)
-            grids.append(self._latent_grid(height, width))
-        if init_noise is not None:
-            dim = self.config.latent_patch_size**2 * self.model.latent_channel
-            shapes = [(h * w, dim) for h, w in grids]
-            if len(init_noise) != len(shapes) or any(tuple(n.shape) != s for n, s in zip(init_noise, shapes)):
-                raise ValueError(
-                    f"init_noise must be one tensor per image of shapes {shapes}, got "
-                    f"{[tuple(n.shape) for n in init_noise]}."
-                )
-        return grids
 
     def _guided_velocity(self, branches: list[BagelContext], pos, counts, special, params, seq_of_token, run=None):
         """`velocity(x, t, use_cfg)` of one flow step: with `use_cfg` every guidance branch (one
@@ -575,15 +549,13 @@ class BagelGenerationMixin:
         self, latent_tokens: list[torch.Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[torch.Tensor]:
         """Latent tokens -> (1, C, 2h, 2w) latents -> VAE decode -> (1, 3, H, W) images in ~[-1, 1]."""
+        self._require_generation()
+        grids = check_image_sizes("image_sizes", image_sizes, None, *self._latent_stride())
+        shapes = [(h * w, self._latent_dim()) for h, w in grids]
+        check_tensor_shapes("latent_tokens", latent_tokens, shapes, "One per (height, width) of image_sizes.")
         p = self.config.latent_patch_size
-        if len(latent_tokens) != len(image_sizes):
-            raise ValueError(
-                f"decode_latents got {len(latent_tokens)} latents but {len(image_sizes)} image_sizes: "
-                "give one (height, width) per image."
-            )
         images = []
-        for tokens, (height, width) in zip(latent_tokens, image_sizes):
-            h, w = self._latent_grid(height, width)
+        for tokens, (h, w) in zip(latent_tokens, grids):
             latent = unpatchify_latent(tokens, h, w, p)[None]
             conv_in = self.vae.decoder.conv_in
             images.append(self.vae.decode(latent.to(execution_device(conv_in), conv_in.weight.dtype)))
@@ -592,18 +564,8 @@ class BagelGenerationMixin:
     # --- the high-level API -------------------------------------------------------------------
 
     def _processor(self, processor):
-        processor = processor if processor is not None else getattr(self, "processor", None)
-        if processor is None:
-            raise ValueError(
-                "No processor: load the model with from_pretrained from a directory that has tokenizer files, "
-                "or pass processor=BagelProcessor.from_pretrained(...)."
-            )
-        if not all(hasattr(processor, a) for a in ("encode_text", "vae_resize", "vit_transform", "bos_token_id")):
-            raise TypeError(
-                f"processor must be a BagelProcessor, got {type(processor).__name__}; leave it out to use "
-                "model.processor, or pass BagelProcessor.from_pretrained(...) (AutoProcessor with trust_remote_code)."
-            )
-        return processor
+        """`processor`, else the model's own (loaded with it)."""
+        return check_processor(processor if processor is not None else getattr(self, "processor", None))
 
     def _context_limit(self) -> int:
         """Tokens a sequence may hold: the language model's `max_position_embeddings`."""
@@ -648,9 +610,9 @@ class BagelGenerationMixin:
         # the prompt must leave room for one of them at least.
         decodes = understanding_output or think
         overhead = 0 if not decodes else (1 if understanding_output else 2)
-        _check_fits_context(
-            self,
+        check_fits_context(
             [n + overhead + (1 if decodes else 0) for n in fixed],
+            self._context_limit(),
             "prompt",
             "Shorten the prompt or give fewer or smaller images.",
         )
@@ -703,19 +665,21 @@ class BagelGenerationMixin:
         decoding that would run past it stops at its end (with a warning)."""
         resolve_step_cache(step_cache)  # its own check, before any work
         processor = self._processor(processor)
-        if not isinstance(inputs, (list, tuple)):
-            raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
-        batched = bool(inputs) and isinstance(inputs[0], (list, tuple))
-        batch = [list(x) for x in inputs] if batched else [list(inputs)]
-        _check_interleaved(batch)
-        understanding_output = check_bool("understanding_output", understanding_output)
-        think, progress = check_bool("think", think), check_bool("progress", progress)
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
-        do_sample, temperature, top_p = _check_sampling(do_sample, temperature, top_p)
-        if not isinstance(params, GuidanceParams):
-            raise TypeError(f"params must be a GuidanceParams, got {type(params).__name__}.")
-        check_seeds("seed", seed, len(batch))
-        _check_streamer(streamer, len(batch))
+        batch, batched = check_interleave_inputs(
+            inputs,
+            understanding_output,
+            think,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            height,
+            width,
+            seed,
+            progress,
+            streamer,
+        )
+        check_instance("params", params, GuidanceParams)
         if parallel is not None:
             parallel = ParallelLayout.of(parallel, self.device)
             if parallel.spreads_requests(seed):  # each batch group runs its share, with seeds all agree on
@@ -747,8 +711,8 @@ class BagelGenerationMixin:
         if not understanding_output:
             self._require_generation()
             vae_max_size = self._largest_image_side(processor)
-            height = vae_max_size if height is None else check_int("height", height)
-            width = vae_max_size if width is None else check_int("width", width)
+            height = vae_max_size if height is None else height
+            width = vae_max_size if width is None else width
         sizes = [(height, width)] * len(batch)
         max_new_tokens = self._check_prompt_fits(
             batch, processor, think, understanding_output, max_new_tokens, vae_max_size, sizes
@@ -796,7 +760,7 @@ class BagelGenerationMixin:
             gen = self.add_text_tokens(gen, [ids[1:] for ids in texts], special)
         noise = None
         if generators[0] is not None:
-            dim = self.config.latent_patch_size**2 * self.model.latent_channel
+            dim = self._latent_dim()
             grids = [self._latent_grid(h, w) for h, w in sizes]
             noise = [torch.randn(h * w, dim, generator=g) for (h, w), g in zip(grids, generators)]
         latents = self.generate_latents(
@@ -835,7 +799,7 @@ class BagelGenerationMixin:
         batch; `images` is then a list with one entry (None, image or list) per prompt.
         `streamer`: a transformers streamer that gets the answer as it is decoded, e.g.
         `TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True)` (one request only)."""
-        prompts, image_lists = _as_batch(prompt, images)
+        prompts, image_lists = check_prompts(prompt, images)
         batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
         out = self.interleave(
             batch,
@@ -895,7 +859,7 @@ class BagelGenerationMixin:
             think,
             max_think_tokens,
         )
-        prompts, _ = _as_batch(prompt, None)
+        prompts, _ = check_prompts(prompt, None)
         out = self.interleave(
             [[p] for p in prompts],
             think=think,
@@ -953,9 +917,7 @@ class BagelGenerationMixin:
             think,
             max_think_tokens,
         )
-        prompts, image_lists = _as_batch(prompt, image)
-        if any(len(imgs) != 1 for imgs in image_lists):
-            raise ValueError("edit_image takes exactly one image per prompt.")
+        prompts, image_lists = check_prompts(prompt, image, one_image_each=True)
         out = self.interleave(
             [imgs + [p] for imgs, p in zip(image_lists, prompts)],
             think=think,
@@ -986,125 +948,14 @@ def _guidance(
     max_think_tokens,
 ) -> GuidanceParams:
     """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
-    reference's `num_timesteps` counts the points of the schedule, one more. `think` and
-    `max_think_tokens` are checked here under their own names (interleave calls the latter
-    `max_new_tokens`)."""
-    num_steps = check_int("num_steps", num_steps, minimum=1, fix="The default is 50.")
-    check_bool("think", think)
-    check_int("max_think_tokens", max_think_tokens, minimum=1, fix="The default is 1000.")
+    reference's `num_timesteps` counts the points of the schedule, one more."""
+    num_steps = check_image_api(num_steps, think, max_think_tokens)
     return GuidanceParams(
         num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min
     )
 
 
-def _check_sampling(do_sample, temperature, top_p) -> tuple[bool, float, float]:
-    """Decoding arguments, checked whether or not sampling is on (a value of the wrong kind is a
-    mistake either way); greedy decoding takes temperature 0 and top_p 0 too, as 'no sampling'."""
-    do_sample = check_bool("do_sample", do_sample)
-    fix = "Sampling needs it > 0; for greedy decoding use do_sample=False." if do_sample else ""
-    return (
-        do_sample,
-        check_number("temperature", temperature, minimum=0, open_min=do_sample, fix=fix),
-        check_number("top_p", top_p, minimum=0, maximum=1, open_min=do_sample, fix="1.0 keeps every token."),
-    )
-
-
-def _check_generators(generators: list) -> None:
-    for g in generators:
-        if g is not None and not isinstance(g, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator (or None, or a list of them for generate_text_ids), "
-                f"got {type(g).__name__}; for a seed use torch.Generator().manual_seed(seed)."
-            )
-
-
-def _check_streamer(streamer, batch: int) -> None:
-    if streamer is None:
-        return
-    if not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
-        raise TypeError(
-            f"streamer must be a transformers streamer (with put() and end(), e.g. TextIteratorStreamer), got "
-            f"{type(streamer).__name__}."
-        )
-    if batch != 1:
-        raise ValueError(f"A streamer follows one request; this batch has {batch}. Stream them one at a time.")
-
-
-def _check_fits_context(model, totals: list[int], name: str, fix: str) -> None:
-    """Refuse a call whose sequences would outgrow the model's context (`max_position_embeddings`)
-    before anything is allocated for them: past it the rotary positions are untrained and memory
-    grows with the square of the length."""
-    limit = model._context_limit()
-    worst = max(range(len(totals)), key=totals.__getitem__)
-    if totals[worst] > limit:
-        which = f"request {worst} " if len(totals) > 1 else ""
-        raise ValueError(
-            f"{name} is too long for the model: {which}needs {totals[worst]} tokens but the model's context holds "
-            f"{limit} (text_config.max_position_embeddings). {fix}"
-        )
-
-
-def _as_batch(prompt, images) -> tuple[list[str], list[list]]:
-    """Normalise (prompt, images) of one request or of a batch to per-request lists."""
-    from PIL import Image
-
-    for p in prompt if isinstance(prompt, (list, tuple)) else [prompt]:
-        if not isinstance(p, str):
-            raise TypeError(f"prompt must be a str or a list of str, got {type(p).__name__}: {p!r}.")
-    if isinstance(prompt, (list, tuple)):
-        prompts = list(prompt)
-        if images is not None and not isinstance(images, (list, tuple)):
-            raise ValueError(
-                f"Got a list of {len(prompts)} prompts and one {type(images).__name__}: a batch needs a list of "
-                f"{len(prompts)} image entries, one per prompt (None, an image or a list of images); for the same "
-                f"image in every request pass [image] * {len(prompts)}."
-            )
-        per_request = [None] * len(prompts) if images is None else list(images)
-        if len(per_request) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(per_request)} image entries; give one per prompt.")
-    else:
-        prompts, per_request = [prompt], [images]
-
-    as_list = lambda x: [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
-    image_lists = [as_list(x) for x in per_request]
-    for image in (img for images in image_lists for img in images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"images must be PIL.Image.Image (None, an image or a list of images), got {type(image).__name__}; "
-                "open files with PIL.Image.open(path)."
-            )
-    return prompts, image_lists
-
-
-def _check_interleaved(batch: list[list]) -> None:
-    """Clear errors for inputs that are not non-empty strings and PIL images of one shape."""
-    from PIL import Image
-
-    if not batch or not batch[0]:
-        raise ValueError("Nothing to run: give at least one prompt or image.")
-    for request in batch:
-        if len(request) != len(batch[0]):
-            raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
-        for item, first in zip(request, batch[0]):
-            if isinstance(item, str):
-                if not item.strip():
-                    raise ValueError("Empty prompt: give some text to condition on.")
-                if _looks_like_image_path(item):
-                    raise TypeError(
-                        f"{item!r} looks like an image file path, but inputs take images as PIL.Image.Image (as chat "
-                        f"and edit_image do): pass PIL.Image.open({item!r}) instead."
-                    )
-            elif not isinstance(item, Image.Image):
-                raise TypeError(f"Inputs must be str or PIL.Image.Image, got {type(item).__name__}.")
-            if isinstance(item, str) != isinstance(first, str):
-                raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
-
-
-def _looks_like_image_path(text: str) -> bool:
-    """One word ending in an image file extension PIL knows (.png, .jpg, ...)."""
-    from PIL import Image
-
-    if any(c.isspace() for c in text):
-        return False
-    suffix = "." + text.rsplit(".", 1)[-1].lower() if "." in text else ""
-    return suffix in Image.registered_extensions()
+def _check_context(context, special) -> int:
+    """The context API's first two arguments; returns the batch size."""
+    check_instance("special", special, SpecialTokenIds, "SpecialTokenIds(bos, eos, start_of_image, end_of_image).")
+    return check_contexts({"context": context}, BagelContext)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .imports_bagel import quiet_third_party_imports
-from .validation_bagel import check_int
+from .validation_bagel import check_int, check_tensor
 
 with quiet_third_party_imports():  # transformers imports torchao where installed
     from transformers.feature_extraction_utils import BatchFeature
@@ -247,12 +247,11 @@ def patchify_vit(
         position_ids: (N,) int64, ``row * max_num_patch_per_side + col``.
 
     Raises:
-        ValueError: H or W is not a multiple of ``patch_size``, or the grid has more than
-            ``max_num_patch_per_side`` patches on a side.
+        TypeError: ``pixels`` is not a tensor.
+        ValueError: it is not (C, H, W), H or W is not a multiple of ``patch_size``, or the grid has
+            more than ``max_num_patch_per_side`` patches on a side.
     """
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 3:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"expected a tensor of shape (C, H, W), got {shape}.")
+    check_tensor("pixels", pixels, dims=3, fix="A (C, H, W) image tensor: BagelProcessor.vit_transform(image).")
     p = patch_size
     channels, height, width = pixels.shape
     if height % p or width % p:

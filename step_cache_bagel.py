@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation_bagel import check_int, check_number
+
 
 class StepCacheRun:
     """One call's cache state, made by a policy's `start(timesteps, head)`: `timesteps` the
@@ -80,9 +82,7 @@ class TaylorSeer:
 
     def __post_init__(self):
         for name, least in (("warmup", 1), ("interval", 1), ("max_order", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"TaylorSeer({name}=...) must be an int >= {least}, got {value!r}.")
+            object.__setattr__(self, name, check_int(f"TaylorSeer.{name}", getattr(self, name), minimum=least))
 
     def start(self, timesteps: list[float], head=None) -> StepCacheRun:
         return _TaylorSeerRun(self, timesteps)
@@ -165,9 +165,8 @@ class AdaptiveTaylor:
     order = 2  # not a field: quadratic did best for its decoder passes on the tiny checkpoint
 
     def __post_init__(self):
-        value = self.tolerance
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"AdaptiveTaylor(tolerance=...) must be a finite number >= 0, got {value!r}.")
+        tolerance = check_number("AdaptiveTaylor.tolerance", self.tolerance, minimum=0, fix="0 runs every step.")
+        object.__setattr__(self, "tolerance", tolerance)
 
     def start(self, timesteps: list[float], head=None) -> StepCacheRun:
         return _AdaptiveRun(self, timesteps, head)

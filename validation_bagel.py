@@ -186,6 +186,286 @@ def check_int_list(name: str, value: Any, minimum: int | None = None, fix: str =
     return [check_int(f"{name}[{i}]", v, minimum, fix=fix) for i, v in enumerate(value)]
 
 
+def check_instance(name: str, value: Any, kind: type, fix: str = "") -> Any:
+    """`value` as an instance of `kind` (a class of ours: the caller passes it, so that this
+    module imports none of the modules that use it)."""
+    if not isinstance(value, kind):
+        raise _fail(TypeError, name, value, f"a {kind.__name__}", fix)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The generation API (generation_bagel.py): one checker per kind of argument, called at the top
+# of each public method before any work
+# ----------------------------------------------------------------------------------------------
+
+
+def check_sampling(do_sample: Any, temperature: Any, top_p: Any) -> None:
+    """Decoding arguments, checked whether or not sampling is on (a value of the wrong kind is a
+    mistake either way); greedy decoding takes temperature 0 and top_p 0 too, as 'no sampling'."""
+    do_sample = check_bool("do_sample", do_sample)
+    fix = "Sampling needs it > 0; for greedy decoding use do_sample=False." if do_sample else ""
+    check_number("temperature", temperature, minimum=0, open_min=do_sample, fix=fix)
+    check_number("top_p", top_p, minimum=0, maximum=1, open_min=do_sample, fix="1.0 keeps every token.")
+
+
+def check_generators(generator: Any, count: int) -> list:
+    """`generator`: None, one `torch.Generator` for all `count` sequences or a list of one per
+    sequence (each a generator or None) -> the list of one per sequence."""
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * count
+    if len(generators) != count:
+        raise ValueError(f"generator is a list of {len(generators)} for {count} sequences: give one per sequence.")
+    for g in generators:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (or None, or a list of them for generate_text_ids), "
+                f"got {type(g).__name__}; for a seed use torch.Generator().manual_seed(seed)."
+            )
+    return generators
+
+
+def check_streamer(streamer: Any, count: int) -> None:
+    """A transformers streamer (anything with `put` and `end`) follows one request only."""
+    if streamer is None:
+        return
+    if not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise TypeError(
+            f"streamer must be a transformers streamer (with put() and end(), e.g. TextIteratorStreamer), got "
+            f"{type(streamer).__name__}."
+        )
+    if count != 1:
+        raise ValueError(f"A streamer follows one request; this batch has {count}. Stream them one at a time.")
+
+
+def check_processor(processor: Any) -> Any:
+    """A `BagelProcessor` (or anything with its methods); None means the model has none."""
+    if processor is None:
+        raise ValueError(
+            "No processor: load the model with from_pretrained from a directory that has tokenizer files, "
+            "or pass processor=BagelProcessor.from_pretrained(...)."
+        )
+    if not all(hasattr(processor, a) for a in ("encode_text", "vae_resize", "vit_transform", "bos_token_id")):
+        raise TypeError(
+            f"processor must be a BagelProcessor, got {type(processor).__name__}; leave it out to use "
+            "model.processor, or pass BagelProcessor.from_pretrained(...) (AutoProcessor with trust_remote_code)."
+        )
+    return processor
+
+
+def check_fits_context(totals: list[int], limit: int, name: str, fix: str) -> None:
+    """Refuse a call whose sequences (`totals` tokens each) would outgrow the model's context of
+    `limit` tokens before anything is allocated for them: past it the rotary positions are
+    untrained and memory grows with the square of the length."""
+    worst = max(range(len(totals)), key=totals.__getitem__)
+    if totals[worst] > limit:
+        which = f"request {worst} " if len(totals) > 1 else ""
+        raise ValueError(
+            f"{name} is too long for the model: {which}needs {totals[worst]} tokens but the model's context holds "
+            f"{limit} (text_config.max_position_embeddings). {fix}"
+        )
+
+
+def check_latent_grid(height: Any, width: Any, stride: int, limit: int) -> tuple[int, int]:
+    """An image size in pixels -> its latent token grid (h, w): positive multiples of `stride`
+    pixels (VAE downsampling x latent patch), at most `limit` tokens a side (`max_latent_size`)."""
+    height = check_int("height", height, fix=f"Image sides are positive multiples of {stride} pixels.")
+    width = check_int("width", width, fix=f"Image sides are positive multiples of {stride} pixels.")
+    if height % stride or width % stride or height <= 0 or width <= 0:
+        raise ValueError(f"Image height and width must be positive multiples of {stride}, got {height}x{width}.")
+    h, w = height // stride, width // stride
+    if h > limit or w > limit:
+        raise ValueError(f"{height}x{width} is too large: at most {limit * stride} pixels per side.")
+    return h, w
+
+
+def check_image_sizes(name: str, sizes: Any, count: int | None, stride: int, limit: int) -> list[tuple[int, int]]:
+    """(height, width) pairs in pixels, one per sequence (`count` of them, or any number with None)
+    -> the latent grid of each (`check_latent_grid`)."""
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != (len(sizes) if count is None else count):
+        per = "" if count is None else f" per sequence ({count})"
+        raise _fail(ValueError, name, sizes, f"a list of one (height, width){per}")
+    grids = []
+    for i, size in enumerate(sizes):
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise TypeError(f"{name}[{i}] must be a (height, width) pair in pixels, got {_shown(size)}.")
+        height, width = check_int_list(f"{name}[{i}]", size)
+        grids.append(check_latent_grid(height, width, stride, limit))
+    return grids
+
+
+def check_tensor_shapes(name: str, tensors: Any, shapes: list[tuple[int, ...]], fix: str = "") -> None:
+    """A list of tensors, one per entry of `shapes`, each of that shape."""
+    if not isinstance(tensors, (list, tuple)):
+        raise _fail(TypeError, name, tensors, f"a list of {len(shapes)} tensor(s) of shapes {shapes}", fix)
+    if len(tensors) != len(shapes):
+        raise ValueError(f"{name} holds {len(tensors)} tensor(s) for {len(shapes)} image(s). {fix}".rstrip())
+    for i, tensor in enumerate(tensors):
+        check_tensor(f"{name}[{i}]", tensor, fix=fix)
+    got = [tuple(t.shape) for t in tensors]
+    if got != [tuple(s) for s in shapes]:
+        raise ValueError(f"{name} must be one tensor per image of shapes {shapes}, got {got}. {fix}".rstrip())
+
+
+def check_contexts(contexts: dict[str, Any], kind: type) -> int:
+    """Contexts of one batch (`kind`: `BagelContext`), by argument name: each of that kind and all
+    of the same batch size, which this returns."""
+    sizes = {}
+    for name, context in contexts.items():
+        check_instance(name, context, kind, "Make one with model.new_context() and the add_* methods.")
+        sizes[name] = context.batch_size
+    first, size = next(iter(sizes.items()))
+    for name, n in sizes.items():
+        if n != size:
+            raise ValueError(
+                f"{name} holds {n} sequences but {first} holds {size}: the guidance contexts are earlier states "
+                "of the same batch."
+            )
+    return size
+
+
+def check_token_ids(token_ids: Any, count: int, vocab: int) -> None:
+    """One list of token ids per sequence, each id within the vocabulary."""
+    if not isinstance(token_ids, (list, tuple)) or len(token_ids) != count:
+        raise ValueError(f"token_ids must hold one list of ids per sequence ({count}), got {_shown(token_ids)}.")
+    for i, ids in enumerate(token_ids):
+        ids = check_int_list(f"token_ids[{i}]", ids, minimum=0)
+        if ids and max(ids) >= vocab:
+            raise ValueError(
+                f"token_ids[{i}] holds id {max(ids)}, outside the vocabulary of {vocab} tokens: "
+                "encode text with this model's processor (processor.encode_text)."
+            )
+
+
+def check_image_tensors(name: str, images: Any, count: int, fix: str) -> None:
+    """One (3, H, W) floating point image tensor per sequence."""
+    if not isinstance(images, (list, tuple)) or len(images) != count:
+        raise _fail(ValueError, name, images, f"a list of one (3, H, W) image tensor per sequence ({count})", fix)
+    for i, image in enumerate(images):
+        check_tensor(f"{name}[{i}]", image, dims=3, integer=False, fix=fix)
+        if image.shape[0] != 3:
+            raise _fail(ValueError, f"{name}[{i}]", image, "a (3, H, W) RGB image tensor", fix)
+
+
+def check_image_api(num_steps: Any, think: Any, max_think_tokens: Any) -> int:
+    """`generate_image` / `edit_image`'s own arguments (the guidance ones are `GuidanceParams`'):
+    `max_think_tokens` under its own name (`interleave` calls it `max_new_tokens`). Returns
+    `num_steps`."""
+    num_steps = check_int("num_steps", num_steps, minimum=1, fix="The default is 50.")
+    check_bool("think", think)
+    check_int("max_think_tokens", max_think_tokens, minimum=1, fix="The default is 1000.")
+    return num_steps
+
+
+def check_prompts(prompt: Any, images: Any, one_image_each: bool = False) -> tuple[list[str], list[list]]:
+    """(prompt, images) of `chat`, `generate_image` or `edit_image` (`one_image_each`), for one
+    request or a batch (a list of prompts) -> per-request lists of prompts and of PIL images."""
+    from PIL import Image
+
+    for p in prompt if isinstance(prompt, (list, tuple)) else [prompt]:
+        if not isinstance(p, str):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(p).__name__}: {p!r}.")
+    if isinstance(prompt, (list, tuple)):
+        prompts = list(prompt)
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise ValueError(
+                f"Got a list of {len(prompts)} prompts and one {type(images).__name__}: a batch needs a list of "
+                f"{len(prompts)} image entries, one per prompt (None, an image or a list of images); for the same "
+                f"image in every request pass [image] * {len(prompts)}."
+            )
+        per_request = [None] * len(prompts) if images is None else list(images)
+        if len(per_request) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(per_request)} image entries; give one per prompt.")
+    else:
+        prompts, per_request = [prompt], [images]
+
+    image_lists = [[] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x]) for x in per_request]
+    for image in (img for images in image_lists for img in images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"images must be PIL.Image.Image (None, an image or a list of images), got {type(image).__name__}; "
+                "open files with PIL.Image.open(path)."
+            )
+    if one_image_each and any(len(imgs) != 1 for imgs in image_lists):
+        raise ValueError("edit_image takes exactly one image per prompt.")
+    return prompts, image_lists
+
+
+def check_interleave_inputs(
+    inputs: Any,
+    understanding_output: Any,
+    think: Any,
+    max_new_tokens: Any,
+    do_sample: Any,
+    temperature: Any,
+    top_p: Any,
+    height: Any,
+    width: Any,
+    seed: Any,
+    progress: Any,
+    streamer: Any,
+) -> tuple[list[list], bool]:
+    """`interleave`'s arguments (but `params`, `processor`, `parallel` and `step_cache`, which
+    their own types check). Returns the requests (one list of strings and PIL images each) and
+    whether `inputs` was a batch."""
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs must be a list of prompts and PIL images, got {type(inputs).__name__}.")
+    batched = bool(inputs) and isinstance(inputs[0], (list, tuple))
+    if batched:
+        for i, request in enumerate(inputs):
+            if not isinstance(request, (list, tuple)):
+                raise TypeError(
+                    f"inputs[{i}] must be a list of prompts and PIL images like inputs[0] (a batch is a list of "
+                    f"requests), got {_shown(request)}."
+                )
+    batch = [list(x) for x in inputs] if batched else [list(inputs)]
+    _check_requests(batch)
+    check_bool("understanding_output", understanding_output)
+    check_bool("think", think)
+    check_bool("progress", progress)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_sampling(do_sample, temperature, top_p)
+    for name, side in (("height", height), ("width", width)):
+        if side is not None:
+            check_int(name, side, fix="None: the largest square the checkpoint generates.")
+    check_seeds("seed", seed, len(batch))
+    check_streamer(streamer, len(batch))
+    return batch, batched
+
+
+def _check_requests(batch: list[list]) -> None:
+    """Non-empty strings and PIL images, in the same order in every request."""
+    from PIL import Image
+
+    if not batch or not batch[0]:
+        raise ValueError("Nothing to run: give at least one prompt or image.")
+    for request in batch:
+        if len(request) != len(batch[0]):
+            raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
+        for item, first in zip(request, batch[0]):
+            if isinstance(item, str):
+                if not item.strip():
+                    raise ValueError("Empty prompt: give some text to condition on.")
+                if _looks_like_image_path(item):
+                    raise TypeError(
+                        f"{item!r} looks like an image file path, but inputs take images as PIL.Image.Image (as chat "
+                        f"and edit_image do): pass PIL.Image.open({item!r}) instead."
+                    )
+            elif not isinstance(item, Image.Image):
+                raise TypeError(f"Inputs must be str or PIL.Image.Image, got {type(item).__name__}.")
+            if isinstance(item, str) != isinstance(first, str):
+                raise ValueError("All requests of a batch need the same sequence of inputs (e.g. [image, text]).")
+
+
+def _looks_like_image_path(text: str) -> bool:
+    """One word ending in an image file extension PIL knows (.png, .jpg, ...)."""
+    from PIL import Image
+
+    if any(c.isspace() for c in text):
+        return False
+    suffix = "." + text.rsplit(".", 1)[-1].lower() if "." in text else ""
+    return suffix in Image.registered_extensions()
+
+
 # ----------------------------------------------------------------------------------------------
 # The packed training forward (docs/training.md, "Training inputs")
 # ----------------------------------------------------------------------------------------------

@@ -162,6 +162,22 @@ API_ERRORS = [
         "understanding_output",
     ),
     ("params-dict", _interleave(["a cat"], params={"num_timesteps": 3}), TypeError, "params"),
+    # Found unchecked while the checks moved to validation_bagel.py:
+    # a batch whose later request is a string (it was split into characters), ...
+    ("interleave-batch-with-a-str", _interleave([["a cat"], "a dog"]), TypeError, ("inputs[1]", "'a dog'")),
+    # ... and height / width of wrong types beside understanding_output=True (ignored, but mistakes)
+    (
+        "height-str-when-understanding",
+        _interleave([IMG, "a"], understanding_output=True, height="big"),
+        TypeError,
+        ("height", "'big'"),
+    ),
+    (
+        "width-float-when-understanding",
+        _interleave([IMG, "a"], understanding_output=True, width=64.0),
+        TypeError,
+        ("width", "64.0"),
+    ),
 ]
 
 
@@ -218,6 +234,52 @@ def test_context_api_refuses_by_name(tiny_model, special):
     ]
     for call, error, names in cases:
         _raises(call, error, names)
+
+
+def test_context_api_checks_found_missing(tiny_model, special):
+    """Context API arguments that were not checked before the checks moved to validation_bagel.py:
+    each used to fail later with an AttributeError, a reshape error or a message naming no argument."""
+    m = tiny_model
+    ctx = m.add_text_tokens(m.new_context(1), [[20, 21, 22]], special)
+    params = GuidanceParams(num_timesteps=2)
+    vit = torch.zeros(3, 28, 28)
+    cases = [
+        (lambda: m.add_text_tokens("ctx", [[1]], special), TypeError, ("context", "BagelContext", "new_context")),
+        (lambda: m.add_text_tokens(ctx, [[1]], (1, 2, 3, 4)), TypeError, ("special", "SpecialTokenIds")),
+        (lambda: m.generate_text_ids(None, special, max_length=2), TypeError, ("context", "None")),
+        (lambda: m.add_vit_images(ctx, [vit, vit], special), ValueError, ("images", "per sequence (1)")),
+        (lambda: m.add_vit_images(ctx, vit, special), ValueError, ("images", "vit_transform")),
+        (lambda: m.add_vit_images(ctx, [IMG], special), TypeError, ("images[0]", "torch.Tensor")),
+        (lambda: m.add_vit_images(ctx, [vit.long()], special), TypeError, ("images[0]", "floating point")),
+        (lambda: m.add_vae_images(ctx, [torch.zeros(1, 64, 64)], special), ValueError, ("images[0]", "(3, H, W)")),
+        (lambda: m.add_vae_images(ctx, [torch.zeros(64, 64)], special), ValueError, ("images[0]", "3 dimensions")),
+        (
+            lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, init_noise=[None]),
+            TypeError,
+            "init_noise[0]",
+        ),
+        (
+            lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, init_noise=torch.zeros(16, 64)),
+            TypeError,
+            ("init_noise", "a list of 1 tensor"),
+        ),
+        (
+            lambda: m.generate_latents(ctx, ctx, ctx, [(64, 64)], special, params, generator=[torch.Generator()]),
+            TypeError,
+            "generator",
+        ),
+        (lambda: m.decode_latents([torch.zeros(3, 64)], [(64, 64)]), ValueError, ("latent_tokens", "(16, 64)")),
+        (lambda: m.decode_latents(torch.zeros(16, 64), [(64, 64)]), TypeError, "latent_tokens"),
+        (lambda: m.decode_latents([torch.zeros(16, 64)], [64]), TypeError, "image_sizes[0]"),
+        (lambda: m.decode_latents([torch.zeros(16, 64)], [(64, 70)]), ValueError, ("multiples of 16", "64x70")),
+    ]
+    for call, error, names in cases:
+        _raises(call, error, names)
+    # the sensible side: what the checks let through still works
+    after = m.add_vit_images(ctx, [vit], special)
+    assert after.batch_size == 1 and after.lengths[0] > ctx.lengths[0]
+    images = m.decode_latents([torch.zeros(16, 64)], [(64, 64)])
+    assert len(images) == 1 and images[0].shape == (1, 3, 64, 64)
 
 
 def test_decoding_past_the_context_stops_at_its_end_with_a_warning(tiny_model, tiny_processor, caplog):

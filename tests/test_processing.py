@@ -238,6 +238,13 @@ def test_patchify_errors():
         patchify_vit(torch.zeros(3, 28, 30), patch_size=14, max_num_patch_per_side=70)
     with pytest.raises(ValueError, match="max_num_patch_per_side"):
         patchify_vit(torch.zeros(3, 14, 14 * 71), patch_size=14, max_num_patch_per_side=70)
+    with pytest.raises(
+        ValueError,
+        match=r"pixels must be a tensor with 3 dimensions, got a tensor of shape \(14, 14\)",
+    ):
+        patchify_vit(torch.zeros(14, 14), patch_size=14, max_num_patch_per_side=70)
+    with pytest.raises(TypeError, match="pixels must be a torch.Tensor"):  # a wrong type: TypeError, not ValueError
+        patchify_vit([[0.0] * 14] * 14, patch_size=14, max_num_patch_per_side=70)
     patches, ids = patchify_vit(torch.zeros(3, 14, 14 * 70), patch_size=14, max_num_patch_per_side=70)
     assert patches.shape == (70, 588) and ids.tolist() == list(range(70))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from bagel_remote.autoencoder_bagel import unpatchify_latent
@@ -247,6 +248,18 @@ def test_bad_step_cache_is_refused_by_name(model, processor, special):
     full = model.new_context(1)
     with pytest.raises(ValueError, match="step_cache="):
         model.generate_latents(full, full, full, [(32, 32)], special, step_cache="TaylorSeer")
-    for bad in (-0.1, float("nan"), "0.1", True):
-        with pytest.raises(ValueError, match="tolerance"):
+    # validation_bagel's number checks: a value out of range is a ValueError, one of the wrong type a TypeError
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"AdaptiveTaylor\.tolerance must be a finite number >= 0"):
             AdaptiveTaylor(tolerance=bad)
+    for bad in ("0.1", True, None):
+        with pytest.raises(TypeError, match=r"AdaptiveTaylor\.tolerance must be a number"):
+            AdaptiveTaylor(tolerance=bad)
+    for name, bad in (("warmup", 0), ("interval", -1), ("max_order", -1)):
+        with pytest.raises(ValueError, match=rf"TaylorSeer\.{name} must be at least"):
+            TaylorSeer(**{name: bad})
+    for name, bad in (("warmup", 2.0), ("interval", True), ("max_order", "6")):
+        with pytest.raises(TypeError, match=rf"TaylorSeer\.{name} must be an integer"):
+            TaylorSeer(**{name: bad})
+    assert TaylorSeer(warmup=np.int64(3)).warmup == 3 and type(TaylorSeer(warmup=np.int64(3)).warmup) is int
+    assert AdaptiveTaylor(tolerance=0).tolerance == 0.0
