@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers_bagel import computes_in_float32
+from .ops_bagel import computes_in_float32
 
 __all__ = ["AttnBlock", "BagelAutoEncoder", "Decoder", "Downsample", "Encoder", "ResnetBlock", "Upsample"]
 

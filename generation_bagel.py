@@ -21,8 +21,9 @@ from transformers.utils import logging
 from .attention_bagel import AttentionPlan, TokenRoute
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .contexts_bagel import BagelContext, CacheStep, SpecialTokenIds, advance
-from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, capturable_weight, sample_tokens
+from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, sample_tokens
 from .guidance_bagel import FlowMatchEulerSampler, GuidanceParams, StepCacheBranches, guide, request_generators
+from .ops_bagel import capturable_weight
 from .parallel_bagel import ParallelLayout, parallel_velocity
 from .processing_bagel import check_image_size, get_resize_size, latent_position_ids
 from .step_cache_bagel import resolve_step_cache
@@ -359,7 +360,8 @@ class BagelGenerationMixin:
             streams = pool.graph_streams(like.device) if graphed else None
             return DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, streams, pool.count_capture)
 
-        return pool.get((batch, capacity, like.dtype, like.device, graphed), nbytes, weights, build)
+        attention = self.config._attn_implementation  # a captured step keeps the attention it was captured with
+        return pool.get((batch, capacity, like.dtype, like.device, graphed, attention), nbytes, weights, build)
 
     def _decode_step_fn(self, cache: DecodeCache, tokens: torch.Tensor):
         """A step reading `tokens` (B,): advances the cache, writes the greedy next tokens back into
