@@ -258,6 +258,12 @@ class TokenRoute:
             self.inverse = torch.empty_like(self.order)
             self.inverse[self.order] = torch.arange(num_tokens, device=gen_index.device)
 
+    @property
+    def und_only(self) -> bool:
+        """Every token takes UND weights, GEN weights do not run, and no output needs detaching
+        (`freeze_und` with autograd on): a block may run on all tokens at once, unrouted."""
+        return self.order is None and not self.run_gen and not (self.freeze_und and torch.is_grad_enabled())
+
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """Packed order -> route order (N, ...)."""
         return x if self.order is None else x.index_select(0, self.order)

@@ -23,7 +23,7 @@ from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .contexts_bagel import BagelContext, CacheStep, SpecialTokenIds, advance
 from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, sample_tokens
 from .guidance_bagel import FlowMatchEulerSampler, GuidanceParams, StepCacheBranches, guide, request_generators
-from .ops_bagel import capturable_weight
+from .ops_bagel import capturable
 from .parallel_bagel import ParallelLayout, parallel_velocity
 from .processing_bagel import check_image_size, get_resize_size, latent_position_ids
 from .step_cache_bagel import resolve_step_cache
@@ -335,16 +335,9 @@ class BagelGenerationMixin:
             return self.__dict__.setdefault("_generation_pool", DecodePool())
 
     def _can_graph(self, device: torch.device) -> bool:
-        """Whether the decode step may run as a CUDA graph: a CUDA device, every weight of the
-        language model on it and capturable (`capturable_weight`), and no accelerate hook
-        (offloading moves weights during the forward). Models spread over devices, offloaded or in
-        bitsandbytes 8-bit decode eagerly."""
-        lm = self.model.language_model
-        return (
-            device.type == "cuda"
-            and all(p.device == device and capturable_weight(p) for p in lm.parameters())
-            and not any(hasattr(module, "_hf_hook") for module in lm.modules())
-        )
+        """Whether the decode step may run as a CUDA graph (`ops_bagel.capturable`): models spread
+        over devices, offloaded or in bitsandbytes 8-bit decode eagerly."""
+        return capturable(self.model.language_model, device)
 
     def _decode_runner(self, pool: DecodePool, context: BagelContext, rows: int) -> DecodeRunner:
         """The pooled runner for this context's batch size and `rows` cache rows per sequence."""

@@ -89,8 +89,8 @@ class Qwen2MLP(nn.Module):
         return self.down_proj(gated_mlp(self, x))
 
     def forward_residual(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> torch.Tensor:
-        """s + MLP(norm(s)) for s = residual + x, in inference: the decoder layer after attention
-        (decoding, the adds ride in kernels: `ops_bagel.mlp_residual`)."""
+        """s + MLP(norm(s)) for s = residual + x: the decoder layer after attention (decoding, the
+        adds ride in kernels: `ops_bagel.mlp_residual`)."""
         return mlp_residual(self, x, norm, residual)
 
 
@@ -174,7 +174,7 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
         attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
-        if route.order is None and not torch.is_grad_enabled():  # inference on UND tokens (chat, decoding)
+        if route.und_only:  # one block over all tokens: the residual adds may ride in the MLP's kernels
             return self.mlp.forward_residual(attn, self.post_attention_layernorm, x)
         x = x + attn  # outside the route: one concatenation per output
         return x + self._routed(self._mlp, x, route)

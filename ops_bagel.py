@@ -33,8 +33,10 @@ decode_attention  matmul-softmax over the cache               `attn_implementati
                   Triton `decode_attention_kernel`            `fuses_decode_attention`
                   torch's varlen kernel                       `has_varlen_kernel`
                   SDPA with a mask                            otherwise
-decode graph      the step captured as a CUDA graph           every weight `capturable_weight`, no
-                                                              accelerate hook (`generation_bagel`)
+forward_in_       the module with float32 weights (the VAE)   `computes_in_float32`
+  float32_on_cpu  the module as it is                         otherwise
+decode step       captured as a CUDA graph and replayed       `capturable` (the language model)
+                  eager                                       otherwise
 
 What the predicates read: the device and dtype of inputs and weights, autograd (`torch.is_grad_enabled`,
 `requires_grad`), CUDA autocast, what kind of weight a layer holds (`weight_kind`: plain,
@@ -111,6 +113,17 @@ def capturable_weight(weight: torch.Tensor) -> bool:
     torchao tensor (int8 weight-only, float8: scaling, dequantisation and GEMMs all on the GPU).
     Not bitsandbytes 8-bit: LLM.int8() looks for outlier columns on the host."""
     return weight_kind(weight) in ("plain", "bnb-4bit", "torchao")
+
+
+def capturable(module: nn.Module, device: torch.device) -> bool:
+    """Whether `module`'s forward may be captured as a CUDA graph on `device` (the decode step's
+    language model): a CUDA device, every weight on it and `capturable_weight`, and no accelerate
+    hook (offloading moves weights during the forward)."""
+    return (
+        device.type == "cuda"
+        and all(p.device == device and capturable_weight(p) for p in module.parameters())
+        and not any(hasattr(m, "_hf_hook") for m in module.modules())
+    )
 
 
 def plain_linears(*layers: nn.Module) -> bool:
@@ -283,6 +296,15 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if fuses_decoding(x, weight, bias):
         return gemv(x, weight, bias)  # a few rows (decoding): faster than cuBLAS's GEMVs
     return F.linear(x, weight, bias)
+
+
+def forward_in_float32_on_cpu(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """module(x) in `weight`'s dtype: with all its parameters in float32 where `computes_in_float32`
+    (the VAE's convolutions), else as it is."""
+    if not computes_in_float32(weight):
+        return module(x)
+    weights = {name: p.float() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, weights, (x.float(),)).to(weight.dtype)
 
 
 def linears(x: torch.Tensor, layers: tuple[nn.Module, ...], norm: nn.Module | None = None):

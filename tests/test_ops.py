@@ -246,3 +246,15 @@ def test_the_implementation_is_per_thread_and_reset_after_an_error(parity, eager
     finally:
         ops_bagel.eager_per_segment = original
     assert ops_bagel._ATTENTION.get() == "sdpa"
+
+
+def test_und_only_route_runs_a_block_unrouted_only_when_nothing_is_detached():
+    from bagel_remote.attention_bagel import TokenRoute
+
+    assert TokenRoute(4).und_only
+    assert not TokenRoute(4, torch.tensor([1])).und_only  # GEN tokens: routed
+    assert not TokenRoute(4, run_gen=True).und_only  # GEN weights run on zero rows
+    frozen = TokenRoute(4, freeze_und=True)
+    assert not frozen.und_only  # autograd on: UND outputs are detached block by block
+    with torch.no_grad():
+        assert frozen.und_only
