@@ -136,7 +136,7 @@ def unhooked(*modules: nn.Module) -> bool:
     """No forward hooks (torch's, or accelerate's `_hf_hook`) on modules a fused kernel would not
     call: where one has them, the module is called and its hooks fire."""
     return not any(
-        module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook") for module in modules
+        module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in vars(module) for module in modules
     )
 
 
@@ -319,8 +319,8 @@ def linears(x: torch.Tensor, layers: tuple[nn.Module, ...], norm: nn.Module | No
     if (
         norm is not None
         and plain
-        and unhooked(norm, *layers)
         and folds_norm(x, norm.weight, *(p for layer in layers for p in (layer.weight, layer.bias)))
+        and unhooked(norm, *layers)
     ):
         folded = (norm.weight, norm.variance_epsilon)
         branches = tuple(functools.partial(_normed_gemv, layer=layer, norm=folded) for layer in layers)
@@ -395,8 +395,8 @@ def norm_rotary(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, signed_sin:
     if (
         getattr(norm, "variance_epsilon", None) is not None
         and norm.weight.device == x.device
-        and unhooked(norm)
         and fuses_rms_norm_rotary(x)
+        and unhooked(norm)
     ):
         return rms_norm_rotary(x, norm.weight, norm.variance_epsilon, cos, signed_sin)
     return apply_rotary(norm(x), cos, signed_sin)
@@ -409,7 +409,7 @@ def gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         # One cast of x for both projections, not one each (their input gradients add in bf16).
         x = x.to(torch.get_autocast_dtype("cuda"))
-    if mlp.fused_silu and _bias_free(gate, up) and unhooked(gate, up) and fuses_decoding(x, gate.weight, up.weight):
+    if mlp.fused_silu and _bias_free(gate, up) and fuses_decoding(x, gate.weight, up.weight) and unhooked(gate, up):
         return gemv(x, gate.weight, up_weight=up.weight)  # one pass, silu too
     gate_out, up_out = gate(x), up(x)
     if mlp.fused_silu:
@@ -425,18 +425,18 @@ def mlp_residual(mlp: nn.Module, x: torch.Tensor, norm: nn.Module, residual: tor
     if (
         mlp.fused_silu
         and _bias_free(gate, up)
-        and unhooked(mlp, norm, gate, up)
         and folds_norm(x, gate.weight, up.weight, norm.weight, residual)
+        and unhooked(mlp, norm, gate, up)
     ):
         total, h = gemv(
             x, gate.weight, up_weight=up.weight, norm=(norm.weight, norm.variance_epsilon), residual=residual
         )
     else:
         total, normed = norm(x, residual=residual)  # modules called, for offloading hooks
-        if not (unhooked(mlp) and fuses_decoding(normed, down.weight, total)):
+        if not (fuses_decoding(normed, down.weight, total) and unhooked(mlp)):
             return total + mlp(normed)
         h = gated_mlp(mlp, normed)
-    if _bias_free(down) and unhooked(down) and fuses_decoding(h, down.weight, total):  # h may be in autocast's dtype
+    if _bias_free(down) and fuses_decoding(h, down.weight, total) and unhooked(down):  # h may be in autocast's dtype
         return gemv(h, down.weight, add=total)
     return total + down(h)
 
