@@ -587,3 +587,34 @@ def test_lora_wrapped_projections_step_aside_from_the_stacked_gemm():
         each = tuple(layer(x) for layer in layers())
     for a, b in zip(fused, each):
         torch.testing.assert_close(a, b)
+
+
+def test_eager_attention_matches_sdpa_on_the_gpu(parity, monkeypatch):
+    """attn_implementation="eager" on the bf16 model: the training forward and the graphed decode
+    step run the matmul-softmax attention (no varlen, cuDNN or Triton attention kernel) and agree
+    with "sdpa" to bf16 rounding."""
+    model = _parity_model(parity, torch.bfloat16)
+    inputs = _train_inputs(parity, torch.bfloat16)
+    special = dataclasses.replace(_special_ids(parity), eos=-1)  # decode all steps
+    prompt = parity.meta["cases"]["chat"]["prompt_ids"]
+
+    def run():
+        with torch.no_grad():
+            out = model(**inputs)
+        context = model.add_text_tokens(model.new_context(1), [prompt], special)
+        _, logits = model.generate_text_ids(context, special, max_length=2, return_logits=True)
+        return out, logits[0]
+
+    sdpa, sdpa_logits = run()
+    model.set_attn_implementation("eager")
+    for name in ("decode_attention_kernel", "varlen_kernel", "flash_attn_varlen_func", "sdpa_per_segment"):
+        monkeypatch.setattr(ops_bagel, name, lambda *args, name=name, **kw: pytest.fail(f"{name} ran under eager"))
+    eager_calls, eager_attention = [], ops_bagel.eager_attention
+    monkeypatch.setattr(ops_bagel, "eager_attention", lambda *a: eager_calls.append(1) or eager_attention(*a))
+    eager, eager_logits = run()
+    assert eager_calls  # the decode step's attention (eager, then captured)
+    for name in ("ce", "mse", "last_hidden_state"):
+        err = ((eager[name].float() - sdpa[name].float()).abs().max() / sdpa[name].float().abs().max()).item()
+        assert err < 2e-2, name
+    err = ((eager_logits[0].float() - sdpa_logits[0].float()).abs().max() / sdpa_logits[0].float().abs().max()).item()
+    assert err < 3e-2
