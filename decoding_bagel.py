@@ -27,7 +27,8 @@ class DecodeCache:
     rows, of which the kernel reads the first length + 1 (`used_keys`), its query heads grouped by
     kv head and the keys split across the GPU: our Triton `decode_attention`, else torch's varlen
     flash kernel (bf16/fp16; 27 us a layer for one request on an H100, against 113 us for SDPA
-    with a mask). Elsewhere SDPA with a mask does the same."""
+    with a mask). Elsewhere SDPA with a mask does the same; `attn_implementation="eager"`, a
+    matmul-softmax with the mask. Which runs is `ops_bagel.decode_attention`'s choice."""
 
     def __init__(self, batch: int, capacity: int, num_layers: int, like: torch.Tensor):
         """`like`: a (T, kv_heads, head_dim) tensor with the cache's dtype and device."""
