@@ -44,7 +44,9 @@ bitsandbytes 4/8-bit, torchao, other tensor subclasses such as DTensor), whether
 forward is our `linear` (`plain_linears`: not a PEFT wrapper, whose forward adds its own part),
 forward hooks on modules a kernel would not call (`unhooked`; accelerate's offloading keeps
 weights off x's device as well), whether a decode graph is being captured (`graph_branches`),
-and the model's `attn_implementation` (`attention_implementation`).
+and the model's `attn_implementation` (`attention_implementation`). Under a `quantization_config`
+the model is built with plain `nn.Linear` layers (`modeling_bagel._plain_linears`: quantizers take
+only those), whose weights the quantizer replaces: none of these ops' kernels reads them.
 """
 
 from __future__ import annotations

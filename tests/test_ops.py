@@ -165,6 +165,33 @@ def test_eager_reproduces_the_parity_fixtures_and_sdpa(parity, eager_model, tiny
     assert decode_calls and len(decode_calls) % layers == 0  # every layer of every decode step
 
 
+def test_eager_reproduces_the_t2i_parity_fixture(parity, eager_model, monkeypatch):
+    """Text-to-image under "eager": the guided denoising (three cached contexts, full attention
+    over the latent tokens) gives the reference's latent tokens."""
+    from bagel_remote.guidance_bagel import GuidanceParams
+
+    case, special = parity.meta["cases"]["t2i"], _special(parity)
+    p = case["params"]
+    params = GuidanceParams(
+        num_timesteps=p["num_timesteps"],
+        timestep_shift=p["timestep_shift"],
+        cfg_text_scale=p["cfg_text_scale"],
+        cfg_img_scale=p["cfg_img_scale"],
+        cfg_interval=tuple(p["cfg_interval"]),
+        cfg_renorm_type=p["cfg_renorm_type"],
+        cfg_renorm_min=p["cfg_renorm_min"],
+    )
+    sdpa_calls = _count(monkeypatch, "sdpa_per_segment")
+    full = eager_model.add_text_tokens(eager_model.new_context(1), [case["prompt_ids"]], special)
+    noise = [parity.inputs["t2i.init_noise"]]
+    hw = [tuple(case["image_hw"])]
+    latents = eager_model.generate_latents(
+        full, eager_model.new_context(1), full, hw, special, params, init_noise=noise
+    )
+    assert sdpa_calls == []
+    assert_close(latents[0], parity.expected["t2i.latent_tokens"], 1e-4, "eager t2i.latent_tokens")
+
+
 def test_set_attn_implementation_switches_at_forward_time(parity, monkeypatch):
     """`model.set_attn_implementation` takes effect on the next forward, and a pooled decode step
     is not reused across implementations."""
