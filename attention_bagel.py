@@ -6,38 +6,20 @@ the whole cache). A ViT batch is one segment per image; a KV-cached step is one 
 sequence (cache + new tokens); a training pack is one segment per split, whose keys are the earlier
 visible splits of its sample plus itself (gathered, so `noise` splits stay invisible to later
 ones). `AttentionPlan` holds one or two groups of segments (causal and full), each run by a single
-varlen kernel call:
-
-- CUDA, bf16/fp16: flash-attn's `flash_attn_varlen_func` when installed, else torch's own varlen
-  flash kernel where this torch has one (>= 2.10, `varlen_kernel`); at inference, a few long
-  full-attention segments (image generation, a ViT image) go to cuDNN's attention one segment at
-  a time instead, which is 1.6x faster than torch's varlen kernel there on an H100;
-- otherwise (CPU, float32, older torch): exact per-segment `scaled_dot_product_attention`.
+kernel call where one exists. This module holds the plans and the attention kernels over a
+group's segments (`varlen_kernel`, `sdpa_per_segment`, `eager_per_segment`); which one runs is
+decided by `ops_bagel.packed_attention`.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-try:  # optional: nothing here needs it
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_varlen_func = None
-
-try:  # torch >= 2.10 has a varlen flash kernel for users (`varlen_kernel` calls the op under it)
-    import torch.nn.attention.varlen  # noqa: F401
-
-    _TORCH_HAS_VARLEN = True
-except ImportError:
-    _TORCH_HAS_VARLEN = False
 
 
 class SegmentGroup:
@@ -172,56 +154,9 @@ class AttentionPlan:
         return cls(groups)
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """q: (Nq, H, D); k, v: (Nk, H_kv, D) with H % H_kv == 0. Returns (Nq, H, D)."""
-    if len(plan.groups) == 1 and plan.groups[0].q_index is None:
-        group = plan.groups[0]
-        return varlen_attention(q, _take(k, group.k_index), _take(v, group.k_index), group)
-    out = q.new_empty(q.shape)
-    for group in plan.groups:
-        k_g, v_g = _take(k, group.k_index), _take(v, group.k_index)
-        out = out.index_copy(0, group.q_index, varlen_attention(q[group.q_index], k_g, v_g, group))
-    return out
-
-
-def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+def take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """x's rows at `index` (all of x for None): a segment group's queries or keys."""
     return x if index is None else x.index_select(0, index)
-
-
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
-    """One kernel call over a group's segments; q, k, v already in segment order."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if _prefers_cudnn(q, group):
-            with sdpa_kernel(_CUDNN_FIRST, set_priority=True):  # falls back in this order
-                return _sdpa_per_segment(q, k, v, group)
-        cu_q, cu_k = group.cu_seqlens(q.device)
-        if flash_attn_varlen_func is not None:
-            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, group.max_q, group.max_k, causal=group.causal)
-        if _TORCH_HAS_VARLEN:
-            return varlen_kernel(q, k, v, cu_q, cu_k, group.max_q, group.max_k, group.causal)
-    return _sdpa_per_segment(q, k, v, group)
-
-
-_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_SDPA_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
-
-
-def _prefers_cudnn(q: torch.Tensor, group: SegmentGroup) -> bool:
-    """Inference over at most 4 full-attention segments of 1024+ queries each (in training, and
-    for many short segments, one varlen call is faster)."""
-    return (
-        not (torch.is_grad_enabled() and q.requires_grad)
-        and not group.causal
-        and _SDPA_HAS_PRIORITY
-        and group.q_lens is not None  # lengths on the host (not `from_offsets`)
-        and len(group.q_lens) <= 4
-        and min(group.q_lens) >= 1024
-    )
-
-
-def has_varlen_kernel(x: torch.Tensor) -> bool:
-    """Whether torch's own varlen kernel can run on x (CUDA, bf16/fp16, torch >= 2.10)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _TORCH_HAS_VARLEN
 
 
 def varlen_kernel(
@@ -241,8 +176,9 @@ def varlen_kernel(
     )[0]
 
 
-def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
-    """Exact attention, one segment at a time (CPU, float32, no varlen kernel, or cuDNN)."""
+def sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
+    """Exact attention with `scaled_dot_product_attention`, one segment at a time (CPU, float32,
+    no varlen kernel, or cuDNN first)."""
     gqa = q.shape[1] != k.shape[1]
     outputs, q_start, k_start = [], 0, 0
     for q_len, k_len in zip(*group.lengths()):
@@ -257,6 +193,39 @@ def _sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         outputs.append(out[0].transpose(0, 1))
         q_start, k_start = q_start + q_len, k_start + k_len
     return torch.cat(outputs, dim=0) if outputs else q.new_empty(q.shape)
+
+
+def eager_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: SegmentGroup) -> torch.Tensor:
+    """Plain attention, one segment at a time: softmax(q k^T / sqrt(dim)) v with the scores'
+    softmax in float32 and no fused kernel (`attn_implementation="eager"`: the reference path,
+    and what to debug against)."""
+    outputs, q_start, k_start = [], 0, 0
+    for q_len, k_len in zip(*group.lengths()):
+        q_s = q[q_start : q_start + q_len].transpose(0, 1)  # (heads, len, dim)
+        k_s = k[k_start : k_start + k_len].transpose(0, 1)
+        v_s = v[k_start : k_start + k_len].transpose(0, 1)
+        mask = None
+        if group.causal:  # bottom-right aligned: query i sees keys up to i + (k_len - q_len)
+            rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
+            mask = torch.arange(k_len, device=q.device)[None, :] <= rows
+        outputs.append(eager_attention(q_s, k_s, v_s, mask).transpose(0, 1))
+        q_start, k_start = q_start + q_len, k_start + k_len
+    return torch.cat(outputs, dim=0) if outputs else q.new_empty(q.shape)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(dim)) v for q (..., heads, Lq, dim), k, v (..., kv_heads, Lk, dim), the
+    query heads of one kv head consecutive; `mask` (boolean, True where a query sees a key)
+    broadcasts over the scores (..., heads, Lq, Lk). In q's dtype, the softmax in float32."""
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 class TokenRoute:
@@ -288,6 +257,12 @@ class TokenRoute:
             self.order = torch.sort(is_gen, stable=True).indices
             self.inverse = torch.empty_like(self.order)
             self.inverse[self.order] = torch.arange(num_tokens, device=gen_index.device)
+
+    @property
+    def und_only(self) -> bool:
+        """Every token takes UND weights, GEN weights do not run, and no output needs detaching
+        (`freeze_und` with autograd on): a block may run on all tokens at once, unrouted."""
+        return self.order is None and not self.run_gen and not (self.freeze_und and torch.is_grad_enabled())
 
     def sort(self, x: torch.Tensor) -> torch.Tensor:
         """Packed order -> route order (N, ...)."""

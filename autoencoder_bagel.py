@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers_bagel import computes_in_float32
+from .ops_bagel import forward_in_float32_on_cpu
 
 __all__ = ["AttnBlock", "BagelAutoEncoder", "Decoder", "Downsample", "Encoder", "ResnetBlock", "Upsample"]
 
@@ -297,14 +297,10 @@ class BagelAutoEncoder(nn.Module):
 
     @staticmethod
     def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """module(x), in the weights' dtype. bf16/fp16 weights on the CPU are used in float32
-        (`computes_in_float32`): low-precision convolutions there fall to aten's slow_conv2d, which
-        took 202 s for a 512x512 decode that float32 does in 1 s."""
-        dtype = module.conv_in.weight.dtype
-        if not computes_in_float32(module.conv_in.weight):
-            return module(x)
-        weights = {name: p.float() for name, p in module.named_parameters()}
-        return torch.func.functional_call(module, weights, (x.float(),)).to(dtype)
+        """module(x), in the weights' dtype; bf16/fp16 weights on the CPU are used in float32:
+        low-precision convolutions there fall to aten's slow_conv2d, which took 202 s for a 512x512
+        decode that float32 does in 1 s."""
+        return forward_in_float32_on_cpu(module, x, module.conv_in.weight)
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> moments (B, 2*z, H/8, W/8): mean, then log-variance, on channels."""

@@ -15,7 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .attention_bagel import AttentionPlan, packed_attention
+from .attention_bagel import AttentionPlan
+from .ops_bagel import packed_attention
 
 
 @runtime_checkable

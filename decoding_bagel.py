@@ -9,13 +9,11 @@ import threading
 from collections import OrderedDict
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_bagel import has_varlen_kernel, to_device, varlen_kernel
+from .attention_bagel import to_device
 from .contexts_bagel import BagelContext
-from .kernels_bagel import decode_attention, fuses_decode_attention
-from .layers_bagel import graph_branches
+from .ops_bagel import decode_attention, graph_branches
 
 
 class DecodeCache:
@@ -29,7 +27,8 @@ class DecodeCache:
     rows, of which the kernel reads the first length + 1 (`used_keys`), its query heads grouped by
     kv head and the keys split across the GPU: our Triton `decode_attention`, else torch's varlen
     flash kernel (bf16/fp16; 27 us a layer for one request on an H100, against 113 us for SDPA
-    with a mask). Elsewhere SDPA with a mask does the same."""
+    with a mask). Elsewhere SDPA with a mask does the same; `attn_implementation="eager"`, a
+    matmul-softmax with the mask. Which runs is `ops_bagel.decode_attention`'s choice."""
 
     def __init__(self, batch: int, capacity: int, num_layers: int, like: torch.Tensor):
         """`like`: a (T, kv_heads, head_dim) tensor with the cache's dtype and device."""
@@ -42,10 +41,9 @@ class DecodeCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.lengths)
         self.rows = torch.arange(batch, device=device)
-        self.use_varlen = has_varlen_kernel(like)
-        if self.use_varlen:
-            self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
-            self.cu_keys = self.cu_queries * capacity
+        # the segments of torch's varlen kernel (`ops_bagel.decode_attention`): one query, one slot each
+        self.cu_queries = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.cu_keys = self.cu_queries * capacity
         self.write_rows = self.used_keys = self.mask = None  # set each step (begin_step)
 
     def load(self, context: BagelContext) -> None:
@@ -66,13 +64,13 @@ class DecodeCache:
         self.used_keys = (self.lengths + 1).int()
         self.write_rows = self.mask = None
 
-    def _write_rows(self) -> torch.Tensor:
+    def rows_to_write(self) -> torch.Tensor:
         """(B,): the flat cache row of each sequence's new token (made once a step)."""
         if self.write_rows is None:
             self.write_rows = self.rows * self.capacity + self.lengths
         return self.write_rows
 
-    def _sdpa_mask(self) -> torch.Tensor:
+    def sdpa_mask(self) -> torch.Tensor:
         """(B, 1, 1, capacity): 0 on the keys each sequence sees, -inf past them (made once a step)."""
         if self.mask is None:
             slots = torch.arange(self.capacity, device=self.rows.device)
@@ -87,22 +85,7 @@ class DecodeCache:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         """q (B, H, D), k, v (B, H_kv, D): one new token per sequence -> (B, H, D)."""
-        keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)
-        if fuses_decode_attention(q, keys, values):  # writes k and v into the cache too
-            return decode_attention(q, k, v, keys, values, self.used_keys, self.capacity)
-        keys.index_copy_(0, self._write_rows(), k)
-        values.index_copy_(0, self._write_rows(), v)
-        if self.use_varlen:
-            cu_q, cu_k, used = self.cu_queries, self.cu_keys, self.used_keys
-            return varlen_kernel(q, keys, values, cu_q, cu_k, 1, self.capacity, False, used)
-        # GQA without copying the cache: the query heads sharing a kv head act as its query rows.
-        batch, heads, dim = q.shape
-        kv_heads = keys.shape[1]
-        grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
-        k_all = self.keys[layer_idx].transpose(1, 2)
-        v_all = self.values[layer_idx].transpose(1, 2)
-        out = F.scaled_dot_product_attention(grouped, k_all, v_all, attn_mask=self._sdpa_mask())
-        return out.reshape(batch, heads, dim)
+        return decode_attention(self, layer_idx, q, k, v)
 
 
 # How many decode steps the host may queue before it reads a step's tokens (GPU only). The host
@@ -274,19 +257,6 @@ class DecodePool:
             runner = build()
         self.runners[key] = runner
         return runner
-
-
-def capturable_weight(p: torch.Tensor) -> bool:
-    """Whether a decoder weight's forward can be captured in a CUDA graph: a plain floating-point
-    Parameter, a bitsandbytes 4-bit weight (its GEMV and dequantisation are kernels on the current
-    stream) or a torchao quantized tensor (int8 weight-only, float8: scaling, dequantisation and
-    GEMMs all on the GPU). Not bitsandbytes 8-bit: LLM.int8() looks for outlier columns on the host."""
-    kind = type(p)
-    if kind is nn.Parameter:
-        return p.dtype.is_floating_point
-    if kind.__name__ == "Params4bit" and kind.__module__.startswith("bitsandbytes"):
-        return True
-    return kind.__module__.startswith("torchao")
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators: list) -> torch.Tensor:

@@ -22,8 +22,9 @@ from transformers.utils import logging
 from .attention_bagel import AttentionPlan, TokenRoute
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .contexts_bagel import BagelContext, CacheStep, SpecialTokenIds, advance
-from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, capturable_weight, sample_tokens
+from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, sample_tokens
 from .guidance_bagel import FlowMatchEulerSampler, GuidanceParams, StepCacheBranches, guide, request_generators
+from .ops_bagel import capturable
 from .parallel_bagel import ParallelLayout, parallel_velocity
 from .processing_bagel import check_image_size, get_resize_size, latent_position_ids
 from .step_cache_bagel import resolve_step_cache
@@ -338,16 +339,9 @@ class BagelGenerationMixin:
             return self.__dict__.setdefault("_generation_pool", DecodePool())
 
     def _can_graph(self, device: torch.device) -> bool:
-        """Whether the decode step may run as a CUDA graph: a CUDA device, every weight of the
-        language model on it and capturable (`capturable_weight`), and no accelerate hook
-        (offloading moves weights during the forward). Models spread over devices, offloaded or in
-        bitsandbytes 8-bit decode eagerly."""
-        lm = self.model.language_model
-        return (
-            device.type == "cuda"
-            and all(p.device == device and capturable_weight(p) for p in lm.parameters())
-            and not any(hasattr(module, "_hf_hook") for module in lm.modules())
-        )
+        """Whether the decode step may run as a CUDA graph (`ops_bagel.capturable`): models spread
+        over devices, offloaded or in bitsandbytes 8-bit decode eagerly."""
+        return capturable(self.model.language_model, device)
 
     def _decode_runner(self, pool: DecodePool, context: BagelContext, rows: int) -> DecodeRunner:
         """The pooled runner for this context's batch size and `rows` cache rows per sequence."""
@@ -363,7 +357,8 @@ class BagelGenerationMixin:
             streams = pool.graph_streams(like.device) if graphed else None
             return DecodeRunner(self._decode_step_fn(cache, tokens), cache, tokens, streams, pool.count_capture)
 
-        return pool.get((batch, capacity, like.dtype, like.device, graphed), nbytes, weights, build)
+        attention = self.config._attn_implementation  # a captured step keeps the attention it was captured with
+        return pool.get((batch, capacity, like.dtype, like.device, graphed, attention), nbytes, weights, build)
 
     def _decode_step_fn(self, cache: DecodeCache, tokens: torch.Tensor):
         """A step reading `tokens` (B,): advances the cache, writes the greedy next tokens back into

@@ -1,5 +1,6 @@
-"""Fused elementwise kernels in Triton, on CUDA where Triton is installed (it ships with torch's
-CUDA builds); plain torch ops everywhere else.
+"""The model's own kernels: fused elementwise kernels in Triton (CUDA, where Triton is installed: it
+ships with torch's CUDA builds) and two autograd functions in torch. Which of them runs where is
+decided in `ops_bagel`, not here.
 
 - `silu_mul`: SwiGLU's `silu(gate) * up`. Eager torch makes three passes over the (tokens,
   intermediate) activations forward (silu, mul) and three backward (two muls and silu's
@@ -15,12 +16,15 @@ CUDA builds); plain torch ops everywhere else.
   (flash-decoding) and the query heads of one KV head together. torch's varlen flash kernel
   does the same in two kernels, but its combine kernel takes 13 us of its 21 us a layer on an
   H200 (`bench/decode_kernels.py`).
-- `gemv` and `rms_norm`: the decode step's projections and norms for a few rows (`fuses_decoding`).
+- `gemv` and `rms_norm`: the decode step's projections and norms for a few rows.
   The step reads every weight once, so it is bound by HBM bandwidth and kernel count: the GEMV
   streams whole weight rows without split-K and takes SwiGLU's gate and up in one pass; for one
   row it also folds in the RMSNorm before q/k/v and before the MLP (with the residual add before
   that), and the residual add after the MLP rides in the down projection's GEMV. Other norms are
   one kernel with the residual add, not torch's two.
+- `apply_rotary` (any device): the rotary embedding with a backward of three kernels, not five.
+- `stacked_linear`: Linears of one input as one GEMM with float32 weight gradients (training
+  float32 master weights under CUDA autocast).
 """
 
 from __future__ import annotations
@@ -39,10 +43,9 @@ _ROWS = 16  # (token, head) rows of one rms_norm_rotary program
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, elementwise, for gate and up of one shape and dtype."""
-    if triton is not None and gate.is_cuda and gate.dtype == up.dtype and gate.shape == up.shape and gate.numel() > 0:
-        return _SiluMul.apply(gate, up)
-    return F.silu(gate) * up
+    """silu(gate) * up, elementwise, for gate and up of one shape and dtype. Only where
+    `ops_bagel.fuses_silu_mul`."""
+    return _SiluMul.apply(gate, up)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -65,26 +68,12 @@ class _SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-def fuses_rms_norm_rotary(x: torch.Tensor) -> bool:
-    """Whether `rms_norm_rotary` can take x (N, heads, dim): CUDA with Triton, each head's
-    values contiguous and the heads back to back (tokens may be strided), dim a power of two."""
-    dim = x.shape[-1]
-    return (
-        triton is not None
-        and x.is_cuda
-        and x.shape[0] > 0
-        and x.stride(2) == 1
-        and x.stride(1) == dim
-        and dim & (dim - 1) == 0
-    )  # zero rows (a GEN side run empty in training): torch's ops
-
-
 def rms_norm_rotary(
     x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, signed_sin: torch.Tensor
 ) -> torch.Tensor:
     """RMSNorm over the last dim of x (N, heads, dim) with `weight` (dim,), then the rotary
     embedding with cos and signed_sin (N, dim) as `rotary_cos_sin` makes them; in float32, rounded
-    once to x's dtype. Returns a new contiguous (N, heads, dim). Only where `fuses_rms_norm_rotary`."""
+    once to x's dtype. Returns a new contiguous (N, heads, dim). Only where `ops_bagel.fuses_rms_norm_rotary`."""
     return _RMSNormRotary.apply(x, weight, eps, cos.contiguous(), signed_sin.contiguous())
 
 
@@ -127,25 +116,6 @@ class _RMSNormRotary(torch.autograd.Function):
         return grad_x, grad_weight.sum(0).to(weight.dtype), None, None, None
 
 
-def fuses_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether `decode_attention` can take q (B, heads, dim) against keys and values (rows,
-    kv_heads, dim) laid out alike: Triton on CUDA, bf16/fp16 all (float32 would take TF32 dots),
-    dim a power of two of at least 16, whole groups of heads."""
-    heads, dim = q.shape[1:]
-    return (
-        triton is not None
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and keys.dtype == values.dtype == q.dtype
-        and dim >= 16
-        and dim & (dim - 1) == 0
-        and heads % keys.shape[1] == 0
-        and q.is_contiguous()
-        and keys.stride()[1:] == (dim, 1)
-        and values.stride() == keys.stride()
-    )
-
-
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -161,7 +131,8 @@ def decode_attention(
     dim) attends over the slot's first `used[b]` rows (1 <= used[b] <= capacity, unchecked: int32
     on the GPU, so a CUDA graph replays it as the cache grows); query head h reads kv head
     h // (heads // kv_heads). -> softmax(q k^T / sqrt(dim)) v (B, heads, dim) in q's dtype. The split
-    holding the new row writes it (two index_copy kernels fewer a layer). Only where `fuses_decode_attention`."""
+    holding the new row writes it (two index_copy kernels fewer a layer). Only where
+    `ops_bagel.fuses_decode_attention`."""
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -202,42 +173,6 @@ _DECODE_BLOCK_N = 64  # keys per inner step of a split
 DECODE_ROWS = 16  # the few-row (decoding) kernels below take at most this many rows
 
 
-def fuses_decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the few-row kernels (`gemv`, `rms_norm`) can take x (rows, features) with
-    `weights` (None skipped): inference (no autograd) on CUDA with Triton, at most `DECODE_ROWS`
-    contiguous rows, and plain (not quantized, not offloaded) weights of x's dtype on x's device.
-    Where they run, the modules whose weights they read are not called: forward hooks on those
-    Linears / norms do not fire (accelerate's offload hooks are safe: offloaded weights fail the
-    device check). Reentrant activation checkpointing (not transformers' default) runs its first
-    forward without autograd, so a side of at most 16 tokens would take these kernels there and
-    torch's in the recomputation: equal to rounding, not bit for bit."""
-    return (
-        triton is not None
-        and x.is_cuda
-        and not torch.is_grad_enabled()
-        and x.dim() == 2
-        and x.shape[0] <= DECODE_ROWS
-        and x.is_contiguous()
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and all(
-            type(w) in (torch.Tensor, torch.nn.Parameter)
-            and w.dtype == x.dtype
-            and w.device == x.device
-            and w.is_contiguous()
-            for w in weights
-            if w is not None
-        )
-    )
-
-
-def folds_norm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether `gemv` should take the RMSNorm before it (`norm`, `residual`): `fuses_decoding` and
-    one row. With 16 rows the norm's elementwise work inside the tensor-core loop made the decode
-    step slower, not faster (16 requests: 1492 tokens/s folded, 2674 with the norm kernel, H200),
-    so more rows keep the separate `rms_norm` kernel."""
-    return x.shape[0] == 1 and fuses_decoding(x, *weights)
-
-
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -253,7 +188,7 @@ def gemv(
     - `up_weight` (N, K): SwiGLU's silu(x @ weight.T) * (x @ up_weight.T), both weights in one pass.
     - `norm` (weight (K,), eps), one row: of RMSNorm(x) instead of x. Every program reads all of x
       anyway, so it sums x's squares on the way and scales its outputs by 1 / rms: no norm kernel.
-      (With 16 rows the fold made the decode step slower: `folds_norm`.)
+      (With 16 rows the fold made the decode step slower: `ops_bagel.folds_norm`.)
     - `residual` (1, K): of s = residual + x (rounded to x's dtype, as the eager add); returns
       (s, result), s written by the first program.
     - `add` (M, N): add + the result, rounded as eager's two ops (the product, then the sum): the
@@ -261,7 +196,7 @@ def gemv(
     Each program streams a few whole weight rows (no split-K, so no second reduction kernel): one
     row of x is a multiply and a row sum, more use tensor cores. cuBLAS's GEMVs reach 2.3-4.2
     TB/s on an H200 at these shapes, these 3.1-4.5 (`bench/decode_kernels.py --gemv`, which sweeps
-    `config`: block_n, block_k, warps, stages). Only where `fuses_decoding`."""
+    `config`: block_n, block_k, warps, stages). Only where `ops_bagel.fuses_decoding`."""
     rows, k = x.shape
     n = weight.shape[0]
     if (
@@ -329,7 +264,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """RMSNorm of x (rows, dim) with `weight` (dim,), in float32, rounded once to x's dtype; with
     `residual`, of s = residual + x (rounded to x's dtype, as the eager add), returning (s, norm).
     One program per row, one kernel for the decoder's residual add and the norm after it: torch's
-    norm takes 5.3 us at one row on an H200, most of it launch latency. Only where `fuses_decoding`."""
+    norm takes 5.3 us at one row on an H200, most of it launch latency. Only where `ops_bagel.fuses_decoding`."""
     rows, dim = x.shape
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else out
@@ -352,6 +287,79 @@ def _decode_split(programs_per_split: int, capacity: int, device: torch.device) 
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     splits = max(1, 2 * sms // programs_per_split)
     return max(2 * _DECODE_BLOCK_N, triton.cdiv(triton.cdiv(capacity, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N)
+
+
+# Autograd functions in torch: fewer kernels than autograd's own backward, or a gradient in another dtype.
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (N, heads, dim) in x's dtype, as the reference's Qwen2 does; cos and
+    signed_sin (N, dim) come from `rotary_cos_sin`. Equal to x*cos + rotate_half(x)*sin."""
+    return _Rotary.apply(x, cos.to(x.dtype)[:, None], signed_sin.to(x.dtype)[:, None])
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """x*cos + swap_halves(x)*signed_sin: rotate_half(x)*sin is x's halves swapped times the signed
+    sin. The gradient is the inverse rotation, grad*cos - swap_halves(grad)*signed_sin (the
+    signed sin's halves are each other's negatives): three kernels each way, where autograd's
+    own backward takes five, one of them a slow roll."""
+
+    @staticmethod
+    def forward(ctx, x, cos, signed_sin):
+        ctx.save_for_backward(cos, signed_sin)
+        return torch.addcmul(x * cos, _swap_halves(x), signed_sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, signed_sin = ctx.saved_tensors
+        return torch.addcmul(grad * cos, _swap_halves(grad), signed_sin, value=-1), None, None
+
+
+def stacked_linear(x: torch.Tensor, layers: tuple[torch.nn.Linear, ...]) -> torch.Tensor:
+    """x through the layers' weights stacked row-wise, in autocast's dtype, float32 gradients for
+    float32 weights (the master-weight path: `ops_bagel.trains_master_weights`)."""
+    params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
+    return _MasterWeightLinear.apply(x, torch.get_autocast_dtype("cuda"), len(layers), *params)
+
+
+def _cast_stacked(parts, dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat(parts) in `dtype`, with one cast kernel per part and no float32 copy."""
+    out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype)
+    for piece, part in zip(out.split([p.shape[0] for p in parts]), parts):
+        piece.copy_(part)
+    return out
+
+
+class _MasterWeightLinear(torch.autograd.Function):
+    """x @ [w_1; ...; w_n].T + [b_1, ..., b_n] in `dtype`, float32 gradients for the weights and
+    biases (all biases or none)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, n, *params):
+        weights, biases = params[:n], params[n:]
+        weight = _cast_stacked(weights, dtype)
+        bias = None if biases[0] is None else _cast_stacked(biases, dtype)
+        x = x.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.rows, ctx.has_bias = [w.shape[0] for w in weights], bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        if x.numel():
+            grad_w = torch.mm(grad_2d.t(), x.reshape(-1, x.shape[-1]), out_dtype=torch.float32).split(ctx.rows)
+        else:  # zero rows (a side run empty in training, `always_run`): a product over nothing is zero
+            grad_w = weight.new_zeros(weight.shape, dtype=torch.float32).split(ctx.rows)
+        grad_b = grad_2d.sum(0, dtype=torch.float32).split(ctx.rows) if ctx.has_bias else (None,) * len(ctx.rows)
+        return grad_x, None, None, *grad_w, *grad_b
 
 
 if triton is not None:

@@ -17,7 +17,6 @@ if not __package__:  # `import modeling_bagel` from a clone (no package for the 
         "(README: Use from a clone)."
     )
 
-import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -34,22 +33,13 @@ with quiet_third_party_imports():  # transformers imports torchao where installe
     from transformers.activations import ACT2FN
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention_bagel import AttentionPlan, TokenRoute, packed_attention
+from .attention_bagel import AttentionPlan, TokenRoute
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, rope_theta
 from .contexts_bagel import KVCacheStep
 from .generation_bagel import BagelGenerationMixin
 from .guidance_bagel import shift_timesteps
-from .kernels_bagel import (
-    folds_norm,
-    fuses_decoding,
-    fuses_rms_norm_rotary,
-    gemv,
-    rms_norm,
-    rms_norm_rotary,
-    silu_mul,
-)
-from .layers_bagel import Linear, apply_rotary, parallel_linears, rotary_cos_sin
+from .layers_bagel import Linear, rotary_cos_sin
 from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the loading API, importable from here
     AUTO_MAP,
     load_pretrained,
@@ -58,6 +48,16 @@ from .loading_bagel import (  # noqa: F401 - AUTO_MAP, remote_code_files: the lo
     unexpected_key_patterns,
 )
 from .modeling_siglip_navit import SiglipVisionModel
+from .ops_bagel import (
+    attention_implementation,
+    check_attention_implementation,
+    gated_mlp,
+    linears,
+    mlp_residual,
+    norm_rotary,
+    packed_attention,
+    rms_norm,
+)
 from .validation_bagel import check_training_inputs
 
 # ----------------------------------------------------------------------------------------------
@@ -73,16 +73,7 @@ class Qwen2RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (s, norm(s)) for s = residual + x (the decoder's residual add)."""
-        if fuses_decoding(x, self.weight, residual) and (residual is None or residual.shape == x.shape):
-            return rms_norm(x, self.weight, self.variance_epsilon, residual)  # one Triton kernel, add included
-        if residual is not None:
-            x = residual + x
-        # One fused kernel that normalises in float32, as the reference does, and returns x's
-        # dtype. CUDA autocast is off around it: it would widen bf16 input to float32 and back
-        # (q/k where the fused norm + rotary kernel cannot run).
-        with torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext():
-            normed = F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.variance_epsilon)
-        return normed if residual is None else (x, normed)
+        return rms_norm(self, x, residual)
 
 
 class Qwen2MLP(nn.Module):
@@ -92,49 +83,15 @@ class Qwen2MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
-        self.fused_silu = config.hidden_act == "silu"  # Qwen2's; one kernel each way on CUDA
+        self.fused_silu = config.hidden_act == "silu"  # Qwen2's: `ops_bagel.gated_mlp` may fuse it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._gated(x))
-
-    def _gated(self, x: torch.Tensor) -> torch.Tensor:
-        """act(gate_proj(x)) * up_proj(x)."""
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            # One cast of x for both projections, not one each (their input gradients add in bf16).
-            x = x.to(torch.get_autocast_dtype("cuda"))
-        if (
-            self.fused_silu
-            and _plain(self.gate_proj, self.up_proj)
-            and fuses_decoding(x, self.gate_proj.weight, self.up_proj.weight)
-        ):
-            return gemv(x, self.gate_proj.weight, up_weight=self.up_proj.weight)  # one pass, silu too
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return silu_mul(gate, up) if self.fused_silu else self.act_fn(gate) * up
+        return self.down_proj(gated_mlp(self, x))
 
     def forward_residual(self, x: torch.Tensor, norm: Qwen2RMSNorm, residual: torch.Tensor) -> torch.Tensor:
-        """s + MLP(norm(s)) for s = residual + x, in inference: the decoder layer after attention.
-        Decoding, the adds ride in kernels: the second in the down GEMV, the first in the norm's
-        kernel or, for one row, in the gate/up GEMV with the norm folded in (`folds_norm`). There,
-        forward hooks of this module and of the Linears it skips do not fire (`fuses_decoding`);
-        elsewhere (CPU, training, offloaded or quantized weights) the modules are called as usual."""
-        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if self.fused_silu and _plain(gate, up) and folds_norm(x, gate.weight, up.weight, norm.weight, residual):
-            total, h = gemv(
-                x, gate.weight, up_weight=up.weight, norm=(norm.weight, norm.variance_epsilon), residual=residual
-            )
-        else:
-            total, normed = norm(x, residual=residual)  # modules called, for offloading hooks
-            if not fuses_decoding(normed, down.weight, total):
-                return total + self(normed)
-            h = self._gated(normed)
-        if _plain(down) and fuses_decoding(h, down.weight, total):  # h in autocast's dtype, maybe not the weight's
-            return gemv(h, down.weight, add=total)
-        return total + down(h)
-
-
-def _plain(*layers: nn.Module) -> bool:
-    """Our own Linears without bias: not a PEFT wrapper (whose forward adds its own part)."""
-    return all(type(layer) is Linear and layer.bias is None for layer in layers)
+        """s + MLP(norm(s)) for s = residual + x: the decoder layer after attention (decoding, the
+        adds ride in kernels: `ops_bagel.mlp_residual`)."""
+        return mlp_residual(self, x, norm, residual)
 
 
 def _with_gen_sibling(module: nn.Module, name: str, build: Callable[[], nn.Module], mot: bool) -> None:
@@ -166,18 +123,10 @@ class Qwen2MoTAttention(nn.Module):
         rotated (`rotary`: cos and signed sin (n, head_dim) of x's tokens)."""
         n = x.shape[0]
         layers = tuple(getattr(self, name + side) for name in ("q_proj", "k_proj", "v_proj"))
-        q, k, v = parallel_linears(x, layers, norm)
-        q = self._norm_rotary(q.view(n, self.num_heads, self.head_dim), getattr(self, "q_norm" + side), rotary)
-        k = self._norm_rotary(k.view(n, self.num_kv_heads, self.head_dim), getattr(self, "k_norm" + side), rotary)
+        q, k, v = linears(x, layers, norm)
+        q = norm_rotary(q.view(n, self.num_heads, self.head_dim), getattr(self, "q_norm" + side), *rotary)
+        k = norm_rotary(k.view(n, self.num_kv_heads, self.head_dim), getattr(self, "k_norm" + side), *rotary)
         return q, k, v.view(n, self.num_kv_heads, self.head_dim)
-
-    @staticmethod
-    def _norm_rotary(x: torch.Tensor, norm: nn.Module, rotary) -> torch.Tensor:
-        # One Triton kernel each way, reading the norm weight directly: not when an offloading
-        # hook keeps it elsewhere until norm(x) is called.
-        if isinstance(norm, Qwen2RMSNorm) and norm.weight.device == x.device and fuses_rms_norm_rotary(x):
-            return rms_norm_rotary(x, norm.weight, norm.variance_epsilon, *rotary)
-        return apply_rotary(norm(x), *rotary)
 
     def forward(self, q, k, v, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         """Attention of the projected tokens, all in route order -> (n, heads * head_dim), before
@@ -225,16 +174,20 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
         q, k, v = self._routed(self._qkv, (x, *rotary), route)
         attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
-        if route.order is None and not torch.is_grad_enabled():  # inference on UND tokens (chat, decoding)
+        if route.und_only:  # one block over all tokens: the residual adds may ride in the MLP's kernels
             return self.mlp.forward_residual(attn, self.post_attention_layernorm, x)
         x = x + attn  # outside the route: one concatenation per output
         return x + self._routed(self._mlp, x, route)
 
 
 class Qwen2MoTModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, attn_config=None):
+        """`attn_config`: the config whose `_attn_implementation` the attention runs, read at each
+        forward (the model's BagelConfig, which `attn_implementation` and `set_attn_implementation`
+        set; default: `config`)."""
         super().__init__()
         self.config = config
+        self.attn_config = config if attn_config is None else attn_config
         mot = config.layer_module == "Qwen2MoTDecoderLayer"
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.rope_theta = rope_theta(config)
@@ -260,8 +213,9 @@ class Qwen2MoTModel(nn.Module):
         x = route.sort(inputs_embeds)
         if cache is None and route.inverse is not None:
             plan = plan.in_storage_order(route.inverse)
-        for layer in self.layers:
-            x = layer(x, rotary, plan, route, cache)
+        with attention_implementation(self.attn_config):
+            for layer in self.layers:
+                x = layer(x, rotary, plan, route, cache)
         if not final_norm:
             return route.unsort(x)
         return route.unsort(route(x, self.norm, getattr(self, "norm_moe_gen", None)))
@@ -270,9 +224,9 @@ class Qwen2MoTModel(nn.Module):
 class Qwen2ForCausalLM(nn.Module):
     """Container matching the checkpoint's `language_model.{model,lm_head}` names."""
 
-    def __init__(self, config):
+    def __init__(self, config, attn_config=None):
         super().__init__()
-        self.model = Qwen2MoTModel(config)
+        self.model = Qwen2MoTModel(config, attn_config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
@@ -351,11 +305,11 @@ class BagelModel(nn.Module):
         super().__init__()
         self.config = config
         text = config.text_config
-        self.language_model = Qwen2ForCausalLM(text)
+        self.language_model = Qwen2ForCausalLM(text, attn_config=config)
         if config.visual_und:
             if config.vision_config is None:
                 raise ValueError("visual_und=True needs a vit_config / vision_config for the ViT tower.")
-            self.vit_model = SiglipVisionModel(config.vision_config)
+            self.vit_model = SiglipVisionModel(config.vision_config, attn_config=config)
             self.connector = Connector(config.vision_config.hidden_size, text.hidden_size, config.connector_act)
             self.vit_pos_embed = PositionEmbedding2D(config.vit_max_num_patch_per_side, text.hidden_size)
         if config.visual_gen:
@@ -433,9 +387,21 @@ class BagelPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True  # decoder and ViT layers (GradientCheckpointingLayer)
     _no_split_modules = ["Qwen2MoTDecoderLayer", "SiglipEncoderLayer"]
-    # attention_bagel picks its kernel itself (SDPA or a varlen kernel); this only lets the
-    # standard `attn_implementation="sdpa"` argument through.
+    # attn_implementation: "sdpa" (the default: a varlen flash kernel where available, else SDPA) or
+    # "eager"; the attention ops read it at each forward (`ops_bagel.attention_implementation`).
     _supports_sdpa = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # transformers accepts any registered kernel (flash_attention_*, flex_attention, paged|..., Hub
+        # kernels); this model runs only its own two, so the others are refused here, by name.
+        check_attention_implementation(attn_implementation)
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from the module's source, which has no AttentionInterface: the ops
+        # read the config's `_attn_implementation` at each forward, so setting it works.
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

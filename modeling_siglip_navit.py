@@ -14,8 +14,10 @@ from transformers import SiglipVisionConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention_bagel import AttentionPlan, packed_attention
-from .layers_bagel import Linear, apply_rotary, parallel_linears, rotary_cos_sin
+from .attention_bagel import AttentionPlan
+from .kernels_bagel import apply_rotary
+from .layers_bagel import Linear, rotary_cos_sin
+from .ops_bagel import attention_implementation, linears, packed_attention
 
 
 def conv_to_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -104,7 +106,7 @@ class SiglipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, rotary=None) -> torch.Tensor:
         shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = (t.view(shape) for t in parallel_linears(x, (self.q_proj, self.k_proj, self.v_proj)))
+        q, k, v = (t.view(shape) for t in linears(x, (self.q_proj, self.k_proj, self.v_proj)))
         if rotary is not None:
             q, k = apply_rotary_2d(q, *rotary), apply_rotary_2d(k, *rotary)
         return self.out_proj(packed_attention(q, k, v, plan).reshape(x.shape))
@@ -156,9 +158,12 @@ class SiglipVisionTransformer(nn.Module):
 class SiglipVisionModel(nn.Module):
     """Packed NaViT SigLIP: (N, 3*P*P) patches of several images -> (N, hidden) features."""
 
-    def __init__(self, config: SiglipVisionConfig):
+    def __init__(self, config: SiglipVisionConfig, attn_config=None):
+        """`attn_config`: the config whose `_attn_implementation` the attention runs, read at each
+        forward (BAGEL's config; default: `config`)."""
         super().__init__()
         self.config = config
+        self.attn_config = config if attn_config is None else attn_config
         self.vision_model = SiglipVisionTransformer(config)
 
     def forward(
@@ -188,6 +193,7 @@ class SiglipVisionModel(nn.Module):
             plan = AttentionPlan.segments(lengths)
         rotary = tower.rotary(packed_flattened_position_ids) if tower.rotary is not None else None
         x = tower.embeddings(packed_pixel_values, packed_flattened_position_ids)
-        for layer in tower.encoder.layers:
-            x = layer(x, plan, rotary)
+        with attention_implementation(self.attn_config):
+            for layer in tower.encoder.layers:
+                x = layer(x, plan, rotary)
         return tower.post_layernorm(x)

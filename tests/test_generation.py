@@ -818,26 +818,26 @@ def test_decode_pool_travels_as_an_empty_pool(model, special):
 
 
 def test_graph_branches_are_set_for_the_capturing_thread_only():
-    """`graph_branches` hands parallel_linears its side streams in this thread, for its duration
+    """`graph_branches` hands `linears` its side streams in this thread, for its duration
     (also when the capture fails); other threads and CPU inputs never branch."""
     import threading
 
-    from bagel_remote import layers_bagel
+    from bagel_remote import ops_bagel
 
     layers = tuple(torch.nn.Linear(4, n) for n in (4, 2, 2))
     x = torch.randn(3, 4)
     seen = []
-    with layers_bagel.graph_branches(("side 1", "side 2")):
-        thread = threading.Thread(target=lambda: seen.append(getattr(layers_bagel._CAPTURE, "branch_streams", ())))
+    with ops_bagel.graph_branches(("side 1", "side 2")):
+        thread = threading.Thread(target=lambda: seen.append(getattr(ops_bagel._CAPTURE, "branch_streams", ())))
         thread.start()
         thread.join()
-        assert layers_bagel._CAPTURE.branch_streams == ("side 1", "side 2") and seen == [()]
-        outputs = layers_bagel.parallel_linears(x, layers)  # on the CPU: plain, no stream touched
+        assert ops_bagel._CAPTURE.branch_streams == ("side 1", "side 2") and seen == [()]
+        outputs = ops_bagel.linears(x, layers)  # on the CPU: plain, no stream touched
         assert all(torch.equal(out, layer(x)) for out, layer in zip(outputs, layers))
-    assert layers_bagel._CAPTURE.branch_streams == ()
-    with pytest.raises(RuntimeError), layers_bagel.graph_branches(("side",)):
+    assert ops_bagel._CAPTURE.branch_streams == ()
+    with pytest.raises(RuntimeError), ops_bagel.graph_branches(("side",)):
         raise RuntimeError("capture failed")
-    assert layers_bagel._CAPTURE.branch_streams == ()
+    assert ops_bagel._CAPTURE.branch_streams == ()
 
 
 def test_host_reading_steps_behind_returns_the_same_ids(model, special):

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from bagel_remote import attention_bagel, kernels_bagel, layers_bagel, modeling_bagel, modeling_siglip_navit
-from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
+from bagel_remote import attention_bagel, kernels_bagel, layers_bagel, modeling_bagel, modeling_siglip_navit, ops_bagel
+from bagel_remote.attention_bagel import AttentionPlan, TokenRoute
 from bagel_remote.configuration_bagel import BagelConfig
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
@@ -71,16 +71,16 @@ def test_train_parity_on_gpu_float32(parity):
 def test_bf16_varlen_path_matches_exact_path(parity, monkeypatch):
     """The same bf16 model, with the varlen kernel and with per-segment SDPA on its plain (math)
     backend."""
-    if attention_bagel.flash_attn_varlen_func is None and not attention_bagel._TORCH_HAS_VARLEN:
+    if ops_bagel.flash_attn_varlen_func is None and not ops_bagel._TORCH_HAS_VARLEN:
         pytest.skip("no varlen kernel in this torch and no flash-attn")
     model = _parity_model(parity, torch.bfloat16)
     inputs = _train_inputs(parity, torch.bfloat16)
     with torch.no_grad():
         fast = model(**inputs)
         monkeypatch.setattr(
-            attention_bagel,
-            "varlen_attention",
-            lambda q, k, v, group: attention_bagel._sdpa_per_segment(q, k, v, group),
+            ops_bagel,
+            "_segment_attention",
+            lambda q, k, v, group: attention_bagel.sdpa_per_segment(q, k, v, group),
         )
         with sdpa_kernel(SDPBackend.MATH):
             plain = model(**inputs)
@@ -122,14 +122,14 @@ def test_master_weight_gradients_match_autocast(parity, monkeypatch):
     GEMM; q/k/v as one GEMM) against plain autocast, both measured against the
     same step in float32: the loss matches autocast's, and the gradients are as close to float32
     as autocast's are."""
-    if not layers_bagel._MM_HAS_OUT_DTYPE:
+    if not ops_bagel._MM_HAS_OUT_DTYPE:
         pytest.skip("this torch has no mm with a float32 output")
     model = _parity_model(parity).train()
     inputs = dict(_train_inputs(parity), output_hidden_states=False)
 
     loss, grads = _loss_and_grads(model, inputs)
     exact_loss, exact_grads = _loss_and_grads(model, inputs, autocast=False)
-    monkeypatch.setattr(layers_bagel, "_MM_HAS_OUT_DTYPE", False)  # plain nn.Linear
+    monkeypatch.setattr(ops_bagel, "_MM_HAS_OUT_DTYPE", False)  # plain nn.Linear
     plain_loss, plain_grads = _loss_and_grads(model, inputs)
     assert ((loss - plain_loss).abs() / plain_loss.abs()).item() < 1e-3
     assert grads.keys() == plain_grads.keys() == exact_grads.keys() and len(grads) > 100
@@ -171,9 +171,9 @@ def test_varlen_kernel_matches_exact_attention(causal):
     v = torch.randn_like(k)
     plan = AttentionPlan.segments(q_lens, k_lens, causal)
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    fast = packed_attention(q, k, v, plan)
+    fast = ops_bagel.packed_attention(q, k, v, plan)
     exact_inputs = [t.detach().float().requires_grad_() for t in inputs]
-    exact = attention_bagel._sdpa_per_segment(*exact_inputs, plan.groups[0])
+    exact = attention_bagel.sdpa_per_segment(*exact_inputs, plan.groups[0])
     assert (fast.float() - exact).abs().max().item() < 2e-2
     grads = torch.autograd.grad(fast.float().square().sum(), inputs)  # the kernel's own backward
     exact_grads = torch.autograd.grad(exact.square().sum(), exact_inputs)
@@ -192,10 +192,10 @@ def test_long_inference_segments_match_exact_attention(heads, kv_heads, dim):
     k = torch.randn(sum(k_lens), kv_heads, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     plan = AttentionPlan.segments(q_lens, k_lens)
-    assert attention_bagel._prefers_cudnn(q, plan.groups[0])
+    assert ops_bagel.prefers_cudnn(q, plan.groups[0])
     with torch.no_grad():
-        fast = packed_attention(q, k, v, plan)
-    exact = attention_bagel._sdpa_per_segment(q.float(), k.float(), v.float(), plan.groups[0])
+        fast = ops_bagel.packed_attention(q, k, v, plan)
+    exact = attention_bagel.sdpa_per_segment(q.float(), k.float(), v.float(), plan.groups[0])
     err = ((fast.float() - exact).abs().max() / exact.abs().max()).item()
     print(f"long segments ({heads}/{kv_heads} heads, dim {dim}) vs float32: max relative error {err:.2e}")
     assert err < 2e-2
@@ -261,12 +261,11 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     largest logit here), greedy decoding of this random model picks another token at a near-tie
     by step 3, and the logits part from there: those kernels are checked by
     `test_decoder_decoding_kernels_match_eager`."""
-    from bagel_remote import decoding_bagel
 
     if kernel == "decode_attention" and kernels_bagel.triton is None:
         pytest.skip("Triton is not installed")
     if kernel == "varlen_kernel":
-        monkeypatch.setattr(decoding_bagel, "fuses_decode_attention", lambda q, keys, values: False)
+        monkeypatch.setattr(ops_bagel, "fuses_decode_attention", lambda q, keys, values: False)
 
     special = _special_ids(parity)
     no_stop = dataclasses.replace(special, eos=-1)  # decode all steps
@@ -275,11 +274,18 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     prompts = [prompt, prompt[: len(prompt) // 2]]
     context = model.add_text_tokens(model.new_context(2), prompts, special)
     calls = []
-    original = getattr(decoding_bagel, kernel)
-    monkeypatch.setattr(decoding_bagel, kernel, lambda *args: calls.append(1) or original(*args))
-    branched, graph_branches = [], layers_bagel._graph_branches
+    name = {"decode_attention": "decode_attention_kernel", "varlen_kernel": "varlen_kernel"}[kernel]
+    original = getattr(ops_bagel, name)
+
+    def counted(*args):
+        if name != "varlen_kernel" or len(args) == 9:  # the decode step's call (with used_k), not a prefill's
+            calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(ops_bagel, name, counted)
+    branched, graph_branches = [], ops_bagel._graph_branches
     monkeypatch.setattr(
-        layers_bagel,
+        ops_bagel,
         "_graph_branches",
         lambda x, layers, streams: branched.append(len(layers)) or graph_branches(x, layers, streams),
     )
@@ -287,11 +293,10 @@ def test_graphed_decode_matches_plain_decode(parity, monkeypatch, kernel):
     layers = model.config.text_config.num_hidden_layers
     assert len(calls) == 2 * layers  # the eager step and the capture
     assert branched == [3] * layers  # the capture ran k and v beside q, in every layer
-    monkeypatch.setattr(decoding_bagel, "has_varlen_kernel", lambda x: False)
-    monkeypatch.setattr(decoding_bagel, "fuses_decode_attention", lambda q, keys, values: False)
+    monkeypatch.setattr(ops_bagel, "has_varlen_kernel", lambda x: False)
+    monkeypatch.setattr(ops_bagel, "fuses_decode_attention", lambda q, keys, values: False)
     monkeypatch.setattr(type(model), "_can_graph", lambda self, device: False)
-    for module in (kernels_bagel, modeling_bagel, layers_bagel):
-        monkeypatch.setattr(module, "fuses_decoding", lambda *args: False)
+    monkeypatch.setattr(ops_bagel, "fuses_decoding", lambda *args: False)
     for i, ids_i in enumerate(prompts):
         alone = model.add_text_tokens(model.new_context(1), [ids_i], special)
         _, plain = model.generate_text_ids(alone, no_stop, max_length=8, return_logits=True)
@@ -365,8 +370,8 @@ def test_decode_attention_matches_exact_attention(dtype):
         batch = len(used)
         q = torch.randn(batch, heads, dim, device="cuda", dtype=dtype)
         keys, values = (torch.randn(batch * capacity, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
-        assert kernels_bagel.fuses_decode_attention(q, keys, values)
-        assert not kernels_bagel.fuses_decode_attention(q.float(), keys.float(), values.float())  # TF32 dots
+        assert ops_bagel.fuses_decode_attention(q, keys, values)
+        assert not ops_bagel.fuses_decode_attention(q.float(), keys.float(), values.float())  # TF32 dots
         new_k, new_v = (torch.randn(batch, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
         expected_keys, expected_values = keys.clone(), values.clone()
         for b, n in enumerate(used):
@@ -431,11 +436,11 @@ def test_decoding_gemv_matches_linear(dtype):
     layer = layers_bagel.Linear(64, 48).to("cuda", dtype)
     x = torch.randn(16, 64, device="cuda", dtype=dtype)
     with torch.no_grad():
-        assert kernels_bagel.fuses_decoding(x, layer.weight)
-        assert not kernels_bagel.fuses_decoding(torch.cat([x, x[:1]]), layer.weight)  # 17 rows: cuBLAS
-        assert not kernels_bagel.fuses_decoding(x.float(), layer.weight)  # dtypes differ
+        assert ops_bagel.fuses_decoding(x, layer.weight)
+        assert not ops_bagel.fuses_decoding(torch.cat([x, x[:1]]), layer.weight)  # 17 rows: cuBLAS
+        assert not ops_bagel.fuses_decoding(x.float(), layer.weight)  # dtypes differ
         assert torch.equal(layer(x), kernels_bagel.gemv(x, layer.weight, layer.bias))
-    assert not kernels_bagel.fuses_decoding(x, layer.weight)  # autograd on: cuBLAS
+    assert not ops_bagel.fuses_decoding(x, layer.weight)  # autograd on: cuBLAS
 
 
 def test_decoding_mlp_under_another_autocast_dtype():
@@ -489,10 +494,7 @@ def test_decoder_decoding_kernels_match_eager(parity, monkeypatch):
         pytest.skip("Triton is not installed")
     decoder = _parity_model(parity, torch.bfloat16).model.language_model.model
     calls = []
-    for module in (modeling_bagel, layers_bagel):
-        monkeypatch.setattr(
-            module, "gemv", lambda *a, gemv=kernels_bagel.gemv, **kw: calls.append(kw) or gemv(*a, **kw)
-        )
+    monkeypatch.setattr(ops_bagel, "gemv", lambda *a, gemv=kernels_bagel.gemv, **kw: calls.append(kw) or gemv(*a, **kw))
     torch.manual_seed(0)
     for n in (1, 5):
         x = torch.randn(n, decoder.config.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -553,11 +555,11 @@ def test_fused_rms_norm_rotary_matches_eager():
     positions = torch.randint(0, 5000, (tokens,), device="cuda")
     cos, sin = (t.bfloat16() for t in layers_bagel.rotary_cos_sin(positions, dim, 1e6))  # as the model has them
     grad = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
-    assert kernels_bagel.fuses_rms_norm_rotary(x) and not x.is_contiguous()
+    assert ops_bagel.fuses_rms_norm_rotary(x) and not x.is_contiguous()
     fused = kernels_bagel.rms_norm_rotary(x, weight, 1e-6, cos, sin)
     ours = [fused, *torch.autograd.grad(fused, (x, weight), grad)]
     x32, w32 = x.detach().float().requires_grad_(), weight.detach().clone().requires_grad_()
-    eager = layers_bagel.apply_rotary(torch.nn.functional.rms_norm(x32, (dim,), w32, 1e-6), cos.float(), sin.float())
+    eager = kernels_bagel.apply_rotary(torch.nn.functional.rms_norm(x32, (dim,), w32, 1e-6), cos.float(), sin.float())
     ref = [eager, *torch.autograd.grad(eager, (x32, w32), grad.float())]
     for name, a, b in zip(("out", "d_x", "d_weight"), ours, ref):
         assert a.dtype == (torch.float32 if name == "d_weight" else torch.bfloat16), name
@@ -581,7 +583,38 @@ def test_lora_wrapped_projections_step_aside_from_the_stacked_gemm():
         module.base_layer.weight.requires_grad_(True)  # the base trains too: the stacked path's case
     x = torch.randn(8, 64, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fused = layers_bagel.parallel_linears(x, layers())
+        fused = ops_bagel.linears(x, layers())
         each = tuple(layer(x) for layer in layers())
     for a, b in zip(fused, each):
         torch.testing.assert_close(a, b)
+
+
+def test_eager_attention_matches_sdpa_on_the_gpu(parity, monkeypatch):
+    """attn_implementation="eager" on the bf16 model: the training forward and the graphed decode
+    step run the matmul-softmax attention (no varlen, cuDNN or Triton attention kernel) and agree
+    with "sdpa" to bf16 rounding."""
+    model = _parity_model(parity, torch.bfloat16)
+    inputs = _train_inputs(parity, torch.bfloat16)
+    special = dataclasses.replace(_special_ids(parity), eos=-1)  # decode all steps
+    prompt = parity.meta["cases"]["chat"]["prompt_ids"]
+
+    def run():
+        with torch.no_grad():
+            out = model(**inputs)
+        context = model.add_text_tokens(model.new_context(1), [prompt], special)
+        _, logits = model.generate_text_ids(context, special, max_length=2, return_logits=True)
+        return out, logits[0]
+
+    sdpa, sdpa_logits = run()
+    model.set_attn_implementation("eager")
+    for name in ("decode_attention_kernel", "varlen_kernel", "flash_attn_varlen_func", "sdpa_per_segment"):
+        monkeypatch.setattr(ops_bagel, name, lambda *args, name=name, **kw: pytest.fail(f"{name} ran under eager"))
+    eager_calls, eager_attention = [], ops_bagel.eager_attention
+    monkeypatch.setattr(ops_bagel, "eager_attention", lambda *a: eager_calls.append(1) or eager_attention(*a))
+    eager, eager_logits = run()
+    assert eager_calls  # the decode step's attention (eager, then captured)
+    for name in ("ce", "mse", "last_hidden_state"):
+        err = ((eager[name].float() - sdpa[name].float()).abs().max() / sdpa[name].float().abs().max()).item()
+        assert err < 2e-2, name
+    err = ((eager_logits[0].float() - sdpa_logits[0].float()).abs().max() / sdpa_logits[0].float().abs().max()).item()
+    assert err < 3e-2

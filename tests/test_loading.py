@@ -406,6 +406,8 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path, monkeypatch):
         "parallel_bagel.py",
         "step_cache_bagel.py",
         "layers_bagel.py",
+        "ops_bagel.py",
+        "kernels_bagel.py",
     } <= names
     assert not {"model.safetensors", "pytorch_model.bin"} & names
     assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= names  # model.processor

@@ -195,7 +195,7 @@ def test_torchao_quantize_after_load(tiny, bf16):
 def test_which_quantized_weights_decode_as_a_cuda_graph():
     """torchao tensors and bitsandbytes 4-bit weights are captured; 8-bit LLM.int8() (outlier
     search on the host) and integer Parameters are not."""
-    from bagel_remote.decoding_bagel import capturable_weight
+    from bagel_remote.ops_bagel import capturable_weight
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     layer = torch.nn.Linear(64, 64, dtype=torch.bfloat16)
@@ -204,11 +204,17 @@ def test_which_quantized_weights_decode_as_a_cuda_graph():
     assert type(layer.weight) is not torch.nn.Parameter and capturable_weight(layer.weight)
     assert not capturable_weight(torch.nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False))
 
-    def bnb_param(name: str):  # a stand-in of bitsandbytes' class (it needs CUDA to import usefully)
+    def bnb_param(name: str, **attributes):  # a stand-in of bitsandbytes' class (it needs CUDA to import usefully)
         kind = type(name, (torch.nn.Parameter,), {"__module__": "bitsandbytes.nn.modules"})
-        return kind(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+        param = kind(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+        for key, value in attributes.items():
+            setattr(param, key, value)
+        return param
 
-    assert capturable_weight(bnb_param("Params4bit")) and not capturable_weight(bnb_param("Int8Params"))
+    # known by their attributes (Params4bit keeps a `quant_state`, Int8Params its `SCB` scales)
+    assert capturable_weight(bnb_param("Params4bit", quant_state=None))
+    assert not capturable_weight(bnb_param("Int8Params", CB=None, SCB=None))
+    assert not capturable_weight(bnb_param("SomeOtherParameter"))
 
 
 def test_quantizers_find_plain_linear_layers(tiny):

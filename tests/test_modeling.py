@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bagel_remote.attention_bagel import AttentionPlan, TokenRoute, packed_attention
+from bagel_remote.attention_bagel import AttentionPlan, TokenRoute
 from bagel_remote.configuration_bagel import BagelConfig
-from bagel_remote.layers_bagel import Linear, apply_rotary, rotary_cos_sin
+from bagel_remote.kernels_bagel import apply_rotary
+from bagel_remote.layers_bagel import Linear, rotary_cos_sin
 from bagel_remote.modeling_bagel import (
     BagelForUnifiedMultimodal,
     BagelModel,
@@ -23,6 +24,7 @@ from bagel_remote.modeling_bagel import (
     sincos_2d,
 )
 from bagel_remote.modeling_siglip_navit import SiglipRotary2D, SiglipVisionEmbeddings, apply_rotary_2d
+from bagel_remote.ops_bagel import packed_attention
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
 from conftest import assert_close
 
@@ -922,7 +924,7 @@ def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, n, gen_ind
     run alone. On UND tokens, the residual add after the MLP rides in the down GEMV; a mixed
     UND/GEN batch adds it alone. Gate and up always share one GEMV. Either way the decoder gives
     what the plain path gives."""
-    from bagel_remote import kernels_bagel, layers_bagel, modeling_bagel
+    from bagel_remote import ops_bagel
 
     decoder = tiny_model(stage=2).model.language_model.model
     x, position_ids = torch.randn(n, decoder.config.hidden_size), torch.arange(n)
@@ -931,11 +933,9 @@ def test_decoding_kernel_dispatch_matches_the_plain_path(monkeypatch, n, gen_ind
     with torch.no_grad():
         plain = run()
         calls = []
-        for module in (kernels_bagel, modeling_bagel, layers_bagel):
-            monkeypatch.setattr(module, "fuses_decoding", lambda *args: True)
-        for module in (modeling_bagel, layers_bagel):
-            monkeypatch.setattr(module, "gemv", lambda *a, **kw: calls.append(kw) or _gemv_reference(*a, **kw))
-        monkeypatch.setattr(modeling_bagel, "rms_norm", _rms_norm_reference)
+        monkeypatch.setattr(ops_bagel, "fuses_decoding", lambda *args: True)
+        monkeypatch.setattr(ops_bagel, "gemv", lambda *a, **kw: calls.append(kw) or _gemv_reference(*a, **kw))
+        monkeypatch.setattr(ops_bagel, "rms_norm_kernel", _rms_norm_reference)
         fast = run()
     sides = 1 if gen_index is None else 2
     layers = decoder.config.num_hidden_layers
