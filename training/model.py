@@ -53,6 +53,7 @@ LORA_TARGETS = {
 
 
 def lora_config(cfg: dict):
+    """PEFT's `LoraConfig` for the decoder projections of `lora_sides` (`LORA_TARGETS`)."""
     from peft import LoraConfig
 
     projections = "|".join(LORA_TARGETS[side] for side in cfg["lora_sides"])
