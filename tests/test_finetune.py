@@ -10,7 +10,14 @@ import pytest
 import torch
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.training.config import ConfigError, load_config
-from bagel_remote.training.model import apply_freezing, enable_activation_checkpointing, is_und_param, lora_config
+from bagel_remote.training.model import (
+    apply_freezing,
+    checkpoint_reader,
+    enable_activation_checkpointing,
+    is_und_param,
+    lora_config,
+    materialize,
+)
 from bagel_remote.training.optim import build_optimizer, warmup_cosine
 from test_modeling import JOINT_PACK, make_batch, tiny_model
 
@@ -303,3 +310,37 @@ def test_freeze_switches():
     left = trainable(model)
     assert left and not any(n.startswith(("model.vit_model", "model.language_model")) for n in left)
     assert any(n.startswith("model.connector") for n in left)
+
+
+def test_trainer_fills_its_weights_through_the_adapters_reader(tmp_path, tensor_reads):
+    """The trainer's weights come from state_dict_adapter's reader, one tensor read once each: a
+    plain model equals `from_pretrained`'s, a LoRA-wrapped one reads its base layers under the
+    wrapped names and starts as the identity (B = 0)."""
+    from bagel_remote.loading_bagel import config_from_directory
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint")
+    expected = BagelForUnifiedMultimodal.from_pretrained(checkpoint).state_dict()
+    tensor_reads.clear()
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(config_from_directory(checkpoint))
+    with checkpoint_reader(checkpoint) as reader:
+        missing = materialize(model, model, torch.device("cpu"), reader, "")
+    assert missing == [] and model.state_dict().keys() == expected.keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert sorted(tensor_reads) == sorted(set(tensor_reads)) and len(tensor_reads) == len(expected)
+
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(config_from_directory(checkpoint))
+    peft.get_peft_model(model, lora_config({**LORA_CFG, "lora_sides": ["und"]}))
+    with checkpoint_reader(checkpoint) as reader:
+        assert materialize(model, model, torch.device("cpu"), reader, "") == []
+    q_proj = model.model.language_model.model.layers[0].self_attn.q_proj
+    assert torch.equal(
+        q_proj.base_layer.weight, expected["model.language_model.model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not q_proj.lora_B["default"].weight.any() and q_proj.lora_A["default"].weight.any()
+
+    with pytest.raises(FileNotFoundError, match="has no ema.safetensors: not a BAGEL checkpoint directory"):
+        checkpoint_reader(tmp_path)
