@@ -51,11 +51,14 @@ def main(argv: list[str] | None = None) -> None:
         print(help_text())
         return
     try:
-        cfg = load_config(argv)
-    except ConfigError as error:
+        train(load_config(argv))
+    except ConfigError as error:  # a setting that cannot run: its message, no traceback
         raise SystemExit(str(error)) from None
+
+
+def train(cfg: dict) -> None:
     if not cfg["data"]:
-        raise SystemExit("Set data=: a file of packs, or {sources: [...], ...} (see --help, examples/finetune.yaml).")
+        raise ConfigError("Set data=: a file of packs, or {sources: [...], ...} (see --help, examples/finetune.yaml).")
 
     # Build: the process group, the checkpoint (rank 0 downloads first), data, model, optimizer.
     rank, world, device = init_distributed()

@@ -100,7 +100,7 @@ def test_checkpointing_a_fraction_of_the_layers():
     enable_activation_checkpointing(fresh, False)
     assert not any(layer.gradient_checkpointing for layer in fresh.model.language_model.model.layers)
     for bad in (1.5, -0.1, "yes"):
-        with pytest.raises(SystemExit, match="activation_checkpointing=.*a fraction of the layers"):
+        with pytest.raises(ConfigError, match="activation_checkpointing=.*a fraction of the layers"):
             enable_activation_checkpointing(fresh, bad)
 
 
@@ -282,9 +282,9 @@ def test_optimizer_choice(monkeypatch):
     assert eight_bit.kwargs == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}
 
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
-    with pytest.raises(SystemExit, match="needs torchao.*pip install torchao"):
+    with pytest.raises(ConfigError, match="needs torchao.*pip install torchao"):
         build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
-    with pytest.raises(SystemExit, match="optimizer='sgd': use adamw or adamw8bit"):
+    with pytest.raises(ConfigError, match="optimizer='sgd': use adamw or adamw8bit"):
         build_optimizer({**cfg, "optimizer": "sgd"}, params)
 
 

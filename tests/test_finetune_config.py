@@ -97,7 +97,7 @@ def test_switches_that_train_nothing_or_contradict_are_refused(checkpoint):
     assert finetune_config.load_config(["lora_rank=8", "freeze_und=true", "lora_sides=[gen]"])["lora_sides"] == ["gen"]
     # a stage-1 model (no GEN weights) with the understanding path frozen: found before any weight is read
     cfg = finetune_config.load_config(["freeze_und=true", "freeze_vit=true"])
-    with pytest.raises(SystemExit, match=r"Nothing to train: \{'freeze_vit': True, 'freeze_und': True\}.*stage-1"):
+    with pytest.raises(ConfigError, match=r"Nothing to train: \{'freeze_vit': True, 'freeze_und': True\}.*stage-1"):
         build_model(cfg, None, tiny_config(stage=1), torch.device("cpu"), None)
 
 
@@ -137,7 +137,7 @@ def test_help_lists_every_key():
 
 
 def test_the_trainer_exits_with_the_configs_message():
-    """A bad key on examples/finetune.py's command line: exit status 1 and the schema's message, no traceback."""
+    """examples/finetune.py with bad keys, or without data: exit status 1 and the message, no traceback."""
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), "lrr=1", "lr=abc"],
         capture_output=True,
@@ -147,6 +147,11 @@ def test_the_trainer_exits_with_the_configs_message():
     assert result.returncode == 1, result.stderr
     assert "\n  lrr: unknown key" in result.stderr and "\n  lr: " in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    no_data = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "finetune.py")], capture_output=True, text=True, timeout=120
+    )
+    assert no_data.returncode == 1 and "Set data=: a file of packs" in no_data.stderr, no_data.stderr
+    assert "Traceback" not in no_data.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,9 +188,9 @@ def test_data_that_cannot_give_a_sample_stops_before_the_model(tmp_path, checkpo
         )
     )
     for source, message in cases:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ConfigError, match=message):
             build(_data_cfg(**source))
-    with pytest.raises(SystemExit, match="data=.*missing.pt.*no such file of packs"):
+    with pytest.raises(ConfigError, match="data=.*missing.pt.*no such file of packs"):
         build_dataset(finetune_config.load_config([f"data={tmp_path / 'missing.pt'}"]), config, checkpoint, 0, 1)
     # and a source that reads
     write_t2i(tmp_path / "t2i", files=1, row_groups=1, rows=1)

@@ -12,6 +12,7 @@ import torch
 from ..configuration_bagel import BagelConfig
 from ..loading_bagel import load_processor
 from . import data as readers
+from .config import ConfigError
 from .packing import ImageSizes, PackingConfig, PlanBuilder
 
 
@@ -21,11 +22,11 @@ class PackFile:
 
     def __init__(self, path: str, rank: int, world: int):
         if not Path(path).is_file():
-            raise SystemExit(f"data={path!r}: no such file of packs (or give data: {{sources: [...]}}; see --help).")
+            raise ConfigError(f"data={path!r}: no such file of packs (or give data: {{sources: [...]}}; see --help).")
         packs = torch.load(path, weights_only=False)
         self.packs = packs[rank::world]
         if not self.packs:
-            raise SystemExit(f"data={path!r} has {len(packs)} pack(s), fewer than the {world} ranks.")
+            raise ConfigError(f"data={path!r} has {len(packs)} pack(s), fewer than the {world} ranks.")
         self.position = 0
 
     def __iter__(self) -> Iterator[dict]:
@@ -56,7 +57,7 @@ def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: in
         return PackFile(data, rank, world)
     processor = load_processor(checkpoint_dir, config)
     if processor is None:
-        raise SystemExit(f"{checkpoint_dir} has no tokenizer files: reading data needs the checkpoint's tokenizer.")
+        raise ConfigError(f"{checkpoint_dir} has no tokenizer files: reading data needs the checkpoint's tokenizer.")
     # VAE images at the checkpoint processor's sizes (BAGEL's: 512 to 1024 px, the reference's
     # training transform); ViT images at the reference's training sizes
     vae_sizes = ImageSizes(processor.vae_max_size, processor.vae_min_size, processor.vae_stride)
@@ -71,7 +72,7 @@ def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: in
             )
             next(readers.SourceStream(source, builder, 0, 1, cfg["seed"], index))
         except (OSError, ValueError) as error:
-            raise SystemExit(f"{where}: no readable sample: {error}") from error
+            raise ConfigError(f"{where}: no readable sample: {error}") from error
         sources.append(source)
     limits = {k: v for k, v in data.items() if k not in ("sources", "weights", "num_workers")}
     dataset = readers.BagelPackedDataset(

@@ -22,6 +22,7 @@ from ..configuration_bagel import BagelConfig
 from ..loading_bagel import VAE_WEIGHTS_NAME, WEIGHTS_NAME
 from ..modeling_bagel import BagelForUnifiedMultimodal
 from ..state_dict_adapter import SafetensorsReader, checkpoint_bucket
+from .config import ConfigError
 
 WEIGHT_FILES = {"model.": WEIGHTS_NAME, "vae.": VAE_WEIGHTS_NAME}  # native prefix -> released file
 
@@ -159,7 +160,7 @@ def enable_activation_checkpointing(model, setting: bool | float) -> None:
     only in recent versions and counts the ViT and decoder layers as one sequence."""
     fraction = float(setting) if isinstance(setting, (bool, int, float)) else -1.0
     if not 0.0 <= fraction <= 1.0:
-        raise SystemExit(
+        raise ConfigError(
             f"activation_checkpointing={setting!r}: use true, false or a fraction of the layers in [0, 1] (e.g. 0.25)."
         )
     if fraction == 0.0:
@@ -187,7 +188,7 @@ def build_model(cfg: dict, checkpoint_dir: Path | None, config: BagelConfig, dev
         get_peft_model(model, lora)  # wraps the projections in place; only LoRA weights train
     if not any(p.requires_grad for p in model.parameters()):
         switches = {k: cfg[k] for k in ("freeze_vit", "freeze_und", "freeze_llm", "lora_rank") if cfg[k]}
-        raise SystemExit(
+        raise ConfigError(
             f"Nothing to train: {switches} freeze every weight of this stage-{config.stage} model; "
             "unset a freeze switch."
         )

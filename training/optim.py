@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .config import ConfigError
+
 
 def build_optimizer(cfg: dict, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW over the trained weights, by `optimizer`:
@@ -28,11 +30,11 @@ def build_optimizer(cfg: dict, params: list[torch.nn.Parameter]) -> torch.optim.
         try:
             from torchao.optim import AdamW8bit
         except ImportError as err:
-            raise SystemExit(
+            raise ConfigError(
                 "optimizer=adamw8bit needs torchao's 8-bit AdamW: pip install torchao (or use optimizer=adamw)."
             ) from err
         return AdamW8bit(params, **kwargs)
-    raise SystemExit(f"optimizer={cfg['optimizer']!r}: use adamw or adamw8bit.")
+    raise ConfigError(f"optimizer={cfg['optimizer']!r}: use adamw or adamw8bit.")
 
 
 def warmup_cosine(cfg: dict):
