@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: dict) -> None:
+    """One run of a validated config, on this process's rank."""
     if not cfg["data"]:
         raise ConfigError("Set data=: a file of packs, or {sources: [...], ...} (see --help, examples/finetune.yaml).")
 
@@ -82,14 +83,8 @@ def train(cfg: dict) -> None:
     last = checkpoint.prepare_out_dir(out_dir, cfg["resume"])
     if last is not None:
         step, rng = checkpoint.resume_from(last, model, optimizer, scheduler, ema, dataset)
-    if rank == 0:
-        n_trained = sum(p.numel() for p in params)  # DTensor numel: the whole tensor
-        print(
-            f"{n_trained:,} trained parameters ({n_trained / 1e6:.2f}M) on {world} rank(s)"
-            + (f"; resumed from {last} (step {step})" if last else ""),
-            file=sys.stderr,
-        )
     log = TrainingLog(out_dir, step, cfg["max_steps"], cfg["log_every"], rank)
+    log.announce(params, world, last)
     packs = iter(dataset)  # a StatefulDataLoader draws its base seed from the global generator here,
     if rng is not None:  # so the saved RNG states are restored after it
         checkpoint.set_rng_state(rng)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -39,6 +40,17 @@ class TrainingLog:
             continue_log(out_dir / "log.jsonl", step)
             self.file = open(out_dir / "log.jsonl", "a")
         self.bar = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+
+    def announce(self, params: list, world: int, resumed_from: Path | None) -> None:
+        """What trains, on how many ranks, and where from (stderr, rank 0)."""
+        if self.file is None:
+            return
+        n_trained = sum(p.numel() for p in params)  # DTensor numel: the whole tensor
+        print(
+            f"{n_trained:,} trained parameters ({n_trained / 1e6:.2f}M) on {world} rank(s)"
+            + (f"; resumed from {resumed_from} (step {self.bar.n})" if resumed_from else ""),
+            file=sys.stderr,
+        )
 
     def record(self, step: int, metrics: dict, seconds: float) -> None:
         """Step `step`'s metrics (one line every `log_every` steps), its tokens per second added."""
