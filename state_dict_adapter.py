@@ -15,6 +15,7 @@ Stage 1 (understanding) keeps ``und`` + ``shared``; stage 2 (generation) also ke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -146,6 +147,59 @@ class BagelStateDictAdapter:
         return [(fqn[len(ROOT) :], tensor)]
 
 
+class SafetensorsReader:
+    """Tensors of safetensors files by native name, read one at a time (memory-mapped), never the
+    whole file. `files` maps a native prefix to the file holding that prefix's tensors without it,
+    e.g. `{"model.": ".../ema.safetensors", "vae.": ".../ae.safetensors"}`. A context manager:
+    the files stay open until it exits."""
+
+    def __init__(self, files: dict[str, str | os.PathLike]):
+        self._stack = contextlib.ExitStack()
+        self._files, self._handles, self._keys = {}, {}, {}
+        for prefix, path in files.items():
+            path = os.fspath(path)
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+                keys = set(handle.keys())
+            except Exception as err:  # SafetensorError: bad or truncated header, a pickle, an empty file
+                self.close()
+                raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+            self._files[prefix], self._handles[prefix], self._keys[prefix] = path, handle, keys
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def _stored(self, name: str) -> tuple[str, str] | None:
+        for prefix, keys in self._keys.items():
+            if name.startswith(prefix) and name[len(prefix) :] in keys:
+                return prefix, name[len(prefix) :]
+        return None
+
+    def keys(self) -> list[str]:
+        """Every native name the files hold."""
+        return [prefix + key for prefix, keys in self._keys.items() for key in sorted(keys)]
+
+    def __contains__(self, name: str) -> bool:
+        return self._stored(name) is not None
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, from disk now."""
+        stored = self._stored(name)
+        if stored is None:
+            raise KeyError(f"{name!r} is in none of {list(self._files.values())}")
+        prefix, key = stored
+        try:
+            return self._handles[prefix].get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"{self._files[prefix]} is not a readable safetensors file: {err}") from err
+
+
 def load_bagel_checkpoint_state_dict(checkpoint_dir, *, stage=2, strict: bool = True, config=None) -> dict:
     """Read ``<checkpoint_dir>/ema.safetensors`` and return the native state dict for ``stage``.
 
@@ -158,13 +212,6 @@ def load_bagel_checkpoint_state_dict(checkpoint_dir, *, stage=2, strict: bool = 
             "(model weights) and ae.safetensors (VAE), as in the released BAGEL checkpoint"
         )
     adapter = BagelStateDictAdapter(config, stage=stage)
-    try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as err:  # SafetensorError: bad or truncated header, a pickle, an empty file
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    with handle:
-        kept = adapter.select_keys(list(handle.keys()), strict=strict)
-        try:
-            return {ROOT + _strip_root(key): handle.get_tensor(key) for key in kept}
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    with SafetensorsReader({ROOT: path}) as reader:
+        kept = adapter.select_keys([name[len(ROOT) :] for name in reader.keys()], strict=strict)  # the file's keys
+        return {ROOT + _strip_root(key): reader.read(ROOT + key) for key in kept}

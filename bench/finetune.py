@@ -1,5 +1,5 @@
-"""Fine-tuning steps of the full 28-layer stage-2 BAGEL (random weights) through examples/finetune.py's
-own model setup (FSDP2, bf16 compute, float32 master weights for what trains, frozen weights in
+"""Fine-tuning steps of the full 28-layer stage-2 BAGEL (random weights) through the trainer's
+(training/) own model setup (FSDP2, bf16 compute, float32 master weights for what trains, frozen weights in
 bf16) and training step (loss reduction, clipping, AdamW), on packs of ~16k tokens: 12
 text-to-image samples (30 text tokens + a 512x512 noised latent) and 2 understanding samples
 (490x490 ViT image + 600 text tokens with CE). One JSON line per mode: tokens/s (per GPU), MFU
@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 from common import PEAK_BF16_FLOPS, Timer, full_size_config, report, train_flops
-from repo_package import load_example
+from repo_package import import_repo
 from train_step import packed_batch
 
 MODES = {"lora": {"lora_rank": 64}, "gen": {"freeze_und": True, "optimizer": "adamw8bit"}, "full": {}}
@@ -43,18 +43,23 @@ def parse_mode(mode: str) -> tuple[str, float]:
     return kind, fraction
 
 
-def run_mode(finetune, mode: str, steps: int, device, mesh) -> None:
+def run_mode(mode: str, steps: int, device, mesh) -> None:
+    from bagel_remote.training.config import load_config
+    from bagel_remote.training.model import build_model
+    from bagel_remote.training.optim import build_optimizer, build_scheduler
+    from bagel_remote.training.step import train_step
+
     kind, fraction = parse_mode(mode)
-    cfg = finetune.load_config([])
+    cfg = load_config([])
     cfg.update(MODES[kind], activation_checkpointing=fraction, lora_alpha=64, lr=1e-5, max_steps=1000, warmup_steps=0)
     config = full_size_config()
     torch.manual_seed(0)
-    model, _ = finetune.build_model(cfg, None, config, device, mesh)
+    model, _ = build_model(cfg, None, config, device, mesh)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = finetune.build_optimizer(cfg, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, finetune.warmup_cosine(cfg))
+    optimizer = build_optimizer(cfg, params)
+    scheduler = build_scheduler(cfg, optimizer)
     batch = packed_batch(config, device=device, t2i_samples=12, und_samples=2, und_text=600)
-    step = lambda: finetune.train_step(model, batch, cfg, optimizer, scheduler, params, None)  # noqa: E731
+    step = lambda: train_step(model, batch, cfg, optimizer, scheduler, params, None)  # noqa: E731
     result = dict(
         workload="finetune",
         mode=mode,
@@ -108,11 +113,14 @@ def main():
         ("MASTER_PORT", "29511"),
     ):
         os.environ.setdefault(key, value)
-    finetune = load_example("finetune")
-    _, world, device = finetune.init_distributed()
-    mesh = finetune.init_device_mesh("cuda", (world,))
+    import_repo()
+    from bagel_remote.training.distributed import init_distributed
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _, world, device = init_distributed()
+    mesh = init_device_mesh("cuda", (world,))
     for mode in args.modes.split(","):
-        run_mode(finetune, mode, args.steps, device, mesh)
+        run_mode(mode, args.steps, device, mesh)
     dist.destroy_process_group()
 
 

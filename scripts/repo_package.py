@@ -20,11 +20,3 @@ def import_repo():
         sys.modules[PACKAGE] = module
         spec.loader.exec_module(module)
     return sys.modules[PACKAGE]
-
-
-def load_example(name: str):
-    """examples/<name>.py as a module (the scripts there are run, not imported, so they are no package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

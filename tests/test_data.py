@@ -1,4 +1,4 @@
-"""Tests of data_bagel.py: the three readers on small files written here, sharding over ranks and
+"""Tests of training/data.py: the three readers on small files written here, sharding over ranks and
 workers, weighted mixing, and exact resume (in process and through StatefulDataLoader workers)."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from bagel_remote.data_bagel import (
+from bagel_remote.training.data import (
     BagelPackedDataset,
     EditParquet,
     LlavaJsonl,
     SourceStream,
     T2IParquet,
 )
-from bagel_remote.packing_bagel import PlanBuilder
+from bagel_remote.training.packing import PlanBuilder
 from PIL import Image
 from test_packing import SMALL_SIZES, CharTokenizer, _pil, small_config
 

@@ -1,5 +1,6 @@
-"""Tests of fine-tuning: activation checkpointing, LoRA through PEFT, examples/finetune.py's pieces
-(its runs under torchrun on CPU ranks: test_finetune_runs.py; its config: test_finetune_config.py)."""
+"""Tests of fine-tuning: activation checkpointing, LoRA through PEFT, the training package's pieces
+(examples/finetune.py's runs under torchrun on CPU ranks: test_finetune_runs.py; its config:
+test_finetune_config.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import sys
 import pytest
 import torch
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
-from repo_package import load_example  # scripts/ is on sys.path (conftest)
+from bagel_remote.training.config import ConfigError, load_config
+from bagel_remote.training.model import (
+    apply_freezing,
+    checkpoint_reader,
+    enable_activation_checkpointing,
+    is_und_param,
+    lora_config,
+    materialize,
+)
+from bagel_remote.training.optim import build_optimizer, warmup_cosine
 from test_modeling import JOINT_PACK, make_batch, tiny_model
 
 peft = pytest.importorskip("peft")
-
-
-finetune = load_example("finetune")
 
 
 def trained_model(seed=0):
@@ -79,7 +86,7 @@ def test_checkpointing_a_fraction_of_the_layers():
             key = f"{name}{index}"
             calls[key] = 0
             layer.mlp.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
-    finetune.enable_activation_checkpointing(model, 0.5)
+    enable_activation_checkpointing(model, 0.5)
     loss_ckpt, grads_ckpt = loss_and_grads(model, batch)
     assert calls == {"decoder0": 2, "decoder1": 1, "vit0": 2, "vit1": 1}
     assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
@@ -87,14 +94,14 @@ def test_checkpointing_a_fraction_of_the_layers():
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
 
     flags = lambda: [layer.gradient_checkpointing for layer in [*decoder, *vit]]  # noqa: E731
-    finetune.enable_activation_checkpointing(model, True)
+    enable_activation_checkpointing(model, True)
     assert flags() == [True] * 4
     fresh = trained_model()
-    finetune.enable_activation_checkpointing(fresh, False)
+    enable_activation_checkpointing(fresh, False)
     assert not any(layer.gradient_checkpointing for layer in fresh.model.language_model.model.layers)
     for bad in (1.5, -0.1, "yes"):
-        with pytest.raises(SystemExit, match="activation_checkpointing=.*a fraction of the layers"):
-            finetune.enable_activation_checkpointing(fresh, bad)
+        with pytest.raises(ConfigError, match="activation_checkpointing=.*a fraction of the layers"):
+            enable_activation_checkpointing(fresh, bad)
 
 
 def test_checkpointing_keeps_freeze_und_detach():
@@ -151,7 +158,7 @@ def test_always_run_gives_every_trained_weight_a_gradient_and_changes_nothing(de
     trained = {
         n
         for n, p in model.named_parameters()
-        if p.requires_grad and not n.startswith("vae.") and not (freeze_und and finetune.is_und_param(n))
+        if p.requires_grad and not n.startswith("vae.") and not (freeze_und and is_und_param(n))
     }
 
     def run(batch, **kwargs):
@@ -191,7 +198,7 @@ LORA_CFG = {"lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 @pytest.mark.parametrize("sides", [["und"], ["gen"], ["und", "gen"]])
 def test_lora_targets_the_chosen_sides(sides):
-    model = peft.get_peft_model(trained_model(), finetune.lora_config({**LORA_CFG, "lora_sides": sides}))
+    model = peft.get_peft_model(trained_model(), lora_config({**LORA_CFG, "lora_sides": sides}))
     wrapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
     und = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     gen = {"q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen"}
@@ -208,7 +215,7 @@ def test_lora_targets_the_chosen_sides(sides):
 def test_lora_trains_only_adapters_and_merge_gives_unmerged_outputs():
     model = trained_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    adapted = peft.get_peft_model(model, finetune.lora_config({**LORA_CFG, "lora_sides": ["und", "gen"]}))
+    adapted = peft.get_peft_model(model, lora_config({**LORA_CFG, "lora_sides": ["und", "gen"]}))
     batch = make_batch(model.config, JOINT_PACK)
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
@@ -240,16 +247,16 @@ def _fresh_outputs(state, config, batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# examples/finetune.py's pieces (its runs under torchrun: test_finetune_runs.py)
+# The training package's pieces (examples/finetune.py's runs under torchrun: test_finetune_runs.py)
 # ----------------------------------------------------------------------------------------------
 
 
 def test_config_overrides_and_errors(tmp_path):
-    cfg = finetune.load_config(["lr=3e-4", "lora_sides=[und]", "freeze_vit=true"])
+    cfg = load_config(["lr=3e-4", "lora_sides=[und]", "freeze_vit=true"])
     assert cfg["lr"] == 3e-4 and cfg["lora_sides"] == ["und"] and cfg["freeze_vit"] is True
-    with pytest.raises(SystemExit, match="lrr: unknown key"):
-        finetune.load_config(["lrr=1"])
-    factor = finetune.warmup_cosine({"warmup_steps": 4, "max_steps": 14, "min_lr_ratio": 0.1})
+    with pytest.raises(ConfigError, match="lrr: unknown key"):
+        load_config(["lrr=1"])
+    factor = warmup_cosine({"warmup_steps": 4, "max_steps": 14, "min_lr_ratio": 0.1})
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(9) == pytest.approx(0.55) and factor(14) == pytest.approx(0.1)
 
@@ -257,9 +264,9 @@ def test_config_overrides_and_errors(tmp_path):
 def test_optimizer_choice(monkeypatch):
     """`optimizer`: torch's AdamW, torchao's AdamW8bit (lazily imported, a clear error without
     torchao), anything else refused."""
-    cfg = finetune.load_config(["lr=3e-4", "weight_decay=0.1", "betas=[0.8,0.9]", "eps=1e-6"])
+    cfg = load_config(["lr=3e-4", "weight_decay=0.1", "betas=[0.8,0.9]", "eps=1e-6"])
     params = [torch.nn.Parameter(torch.zeros(3))]
-    adamw = finetune.build_optimizer(cfg, params)
+    adamw = build_optimizer(cfg, params)
     assert type(adamw) is torch.optim.AdamW and not adamw.defaults["fused"]  # fused on CUDA only
     assert (adamw.defaults["lr"], adamw.defaults["weight_decay"], adamw.defaults["betas"]) == (3e-4, 0.1, (0.8, 0.9))
 
@@ -270,15 +277,15 @@ def test_optimizer_choice(monkeypatch):
     fake = type(sys)("torchao.optim")
     fake.AdamW8bit = FakeAdamW8bit
     monkeypatch.setitem(sys.modules, "torchao.optim", fake)
-    eight_bit = finetune.build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
+    eight_bit = build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
     assert eight_bit.params is params
     assert eight_bit.kwargs == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}
 
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
-    with pytest.raises(SystemExit, match="needs torchao.*pip install torchao"):
-        finetune.build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
-    with pytest.raises(SystemExit, match="optimizer='sgd': use adamw or adamw8bit"):
-        finetune.build_optimizer({**cfg, "optimizer": "sgd"}, params)
+    with pytest.raises(ConfigError, match="needs torchao.*pip install torchao"):
+        build_optimizer({**cfg, "optimizer": "adamw8bit"}, params)
+    with pytest.raises(ConfigError, match="optimizer='sgd': use adamw or adamw8bit"):
+        build_optimizer({**cfg, "optimizer": "sgd"}, params)
 
 
 def test_freeze_switches():
@@ -286,12 +293,12 @@ def test_freeze_switches():
     base = {"freeze_vit": False, "freeze_und": False, "freeze_llm": False}
     trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
 
-    finetune.apply_freezing(model, base)
+    apply_freezing(model, base)
     everything = trainable(model)
     assert not any(n.startswith("vae.") for n in everything)  # the VAE never trains
 
     model = trained_model()
-    finetune.apply_freezing(model, {**base, "freeze_und": True})
+    apply_freezing(model, {**base, "freeze_und": True})
     assert model.config.text_config.freeze_und
     left = trainable(model)
     assert left and all(
@@ -299,7 +306,41 @@ def test_freeze_switches():
     )
 
     model = trained_model()
-    finetune.apply_freezing(model, {**base, "freeze_vit": True, "freeze_llm": True})
+    apply_freezing(model, {**base, "freeze_vit": True, "freeze_llm": True})
     left = trainable(model)
     assert left and not any(n.startswith(("model.vit_model", "model.language_model")) for n in left)
     assert any(n.startswith("model.connector") for n in left)
+
+
+def test_trainer_fills_its_weights_through_the_adapters_reader(tmp_path, tensor_reads):
+    """The trainer's weights come from state_dict_adapter's reader, one tensor read once each: a
+    plain model equals `from_pretrained`'s, a LoRA-wrapped one reads its base layers under the
+    wrapped names and starts as the identity (B = 0)."""
+    from bagel_remote.loading_bagel import config_from_directory
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "checkpoint")
+    expected = BagelForUnifiedMultimodal.from_pretrained(checkpoint).state_dict()
+    tensor_reads.clear()
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(config_from_directory(checkpoint))
+    with checkpoint_reader(checkpoint) as reader:
+        missing = materialize(model, model, torch.device("cpu"), reader, "")
+    assert missing == [] and model.state_dict().keys() == expected.keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert sorted(tensor_reads) == sorted(set(tensor_reads)) and len(tensor_reads) == len(expected)
+
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(config_from_directory(checkpoint))
+    peft.get_peft_model(model, lora_config({**LORA_CFG, "lora_sides": ["und"]}))
+    with checkpoint_reader(checkpoint) as reader:
+        assert materialize(model, model, torch.device("cpu"), reader, "") == []
+    q_proj = model.model.language_model.model.layers[0].self_attn.q_proj
+    assert torch.equal(
+        q_proj.base_layer.weight, expected["model.language_model.model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not q_proj.lora_B["default"].weight.any() and q_proj.lora_A["default"].weight.any()
+
+    with pytest.raises(FileNotFoundError, match="has no ema.safetensors: not a BAGEL checkpoint directory"):
+        checkpoint_reader(tmp_path)

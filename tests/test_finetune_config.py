@@ -1,4 +1,4 @@
-"""examples/finetune.py's inputs: the declared config (examples/finetune_config.py) refuses bad keys
+"""examples/finetune.py's inputs: the declared config (training/config.py) refuses bad keys
 and values from the YAML file and the command line alike, naming the key; `--help`; data, freeze
 and packing problems stopped before step 1 with a clear message. (A run without torchrun:
 test_finetune_runs.py.)"""
@@ -15,17 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from bagel_remote.data_bagel import BagelPackedDataset, EditParquet, LlavaJsonl
-from bagel_remote.packing_bagel import PlanBuilder
+from bagel_remote.training import config as finetune_config
+from bagel_remote.training.config import ConfigError
+from bagel_remote.training.data import BagelPackedDataset, EditParquet, LlavaJsonl
+from bagel_remote.training.loader import build_dataset
+from bagel_remote.training.model import build_model
+from bagel_remote.training.packing import PlanBuilder
 from conftest import REPO_ROOT
-from repo_package import load_example
 from test_data import _png, write_t2i
 from test_modeling import tiny_config
 from test_packing import SMALL_SIZES, CharTokenizer, small_config
-
-finetune = load_example("finetune")
-finetune_config = sys.modules["finetune_config"]  # imported by finetune.py from examples/
-ConfigError = finetune_config.ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +87,6 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, override, key, allowed)
     with pytest.raises(ConfigError) as from_file:
         finetune_config.load_config([str(tmp_path / "run.yaml")])
     assert str(from_file.value) == message
-    with pytest.raises(SystemExit, match=key.replace(".", r"\.")):  # the trainer's exit says it too
-        finetune.load_config([override])
 
 
 def test_switches_that_train_nothing_or_contradict_are_refused(checkpoint):
@@ -99,9 +96,9 @@ def test_switches_that_train_nothing_or_contradict_are_refused(checkpoint):
         finetune_config.load_config(["lora_rank=8", "freeze_llm=true"])
     assert finetune_config.load_config(["lora_rank=8", "freeze_und=true", "lora_sides=[gen]"])["lora_sides"] == ["gen"]
     # a stage-1 model (no GEN weights) with the understanding path frozen: found before any weight is read
-    cfg = finetune.load_config(["freeze_und=true", "freeze_vit=true"])
-    with pytest.raises(SystemExit, match=r"Nothing to train: \{'freeze_vit': True, 'freeze_und': True\}.*stage-1"):
-        finetune.build_model(cfg, None, tiny_config(stage=1), torch.device("cpu"), None)
+    cfg = finetune_config.load_config(["freeze_und=true", "freeze_vit=true"])
+    with pytest.raises(ConfigError, match=r"Nothing to train: \{'freeze_vit': True, 'freeze_und': True\}.*stage-1"):
+        build_model(cfg, None, tiny_config(stage=1), torch.device("cpu"), None)
 
 
 def test_values_read_as_yaml_and_defaults_from_the_schema(tmp_path):
@@ -139,18 +136,36 @@ def test_help_lists_every_key():
         assert f"  {key} " in result.stdout, key
 
 
+def test_the_trainer_exits_with_the_configs_message():
+    """examples/finetune.py with bad keys, or without data: exit status 1 and the message, no traceback."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), "lrr=1", "lr=abc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "\n  lrr: unknown key" in result.stderr and "\n  lr: " in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    no_data = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "finetune.py")], capture_output=True, text=True, timeout=120
+    )
+    assert no_data.returncode == 1 and "Set data=: a file of packs" in no_data.stderr, no_data.stderr
+    assert "Traceback" not in no_data.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # Data problems before step 1
 # ----------------------------------------------------------------------------------------------
 
 
 def _data_cfg(**source) -> dict:
-    return finetune.load_config([f"data={json.dumps({'sources': [source]})}"])
+    return finetune_config.load_config([f"data={json.dumps({'sources': [source]})}"])
 
 
 def test_data_that_cannot_give_a_sample_stops_before_the_model(tmp_path, checkpoint):
     config = tiny_config(stage=2)
-    build = lambda cfg: finetune.build_dataset(cfg, config, checkpoint, 0, 1)  # noqa: E731
+    build = lambda cfg: build_dataset(cfg, config, checkpoint, 0, 1)  # noqa: E731
     (tmp_path / "images").mkdir()
     no_answer = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]}
     (tmp_path / "silent.jsonl").write_text(json.dumps(no_answer) + "\n")
@@ -173,10 +188,10 @@ def test_data_that_cannot_give_a_sample_stops_before_the_model(tmp_path, checkpo
         )
     )
     for source, message in cases:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ConfigError, match=message):
             build(_data_cfg(**source))
-    with pytest.raises(SystemExit, match="data=.*missing.pt.*no such file of packs"):
-        finetune.build_dataset(finetune.load_config([f"data={tmp_path / 'missing.pt'}"]), config, checkpoint, 0, 1)
+    with pytest.raises(ConfigError, match="data=.*missing.pt.*no such file of packs"):
+        build_dataset(finetune_config.load_config([f"data={tmp_path / 'missing.pt'}"]), config, checkpoint, 0, 1)
     # and a source that reads
     write_t2i(tmp_path / "t2i", files=1, row_groups=1, rows=1)
     assert build(_data_cfg(kind="t2i", path=str(tmp_path / "t2i"))) is not None
@@ -185,7 +200,7 @@ def test_data_that_cannot_give_a_sample_stops_before_the_model(tmp_path, checkpo
 def test_packing_samples_all_too_long_says_so(tmp_path):
     """Every sample longer than max_num_tokens_per_sample: an error naming it, not an endless loop."""
     write_t2i(tmp_path / "t2i", files=1, row_groups=1, rows=3)
-    from bagel_remote.data_bagel import T2IParquet
+    from bagel_remote.training.data import T2IParquet
 
     dataset = BagelPackedDataset(
         [T2IParquet(tmp_path / "t2i")],

@@ -25,15 +25,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from bagel_remote import packing_bagel
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+from bagel_remote.training import packing
+from bagel_remote.training.config import load_config
+from bagel_remote.training.model import apply_freezing, is_und_param, lora_config
 from conftest import REPO_ROOT
-from repo_package import load_example
 from test_data import _png, write_t2i
 from test_packing import _pil
 
 peft = pytest.importorskip("peft")
-finetune = load_example("finetune")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
 
@@ -149,11 +149,9 @@ def _packs(checkpoint: Path) -> list[dict]:
     understanding sample (a ViT image, CE). Latents encoded (posterior mean) and noise fixed."""
     model = BagelForUnifiedMultimodal.from_pretrained(checkpoint)
     processor = model.processor
-    sizes = packing_bagel.ImageSizes(64, 32, 16), packing_bagel.ImageSizes(56, 28, 14)
-    builder = packing_bagel.PlanBuilder(
-        processor.tokenizer, vae_sizes=sizes[0], vit_sizes=sizes[1], edit_vit_sizes=sizes[1]
-    )
-    config = packing_bagel.PackingConfig.from_model_config(
+    sizes = packing.ImageSizes(64, 32, 16), packing.ImageSizes(56, 28, 14)
+    builder = packing.PlanBuilder(processor.tokenizer, vae_sizes=sizes[0], vit_sizes=sizes[1], edit_vit_sizes=sizes[1])
+    config = packing.PackingConfig.from_model_config(
         model.config,
         processor.special_token_ids,
         text_cond_dropout_prob=0,
@@ -169,8 +167,8 @@ def _packs(checkpoint: Path) -> list[dict]:
     ]
     packs, generator = [], torch.Generator().manual_seed(0)
     for plan in plans:
-        pack = packing_bagel.pack_samples([plan], config, generator)
-        pack = packing_bagel.encode_pack(model, pack, "cpu", sample=False)
+        pack = packing.pack_samples([plan], config, generator)
+        pack = packing.encode_pack(model, pack, "cpu", sample=False)
         if "padded_latent" in pack:
             num = pack["packed_vae_token_indexes"].shape[0]
             pack["packed_noise"] = torch.randn(num, model.model.llm2vae.out_features, generator=generator)
@@ -181,11 +179,11 @@ def _packs(checkpoint: Path) -> list[dict]:
 def _one_process(checkpoint: Path, packs: list[dict], mode: str, start: dict) -> tuple[dict, dict]:
     """One process, one plain model, on all packs: the trainer's loss (CE over all CE weights, MSE
     over all noised tokens) and its gradients."""
-    cfg = finetune.load_config([f"model={checkpoint}", *finetune_ranks_modes()[mode]])
+    cfg = load_config([f"model={checkpoint}", *finetune_ranks_modes()[mode]])
     model = BagelForUnifiedMultimodal.from_pretrained(checkpoint).train()
-    finetune.apply_freezing(model, cfg)
+    apply_freezing(model, cfg)
     if cfg["lora_rank"]:
-        peft.get_peft_model(model, finetune.lora_config(cfg))
+        peft.get_peft_model(model, lora_config(cfg))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in start.items():
@@ -260,7 +258,7 @@ def test_ranks_with_different_packs_equal_one_process(workspace, world):
         if mode == "lora":
             assert all("lora_" in name for name in got["grads"])
         if mode == "gen":
-            assert not any(finetune.is_und_param(name) for name in got["grads"])
+            assert not any(is_und_param(name) for name in got["grads"])
         for step in got["steps"]:  # three more whole steps: other packs (rotated), then pack 0 everywhere
             assert torch.isfinite(torch.tensor([step["loss"], step["grad_norm"]])).all() and step["loss"] > 0
         assert (got["steps"][2]["grad_norm"] == 0) == (mode == "gen")  # GEN-only without anything to generate
@@ -314,9 +312,9 @@ def test_readme_command_killed_and_resumed(workspace, mode, workers, kill):
 def _lora_checks(workspace, out, command, log, stderr):
     kinds = {(e["vit_tokens"] > 0, e["vae_tokens"] > 0, e["ce_tokens"] > 0) for e in log}
     assert len(kinds) > 1, "the packs differ between steps"
-    cfg = finetune.load_config([w for w in command if "=" in w])  # the trained-parameter count is PEFT's
+    cfg = load_config([w for w in command if "=" in w])  # the trained-parameter count is PEFT's
     plain = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint")
-    count = peft.get_peft_model(plain, finetune.lora_config(cfg)).get_nb_trainable_parameters()[0]
+    count = peft.get_peft_model(plain, lora_config(cfg)).get_nb_trainable_parameters()[0]
     assert f"{count:,} trained parameters" in stderr
     from safetensors.torch import load_file
 
@@ -342,7 +340,7 @@ def _gen_checks(workspace, out, command, log, stderr):
     final = BagelForUnifiedMultimodal.from_pretrained(out / "final").state_dict()
     start = BagelForUnifiedMultimodal.from_pretrained(workspace / "checkpoint").state_dict()
     changed = [k for k in final if not torch.equal(final[k], start[k])]
-    assert changed and not any(finetune.is_und_param(k) for k in changed)
+    assert changed and not any(is_und_param(k) for k in changed)
     assert any(e["ce_tokens"] > 0 for e in log)  # CE in the packs, yet the UND path stayed frozen
 
 

@@ -1,5 +1,6 @@
-"""The layout of the remote-code modules: imports form no cycle, and every cache step the decoder
-is given follows its `cache=` protocol."""
+"""The layout of the remote-code modules: imports form no cycle, what the Hub loads never imports
+the training package (nor training the examples), and every cache step the decoder is given
+follows its `cache=` protocol."""
 
 from __future__ import annotations
 
@@ -54,6 +55,57 @@ def test_no_module_imports_one_that_imports_it_back():
     )  # it finds one
     # Parallel generation takes what it needs from the modules below the API, not from the API.
     assert "generation_bagel" not in graph["parallel_bagel"] and "parallel_bagel" in graph["generation_bagel"]
+
+
+def _imported(source: str) -> set[str]:
+    """Every module a source imports, anywhere in it, as written: `..x` for `from ..x import`, `.`
+    + name for `from . import name`, dotted names for absolute imports."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            dots = "." * node.level
+            if node.module:
+                found.add(dots + node.module)
+            else:
+                found |= {dots + alias.name for alias in node.names}
+    return found
+
+
+def _names_training(module: str) -> bool:
+    parts = module.lstrip(".").split(".")
+    return parts[0] == "training" or parts[:2] == ["bagel_remote", "training"]
+
+
+def _names_an_example(module: str, examples: set[str]) -> bool:
+    return module.lstrip(".").split(".")[0] in examples | {"examples"}
+
+
+def test_hub_modules_do_not_import_training_nor_training_the_examples():
+    root = sorted(REPO_ROOT.glob("*.py"))
+    training = sorted((REPO_ROOT / "training").glob("*.py"))
+    examples = {file.stem for file in (REPO_ROOT / "examples").glob("*.py")}
+    assert {"modeling_bagel.py", "loading_bagel.py"} <= {f.name for f in root} and "finetune" in examples
+    assert {"packing.py", "data.py", "config.py", "model.py"} <= {f.name for f in training}
+    assert not {"packing_bagel.py", "data_bagel.py"} & {f.name for f in root}  # training code left the root
+    for file in root:
+        assert not any(map(_names_training, _imported(file.read_text(encoding="utf-8")))), file.name
+    for file in training:
+        imported = _imported(file.read_text(encoding="utf-8"))
+        assert not any(_names_an_example(m, examples) for m in imported), file.name
+        # one safetensors reader: training reads weights through state_dict_adapter's
+        assert "safetensors" not in {m.lstrip(".").split(".")[0] for m in imported}, file.name
+        # root modules relatively, one level up (what the Hub's flat layout and `bagel_remote` both resolve)
+        for module in imported:
+            if module.startswith(".."):
+                assert (REPO_ROOT / f"{module[2:].split('.')[0]}.py").is_file(), (file.name, module)
+    # the checks see each way of writing such an import
+    for line in ("from .training import model", "from . import training", "import bagel_remote.training.step"):
+        assert any(map(_names_training, _imported(line))), line
+    for line in ("from finetune import main", "import examples.finetune"):
+        assert any(_names_an_example(m, examples) for m in _imported(line)), line
+    assert not any(map(_names_training, _imported("from .training_data import x\nimport trainingwheels")))
 
 
 def test_cache_steps_follow_the_decoders_protocol():

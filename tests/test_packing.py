@@ -1,4 +1,4 @@
-"""Tests of packing_bagel.py: the reference's packing (pack-a fixture), a hand-computed layout, the
+"""Tests of training/packing.py: the reference's packing (pack-a fixture), a hand-computed layout, the
 packer's buffering, the task builders, and per-token losses of a pack against each sample alone."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from bagel_remote.packing_bagel import (
+from bagel_remote.training.packing import (
     ImageSizes,
     PackBuilder,
     Packer,

@@ -12,6 +12,7 @@ from bagel_remote.state_dict_adapter import (
     UND_PATTERNS,
     VAE_PATTERNS,
     BagelStateDictAdapter,
+    SafetensorsReader,
     _normalize_stage,
     _partition,
     load_bagel_checkpoint_state_dict,
@@ -279,3 +280,22 @@ def test_loader_stages_real_checkpoint(parity, tensor_reads):
     assert set(stage1) == {"model." + k for k in sd if k not in gen}
     stage2 = load_bagel_checkpoint_state_dict(parity.checkpoint, stage="stage2")
     _assert_same(dict(sorted(stage2.items())), dict(sorted(BagelStateDictAdapter().from_hf(sd).items())))
+
+
+def test_safetensors_reader_reads_one_tensor_by_native_name(tmp_path, tensor_reads):
+    weights = {"x.weight": torch.randn(3, 2), "y": torch.arange(4)}
+    save_file(weights, str(tmp_path / "a.safetensors"))
+    save_file({"encoder.w": torch.ones(2)}, str(tmp_path / "b.safetensors"))
+    files = {"model.": tmp_path / "a.safetensors", "vae.": tmp_path / "b.safetensors"}
+    with SafetensorsReader(files) as reader:
+        assert reader.keys() == ["model.x.weight", "model.y", "vae.encoder.w"]
+        assert "model.x.weight" in reader and "x.weight" not in reader and "vae.x.weight" not in reader
+        assert torch.equal(reader.read("model.x.weight"), weights["x.weight"])
+        assert tensor_reads == ["x.weight"]  # that tensor alone came from disk
+        assert torch.equal(reader.read("model.x.weight"), weights["x.weight"])  # and again, the same
+        assert torch.equal(reader.read("vae.encoder.w"), torch.ones(2))
+        with pytest.raises(KeyError, match="'model.z' is in none of .*a.safetensors.*b.safetensors"):
+            reader.read("model.z")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04\x95pickle")
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
+        SafetensorsReader({"model.": tmp_path / "a.safetensors", "vae.": tmp_path / "bad.safetensors"})

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .processing_bagel import (
+from ..processing_bagel import (
     DEFAULT_MAX_PIXELS,
     VAE_MAX_SIZE,
     VAE_MIN_SIZE,

@@ -8,7 +8,7 @@ The readers take the reference's (ByteDance-Seed/Bagel) formats unchanged:
 * `LlavaJsonl`: LLaVA-style JSONL lines `{"image": name | [names], "conversations": [{"from": "human" |
   "gpt", "value": ...}]}` with `<image>` placeholders, images read from `image_dir`.
 
-`BagelPackedDataset` mixes several sources by weight and packs their samples (`packing_bagel.Packer`).
+`BagelPackedDataset` mixes several sources by weight and packs their samples (`packing.Packer`).
 Each reader (rank x DataLoader worker) reads its own shard of every source: the source's chunks
 (parquet row groups, or row ranges when there are fewer chunks than readers) dealt round-robin. Each
 epoch visits the shard's chunks and rows in an order drawn from the seed; everything random about a
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .packing_bagel import Packer, PackingConfig, PlanBuilder, PlanItem
+from .packing import Packer, PackingConfig, PlanBuilder, PlanItem
 
 PathLike = str | os.PathLike
 
@@ -307,7 +307,7 @@ class SourceStream:
 
 
 class BagelPackedDataset(torch.utils.data.IterableDataset):
-    """Endless packs (see `packing_bagel.PackBuilder.build`) from weighted sources, sharded over ranks
+    """Endless packs (see `packing.PackBuilder.build`) from weighted sources, sharded over ranks
     and DataLoader workers, resumable.
 
     Args:

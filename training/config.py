@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-TEMPLATE = Path(__file__).with_name("finetune.yaml")
+TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "finetune.yaml"  # the commented template a run copies
 
 
 class ConfigError(ValueError):
@@ -44,7 +44,7 @@ class Source(_Strict):
 
 
 class Data(_Strict):
-    """Sources mixed by weight and packed (`data_bagel.BagelPackedDataset`, `packing_bagel.Packer`)."""
+    """Sources mixed by weight and packed (`data.BagelPackedDataset`, `packing.Packer`)."""
 
     sources: list[Source] = Field(min_length=1, description="the data sources")
     weights: list[float] | None = Field(None, description="mixing weight per source (default: equal)")
