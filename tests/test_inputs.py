@@ -304,6 +304,13 @@ PROCESSOR_ERRORS = [
     ("vit_patch_size-zero", lambda p: BagelProcessor(p.tokenizer, vit_patch_size=0), ValueError, "vit_patch_size"),
     ("vit_stride-not-patches", lambda p: BagelProcessor(p.tokenizer, vit_stride=15), ValueError, "vit_stride"),
     ("max_pixels-str", lambda p: BagelProcessor(p.tokenizer, max_pixels="1e6"), TypeError, "max_pixels"),
+    (
+        "grid-not-the-configs",
+        lambda p: BagelProcessor(p.tokenizer, vit_max_num_patch_per_side=35),
+        ValueError,
+        ("vit_max_num_patch_per_side=35", "70", "config="),
+    ),
+    ("config-dict", lambda p: BagelProcessor(p.tokenizer, config={"vit_patch_size": 16}), TypeError, "BagelConfig"),
 ]
 
 

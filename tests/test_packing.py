@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from bagel_remote.configuration_bagel import DEFAULT_VAE_CONFIG, BagelConfig
 from bagel_remote.packing_bagel import (
     ImageSizes,
     PackBuilder,
@@ -24,19 +25,21 @@ PACK_DIR = REPO_ROOT.parent / "shared" / "parity" / "pack-a"
 BOS, EOS, START, END = 10, 11, 12, 13
 
 
-def small_config(**overrides) -> PackingConfig:
+def small_config(model_config: BagelConfig | None = None, **overrides) -> PackingConfig:
+    """Packing over a model config with an 8 x 8 ViT grid and 8 x 8 latent grid, no CFG dropout."""
+    model_config = (
+        BagelConfig(vit_max_num_patch_per_side=8, max_latent_size=8) if model_config is None else model_config
+    )
     values = dict(
         bos_token_id=BOS,
         eos_token_id=EOS,
         start_of_image=START,
         end_of_image=END,
-        vit_max_num_patch_per_side=8,
-        max_latent_size=8,
         text_cond_dropout_prob=0.0,
         vit_cond_dropout_prob=0.0,
         vae_cond_dropout_prob=0.0,
     )
-    return PackingConfig(**{**values, **overrides})
+    return PackingConfig(model_config, **{**values, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,15 +69,14 @@ def _fixture_plans(meta, inputs) -> dict[str, list[PlanItem]]:
 
 def _fixture_config(meta) -> PackingConfig:
     assert meta["vae_downsample"] * meta["latent_patch_size"] == 16
-    return small_config(
-        **meta["special_token_ids"],
+    model_config = BagelConfig(
         vit_patch_size=meta["vit_patch_size"],
         max_latent_size=meta["max_latent_size"],
         vit_max_num_patch_per_side=meta["vit_max_num_patch_per_side"],
-        vae_downsample=meta["vae_downsample"],
         latent_patch_size=meta["latent_patch_size"],
-        loss_reduction=meta["loss_reduction"],
+        vae_config=dict(DEFAULT_VAE_CONFIG, downsample=meta["vae_downsample"]),
     )
+    return small_config(model_config, **meta["special_token_ids"], loss_reduction=meta["loss_reduction"])
 
 
 @pytest.mark.parametrize("group", ["t2i", "edit", "und", "all"])

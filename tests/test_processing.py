@@ -19,6 +19,8 @@ from bagel_remote.processing_bagel import (
     tensor_to_image,
     to_rgb,
 )
+from bagel_remote.configuration_bagel import BagelConfig
+from bagel_remote.loading_bagel import remote_code_files
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +372,9 @@ def test_processor_config_round_trip(tokenizer, tmp_path):
     config = json.loads((tmp_path / "processor_config.json").read_text())
     assert config["auto_map"] == {"AutoProcessor": "processing_bagel.BagelProcessor"}
     assert config["processor_class"] == "BagelProcessor"
-    assert config["vit_max_size"] == 490 and config["vae_min_size"] == 256 and config["vit_patch_size"] == 14
+    assert config["vit_max_size"] == 490 and config["vae_min_size"] == 256
+    # what the model config gives is not saved (its one home): the patch grid, the strides, the default largest side
+    assert not {"vit_patch_size", "vit_stride", "vae_stride", "vit_max_num_patch_per_side", "vae_max_size"} & set(config)
     reloaded = BagelProcessor.from_pretrained(tmp_path)
     assert reloaded.vit_max_size == 490 and reloaded.vae_min_size == 256 and reloaded.vae_max_size == 1024
     assert reloaded.bos_token_id == proc.bos_token_id
@@ -384,9 +388,11 @@ def test_auto_processor_offline(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
     repo = tmp_path / "bagel-tiny"
-    BagelProcessor(tokenizer, vit_max_num_patch_per_side=35).save_pretrained(repo)
-    for module in ("processing_bagel.py", "validation_bagel.py", "imports_bagel.py"):  # and what it imports
-        shutil.copy(REPO_ROOT / module, repo / module)
+    config = BagelConfig(vit_max_num_patch_per_side=35)
+    BagelProcessor(tokenizer, config=config).save_pretrained(repo)
+    config.save_pretrained(repo)  # the processor reads its geometry from the directory's config.json
+    for module in remote_code_files(REPO_ROOT).values():  # processing_bagel.py and what it imports
+        shutil.copy(module, repo / module.name)
     assert {p.name for p in repo.iterdir()} >= {
         "processor_config.json",
         "tokenizer.json",
@@ -397,7 +403,7 @@ def test_auto_processor_offline(tokenizer, tmp_path, monkeypatch):
     loaded = AutoProcessor.from_pretrained(str(repo), trust_remote_code=True)
     assert type(loaded).__name__ == "BagelProcessor"
     assert type(loaded).__module__.startswith("transformers_modules")  # the copy in the dir, not bagel_remote
-    assert loaded.vit_max_num_patch_per_side == 35
+    assert (loaded.vit_max_num_patch_per_side, loaded.vit_max_size) == (35, 35 * 14)
     assert [loaded.bos_token_id, loaded.eos_token_id, loaded.start_of_image_id, loaded.end_of_image_id] == (
         tokenizer.convert_tokens_to_ids(BAGEL_TOKENS)
     )
