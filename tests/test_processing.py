@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from bagel_remote.configuration_bagel import BagelConfig
+from bagel_remote.loading_bagel import remote_code_files
 from bagel_remote.processing_bagel import (
     DEFAULT_MAX_PIXELS,
     MAX_IMAGE_PIXELS,
@@ -19,8 +21,6 @@ from bagel_remote.processing_bagel import (
     tensor_to_image,
     to_rgb,
 )
-from bagel_remote.configuration_bagel import BagelConfig
-from bagel_remote.loading_bagel import remote_code_files
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
