@@ -304,7 +304,13 @@ class ImageSettings:
         """Rules for the model of `config` (default: BAGEL-7B-MoT's, `BagelConfig()`). `vae_max_size` /
         `vit_max_size` default to the largest side the config's position tables cover (1024 / 980)."""
         config = BagelConfig() if config is None else config
-        needs = ("vit_patch_size", "vit_max_num_patch_per_side", "vae_token_stride", "max_vae_image_size")
+        needs = (
+            "vit_patch_size",
+            "vit_max_num_patch_per_side",
+            "vae_token_stride",
+            "max_vae_image_size",
+            "max_vit_image_size",
+        )
         if not all(hasattr(config, name) for name in needs):
             raise TypeError(
                 f"config must be the model's BagelConfig (e.g. model.config or BagelConfig.from_pretrained(path)), "
