@@ -484,3 +484,13 @@ def test_tiny_fixture_processor_from_its_config(parity, tokenizer, tmp_path):
     assert (proc.vit_min_size, proc.vae_min_size, proc.max_pixels) == (224, 512, DEFAULT_MAX_PIXELS)
     alone = BagelProcessor.from_pretrained(checkpoint)  # its config.json, read by the processor
     assert alone.image_settings == proc.image_settings
+
+
+def test_tiny_checkpoint_processor_keeps_its_sizes(tokenizer):
+    """scripts/make_tiny_checkpoint.py's processor: the same rules as when it typed every size."""
+    from bagel_remote.processing_bagel import ImageSettings
+    from make_tiny_checkpoint import TINY_VAE_MAX_SIZE, TINY_VAE_MIN_SIZE, tiny_config
+
+    config = tiny_config(tokenizer)
+    proc = BagelProcessor(tokenizer, config=config, vae_max_size=TINY_VAE_MAX_SIZE, vae_min_size=TINY_VAE_MIN_SIZE)
+    assert proc.image_settings == ImageSettings(256, 128, 16, 980, 224, 14, 14, 70, DEFAULT_MAX_PIXELS)
