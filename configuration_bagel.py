@@ -304,6 +304,22 @@ class BagelConfig(PretrainedConfig):
             self.vision_config.rope = self.vit_rope
         self.reference_overrides_applied = True
 
+    # The image geometry the processor and the training packing derive from this config (its one home).
+    @property
+    def vae_token_stride(self) -> int:
+        """Pixels per latent token side: the VAE's downsampling times `latent_patch_size` (16)."""
+        return int(self.vae_config.get("downsample", DEFAULT_VAE_CONFIG["downsample"])) * self.latent_patch_size
+
+    @property
+    def max_vae_image_size(self) -> int:
+        """Largest image side the latent position table covers, in pixels (1024 for BAGEL-7B-MoT)."""
+        return self.max_latent_size * self.vae_token_stride
+
+    @property
+    def max_vit_image_size(self) -> int:
+        """Largest image side the ViT position table covers, in pixels (980 for BAGEL-7B-MoT)."""
+        return self.vit_max_num_patch_per_side * self.vit_patch_size
+
     def get_text_config(self, *args: Any, **kwargs: Any) -> Qwen2Config:
         return self.text_config
 

@@ -23,6 +23,7 @@ from .attention_bagel import AttentionPlan, TokenRoute
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .contexts_bagel import BagelContext, CacheStep, SpecialTokenIds, advance
 from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, sample_tokens
+from .generation_config_bagel import BagelGenerationConfig, sampling_defaults
 from .guidance_bagel import FlowMatchEulerSampler, GuidanceParams, StepCacheBranches, guide, request_generators
 from .ops_bagel import capturable
 from .parallel_bagel import ParallelLayout, parallel_velocity
@@ -33,7 +34,6 @@ from .validation_bagel import (
     check_contexts,
     check_fits_context,
     check_generators,
-    check_image_api,
     check_image_sizes,
     check_image_tensors,
     check_instance,
@@ -84,6 +84,15 @@ _POOL_CREATION_LOCK = threading.Lock()
 
 class BagelGenerationMixin:
     """Inference API of `BagelForUnifiedMultimodal` (needs `self.model`, `self.config`, `self.vae`)."""
+
+    # transformers builds `self.generation_config` from it; `from_pretrained` reads generation_config.json into it
+    generation_config_class = BagelGenerationConfig
+
+    def _sampling(self, task: str | None, **given):
+        """The call's sampling arguments, each None taken from `self.generation_config` (for image
+        arguments its `task` dict), else BAGEL's default (generation_config_bagel.py)."""
+        values = sampling_defaults(getattr(self, "generation_config", None), task, given)
+        return values.values() if len(values) > 1 else next(iter(values.values()))
 
     # --- contexts --------------------------------------------------------------------------------
 
@@ -629,10 +638,10 @@ class BagelGenerationMixin:
         inputs: list,
         understanding_output: bool = False,
         think: bool = False,
-        max_new_tokens: int = 1000,
-        do_sample: bool = False,
-        temperature: float = 0.3,
-        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         height: int | None = None,
         width: int | None = None,
         params: GuidanceParams = GuidanceParams(),
@@ -657,7 +666,12 @@ class BagelGenerationMixin:
         step_cache_bagel.py): predict some denoising steps instead of computing them (README,
         "Faster generation"). Every argument is checked first; a request that does not fit the
         context (`text_config.max_position_embeddings` tokens) is refused before any work, and
-        decoding that would run past it stops at its end (with a warning)."""
+        decoding that would run past it stops at its end (with a warning). `max_new_tokens`,
+        `do_sample`, `temperature`, `top_p` not given come from `model.generation_config`
+        (`max_think_tokens`, ...: 1000, greedy, 0.3, 1.0 without a generation_config.json)."""
+        max_new_tokens, do_sample, temperature, top_p = self._sampling(
+            None, max_think_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
         resolve_step_cache(step_cache)  # its own check, before any work
         processor = self._processor(processor)
         batch, batched = check_interleave_inputs(
@@ -781,10 +795,10 @@ class BagelGenerationMixin:
         images,
         prompt,
         think: bool = False,
-        max_new_tokens: int = 512,
-        do_sample: bool = False,
-        temperature: float = 0.3,
-        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         seed=None,
         processor=None,
         parallel=None,
@@ -793,7 +807,10 @@ class BagelGenerationMixin:
         """Answer `prompt` about `images` (None, one PIL image or a list). A list of prompts is a
         batch; `images` is then a list with one entry (None, image or list) per prompt.
         `streamer`: a transformers streamer that gets the answer as it is decoded, e.g.
-        `TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True)` (one request only)."""
+        `TextIteratorStreamer(model.processor.tokenizer, skip_prompt=True)` (one request only).
+        `max_new_tokens`, `do_sample`, `temperature`, `top_p` not given come from
+        `model.generation_config` (512, greedy, 0.3, 1.0 without a generation_config.json)."""
+        max_new_tokens = self._sampling(None, max_new_tokens=max_new_tokens)
         prompts, image_lists = check_prompts(prompt, images)
         batch = [imgs + [p] for imgs, p in zip(image_lists, prompts)]
         out = self.interleave(
@@ -818,22 +835,22 @@ class BagelGenerationMixin:
         height: int | None = None,
         width: int | None = None,
         think: bool = False,
-        num_steps: int = 50,
-        cfg_text_scale: float = 4.0,
-        cfg_img_scale: float = 1.0,
-        cfg_interval=(0.4, 1.0),
-        cfg_renorm_type: str = "global",
-        cfg_renorm_min: float = 0.0,
-        timestep_shift: float = 3.0,
+        num_steps: int | None = None,
+        cfg_text_scale: float | None = None,
+        cfg_img_scale: float | None = None,
+        cfg_interval=None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float | None = None,
+        timestep_shift: float | None = None,
         seed=None,
         progress: bool = True,
-        max_think_tokens: int = 1000,
+        max_think_tokens: int | None = None,
         processor=None,
         parallel=None,
         step_cache=None,
         streamer=None,
-        do_sample: bool = False,
-        temperature: float = 0.3,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
     ):
         """Text-to-image. A list of prompts is a batch. Returns a PIL image (a list for a batch);
         with `think`, (thinking text, image) pairs (at most `max_think_tokens` of thinking,
@@ -842,15 +859,21 @@ class BagelGenerationMixin:
         `height` x `width` default to the largest square the checkpoint generates (1024 x 1024 for
         BAGEL-7B-MoT); `num_steps` is the number of denoising steps (model evaluations).
         `parallel`: several GPUs (docs/serving.md, "Several GPUs"). `step_cache`: "taylorseer", "adaptive"
-        or a policy object (README, "Faster generation")."""
+        or a policy object (README, "Faster generation"). The sampling arguments not given come
+        from `model.generation_config` (its `image_generation` dict, `max_think_tokens`, ...), else
+        the reference's defaults (guidance_bagel.IMAGE_GENERATION)."""
+        max_think_tokens = self._sampling(None, max_think_tokens=max_think_tokens)
         params = _guidance(
-            num_steps,
-            timestep_shift,
-            cfg_text_scale,
-            cfg_img_scale,
-            cfg_interval,
-            cfg_renorm_type,
-            cfg_renorm_min,
+            *self._sampling(
+                "image_generation",
+                num_steps=num_steps,
+                timestep_shift=timestep_shift,
+                cfg_text_scale=cfg_text_scale,
+                cfg_img_scale=cfg_img_scale,
+                cfg_interval=cfg_interval,
+                cfg_renorm_type=cfg_renorm_type,
+                cfg_renorm_min=cfg_renorm_min,
+            ),
             think,
             max_think_tokens,
         )
@@ -879,36 +902,42 @@ class BagelGenerationMixin:
         image,
         prompt,
         think: bool = False,
-        num_steps: int = 50,
-        cfg_text_scale: float = 4.0,
-        cfg_img_scale: float = 2.0,
-        cfg_interval=(0.0, 1.0),
-        cfg_renorm_type: str = "text_channel",
-        cfg_renorm_min: float = 0.0,
-        timestep_shift: float = 3.0,
+        num_steps: int | None = None,
+        cfg_text_scale: float | None = None,
+        cfg_img_scale: float | None = None,
+        cfg_interval=None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float | None = None,
+        timestep_shift: float | None = None,
         seed=None,
         progress: bool = True,
-        max_think_tokens: int = 1000,
+        max_think_tokens: int | None = None,
         processor=None,
         parallel=None,
         step_cache=None,
         streamer=None,
-        do_sample: bool = False,
-        temperature: float = 0.3,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
     ):
         """Edit `image` as `prompt` says; the result has the size of the VAE-resized input (at most
         the largest side the checkpoint generates). Lists of images and prompts (same length) are
         a batch. `num_steps` is the number of denoising steps (model evaluations). With `think`:
         `streamer`, `do_sample` and `temperature` as `generate_image`'s. `parallel`: several GPUs
-        (docs/serving.md, "Several GPUs"). `step_cache`: as in `generate_image`."""
+        (docs/serving.md, "Several GPUs"). `step_cache`: as in `generate_image`. The sampling
+        arguments not given come from `model.generation_config` (its `image_editing` dict), else
+        the reference's (guidance_bagel.IMAGE_EDITING)."""
+        max_think_tokens = self._sampling(None, max_think_tokens=max_think_tokens)
         params = _guidance(
-            num_steps,
-            timestep_shift,
-            cfg_text_scale,
-            cfg_img_scale,
-            cfg_interval,
-            cfg_renorm_type,
-            cfg_renorm_min,
+            *self._sampling(
+                "image_editing",
+                num_steps=num_steps,
+                timestep_shift=timestep_shift,
+                cfg_text_scale=cfg_text_scale,
+                cfg_img_scale=cfg_img_scale,
+                cfg_interval=cfg_interval,
+                cfg_renorm_type=cfg_renorm_type,
+                cfg_renorm_min=cfg_renorm_min,
+            ),
             think,
             max_think_tokens,
         )
@@ -942,11 +971,13 @@ def _guidance(
     think,
     max_think_tokens,
 ) -> GuidanceParams:
-    """GuidanceParams of the high-level API, whose `num_steps` counts denoising steps: the
-    reference's `num_timesteps` counts the points of the schedule, one more."""
-    num_steps = check_image_api(num_steps, think, max_think_tokens)
-    return GuidanceParams(
-        num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min
+    """GuidanceParams of the high-level API (`GuidanceParams.from_steps`). `think` and
+    `max_think_tokens` are checked here under their own names (interleave calls the latter
+    `max_new_tokens`)."""
+    check_bool("think", think)
+    check_int("max_think_tokens", max_think_tokens, minimum=1, fix="1000 unless generation_config.json sets it.")
+    return GuidanceParams.from_steps(
+        num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min
     )
 
 

@@ -1,6 +1,8 @@
 """Image generation's sampling: the flow-matching schedule and its Euler steps
 (`FlowMatchEulerSampler`), classifier-free guidance (`GuidanceParams`, `guide` and its renorm), the
 guidance branches' velocities under a step cache (`StepCacheBranches`), and per-request seeds.
+`IMAGE_GENERATION` / `IMAGE_EDITING` are the reference's sampling defaults, the values a model's
+generation config starts from (generation_config_bagel.py).
 """
 
 from __future__ import annotations
@@ -18,32 +20,80 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+#: Text-to-image sampling (the reference's), under generate_image's argument names: 50 denoising
+#: steps, timestep shift 3, text guidance 4 inside (0.4, 1] with global renorm.
+IMAGE_GENERATION = dict(
+    num_steps=50,
+    timestep_shift=3.0,
+    cfg_text_scale=4.0,
+    cfg_img_scale=1.0,
+    cfg_interval=(0.4, 1.0),
+    cfg_renorm_type="global",
+    cfg_renorm_min=0.0,
+)
+#: Editing: image guidance 2 as well, over the whole schedule, with per-token renorm of the text guidance.
+IMAGE_EDITING = dict(IMAGE_GENERATION, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+_T2I, _EDIT = IMAGE_GENERATION, IMAGE_EDITING
+
+
 @dataclass(frozen=True)
 class GuidanceParams:
-    """Flow-matching sampling and classifier-free guidance, with the reference's meaning."""
+    """Flow-matching sampling and classifier-free guidance, with the reference's meaning; the
+    defaults are text-to-image's (`IMAGE_GENERATION`), but `num_timesteps` counts the schedule's
+    points: the reference's default 50 is 49 denoising steps."""
 
     num_timesteps: int = 50
-    timestep_shift: float = 3.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: str = "global"
-    cfg_renorm_min: float = 0.0
+    timestep_shift: float = _T2I["timestep_shift"]
+    cfg_text_scale: float = _T2I["cfg_text_scale"]
+    cfg_img_scale: float = _T2I["cfg_img_scale"]
+    cfg_interval: tuple[float, float] = _T2I["cfg_interval"]
+    cfg_renorm_type: str = _T2I["cfg_renorm_type"]
+    cfg_renorm_min: float = _T2I["cfg_renorm_min"]
 
     def __post_init__(self) -> None:
         check_int("num_timesteps", self.num_timesteps, minimum=2, fix="The reference's default is 50.")
-        check_number("timestep_shift", self.timestep_shift, minimum=0, open_min=True, fix="The reference uses 3.0.")
+        check_number(
+            "timestep_shift",
+            self.timestep_shift,
+            minimum=0,
+            open_min=True,
+            fix=f"The reference uses {_T2I['timestep_shift']}.",
+        )
         for name in ("cfg_text_scale", "cfg_img_scale"):
             check_number(
                 name,
                 getattr(self, name),
                 minimum=0,
-                fix="1.0 turns that guidance off; the default is 4.0 "
-                "for text and 1.0 (text-to-image) or 2.0 (editing) for images.",
+                fix=f"1.0 turns that guidance off; the default is {_T2I['cfg_text_scale']} for text and "
+                f"{_T2I['cfg_img_scale']} (text-to-image) or {_EDIT['cfg_img_scale']} (editing) for images.",
             )
         check_choice("cfg_renorm_type", self.cfg_renorm_type, ("global", "channel", "text_channel"))
-        check_number("cfg_renorm_min", self.cfg_renorm_min, minimum=0, maximum=1, fix="The reference uses 0.0.")
+        check_number(
+            "cfg_renorm_min",
+            self.cfg_renorm_min,
+            minimum=0,
+            maximum=1,
+            fix=f"The reference uses {_T2I['cfg_renorm_min']}.",
+        )
         object.__setattr__(self, "cfg_interval", check_interval("cfg_interval", self.cfg_interval))
+
+    @classmethod
+    def from_steps(
+        cls,
+        num_steps: int,
+        timestep_shift: float,
+        cfg_text_scale: float,
+        cfg_img_scale: float,
+        cfg_interval: tuple[float, float],
+        cfg_renorm_type: str,
+        cfg_renorm_min: float,
+    ) -> GuidanceParams:
+        """From the high-level API's names (`IMAGE_GENERATION`'s keys), whose `num_steps` counts
+        denoising steps: the schedule has one point more."""
+        num_steps = check_int("num_steps", num_steps, minimum=1, fix=f"The default is {_T2I['num_steps']}.")
+        return cls(
+            num_steps + 1, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min
+        )
 
 
 class FlowMatchEulerSampler:

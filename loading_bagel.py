@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "ema.safetensors"
 VAE_WEIGHTS_NAME = "ae.safetensors"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 INDEX_NAME = "model.safetensors.index.json"
 AUTO_MAP = {
     "AutoConfig": "configuration_bagel.BagelConfig",
@@ -379,6 +380,7 @@ def load_pretrained(load, name_or_path, model_args: tuple, *, stage, strict: boo
     model.config._name_or_path = os.fspath(name_or_path)
     model._bagel_checkpoint_dir = directory
     model.processor = load_processor(directory, model.config)
+    model.generation_config = load_generation_config(directory, model.config)
     return (model, info) if output_loading_info else model
 
 
@@ -488,6 +490,16 @@ def load_processor(directory: Path, config: BagelConfig):
             err,
         )
         return None
+
+
+def load_generation_config(directory: Path, config: BagelConfig):
+    """The checkpoint's generation_config.json over BAGEL's sampling defaults (a file may set a few
+    keys); without the file, the defaults alone, as before checkpoints had one."""
+    from .generation_config_bagel import BagelGenerationConfig
+
+    if (directory / GENERATION_CONFIG_NAME).is_file():
+        return BagelGenerationConfig.from_pretrained(str(directory))
+    return BagelGenerationConfig.from_model_config(config)
 
 
 # ---- saving ---------------------------------------------------------------------------------
@@ -612,3 +624,5 @@ def save_bagel_pretrained(model, save_directory, is_main_process, state_dict, sa
     processor = getattr(model, "processor", None)
     if processor is not None:  # tokenizer files + processor_config.json, so the directory is complete
         processor.save_pretrained(str(directory))
+    if getattr(model, "generation_config", None) is not None:  # the sampling defaults this checkpoint uses
+        model.generation_config.save_pretrained(str(directory))

@@ -663,7 +663,9 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         `ignore_mismatched_sizes=True`. A stage-2 checkpoint without `ae.safetensors` is refused
         (with `strict=False` the VAE stays randomly initialised and a warning is logged). When the
         directory has tokenizer files, `model.processor` is the checkpoint's `BagelProcessor` (used by
-        `chat` / `generate_image` / `edit_image`), else None. The model is returned in eval mode.
+        `chat` / `generate_image` / `edit_image`), else None. `model.generation_config` holds the
+        sampling defaults: the directory's `generation_config.json` over BAGEL's (generation_config_bagel.py).
+        The model is returned in eval mode.
         """
         loaded = load_pretrained(
             super().from_pretrained,
@@ -705,6 +707,7 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         * `ae.safetensors`: the `vae.*` tensors with `vae.` stripped (only when the model has a VAE);
         * `model.safetensors.index.json`: which file holds each tensor, so that transformers' own
           loader reads the directory;
+        * `generation_config.json`: `model.generation_config` (the sampling defaults);
         * the remote-code modules (`configuration_bagel.py`, `modeling_bagel.py`,
           `processing_bagel.py` and every sibling module they import).
 

@@ -4,23 +4,29 @@ The image preprocessing follows the reference implementation:
 
 * images are converted to RGB, alpha being flattened onto a white background;
 * they are resized with the "max long edge / min short edge" rule, both sides made divisible by a stride
-  (VAE: 1024 / 512 / 16, ViT: 980 / 224 / 14), with bicubic antialiased resampling (PIL);
+  (VAE: 1024 / 512 / 16, ViT: 980 / 224 / 14 for BAGEL-7B-MoT), with bicubic antialiased resampling (PIL);
+  the strides and the largest sides follow from the model's `BagelConfig` (`ImageSettings`), the smallest
+  sides and the pixel budget are the processor's own settings (saved in ``processor_config.json``);
 * they become float32 tensors in [-1, 1] (``ToTensor`` followed by ``Normalize(0.5, 0.5)``);
 * for the ViT, the (3, H, W) tensor is cut into flattened patches with NaViT-style position ids.
 
-This module depends only on torch, PIL and transformers (no torchvision) and, relatively, on ``validation_bagel``
-(the argument checks) and ``imports_bagel`` (quiet imports), which import only torch, so the three can live alone
-in a Hub repository and be loaded with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``.
+This module depends only on torch, PIL and transformers (no torchvision) and, relatively, on
+``configuration_bagel`` (the geometry), ``validation_bagel`` (the argument checks) and ``imports_bagel`` (quiet
+imports), so it loads with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)`` from a Hub repository.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .configuration_bagel import BagelConfig
 from .imports_bagel import quiet_third_party_imports
 from .validation_bagel import check_int, check_tensor
 
@@ -43,10 +49,11 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: Pixel budget of the reference ``ImageTransform`` (its default ``max_pixels``, 14 * 14 * 9 * 1024).
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
 
-VAE_MAX_SIZE, VAE_MIN_SIZE, VAE_STRIDE = 1024, 512, 16
-VIT_MAX_SIZE, VIT_MIN_SIZE, VIT_STRIDE = 980, 224, 14
-VIT_PATCH_SIZE = 14
-VIT_MAX_NUM_PATCH_PER_SIDE = 70
+#: The reference's smallest sides of its inference transforms (the largest sides and the strides come from the
+#: model config, see `ImageSettings`).
+VAE_MIN_SIZE, VIT_MIN_SIZE = 512, 224
+#: What `ImageSettings` takes from the config: processor_config.json files written before it did hold them.
+CONFIG_GEOMETRY = ("vae_stride", "vit_stride", "vit_patch_size", "vit_max_num_patch_per_side")
 
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -268,6 +275,77 @@ def patchify_vit(
     return patches, position_ids
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """The processor's resize rules (pixels). `from_config` takes the strides, the patch grid and the default largest
+    sides from a `BagelConfig`; the smallest sides and the pixel budget are the processor's own."""
+
+    vae_max_size: int
+    vae_min_size: int
+    vae_stride: int
+    vit_max_size: int
+    vit_min_size: int
+    vit_stride: int
+    vit_patch_size: int
+    vit_max_num_patch_per_side: int
+    max_pixels: int
+
+    @classmethod
+    def from_config(
+        cls,
+        config: BagelConfig | None = None,
+        vae_max_size: int | None = None,
+        vae_min_size: int = VAE_MIN_SIZE,
+        vit_max_size: int | None = None,
+        vit_min_size: int = VIT_MIN_SIZE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> ImageSettings:
+        """Rules for the model of `config` (default: BAGEL-7B-MoT's, `BagelConfig()`). `vae_max_size` /
+        `vit_max_size` default to the largest side the config's position tables cover (1024 / 980)."""
+        config = BagelConfig() if config is None else config
+        needs = (
+            "vit_patch_size",
+            "vit_max_num_patch_per_side",
+            "vae_token_stride",
+            "max_vae_image_size",
+            "max_vit_image_size",
+        )
+        if not all(hasattr(config, name) for name in needs):
+            raise TypeError(
+                f"config must be the model's BagelConfig (e.g. model.config or BagelConfig.from_pretrained(path)), "
+                f"got {type(config).__name__}."
+            )
+        return cls(
+            vae_max_size=check_int(
+                "vae_max_size", config.max_vae_image_size if vae_max_size is None else vae_max_size, minimum=1
+            ),
+            vae_min_size=check_int("vae_min_size", vae_min_size, minimum=1),
+            vae_stride=config.vae_token_stride,
+            vit_max_size=check_int(
+                "vit_max_size", config.max_vit_image_size if vit_max_size is None else vit_max_size, minimum=1
+            ),
+            vit_min_size=check_int("vit_min_size", vit_min_size, minimum=1),
+            vit_stride=config.vit_patch_size,  # the ViT cuts resized images into whole patches
+            vit_patch_size=config.vit_patch_size,
+            vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
+            max_pixels=check_int("max_pixels", max_pixels, minimum=1),
+        )
+
+    def check_geometry(self, values: dict[str, Any]) -> None:
+        """Raise unless `values` (CONFIG_GEOMETRY names, None for not given) agree with these rules: they come from
+        the model config, which is their one home."""
+        for name, value in values.items():
+            if value is None:
+                continue
+            value = check_int(name, value, minimum=1)
+            if value != getattr(self, name):
+                raise ValueError(
+                    f"{name}={value} disagrees with the model config, which gives {getattr(self, name)}: the processor "
+                    f"takes {name} from the BagelConfig. Pass config= (e.g. BagelConfig(vit_patch_size=...)) instead, "
+                    f"or delete {name!r} from processor_config.json."
+                )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizer helper
 # --------------------------------------------------------------------------------------------------------------------
@@ -297,23 +375,45 @@ def add_bagel_special_tokens(tokenizer) -> tuple[Any, dict[str, int], int]:
 # Processor
 # --------------------------------------------------------------------------------------------------------------------
 
+#: `from_pretrained` arguments that locate files on the Hub, passed on when the processor reads the config there.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _directory_config(path: str | os.PathLike, kwargs: dict[str, Any]) -> BagelConfig | None:
+    """The BagelConfig of a checkpoint directory or Hub repository; None where it has none (then the processor
+    takes BAGEL-7B-MoT's geometry, as before the processor read configs)."""
+    local = Path(path)
+    if local.is_dir():
+        if not any((local / name).is_file() for name in ("config.json", "llm_config.json")):
+            return None
+        return BagelConfig.from_pretrained(local)
+    try:
+        return BagelConfig.from_pretrained(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except OSError:  # a Hub repository without config.json (the released layout has none)
+        return None
+
 
 class BagelProcessor(ProcessorMixin):
     """Tokenizer plus BAGEL's image transforms.
 
-    The tokenizer (a Qwen2 tokenizer) is the only sub-processor; the image transforms are methods configured by the
-    plain keyword arguments below, all saved in ``processor_config.json``. The four BAGEL special tokens are added
-    to the tokenizer when it lacks them (as the reference does when it loads a tokenizer).
+    The tokenizer (a Qwen2 tokenizer) is the only sub-processor; the image transforms are methods whose rules
+    (`ImageSettings`) come from the model's `BagelConfig` (strides, patch grid, largest sides) and from the keyword
+    arguments below, which ``processor_config.json`` saves where they differ from what the config gives. The four
+    BAGEL special tokens are added to the tokenizer when it lacks them (as the reference does when it loads a
+    tokenizer).
 
     Args:
         tokenizer: a ``PreTrainedTokenizerBase`` (Qwen2).
         chat_template: optional chat template.
-        vae_max_size, vae_min_size, vae_stride: resize rule of the VAE (generation / editing) input.
-        vit_max_size, vit_min_size, vit_stride: resize rule of the ViT (understanding) input.
-        vit_patch_size: ViT patch side in pixels.
-        vit_max_num_patch_per_side: side of the ViT position-embedding grid.
+        config: the model's ``BagelConfig`` (default: BAGEL-7B-MoT's); ``from_pretrained`` reads the directory's.
+        vae_max_size, vae_min_size: longest / shortest side of the VAE (generation / editing) input (default
+            longest: what the config's latent grid covers, 1024 for BAGEL-7B-MoT).
+        vit_max_size, vit_min_size: the same for the ViT (understanding) input (default longest: the config's ViT
+            grid, 980).
         max_pixels: pixel budget of the resize rule (reference default 14 * 14 * 9 * 1024; never reached with the
             default sizes).
+        vae_stride, vit_stride, vit_patch_size, vit_max_num_patch_per_side: the config's; accepted only to read
+            processor_config.json files that hold them, and then they must agree with the config.
     """
 
     # Every argument must stay positional-or-keyword: `from_args_and_dict` only forwards those.
@@ -321,30 +421,32 @@ class BagelProcessor(ProcessorMixin):
         self,
         tokenizer,
         chat_template=None,
-        vae_max_size: int = VAE_MAX_SIZE,
+        config=None,
+        vae_max_size: int | None = None,
         vae_min_size: int = VAE_MIN_SIZE,
-        vae_stride: int = VAE_STRIDE,
-        vit_max_size: int = VIT_MAX_SIZE,
+        vit_max_size: int | None = None,
         vit_min_size: int = VIT_MIN_SIZE,
-        vit_stride: int = VIT_STRIDE,
-        vit_patch_size: int = VIT_PATCH_SIZE,
-        vit_max_num_patch_per_side: int = VIT_MAX_NUM_PATCH_PER_SIDE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        vae_stride: int | None = None,
+        vit_stride: int | None = None,
+        vit_patch_size: int | None = None,
+        vit_max_num_patch_per_side: int | None = None,
     ):
-        self.vae_max_size = check_int("vae_max_size", vae_max_size, minimum=1)
-        self.vae_min_size = check_int("vae_min_size", vae_min_size, minimum=1)
-        self.vae_stride = check_int("vae_stride", vae_stride, minimum=1)
-        self.vit_max_size = check_int("vit_max_size", vit_max_size, minimum=1)
-        self.vit_min_size = check_int("vit_min_size", vit_min_size, minimum=1)
-        self.vit_patch_size = check_int("vit_patch_size", vit_patch_size, minimum=1)
-        self.vit_stride = check_int("vit_stride", vit_stride, minimum=1)
-        if self.vit_stride % self.vit_patch_size:
-            raise ValueError(
-                f"vit_stride ({vit_stride}) must be a multiple of vit_patch_size ({vit_patch_size}): the "
-                "ViT cuts resized images into whole patches."
+        config = BagelConfig() if config is None else config
+        settings = ImageSettings.from_config(config, vae_max_size, vae_min_size, vit_max_size, vit_min_size, max_pixels)
+        settings.check_geometry(
+            dict(
+                vae_stride=vae_stride,
+                vit_stride=vit_stride,
+                vit_patch_size=vit_patch_size,
+                vit_max_num_patch_per_side=vit_max_num_patch_per_side,
             )
-        self.vit_max_num_patch_per_side = check_int("vit_max_num_patch_per_side", vit_max_num_patch_per_side, minimum=1)
-        self.max_pixels = check_int("max_pixels", max_pixels, minimum=1)
+        )
+        self.image_settings = settings
+        self._config_sides = dict(vae_max_size=config.max_vae_image_size, vit_max_size=config.max_vit_image_size)
+        # The rules as attributes, as the rest of the code and processor_config.json name them.
+        for name, value in vars(settings).items():
+            setattr(self, name, value)
         super().__init__(tokenizer, chat_template=chat_template)
         _, _, num_new = add_bagel_special_tokens(self.tokenizer)
         if num_new:
@@ -354,8 +456,24 @@ class BagelProcessor(ProcessorMixin):
 
     # ---- serialization -------------------------------------------------------------------------------------------
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BagelProcessor:
+        """As transformers' (``AutoProcessor`` calls it), with the directory's ``BagelConfig`` (config.json, or the
+        released llm_config.json + vit_config.json) as ``config`` unless one is given; without either, BAGEL-7B-MoT's
+        geometry applies."""
+        if kwargs.get("config") is None:
+            kwargs["config"] = _directory_config(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
+        output.pop("config", None)
+        # What the config gives is not saved: the config is its one home, so the two cannot disagree.
+        for name in CONFIG_GEOMETRY:
+            output.pop(name, None)
+        for name, side in self._config_sides.items():
+            if output.get(name) == side:
+                output.pop(name)
         auto_map = dict(output.get("auto_map") or {})
         auto_map.setdefault("AutoProcessor", f"processing_bagel.{self.__class__.__name__}")
         output["auto_map"] = auto_map

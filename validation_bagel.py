@@ -346,16 +346,6 @@ def check_image_tensors(name: str, images: Any, count: int, fix: str) -> None:
             raise _fail(ValueError, f"{name}[{i}]", image, "a (3, H, W) RGB image tensor", fix)
 
 
-def check_image_api(num_steps: Any, think: Any, max_think_tokens: Any) -> int:
-    """`generate_image` / `edit_image`'s own arguments (the guidance ones are `GuidanceParams`'):
-    `max_think_tokens` under its own name (`interleave` calls it `max_new_tokens`). Returns
-    `num_steps`."""
-    num_steps = check_int("num_steps", num_steps, minimum=1, fix="The default is 50.")
-    check_bool("think", think)
-    check_int("max_think_tokens", max_think_tokens, minimum=1, fix="The default is 1000.")
-    return num_steps
-
-
 def check_prompts(prompt: Any, images: Any, one_image_each: bool = False) -> tuple[list[str], list[list]]:
     """(prompt, images) of `chat`, `generate_image` or `edit_image` (`one_image_each`), for one
     request or a batch (a list of prompts) -> per-request lists of prompts and of PIL images."""

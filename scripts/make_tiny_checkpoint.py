@@ -54,7 +54,7 @@ TINY_VIT_CONFIG = dict(
     num_hidden_layers=3,  # as released: the model drops the last layer (vit_select_layer=-2)
     num_attention_heads=2,
     patch_size=14,
-    image_size=980,  # 70 patches per side, the processor's vit_max_num_patch_per_side
+    image_size=980,  # 70 patches per side: the config's vit_max_num_patch_per_side
     num_channels=3,
     hidden_act="gelu_pytorch_tanh",
     layer_norm_eps=1e-6,
@@ -130,11 +130,7 @@ def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
         tokenizer.save_pretrained(str(out))
     else:
         processor = BagelProcessor(
-            tokenizer,
-            vit_patch_size=config.vit_patch_size,
-            vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
-            vae_max_size=TINY_VAE_MAX_SIZE,
-            vae_min_size=TINY_VAE_MIN_SIZE,
+            tokenizer, config=config, vae_max_size=TINY_VAE_MAX_SIZE, vae_min_size=TINY_VAE_MIN_SIZE
         )
         processor.save_pretrained(str(out))
     return out

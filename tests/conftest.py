@@ -78,10 +78,16 @@ def parity() -> Parity:
     return Parity(require_fixture(PARITY_DIR))
 
 
-# Processor sizes that fit the tiny-a checkpoint (ViT grid 8 x 8 patches of 14, latents up to 8 x 8 of 16 px).
-TINY_PROCESSOR_SIZES = dict(
-    vit_max_num_patch_per_side=8, vit_max_size=112, vit_min_size=28, vae_max_size=128, vae_min_size=64
-)
+def _tiny_a_geometry():
+    """A config with the tiny-a checkpoint's image geometry (ViT grid 8 x 8 patches of 14, latents up to 8 x 8 of
+    16 px): the processor takes its strides and largest sides (112, 128) from it."""
+    from bagel_remote.configuration_bagel import BagelConfig
+
+    return BagelConfig(vit_max_num_patch_per_side=8, max_latent_size=8)
+
+
+# The processor for tiny-a: its config's geometry, smallest sides of its own.
+TINY_PROCESSOR_SIZES = dict(config=_tiny_a_geometry(), vit_min_size=28, vae_min_size=64)
 
 
 @pytest.fixture(scope="session")

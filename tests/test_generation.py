@@ -21,13 +21,11 @@ from bagel_remote.contexts_bagel import BagelContext, SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from bagel_remote.processing_bagel import BagelProcessor, get_resize_size
-from conftest import assert_close
+from conftest import TINY_PROCESSOR_SIZES, assert_close
 from PIL import Image
 
-# Processor sizes that fit the tiny checkpoint (ViT grid 8 x 8 patches of 14, latents up to 8 x 8 of 16 px).
-PROCESSOR_SIZES = dict(
-    vit_max_num_patch_per_side=8, vit_max_size=112, vit_min_size=28, vae_max_size=128, vae_min_size=64
-)
+# The processor for the tiny checkpoint (its geometry from a config like tiny-a's).
+PROCESSOR_SIZES = TINY_PROCESSOR_SIZES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +377,7 @@ def test_too_few_steps(model, processor, steps):
         model.edit_image(_pil(64, 64), "blue", num_steps=steps, progress=False, processor=processor)
 
 
-@pytest.mark.parametrize("steps", [2.5, "4", True, None])
+@pytest.mark.parametrize("steps", [2.5, "4", True])  # None: the generation config's (test_generation_config.py)
 def test_num_steps_must_be_an_integer(model, processor, steps):
     with pytest.raises(TypeError, match="num_steps must be an integer"):
         model.generate_image("a cat", height=64, width=64, num_steps=steps, progress=False, processor=processor)

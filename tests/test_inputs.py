@@ -141,7 +141,7 @@ API_ERRORS = [
     ("cfg_renorm_min-above-one", _edit(cfg_renorm_min=5.0), ValueError, ("cfg_renorm_min", "5.0")),
     ("num_steps-zero", _t2i(num_steps=0), ValueError, ("num_steps", "at least 1")),
     ("num_steps-float", _t2i(num_steps=2.5), TypeError, "num_steps"),
-    ("num_steps-none", _edit(num_steps=None), TypeError, "num_steps"),
+    ("num_steps-str", _edit(num_steps="4"), TypeError, ("num_steps", "'4'")),  # None: the generation config's
     ("max_think_tokens-zero", _t2i(think=True, max_think_tokens=0), ValueError, "max_think_tokens"),
     ("max_think_tokens-str", _edit(think=True, max_think_tokens="100"), TypeError, "max_think_tokens"),
     ("progress-str", _t2i(progress="no"), TypeError, "progress"),
@@ -366,6 +366,13 @@ PROCESSOR_ERRORS = [
     ("vit_patch_size-zero", lambda p: BagelProcessor(p.tokenizer, vit_patch_size=0), ValueError, "vit_patch_size"),
     ("vit_stride-not-patches", lambda p: BagelProcessor(p.tokenizer, vit_stride=15), ValueError, "vit_stride"),
     ("max_pixels-str", lambda p: BagelProcessor(p.tokenizer, max_pixels="1e6"), TypeError, "max_pixels"),
+    (
+        "grid-not-the-configs",
+        lambda p: BagelProcessor(p.tokenizer, vit_max_num_patch_per_side=35),
+        ValueError,
+        ("vit_max_num_patch_per_side=35", "70", "config="),
+    ),
+    ("config-dict", lambda p: BagelProcessor(p.tokenizer, config={"vit_patch_size": 16}), TypeError, "BagelConfig"),
 ]
 
 

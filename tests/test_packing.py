@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from bagel_remote.configuration_bagel import DEFAULT_VAE_CONFIG, BagelConfig
 from bagel_remote.training.packing import (
     ImageSizes,
     PackBuilder,
@@ -22,21 +23,24 @@ from PIL import Image
 
 PACK_DIR = REPO_ROOT.parent / "shared" / "parity" / "pack-a"
 BOS, EOS, START, END = 10, 11, 12, 13
+DROPOUTS = ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob")
 
 
-def small_config(**overrides) -> PackingConfig:
+def small_config(model_config: BagelConfig | None = None, **overrides) -> PackingConfig:
+    """Packing over a model config with an 8 x 8 ViT grid and 8 x 8 latent grid, no CFG dropout."""
+    model_config = (
+        BagelConfig(vit_max_num_patch_per_side=8, max_latent_size=8) if model_config is None else model_config
+    )
     values = dict(
         bos_token_id=BOS,
         eos_token_id=EOS,
         start_of_image=START,
         end_of_image=END,
-        vit_max_num_patch_per_side=8,
-        max_latent_size=8,
         text_cond_dropout_prob=0.0,
         vit_cond_dropout_prob=0.0,
         vae_cond_dropout_prob=0.0,
     )
-    return PackingConfig(**{**values, **overrides})
+    return PackingConfig(model_config, **{**values, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,15 +70,14 @@ def _fixture_plans(meta, inputs) -> dict[str, list[PlanItem]]:
 
 def _fixture_config(meta) -> PackingConfig:
     assert meta["vae_downsample"] * meta["latent_patch_size"] == 16
-    return small_config(
-        **meta["special_token_ids"],
+    model_config = BagelConfig(
         vit_patch_size=meta["vit_patch_size"],
         max_latent_size=meta["max_latent_size"],
         vit_max_num_patch_per_side=meta["vit_max_num_patch_per_side"],
-        vae_downsample=meta["vae_downsample"],
         latent_patch_size=meta["latent_patch_size"],
-        loss_reduction=meta["loss_reduction"],
+        vae_config=dict(DEFAULT_VAE_CONFIG, downsample=meta["vae_downsample"]),
     )
+    return small_config(model_config, **meta["special_token_ids"], loss_reduction=meta["loss_reduction"])
 
 
 @pytest.mark.parametrize("group", ["t2i", "edit", "und", "all"])
@@ -451,3 +454,57 @@ def test_encode_pack_on_gpu_matches_cpu(tiny):
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
         model.to("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# One source: the packing and the processor read the same model config
+# ----------------------------------------------------------------------------------------------
+
+
+def test_packing_and_processor_read_one_config():
+    """A config with another patch size and grids: the processor's rules, the training transforms
+    and the packing all follow it, and a pack of a processor-made image holds the processor's
+    patches and position ids."""
+    from bagel_remote.training.packing import training_image_sizes
+    from bagel_remote.processing_bagel import BagelProcessor
+    from tiny_tokenizer import build_tiny_tokenizer  # scripts/ is on sys.path (conftest)
+
+    model_config = BagelConfig(vit_patch_size=16, vit_max_num_patch_per_side=12, max_latent_size=6)
+    processor = BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), config=model_config, vit_min_size=32)
+    packing = PackingConfig.from_model_config(model_config, processor.special_token_ids)
+    assert (packing.vit_patch_size, packing.vit_max_num_patch_per_side) == (16, 12)
+    assert (packing.vae_token_stride, packing.max_latent_size) == (processor.vae_stride, 6)
+    assert packing.text_cond_dropout_prob == model_config.text_cond_dropout_prob == 0.1  # the config's, not a copy
+
+    sizes = training_image_sizes(processor.image_settings)
+    assert sizes["vae_sizes"] == ImageSizes(96, 512, 16)  # the processor's VAE rule: 6 tokens of 16 px at most
+    assert sizes["vit_sizes"] == ImageSizes(192, 378, 16, 2_007_040)  # the reference's understanding transform
+    assert sizes["edit_vit_sizes"] == ImageSizes(192, 32, 16)  # 518 px capped at the ViT grid
+    builder = PlanBuilder.from_processor(processor)
+    assert (builder.vae_sizes, builder.vit_sizes, builder.edit_vit_sizes) == tuple(sizes.values())
+
+    image = _pil(200, 120, 5)
+    edit = builder.image(image, vae=True, vit=True)
+    assert edit[0].data.shape[1:] == (64, 96) and edit[1].data.shape[1:] == (112, 192)
+    kept = PackingConfig.from_model_config(model_config, processor.special_token_ids, **dict.fromkeys(DROPOUTS, 0.0))
+    pack = pack_samples([edit], kept)
+    patches, position_ids = processor.vit_patches(image)  # the processor's own rule for this image
+    assert torch.equal(pack["packed_vit_tokens"], patches) and torch.equal(
+        pack["packed_vit_position_ids"], position_ids
+    )
+    assert pack["patchified_vae_latent_shapes"] == [(4, 6)]
+    with pytest.raises(ValueError, match="larger than max_latent_size=6"):
+        pack_samples([[PlanItem("vae_image", torch.zeros(3, 16, 112), loss=True)]], packing)
+
+
+def test_packing_config_names_what_belongs_to_the_model_config():
+    model_config = BagelConfig(max_latent_size=8)
+    ids = dict(bos_token_id=BOS, eos_token_id=EOS, start_of_image=START, end_of_image=END)
+    with pytest.raises(TypeError, match="max_latent_size"):
+        PackingConfig.from_model_config(model_config, ids, max_latent_size=16)
+    with pytest.raises(ValueError, match="vae_cond_dropout_prob"):
+        PackingConfig.from_model_config(model_config, ids, vae_cond_dropout_prob=1.5)
+    with pytest.raises(ValueError, match="interpolate_pos"):
+        PackingConfig.from_model_config(BagelConfig(interpolate_pos=True), ids)
+    dropped = PackingConfig.from_model_config(model_config, ids, text_cond_dropout_prob=0.0)
+    assert (dropped.text_cond_dropout_prob, dropped.vit_cond_dropout_prob) == (0.0, 0.3)

@@ -19,7 +19,7 @@ from bagel_remote.contexts_bagel import SpecialTokenIds
 from bagel_remote.guidance_bagel import GuidanceParams
 from bagel_remote.parallel_bagel import BagelParallel, ParallelLayout, ulysses_kv_heads
 from bagel_remote.step_cache_bagel import AdaptiveTaylor
-from conftest import assert_close
+from conftest import TINY_PROCESSOR_SIZES, assert_close
 
 SPECIAL = SpecialTokenIds(10, 11, 12, 13)  # tiny-a's ids
 PROMPTS = [[272, 115, 200, 48, 82, 271], [185, 28, 161, 276, 94, 17, 3, 250, 99]]
@@ -127,14 +127,7 @@ def _processor():
     from bagel_remote.processing_bagel import BagelProcessor
     from tiny_tokenizer import build_tiny_tokenizer  # scripts/ is on sys.path (conftest)
 
-    return BagelProcessor(
-        build_tiny_tokenizer(None, vocab_size=320),
-        vit_max_num_patch_per_side=8,
-        vit_max_size=112,
-        vit_min_size=28,
-        vae_max_size=128,
-        vae_min_size=64,
-    )
+    return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **TINY_PROCESSOR_SIZES)
 
 
 class _Collector:

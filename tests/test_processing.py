@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from bagel_remote.configuration_bagel import BagelConfig
+from bagel_remote.loading_bagel import remote_code_files
 from bagel_remote.processing_bagel import (
     DEFAULT_MAX_PIXELS,
     MAX_IMAGE_PIXELS,
@@ -377,7 +379,11 @@ def test_processor_config_round_trip(tokenizer, tmp_path):
     config = json.loads((tmp_path / "processor_config.json").read_text())
     assert config["auto_map"] == {"AutoProcessor": "processing_bagel.BagelProcessor"}
     assert config["processor_class"] == "BagelProcessor"
-    assert config["vit_max_size"] == 490 and config["vae_min_size"] == 256 and config["vit_patch_size"] == 14
+    assert config["vit_max_size"] == 490 and config["vae_min_size"] == 256
+    # what the model config gives is not saved (its one home): the patch grid, the strides, the default largest side
+    assert not {"vit_patch_size", "vit_stride", "vae_stride", "vit_max_num_patch_per_side", "vae_max_size"} & set(
+        config
+    )
     reloaded = BagelProcessor.from_pretrained(tmp_path)
     assert reloaded.vit_max_size == 490 and reloaded.vae_min_size == 256 and reloaded.vae_max_size == 1024
     assert reloaded.bos_token_id == proc.bos_token_id
@@ -391,9 +397,11 @@ def test_auto_processor_offline(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
     repo = tmp_path / "bagel-tiny"
-    BagelProcessor(tokenizer, vit_max_num_patch_per_side=35).save_pretrained(repo)
-    for module in ("processing_bagel.py", "validation_bagel.py", "imports_bagel.py"):  # and what it imports
-        shutil.copy(REPO_ROOT / module, repo / module)
+    config = BagelConfig(vit_max_num_patch_per_side=35)
+    BagelProcessor(tokenizer, config=config).save_pretrained(repo)
+    config.save_pretrained(repo)  # the processor reads its geometry from the directory's config.json
+    for module in remote_code_files(REPO_ROOT).values():  # processing_bagel.py and what it imports
+        shutil.copy(module, repo / module.name)
     assert {p.name for p in repo.iterdir()} >= {
         "processor_config.json",
         "tokenizer.json",
@@ -404,9 +412,92 @@ def test_auto_processor_offline(tokenizer, tmp_path, monkeypatch):
     loaded = AutoProcessor.from_pretrained(str(repo), trust_remote_code=True)
     assert type(loaded).__name__ == "BagelProcessor"
     assert type(loaded).__module__.startswith("transformers_modules")  # the copy in the dir, not bagel_remote
-    assert loaded.vit_max_num_patch_per_side == 35
+    assert (loaded.vit_max_num_patch_per_side, loaded.vit_max_size) == (35, 35 * 14)
     assert [loaded.bos_token_id, loaded.eos_token_id, loaded.start_of_image_id, loaded.end_of_image_id] == (
         tokenizer.convert_tokens_to_ids(BAGEL_TOKENS)
     )
     image = _noise_image(64, 48, seed=7)
     assert torch.equal(loaded.vae_transform(image), BagelProcessor(tokenizer).vae_transform(image))
+
+
+# ----------------------------------------------------------------------------------------------
+# The image rules come from the model config
+# ----------------------------------------------------------------------------------------------
+
+
+def test_processor_takes_its_geometry_from_the_config(tokenizer):
+    """Another patch size, ViT grid and latent grid: strides, grids and largest sides follow; the
+    processor's own settings (smallest sides) stay as given."""
+    config = BagelConfig(vit_patch_size=16, vit_max_num_patch_per_side=20, max_latent_size=24, latent_patch_size=1)
+    proc = BagelProcessor(tokenizer, config=config, vit_min_size=64)
+    assert (proc.vit_patch_size, proc.vit_stride, proc.vit_max_num_patch_per_side) == (16, 16, 20)
+    assert (proc.vit_max_size, proc.vit_min_size) == (320, 64)
+    assert (proc.vae_stride, proc.vae_max_size, proc.vae_min_size) == (8, 24 * 8, 512)
+
+    image = _noise_image(600, 400, seed=3)
+    vit = proc.vit_transform(image)
+    assert vit.shape == (3, 208, 320)  # longest side 320 = 20 patches of 16, both sides multiples of 16
+    patches, position_ids = proc.vit_patches(image)
+    assert patches.shape == (13 * 20, 3 * 16 * 16)
+    assert position_ids[20].item() == 20 and position_ids[-1].item() == 12 * 20 + 19  # rows of the 20-wide grid
+    assert proc.vae_transform(image).shape == (3, 128, 192)  # at most 24 tokens of 8 px
+    # BAGEL-7B-MoT's numbers, where nothing is given
+    default = BagelProcessor(tokenizer)
+    assert (default.vit_max_size, default.vit_stride, default.vae_max_size, default.vae_stride) == (980, 14, 1024, 16)
+
+
+def test_saved_processor_follows_the_config_it_is_loaded_with(tokenizer, tmp_path):
+    """processor_config.json holds the processor's settings only: loaded beside another config, the
+    geometry is that config's; an explicit largest side is kept; the directory's config.json is read."""
+    BagelProcessor(tokenizer, vae_min_size=128).save_pretrained(tmp_path / "plain")
+    other = BagelConfig(vit_patch_size=16, vit_max_num_patch_per_side=10, max_latent_size=8)
+    loaded = BagelProcessor.from_pretrained(tmp_path / "plain", config=other)
+    assert (loaded.vit_max_size, loaded.vit_patch_size, loaded.vae_max_size, loaded.vae_min_size) == (160, 16, 128, 128)
+
+    BagelProcessor(tokenizer, config=other, vae_max_size=64).save_pretrained(tmp_path / "capped")
+    other.save_pretrained(tmp_path / "capped")
+    capped = BagelProcessor.from_pretrained(tmp_path / "capped")  # reads config.json there
+    assert (capped.vae_max_size, capped.vit_max_size, capped.vit_patch_size) == (64, 160, 16)
+    assert json.loads((tmp_path / "capped" / "processor_config.json").read_text())["vae_max_size"] == 64
+
+
+def test_processor_config_written_before_still_loads(tokenizer, tmp_path):
+    """A processor_config.json of the earlier format (every size, the config's too) loads when its
+    values agree with the config, and is refused, naming the key, when they do not."""
+    BagelProcessor(tokenizer).save_pretrained(tmp_path)
+    file = tmp_path / "processor_config.json"
+    old = dict(json.loads(file.read_text()), vae_max_size=1024, vae_stride=16, vit_max_size=980, vit_stride=14)
+    file.write_text(json.dumps(dict(old, vit_patch_size=14, vit_max_num_patch_per_side=70)))
+    loaded = BagelProcessor.from_pretrained(tmp_path)
+    assert (loaded.vit_max_num_patch_per_side, loaded.vae_max_size, loaded.vit_max_size) == (70, 1024, 980)
+    file.write_text(json.dumps(dict(old, vit_patch_size=14, vit_max_num_patch_per_side=35)))
+    with pytest.raises(ValueError, match="vit_max_num_patch_per_side=35"):
+        BagelProcessor.from_pretrained(tmp_path)
+
+
+def test_tiny_fixture_processor_from_its_config(parity, tokenizer, tmp_path):
+    """tiny-a (config.json, no processor file): a processor loaded beside it takes its grid (8 x 8
+    ViT patches, 8 x 8 latent tokens); nothing new is needed in the checkpoint directory."""
+    from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
+
+    checkpoint = tmp_path / "tiny-a"
+    checkpoint.mkdir()
+    for file in parity.checkpoint.iterdir():
+        (checkpoint / file.name).symlink_to(file)
+    tokenizer.save_pretrained(checkpoint)  # tokenizer files: the model loads a processor, with no processor_config
+    model = BagelForUnifiedMultimodal.from_pretrained(checkpoint)
+    proc = model.processor
+    assert (proc.vit_max_size, proc.vit_max_num_patch_per_side, proc.vae_max_size) == (112, 8, 128)
+    assert (proc.vit_min_size, proc.vae_min_size, proc.max_pixels) == (224, 512, DEFAULT_MAX_PIXELS)
+    alone = BagelProcessor.from_pretrained(checkpoint)  # its config.json, read by the processor
+    assert alone.image_settings == proc.image_settings
+
+
+def test_tiny_checkpoint_processor_keeps_its_sizes(tokenizer):
+    """scripts/make_tiny_checkpoint.py's processor: the same rules as when it typed every size."""
+    from bagel_remote.processing_bagel import ImageSettings
+    from make_tiny_checkpoint import TINY_VAE_MAX_SIZE, TINY_VAE_MIN_SIZE, tiny_config
+
+    config = tiny_config(tokenizer)
+    proc = BagelProcessor(tokenizer, config=config, vae_max_size=TINY_VAE_MAX_SIZE, vae_min_size=TINY_VAE_MIN_SIZE)
+    assert proc.image_settings == ImageSettings(256, 128, 16, 980, 224, 14, 14, 70, DEFAULT_MAX_PIXELS)

@@ -13,7 +13,7 @@ from ..configuration_bagel import BagelConfig
 from ..loading_bagel import load_processor
 from . import data as readers
 from .config import ConfigError
-from .packing import ImageSizes, PackingConfig, PlanBuilder
+from .packing import PackingConfig, PlanBuilder
 
 
 class PackFile:
@@ -58,10 +58,9 @@ def build_dataset(cfg: dict, config: BagelConfig, checkpoint_dir: Path, rank: in
     processor = load_processor(checkpoint_dir, config)
     if processor is None:
         raise ConfigError(f"{checkpoint_dir} has no tokenizer files: reading data needs the checkpoint's tokenizer.")
-    # VAE images at the checkpoint processor's sizes (BAGEL's: 512 to 1024 px, the reference's
-    # training transform); ViT images at the reference's training sizes
-    vae_sizes = ImageSizes(processor.vae_max_size, processor.vae_min_size, processor.vae_stride)
-    builder = PlanBuilder(processor.tokenizer, vae_sizes=vae_sizes)
+    # The reference's training transforms over the checkpoint processor's rules (its strides and
+    # largest sides come from the model config).
+    builder = PlanBuilder.from_processor(processor)
     sources = []
     for index, spec in enumerate(data["sources"]):
         where = f"data.sources.{index} ({spec['kind']}: {spec['path']})"

@@ -34,24 +34,21 @@ from PIL import Image
 
 from ..processing_bagel import (
     DEFAULT_MAX_PIXELS,
-    VAE_MAX_SIZE,
-    VAE_MIN_SIZE,
-    VAE_STRIDE,
-    VIT_MAX_SIZE,
-    VIT_MIN_SIZE,
-    VIT_STRIDE,
+    ImageSettings,
     image_to_tensor,
     latent_position_ids,
     patchify_vit,
     resize_image,
     to_rgb,
 )
+from ..validation_bagel import check_number
 
 logger = logging.getLogger(__name__)
 
 TEXT, VIT_IMAGE, VAE_IMAGE = "text", "vit_image", "vae_image"
 ITEM_KINDS = (TEXT, VIT_IMAGE, VAE_IMAGE)
 LOSS_REDUCTIONS = ("square", "token", "sample")
+DROPOUT_NAMES = ("text_cond_dropout_prob", "vit_cond_dropout_prob", "vae_cond_dropout_prob")
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -113,54 +110,69 @@ def len2weight(num_tokens: int, reduction: str = "square") -> float:
 
 @dataclass
 class PackingConfig:
-    """Token ids, grid sizes and CFG dropout probabilities of the packing rules.
+    """The packing rules: the special token ids and the loss reduction, over the model's `BagelConfig`,
+    which gives the grid sizes (ViT patch and grid, latent token and grid) and the CFG dropout
+    probabilities. A dropout probability given here replaces the config's for this packing.
 
-    `vae_downsample * latent_patch_size` pixels make one latent token per side (16 for BAGEL).
+    `vae_token_stride` pixels make one latent token per side (16 for BAGEL).
     """
 
+    model_config: Any
     bos_token_id: int
     eos_token_id: int
     start_of_image: int
     end_of_image: int
-    vit_patch_size: int = 14
-    vit_max_num_patch_per_side: int = 70
-    vae_downsample: int = 8
-    latent_patch_size: int = 2
-    max_latent_size: int = 64
-    text_cond_dropout_prob: float = 0.1
-    vit_cond_dropout_prob: float = 0.3
-    vae_cond_dropout_prob: float = 0.3
     loss_reduction: str = "square"
+    text_cond_dropout_prob: float | None = None
+    vit_cond_dropout_prob: float | None = None
+    vae_cond_dropout_prob: float | None = None
 
     def __post_init__(self) -> None:
         len2weight(1, self.loss_reduction)  # validates the name
-
-    @classmethod
-    def from_model_config(cls, config, special_token_ids: Mapping[str, int], **overrides: Any) -> PackingConfig:
-        """From a `BagelConfig` and the special ids (`BagelProcessor.special_token_ids` or the dict of
-        `add_bagel_special_tokens`)."""
-        if getattr(config, "interpolate_pos", False):
+        if getattr(self.model_config, "interpolate_pos", False):
             raise ValueError(
                 "interpolate_pos=True (interpolated ViT / latent position ids) is not supported by the "
                 "packing; BAGEL was trained with interpolate_pos=False."
             )
-        values = dict(
-            vit_patch_size=config.vit_patch_size,
-            vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
-            vae_downsample=int(config.vae_config["downsample"]),
-            latent_patch_size=config.latent_patch_size,
-            max_latent_size=config.max_latent_size,
-            text_cond_dropout_prob=config.text_cond_dropout_prob,
-            vit_cond_dropout_prob=config.vit_cond_dropout_prob,
-            vae_cond_dropout_prob=config.vae_cond_dropout_prob,
-        )
+        for name in DROPOUT_NAMES:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(self.model_config, name))
+            check_number(name, getattr(self, name), minimum=0, maximum=1)
+
+    @classmethod
+    def from_model_config(cls, config, special_token_ids: Mapping[str, int], **overrides: Any) -> PackingConfig:
+        """From a `BagelConfig` and the special ids (`BagelProcessor.special_token_ids` or the dict of
+        `add_bagel_special_tokens`); `overrides`: `loss_reduction` and the dropout probabilities."""
+        unknown = sorted(set(overrides) - {"loss_reduction", *DROPOUT_NAMES})
+        if unknown:
+            raise TypeError(
+                f"PackingConfig.from_model_config got {unknown}: the packing takes the grid sizes from the model "
+                "config; set them on the BagelConfig (e.g. BagelConfig(max_latent_size=...)), not here."
+            )
         ids = {k: special_token_ids[k] for k in ("bos_token_id", "eos_token_id", "start_of_image", "end_of_image")}
-        return cls(**ids, **{**values, **overrides})
+        return cls(config, **ids, **overrides)
+
+    # The grid sizes: the model config's.
+    @property
+    def vit_patch_size(self) -> int:
+        return self.model_config.vit_patch_size
+
+    @property
+    def vit_max_num_patch_per_side(self) -> int:
+        return self.model_config.vit_max_num_patch_per_side
+
+    @property
+    def latent_patch_size(self) -> int:
+        return self.model_config.latent_patch_size
+
+    @property
+    def max_latent_size(self) -> int:
+        return self.model_config.max_latent_size
 
     @property
     def vae_token_stride(self) -> int:
         """Pixels per latent token side."""
-        return self.vae_downsample * self.latent_patch_size
+        return self.model_config.vae_token_stride
 
     def latent_grid(self, image: torch.Tensor) -> tuple[int, int]:
         """(h, w) latent tokens of a (3, H, W) VAE image; a clear error unless it fits the grid."""
@@ -492,11 +504,23 @@ class ImageSizes:
         return image_to_tensor(image)
 
 
-#: The reference's training transforms: VAE images (generation and editing), ViT images of
-#: understanding samples, ViT images of editing / interleaved samples.
-VAE_SIZES = ImageSizes(VAE_MAX_SIZE, VAE_MIN_SIZE, VAE_STRIDE)
-VIT_SIZES = ImageSizes(VIT_MAX_SIZE, 378, VIT_STRIDE, 2_007_040)
-EDIT_VIT_SIZES = ImageSizes(518, VIT_MIN_SIZE, VIT_STRIDE)
+#: Where the reference's training transforms differ from the processor's rules: ViT images of
+#: understanding samples are at least 378 px a side and share 2_007_040 px; those of editing /
+#: interleaved samples at most 518 px a side.
+UNDERSTANDING_VIT_MIN_SIZE, UNDERSTANDING_VIT_MAX_PIXELS = 378, 2_007_040
+EDIT_VIT_MAX_SIZE = 518
+
+
+def training_image_sizes(settings: ImageSettings) -> dict[str, ImageSizes]:
+    """The reference's training transforms over a processor's rules (`BagelProcessor.image_settings`,
+    strides and largest sides from the model config): `vae_sizes` (generation and editing images),
+    `vit_sizes` (understanding), `edit_vit_sizes` (editing / interleaved), as `PlanBuilder` takes them."""
+    s = settings
+    return dict(
+        vae_sizes=ImageSizes(s.vae_max_size, s.vae_min_size, s.vae_stride, s.max_pixels),
+        vit_sizes=ImageSizes(s.vit_max_size, UNDERSTANDING_VIT_MIN_SIZE, s.vit_stride, UNDERSTANDING_VIT_MAX_PIXELS),
+        edit_vit_sizes=ImageSizes(min(EDIT_VIT_MAX_SIZE, s.vit_max_size), s.vit_min_size, s.vit_stride, s.max_pixels),
+    )
 
 
 class PlanBuilder:
@@ -505,18 +529,29 @@ class PlanBuilder:
     Args:
         tokenizer: anything with `encode(text, add_special_tokens=False)` (a Qwen2 tokenizer, the
             `BagelProcessor`'s `.tokenizer`).
-        vae_sizes, vit_sizes, edit_vit_sizes: the resize rules (defaults: the reference's).
+        vae_sizes, vit_sizes, edit_vit_sizes: the resize rules (default: `training_image_sizes` of
+            BAGEL-7B-MoT's processor rules; `from_processor` takes a processor's).
     """
 
     def __init__(
         self,
         tokenizer,
-        vae_sizes: ImageSizes = VAE_SIZES,
-        vit_sizes: ImageSizes = VIT_SIZES,
-        edit_vit_sizes: ImageSizes = EDIT_VIT_SIZES,
+        vae_sizes: ImageSizes | None = None,
+        vit_sizes: ImageSizes | None = None,
+        edit_vit_sizes: ImageSizes | None = None,
     ):
         self.tokenizer = tokenizer
-        self.vae_sizes, self.vit_sizes, self.edit_vit_sizes = vae_sizes, vit_sizes, edit_vit_sizes
+        given = dict(vae_sizes=vae_sizes, vit_sizes=vit_sizes, edit_vit_sizes=edit_vit_sizes)
+        if None in given.values():
+            defaults = training_image_sizes(ImageSettings.from_config())
+            given = {name: defaults[name] if rule is None else rule for name, rule in given.items()}
+        self.vae_sizes, self.vit_sizes, self.edit_vit_sizes = given.values()
+
+    @classmethod
+    def from_processor(cls, processor, **sizes: ImageSizes) -> PlanBuilder:
+        """With the processor's tokenizer and `training_image_sizes` of its rules (its model config's
+        geometry); `sizes` replaces some of them."""
+        return cls(processor.tokenizer, **{**training_image_sizes(processor.image_settings), **sizes})
 
     def tokenize(self, text: str) -> list[int]:
         if not isinstance(text, str):
@@ -657,17 +692,15 @@ def encode_pack(model, pack: Mapping[str, Any], device: torch.device | str, samp
 
 
 __all__ = [
-    "EDIT_VIT_SIZES",
     "ImageSizes",
     "PackBuilder",
     "Packer",
     "PackingConfig",
     "PlanBuilder",
     "PlanItem",
-    "VAE_SIZES",
-    "VIT_SIZES",
     "encode_latents",
     "encode_pack",
     "len2weight",
     "pack_samples",
+    "training_image_sizes",
 ]
