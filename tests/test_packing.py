@@ -465,8 +465,8 @@ def test_packing_and_processor_read_one_config():
     """A config with another patch size and grids: the processor's rules, the training transforms
     and the packing all follow it, and a pack of a processor-made image holds the processor's
     patches and position ids."""
-    from bagel_remote.training.packing import training_image_sizes
     from bagel_remote.processing_bagel import BagelProcessor
+    from bagel_remote.training.packing import training_image_sizes
     from tiny_tokenizer import build_tiny_tokenizer  # scripts/ is on sys.path (conftest)
 
     model_config = BagelConfig(vit_patch_size=16, vit_max_num_patch_per_side=12, max_latent_size=6)
