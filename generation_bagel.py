@@ -406,12 +406,12 @@ class BagelGenerationMixin:
     def _largest_image_side(self, processor) -> int:
         """The largest image side this checkpoint generates: what its latent position table
         (`max_latent_size`) covers, at most the processor's VAE size (1024 for BAGEL-7B-MoT)."""
-        stride = self.vae.downsample * self.config.latent_patch_size
+        stride = self.config.vae_token_stride
         return min(processor.vae_max_size // stride, self.config.max_latent_size) * stride
 
     def _latent_stride(self) -> tuple[int, int]:
         """Pixels per latent token side, and the most tokens a side (`max_latent_size`)."""
-        return self.vae.downsample * self.config.latent_patch_size, self.config.max_latent_size
+        return self.config.vae_token_stride, self.config.max_latent_size
 
     def _latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image size in pixels -> latent token grid, with clear errors."""
@@ -601,9 +601,7 @@ class BagelGenerationMixin:
                 n += (vit_w // processor.vit_patch_size) * (vit_h // processor.vit_patch_size) + 2
                 if generating:  # resized a second time for the VAE, as the reference does
                     w2, h2 = get_resize_size(w, h, *vae_rule)
-                    n += (w2 // self.vae.downsample // self.config.latent_patch_size) * (
-                        h2 // self.vae.downsample // self.config.latent_patch_size
-                    ) + 2
+                    n += (w2 // self.config.vae_token_stride) * (h2 // self.config.vae_token_stride) + 2
                     height, width = h, w
             prompt_tokens.append(n)
             if generating:

@@ -55,7 +55,8 @@ AUTO_MAP = {
 REMOTE_CODE_ENTRY_FILES = ("configuration_bagel.py", "modeling_bagel.py", "processing_bagel.py")
 #: Files whose presence means a checkpoint directory has a tokenizer (and so a processor).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-#: What a Hub download fetches besides the weights: configs, tokenizer / processor files, code.
+#: What a Hub download fetches besides the weights: configs, tokenizer / processor files, code, from
+#: the checkpoint's own folder only (the repository's training/, tests/, docs/ ... are not loaded).
 HUB_ALLOW_PATTERNS = ("*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 #: ae.safetensors keeps the FLUX autoencoder's own names; the model holds it as `vae`.
 VAE_KEY_MAPPING = {r"^encoder\.": "vae.encoder.", r"^decoder\.": "vae.decoder."}
@@ -212,7 +213,7 @@ def resolve_checkpoint_dir(
     patterns = [prefix + p for p in (*HUB_ALLOW_PATTERNS, *weights)]
     kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
     try:
-        root = snapshot_download(text, allow_patterns=patterns, **kwargs)
+        root = snapshot_download(text, allow_patterns=patterns, ignore_patterns=[prefix + "*/*"], **kwargs)
     except Exception as err:  # noqa: BLE001 - not found, no network, offline without a cached copy, bad id
         offline = constants.HF_HUB_OFFLINE or kwargs.get("local_files_only")
         where = "the Hugging Face cache (offline: HF_HUB_OFFLINE or local_files_only)" if offline else "the Hub"

@@ -219,7 +219,9 @@ class BagelDemo:
         self.load_line = load_line
         if self.can_generate:
             # generate_image's default size: the largest the checkpoint generates (1024 for BAGEL-7B-MoT).
-            self.stride = model.vae.downsample * model.config.latent_patch_size
+            self.stride = (
+                model.vae.downsample * model.config.latent_patch_size
+            )
             side = min(model.processor.vae_max_size // self.stride, model.config.max_latent_size)
             self.long_side = side * self.stride
 
@@ -413,8 +415,12 @@ class BagelDemo:
 
     # --- layout --------------------------------------------------------------------------------
 
-    def _image_knobs(self, tab: str, interval_start: float, renorm: str, img_scale: bool, shift_max: float):
-        """The reference's "Inference Hyperparameters" of an image tab, in its order."""
+    def _image_knobs(self, tab: str, img_scale: bool, shift_max: float):
+        """The reference's "Inference Hyperparameters" of an image tab, in its order, each at the
+        model's own default (`model_defaults`)."""
+        names = ["cfg_text_scale", "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min"]
+        names += ["num_steps", "timestep_shift", "max_think_tokens", "do_sample", "temperature"]
+        d = model_defaults(self.model, "image_editing" if tab == "edit" else "image_generation", names)
         k = {}
         with gr.Accordion("Inference hyperparameters", open=False, elem_id=f"{tab}-knobs"):
             with gr.Row():
@@ -448,7 +454,7 @@ class BagelDemo:
                 k["cfg_text_scale"] = gr.Slider(
                     1.0,
                     8.0,
-                    value=4.0,
+                    value=d["cfg_text_scale"],
                     step=0.1,
                     label="Text guidance",
                     elem_id=f"{tab}-cfg-text",
@@ -458,7 +464,7 @@ class BagelDemo:
                     k["cfg_img_scale"] = gr.Slider(
                         1.0,
                         4.0,
-                        value=2.0,
+                        value=d["cfg_img_scale"],
                         step=0.1,
                         label="Image guidance",
                         elem_id=f"{tab}-cfg-img",
@@ -467,7 +473,7 @@ class BagelDemo:
                 k["cfg_interval_start"] = gr.Slider(
                     0.0,
                     1.0,
-                    value=interval_start,
+                    value=d["cfg_interval"][0],
                     step=0.1,
                     label="Guidance interval start",
                     elem_id=f"{tab}-cfg-interval",
@@ -476,7 +482,7 @@ class BagelDemo:
             with gr.Row():
                 k["cfg_renorm_type"] = gr.Dropdown(
                     RENORM_TYPES,
-                    value=renorm,
+                    value=d["cfg_renorm_type"],
                     label="Renorm type",
                     elem_id=f"{tab}-renorm",
                     info="if the image is blurry, use 'global'",
@@ -484,7 +490,7 @@ class BagelDemo:
                 k["cfg_renorm_min"] = gr.Slider(
                     0.0,
                     1.0,
-                    value=0.0,
+                    value=d["cfg_renorm_min"],
                     step=0.1,
                     label="Renorm min",
                     elem_id=f"{tab}-renorm-min",
@@ -494,7 +500,7 @@ class BagelDemo:
                 k["num_steps"] = gr.Slider(
                     10,
                     100,
-                    value=50,
+                    value=d["num_steps"],
                     step=1,
                     label="Denoising steps",
                     elem_id=f"{tab}-steps",
@@ -503,7 +509,7 @@ class BagelDemo:
                 k["timestep_shift"] = gr.Slider(
                     1.0,
                     shift_max,
-                    value=3.0,
+                    value=d["timestep_shift"],
                     step=0.5,
                     label="Timestep shift",
                     elem_id=f"{tab}-shift",
@@ -522,15 +528,20 @@ class BagelDemo:
                 with gr.Row():
                     k["do_sample"] = gr.Checkbox(
                         label="Sampling",
-                        value=False,
+                        value=d["do_sample"],
                         elem_id=f"{tab}-sample",
                         info="sample the thinking text (else greedy)",
                     )
                     k["max_think_tokens"] = gr.Slider(
-                        64, 4096, value=1024, step=64, label="Max thinking tokens", elem_id=f"{tab}-think-tokens"
+                        8,
+                        4096,
+                        value=d["max_think_tokens"],
+                        step=8,
+                        label="Max thinking tokens",
+                        elem_id=f"{tab}-think-tokens",
                     )
                     k["temperature"] = gr.Slider(
-                        0.1, 1.0, value=0.3, step=0.1, label="Temperature", elem_id=f"{tab}-temperature"
+                        0.1, 1.0, value=d["temperature"], step=0.1, label="Temperature", elem_id=f"{tab}-temperature"
                     )
         return k, thinking_knobs
 
@@ -560,13 +571,7 @@ class BagelDemo:
                     label="Thinking", value=False, elem_id=f"{tab}-think", info="the model writes a plan first"
                 )
                 button = gr.Button("Edit" if edit else "Generate", variant="primary", elem_id=f"{tab}-run")
-                knobs, thinking_knobs = self._image_knobs(
-                    tab,
-                    0.0 if edit else 0.4,
-                    "text_channel" if edit else "global",
-                    img_scale=edit,
-                    shift_max=10.0 if edit else 5.0,
-                )
+                knobs, thinking_knobs = self._image_knobs(tab, img_scale=edit, shift_max=10.0 if edit else 5.0)
             with gr.Column():
                 thinking = gr.Textbox(label="Thinking", lines=4, visible=False, elem_id=f"{tab}-thinking")
                 gallery = gr.Gallery(
@@ -615,20 +620,24 @@ class BagelDemo:
                     label="Thinking", value=False, elem_id="und-think", info="the model reasons before it answers"
                 )
                 button = gr.Button("Ask", variant="primary", elem_id="und-run")
+                d = model_defaults(self.model, None, ["do_sample", "temperature", "max_new_tokens"])
                 with gr.Accordion("Inference hyperparameters", open=False, elem_id="und-knobs"):
                     with gr.Row():
                         do_sample = gr.Checkbox(
-                            label="Sampling", value=False, elem_id="und-sample", info="sample the answer (else greedy)"
+                            label="Sampling",
+                            value=d["do_sample"],
+                            elem_id="und-sample",
+                            info="sample the answer (else greedy)",
                         )
                         temperature = gr.Slider(
-                            0.05, 1.0, value=0.3, step=0.05, label="Temperature", elem_id="und-temperature"
+                            0.05, 1.0, value=d["temperature"], step=0.05, label="Temperature", elem_id="und-temperature"
                         )
                     with gr.Row():
                         max_new_tokens = gr.Slider(
-                            64,
+                            8,
                             4096,
-                            value=512,
-                            step=64,
+                            value=d["max_new_tokens"],
+                            step=8,
                             label="Max new tokens",
                             elem_id="und-tokens",
                             info="thinking included",
@@ -688,6 +697,19 @@ class BagelDemo:
             else:
                 gr.Markdown("This model was loaded for understanding only (stage 1): no image generation.")
         return demo
+
+
+def model_defaults(model, task: str | None, names: list[str]) -> dict:
+    """The model's own defaults for the arguments `names` (`task`: "image_generation" or
+    "image_editing" for generate_image / edit_image, None for text decoding): what a call that leaves
+    them out uses (the checkpoint's generation_config.json, else BAGEL's). Model versions from before
+    generation_config.json typed them as their methods' default values."""
+    if hasattr(model, "_sampling"):
+        values = model._sampling(task, **dict.fromkeys(names))
+        return dict(zip(names, values)) if len(names) > 1 else {names[0]: values}
+    method = {"image_editing": model.edit_image, "image_generation": model.generate_image}.get(task, model.chat)
+    parameters = inspect.signature(method).parameters
+    return {name: parameters[name].default for name in names}
 
 
 def can_generate_with(model, argument: str) -> bool:

@@ -203,6 +203,12 @@ def test_mixing_follows_the_weights(tmp_path, builder):
     assert keys(1) == keys(1) != keys(2), "the mixing is drawn from the seed"
     with pytest.raises(ValueError, match="weights"):
         BagelPackedDataset(sources, builder, small_config(), weights=[1, 1])
+    with pytest.raises(ValueError, match="positive sum"):
+        BagelPackedDataset(sources, builder, small_config(), weights=[0, 0, 0])
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        BagelPackedDataset(sources, builder, small_config(), weights=[1, -1, 1])
+    with pytest.raises(TypeError, match=r"weights\[2\]"):  # a bool is no weight (it was taken as 1.0)
+        BagelPackedDataset(sources, builder, small_config(), weights=[1, 1, True])
 
 
 def _packs_equal(a, b) -> bool:

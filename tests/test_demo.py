@@ -575,3 +575,30 @@ def test_int8_understanding_only_app(app):
     assert "und-input" in ids and not {"t2i-prompt", "edit-input", "history"} & ids
     *_, (answer, code) = demo.understand(Image.new("RGB", (64, 64), "red"), "what?", False, False, 0.3, 8, 0)
     assert answer == model.chat(Image.new("RGB", (64, 64), "red"), "what?", max_new_tokens=8) and "stage=1" in code
+
+
+def test_knobs_start_at_the_models_own_defaults(app, tiny):
+    """Every knob starts where a call that leaves the argument out starts: the reference's values
+    without a generation_config.json, the file's where it sets them (one home for the defaults)."""
+    model, line = tiny
+
+    def knobs() -> dict:
+        blocks = app.BagelDemo(model, line).build().blocks.values()
+        return {b.elem_id: b.value for b in blocks if getattr(b, "elem_id", None) and hasattr(b, "value")}
+
+    v = knobs()
+    assert (v["t2i-cfg-text"], v["t2i-cfg-interval"], v["t2i-renorm"]) == (4.0, 0.4, "global")
+    assert (v["t2i-steps"], v["t2i-shift"], v["t2i-renorm-min"]) == (50, 3.0, 0.0)
+    assert (v["edit-cfg-img"], v["edit-cfg-interval"], v["edit-renorm"]) == (2.0, 0.0, "text_channel")
+    assert (v["t2i-think-tokens"], v["t2i-temperature"], v["t2i-sample"]) == (1000, 0.3, False)
+    assert (v["und-tokens"], v["und-temperature"], v["und-sample"]) == (512, 0.3, False)
+    config = model.generation_config
+    saved = (config.image_generation, config.max_new_tokens)
+    try:
+        config.image_generation = dict(config.image_generation, cfg_text_scale=5.5, num_steps=30)
+        config.max_new_tokens = 256
+        v = knobs()
+        assert (v["t2i-cfg-text"], v["t2i-steps"], v["und-tokens"]) == (5.5, 30, 256)
+        assert v["edit-cfg-text"] == 4.0 and v["edit-steps"] == 50  # editing's own dict is unchanged
+    finally:
+        config.image_generation, config.max_new_tokens = saved

@@ -571,6 +571,13 @@ def test_hub_id_goes_through_snapshot_download(tiny, tmp_path, monkeypatch):
     patterns = kwargs["allow_patterns"]
     assert "ema.safetensors" in patterns and "ae.safetensors" not in patterns  # stage 1 needs no VAE
     assert {"*.json", "*.py", "*.txt"} <= set(patterns)
+    # huggingface_hub's own filter over a repository like ours: the checkpoint's folder, not the repo's others
+    files = ["config.json", "modeling_bagel.py", "ema.safetensors", "ae.safetensors", "tokenizer.json"]
+    files += ["training/model.py", "tests/test_ops.py", "docs/x.json", "demo/app.py", "README.md"]
+    kept = huggingface_hub.utils.filter_repo_objects(
+        files, allow_patterns=patterns, ignore_patterns=kwargs["ignore_patterns"]
+    )
+    assert list(kept) == ["config.json", "modeling_bagel.py", "ema.safetensors", "tokenizer.json"]
     calls.clear()
     BagelForUnifiedMultimodal.from_pretrained("some-org/bagel-tiny")
     assert "ae.safetensors" in calls[0][1]["allow_patterns"]

@@ -508,3 +508,20 @@ def test_packing_config_names_what_belongs_to_the_model_config():
         PackingConfig.from_model_config(BagelConfig(interpolate_pos=True), ids)
     dropped = PackingConfig.from_model_config(model_config, ids, text_cond_dropout_prob=0.0)
     assert (dropped.text_cond_dropout_prob, dropped.vit_cond_dropout_prob) == (0.0, 0.3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, kind, named",
+    [
+        (dict(max_num_tokens=2.5), TypeError, "max_num_tokens"),
+        (dict(max_num_tokens=0), ValueError, "max_num_tokens"),
+        (dict(max_num_tokens=100, expected_num_tokens=101), ValueError, "expected_num_tokens"),
+        (dict(max_num_tokens=100, expected_num_tokens=50, max_num_tokens_per_sample=200), ValueError, "per_sample"),
+        (dict(max_buffer_size=-1), ValueError, "max_buffer_size"),
+        (dict(prefer_buffer_before="16"), TypeError, "prefer_buffer_before"),
+        (dict(seed=True), TypeError, "seed"),
+    ],
+)
+def test_packer_limits_are_checked_by_name(kwargs, kind, named):
+    with pytest.raises(kind, match=named):
+        Packer(small_config(), **kwargs)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..validation_bagel import check_number
 from .packing import Packer, PackingConfig, PlanBuilder, PlanItem
 
 PathLike = str | os.PathLike
@@ -339,12 +340,12 @@ class BagelPackedDataset(torch.utils.data.IterableDataset):
         super().__init__()
         if not sources:
             raise ValueError("BagelPackedDataset needs at least one source.")
-        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(
-                f"weights must be one non-negative number per source ({len(sources)}) with a positive "
-                f"sum, got {weights}."
-            )
+        weights = [1.0] * len(sources) if weights is None else weights
+        if not isinstance(weights, Sequence) or len(weights) != len(sources):
+            raise ValueError(f"weights must be one non-negative number per source ({len(sources)}), got {weights!r}.")
+        weights = [check_number(f"weights[{i}]", w, minimum=0) for i, w in enumerate(weights)]
+        if sum(weights) <= 0:
+            raise ValueError(f"weights must have a positive sum (one source at least is drawn from), got {weights}.")
         # checks the limits now rather than in a worker
         self.max_num_tokens_per_sample = Packer(packing, **packer_kwargs).max_num_tokens_per_sample
         self.sources, self.builder, self.packing = list(sources), builder, packing

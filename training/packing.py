@@ -41,7 +41,7 @@ from ..processing_bagel import (
     resize_image,
     to_rgb,
 )
-from ..validation_bagel import check_number
+from ..validation_bagel import check_int, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -411,17 +411,21 @@ class Packer:
         max_buffer_size: int = 50,
         seed: int = 0,
     ):
-        if not 0 < expected_num_tokens <= max_num_tokens or not 0 < max_num_tokens_per_sample <= max_num_tokens:
-            raise ValueError(
-                f"need 0 < expected_num_tokens ({expected_num_tokens}) <= max_num_tokens ({max_num_tokens}) and "
-                f"0 < max_num_tokens_per_sample ({max_num_tokens_per_sample}) <= max_num_tokens."
-            )
         self.config = config
-        self.max_num_tokens = max_num_tokens
-        self.expected_num_tokens = expected_num_tokens
-        self.max_num_tokens_per_sample = max_num_tokens_per_sample
-        self.prefer_buffer_before = prefer_buffer_before
-        self.max_buffer_size = max_buffer_size
+        self.max_num_tokens = check_int("max_num_tokens", max_num_tokens, minimum=1)
+        self.expected_num_tokens = check_int(
+            "expected_num_tokens", expected_num_tokens, minimum=1, maximum=max_num_tokens, fix="At most max_num_tokens."
+        )
+        self.max_num_tokens_per_sample = check_int(
+            "max_num_tokens_per_sample",
+            max_num_tokens_per_sample,
+            minimum=1,
+            maximum=max_num_tokens,
+            fix="At most max_num_tokens.",
+        )
+        self.prefer_buffer_before = check_int("prefer_buffer_before", prefer_buffer_before, minimum=0)
+        self.max_buffer_size = check_int("max_buffer_size", max_buffer_size, minimum=0)
+        seed = check_int("seed", seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer: list[tuple[Any, list[PlanItem]]] = []
         self.carry: tuple[Any, list[PlanItem]] | None = None  # the plan that closed the last pack
