@@ -219,9 +219,7 @@ class BagelDemo:
         self.load_line = load_line
         if self.can_generate:
             # generate_image's default size: the largest the checkpoint generates (1024 for BAGEL-7B-MoT).
-            self.stride = (
-                model.vae.downsample * model.config.latent_patch_size
-            )
+            self.stride = model.vae.downsample * model.config.latent_patch_size
             side = min(model.processor.vae_max_size // self.stride, model.config.max_latent_size)
             self.long_side = side * self.stride
 
