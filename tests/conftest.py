@@ -43,6 +43,25 @@ class Parity:
         prefix = case + "."
         return {k[len(prefix) :]: v for k, v in self.inputs.items() if k.startswith(prefix)}
 
+    def train_batch(self) -> dict:
+        """The train case as training-forward keyword arguments (the reference's noise as `packed_noise`)."""
+        inputs = self.case_inputs("train")
+        meta = self.meta["cases"]["train"]
+        noise = inputs.pop("noise")
+        inputs.pop("padded_images")
+        keys = ("sequence_length", "sample_lens", "split_lens", "attn_modes", "patchified_vae_latent_shapes")
+        return dict(inputs, packed_noise=noise, **{k: meta[k] for k in keys})
+
+    def guidance_params(self, case: str, **overrides):
+        """The GuidanceParams the reference sampled `case` ("t2i", "edit", ...) with."""
+        from bagel_remote.guidance_bagel import GuidanceParams
+
+        p = self.meta["cases"][case]["params"]
+        names = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_type")
+        kwargs = {name: p[name] for name in names}
+        kwargs.update(cfg_interval=tuple(p["cfg_interval"]), cfg_renorm_min=p["cfg_renorm_min"])
+        return GuidanceParams(**{**kwargs, **overrides})
+
     def understanding_batch(self) -> dict:
         """The train case's sample 2 alone (a `full` ViT image, then `causal` text with all the CE
         tokens) as a training-forward batch: what a stage-1 model must reproduce `train.ce` from."""

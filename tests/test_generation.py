@@ -62,21 +62,6 @@ def processor() -> BagelProcessor:
     return BagelProcessor(build_tiny_tokenizer(None, vocab_size=320), **PROCESSOR_SIZES)
 
 
-def _params(case: dict, **overrides) -> GuidanceParams:
-    p = case["params"]
-    kwargs = dict(
-        num_timesteps=p["num_timesteps"],
-        timestep_shift=p["timestep_shift"],
-        cfg_text_scale=p["cfg_text_scale"],
-        cfg_img_scale=p["cfg_img_scale"],
-        cfg_interval=tuple(p["cfg_interval"]),
-        cfg_renorm_type=p["cfg_renorm_type"],
-        cfg_renorm_min=p["cfg_renorm_min"],
-    )
-    kwargs.update(overrides)
-    return GuidanceParams(**kwargs)
-
-
 def _grid(model, height: int, width: int) -> tuple[int, int]:
     stride = model.vae.downsample * model.config.latent_patch_size
     return height // stride, width // stride
@@ -154,7 +139,7 @@ def test_t2i_parity(model, special, parity):
         full,
         [tuple(case["image_hw"])],
         special,
-        _params(case),
+        parity.guidance_params("t2i"),
         init_noise=[parity.inputs["t2i.init_noise"]],
     )
     _check_image_case(model, parity, "t2i", latents)
@@ -172,7 +157,7 @@ def test_edit_parity(model, special, parity):
         cfg_img,
         [tuple(case["image_hw"])],
         special,
-        _params(case),
+        parity.guidance_params("edit"),
         init_noise=[parity.inputs["edit.init_noise"]],
     )
     _check_image_case(model, parity, "edit", latents)

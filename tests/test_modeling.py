@@ -236,22 +236,6 @@ def parity_model(parity):
     return model
 
 
-def _train_kwargs(parity) -> dict:
-    inputs = parity.case_inputs("train")
-    meta = parity.meta["cases"]["train"]
-    noise = inputs.pop("noise")
-    inputs.pop("padded_images")
-    return dict(
-        inputs,
-        packed_noise=noise,
-        sequence_length=meta["sequence_length"],
-        sample_lens=meta["sample_lens"],
-        split_lens=meta["split_lens"],
-        attn_modes=meta["attn_modes"],
-        patchified_vae_latent_shapes=meta["patchified_vae_latent_shapes"],
-    )
-
-
 def test_parity_vit(parity, parity_model):
     vi = parity.case_inputs("vit")
     model = parity_model.model
@@ -268,7 +252,7 @@ def test_parity_vit(parity, parity_model):
 
 def test_parity_train(parity, parity_model):
     with torch.no_grad():
-        out = parity_model(**_train_kwargs(parity), output_hidden_states=True)
+        out = parity_model(**parity.train_batch(), output_hidden_states=True)
     for name in ("ce", "mse", "last_hidden_state"):
         assert_close(out[name], parity.expected["train." + name], 1e-4, "train." + name)
     assert out["ce"].dtype == torch.float32 and out["mse"].dtype == torch.float32

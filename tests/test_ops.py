@@ -118,15 +118,6 @@ def eager_model(parity):
     return model
 
 
-def _train_kwargs(parity) -> dict:
-    inputs = parity.case_inputs("train")
-    meta = parity.meta["cases"]["train"]
-    noise = inputs.pop("noise")
-    inputs.pop("padded_images")
-    keys = ("sequence_length", "sample_lens", "split_lens", "attn_modes", "patchified_vae_latent_shapes")
-    return dict(inputs, packed_noise=noise, output_hidden_states=True, **{k: meta[k] for k in keys})
-
-
 def _special(parity) -> SpecialTokenIds:
     s = parity.meta["special_token_ids"]
     return SpecialTokenIds(s["bos_token_id"], s["eos_token_id"], s["start_of_image"], s["end_of_image"])
@@ -144,11 +135,11 @@ def test_eager_reproduces_the_parity_fixtures_and_sdpa(parity, eager_model, tiny
     "sdpa" model to float tolerance, and every attention ran the eager kernels."""
     eager_calls, sdpa_calls = _count(monkeypatch, "eager_per_segment"), _count(monkeypatch, "sdpa_per_segment")
     with torch.no_grad():
-        eager = eager_model(**_train_kwargs(parity))
+        eager = eager_model(**parity.train_batch(), output_hidden_states=True)
     layers = eager_model.config.text_config.num_hidden_layers + eager_model.config.vision_config.num_hidden_layers
     assert len(eager_calls) >= layers and sdpa_calls == []
     with torch.no_grad():
-        sdpa = tiny_model(**_train_kwargs(parity))
+        sdpa = tiny_model(**parity.train_batch(), output_hidden_states=True)
     assert sdpa_calls and len(eager_calls) >= layers  # the sdpa model took SDPA, not eager
     for name in ("ce", "mse", "last_hidden_state"):
         assert_close(eager[name], parity.expected["train." + name], 1e-4, "eager train." + name)
@@ -168,19 +159,8 @@ def test_eager_reproduces_the_parity_fixtures_and_sdpa(parity, eager_model, tiny
 def test_eager_reproduces_the_t2i_parity_fixture(parity, eager_model, monkeypatch):
     """Text-to-image under "eager": the guided denoising (three cached contexts, full attention
     over the latent tokens) gives the reference's latent tokens."""
-    from bagel_remote.guidance_bagel import GuidanceParams
-
     case, special = parity.meta["cases"]["t2i"], _special(parity)
-    p = case["params"]
-    params = GuidanceParams(
-        num_timesteps=p["num_timesteps"],
-        timestep_shift=p["timestep_shift"],
-        cfg_text_scale=p["cfg_text_scale"],
-        cfg_img_scale=p["cfg_img_scale"],
-        cfg_interval=tuple(p["cfg_interval"]),
-        cfg_renorm_type=p["cfg_renorm_type"],
-        cfg_renorm_min=p["cfg_renorm_min"],
-    )
+    params = parity.guidance_params("t2i")
     sdpa_calls = _count(monkeypatch, "sdpa_per_segment")
     full = eager_model.add_text_tokens(eager_model.new_context(1), [case["prompt_ids"]], special)
     noise = [parity.inputs["t2i.init_noise"]]
@@ -197,7 +177,7 @@ def test_set_attn_implementation_switches_at_forward_time(parity, monkeypatch):
     is not reused across implementations."""
     model = BagelForUnifiedMultimodal.from_pretrained(parity.checkpoint)
     assert model.config._attn_implementation == "sdpa"
-    kwargs = _train_kwargs(parity)
+    kwargs = dict(parity.train_batch(), output_hidden_states=True)
     eager_calls = _count(monkeypatch, "eager_per_segment")
     with torch.no_grad():
         before = model(**kwargs)["last_hidden_state"]
@@ -231,7 +211,7 @@ def test_set_or_edited_attn_implementation_is_refused_by_name(parity, tiny_model
     model.config._attn_implementation_internal = "flash_attention_2"  # past transformers' checks
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported by BAGEL"):
         with torch.no_grad():
-            model(**_train_kwargs(parity))
+            model(**parity.train_batch(), output_hidden_states=True)
     assert ops_bagel._ATTENTION.get() == "sdpa"  # nothing left set in this thread
 
 
@@ -257,7 +237,7 @@ def test_the_implementation_is_per_thread_and_reset_after_an_error(parity, eager
     ops_bagel.eager_per_segment = hold
     try:
         with torch.no_grad():
-            eager_model(**_train_kwargs(parity))
+            eager_model(**parity.train_batch(), output_hidden_states=True)
     finally:
         ops_bagel.eager_per_segment = original
     thread.join()
@@ -269,7 +249,7 @@ def test_the_implementation_is_per_thread_and_reset_after_an_error(parity, eager
     ops_bagel.eager_per_segment = fail
     try:
         with pytest.raises(RuntimeError, match="a kernel failed"), torch.no_grad():
-            eager_model(**_train_kwargs(parity))
+            eager_model(**parity.train_batch(), output_hidden_states=True)
     finally:
         ops_bagel.eager_per_segment = original
     assert ops_bagel._ATTENTION.get() == "sdpa"
