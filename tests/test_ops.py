@@ -73,6 +73,38 @@ def test_plain_linears_and_unhooked_see_peft_wrappers_and_hooks():
     assert not ops_bagel.unhooked(norm)
 
 
+def test_unhooked_lets_through_accelerate_hooks_that_only_move_inputs(tmp_path):
+    """A `device_map` over several devices puts an accelerate hook on every submodule: on layers
+    whose weights stay on their device those hooks only move inputs, and the fused kernels still
+    stand in for the modules' calls (as before the ops); offloaded layers load their weights in
+    their hooks, and the model's top hook moves outputs back: those modules are called."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.q_proj, self.k_proj = Qwen2RMSNorm(8), Linear(8, 8), Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(self.norm(x)) + self.k_proj(x)
+
+    model = nn.Sequential(Block(), Block())
+    dispatch_model(model, device_map={"0": "cpu", "1": "disk"}, offload_dir=tmp_path)
+    resident, offloaded = model[0], model[1]
+    assert all(hasattr(m, "_hf_hook") for m in (resident.norm, resident.q_proj, offloaded.norm, offloaded.q_proj))
+    assert ops_bagel.unhooked(resident, resident.norm, resident.q_proj, resident.k_proj)
+    assert not ops_bagel.unhooked(offloaded.norm) and not ops_bagel.unhooked(offloaded.q_proj)  # loads weights
+    assert not ops_bagel.unhooked(model)  # io_same_device: moves outputs back
+    assert model(torch.randn(2, 8)).shape == (2, 8)  # the hooks are live
+    moves = AlignDevicesHook(execution_device="cpu")
+    assert ops_bagel.moves_inputs_only(SequentialHook(moves, AlignDevicesHook(execution_device="cpu")))
+    assert not ops_bagel.moves_inputs_only(SequentialHook(moves, object()))
+    handle = resident.q_proj.register_forward_hook(lambda module, args, out: None)
+    assert not ops_bagel.unhooked(resident.q_proj)  # torch's hooks still count
+    handle.remove()
+
+
 def test_predicates_on_device_dtype_and_autograd():
     """On the CPU every fused kernel declines; low-precision CPU weights compute in float32;
     master weights train only under CUDA autocast, with autograd on."""
