@@ -300,6 +300,14 @@ def attention_implementation(config):
         _ATTENTION.reset(token)
 
 
+def layer_attention(config):
+    """`attention_implementation(config)` around one checkpointable layer's forward while autograd
+    is on: activation checkpointing recomputes the layer in the backward, outside the model's
+    forward and its setting. Without autograd nothing is recomputed and the model's forward has set
+    it already: a null context."""
+    return attention_implementation(config) if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------------

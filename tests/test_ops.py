@@ -307,6 +307,35 @@ def test_the_implementation_is_per_thread_and_reset_after_an_error(parity, eager
     assert ops_bagel._ATTENTION.get() == "sdpa"
 
 
+def test_eager_holds_in_the_recomputation_of_activation_checkpointing(parity, monkeypatch):
+    """Checkpointed layers are recomputed in the backward, outside the model's forward: they run
+    the model's implementation there too (SDPA there saved other tensors than eager, and the
+    backward failed), and the gradients equal those without checkpointing."""
+    model = BagelForUnifiedMultimodal.from_pretrained(parity.checkpoint, attn_implementation="eager").train()
+    seen, original = [], ops_bagel._segment_attention
+    monkeypatch.setattr(
+        ops_bagel, "_segment_attention", lambda *a: seen.append(ops_bagel._ATTENTION.get()) or original(*a)
+    )
+
+    def gradients() -> dict:
+        model.zero_grad(set_to_none=True)
+        out = model(**_train_kwargs(parity))
+        forward_calls = len(seen)
+        (out["ce"].mean() + out["mse"].mean()).backward()
+        assert ops_bagel._ATTENTION.get() == "sdpa"  # nothing left set
+        return forward_calls, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    forward_calls, plain = gradients()
+    assert len(seen) == forward_calls  # nothing recomputed
+    model.gradient_checkpointing_enable()
+    seen.clear()
+    forward_calls, checkpointed = gradients()
+    assert len(seen) == 2 * forward_calls and set(seen) == {"eager"}  # every layer recomputed, under eager
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        assert_close(checkpointed[name], grad, 1e-6, name)
+
+
 def test_und_only_route_runs_a_block_unrouted_only_when_nothing_is_detached():
     from bagel_remote.attention_bagel import TokenRoute
 
