@@ -140,10 +140,13 @@ def unhooked(*modules: nn.Module) -> bool:
     call: where one has them, the module is called and its hooks fire. Except accelerate's hooks
     that only move inputs (`moves_inputs_only`): a `device_map` over several GPUs puts one on every
     submodule, and the kernels' own checks already want x and the weights on one device."""
-    return not any(
-        module._forward_hooks or module._forward_pre_hooks or not moves_inputs_only(vars(module).get("_hf_hook"))
-        for module in modules
-    )
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        hook = vars(module).get("_hf_hook")
+        if hook is not None and not moves_inputs_only(hook):
+            return False
+    return True
 
 
 def moves_inputs_only(hook) -> bool:
