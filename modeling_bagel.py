@@ -52,6 +52,7 @@ from .ops_bagel import (
     attention_implementation,
     check_attention_implementation,
     gated_mlp,
+    layer_attention,
     linears,
     mlp_residual,
     norm_rotary,
@@ -147,9 +148,11 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
     deterministic given its arguments (the plan and route are read, never changed), so the
     recomputation gives the same values."""
 
-    def __init__(self, config, layer_idx: int, mot: bool):
+    def __init__(self, config, layer_idx: int, mot: bool, attn_config=None):
+        """`attn_config`: the config whose `_attn_implementation` the attention runs (default: `config`)."""
         super().__init__()
         self.mot = mot
+        self.attn_config = config if attn_config is None else attn_config
         self.self_attn = Qwen2MoTAttention(config, layer_idx, mot)
         _with_gen_sibling(self, "mlp", lambda: Qwen2MLP(config), mot)
         _with_gen_sibling(self, "input_layernorm", lambda: Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps), mot)
@@ -172,8 +175,9 @@ class Qwen2MoTDecoderLayer(GradientCheckpointingLayer):
         return route(x, lambda part: block(part, ""), gen)
 
     def forward(self, x, rotary, plan: AttentionPlan, route: TokenRoute, cache=None) -> torch.Tensor:
-        q, k, v = self._routed(self._qkv, (x, *rotary), route)
-        attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
+        with layer_attention(self.attn_config):  # the recomputation runs outside the model's forward
+            q, k, v = self._routed(self._qkv, (x, *rotary), route)
+            attn = self._routed(self._out, self.self_attn(q, k, v, plan, route, cache), route)
         if route.und_only:  # one block over all tokens: the residual adds may ride in the MLP's kernels
             return self.mlp.forward_residual(attn, self.post_attention_layernorm, x)
         x = x + attn  # outside the route: one concatenation per output
@@ -192,7 +196,9 @@ class Qwen2MoTModel(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.rope_theta = rope_theta(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(config, i, mot) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Qwen2MoTDecoderLayer(config, i, mot, self.attn_config) for i in range(config.num_hidden_layers)
+        )
         _with_gen_sibling(self, "norm", lambda: Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps), mot)
 
     def forward(

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .attention_bagel import AttentionPlan
 from .kernels_bagel import apply_rotary
 from .layers_bagel import Linear, rotary_cos_sin
-from .ops_bagel import attention_implementation, linears, packed_attention
+from .ops_bagel import attention_implementation, layer_attention, linears, packed_attention
 
 
 def conv_to_linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -126,30 +126,32 @@ class SiglipMLP(nn.Module):
 class SiglipEncoderLayer(GradientCheckpointingLayer):
     """Pre-norm ViT layer, recomputed in the backward under `gradient_checkpointing_enable()`."""
 
-    def __init__(self, config: SiglipVisionConfig):
+    def __init__(self, config: SiglipVisionConfig, attn_config=None):
         super().__init__()
+        self.attn_config = config if attn_config is None else attn_config  # whose `_attn_implementation` runs
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SiglipAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, rotary=None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), plan, rotary)
+        with layer_attention(self.attn_config):  # the recomputation runs outside the model's forward
+            x = x + self.self_attn(self.layer_norm1(x), plan, rotary)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class SiglipEncoder(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
+    def __init__(self, config: SiglipVisionConfig, attn_config=None):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(SiglipEncoderLayer(config, attn_config) for _ in range(config.num_hidden_layers))
 
 
 class SiglipVisionTransformer(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
+    def __init__(self, config: SiglipVisionConfig, attn_config=None):
         super().__init__()
         self.config = config
         self.embeddings = SiglipVisionEmbeddings(config)
-        self.encoder = SiglipEncoder(config)
+        self.encoder = SiglipEncoder(config, attn_config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         head_dim = config.hidden_size // config.num_attention_heads
         self.rotary = SiglipRotary2D(head_dim, self.embeddings.num_patches_per_side) if config.rope else None
@@ -164,7 +166,7 @@ class SiglipVisionModel(nn.Module):
         super().__init__()
         self.config = config
         self.attn_config = config if attn_config is None else attn_config
-        self.vision_model = SiglipVisionTransformer(config)
+        self.vision_model = SiglipVisionTransformer(config, self.attn_config)
 
     def forward(
         self,

@@ -38,15 +38,16 @@ forward_in_       the module with float32 weights (the VAE)   `computes_in_float
 decode step       captured as a CUDA graph and replayed       `capturable` (the language model)
                   eager                                       otherwise
 
-What the predicates read: the device and dtype of inputs and weights, autograd (`torch.is_grad_enabled`,
-`requires_grad`), CUDA autocast, what kind of weight a layer holds (`weight_kind`: plain,
-bitsandbytes 4/8-bit, torchao, other tensor subclasses such as DTensor), whether a layer's
-forward is our `linear` (`plain_linears`: not a PEFT wrapper, whose forward adds its own part),
-forward hooks on modules a kernel would not call (`unhooked`; accelerate's offloading keeps
-weights off x's device as well), whether a decode graph is being captured (`graph_branches`),
-and the model's `attn_implementation` (`attention_implementation`). Under a `quantization_config`
-the model is built with plain `nn.Linear` layers (`modeling_bagel._plain_linears`: quantizers take
-only those), whose weights the quantizer replaces: none of these ops' kernels reads them.
+What the predicates read: the device and dtype of inputs and weights, autograd
+(`torch.is_grad_enabled`, `requires_grad`), CUDA autocast, what kind of weight a layer holds
+(`weight_kind`: plain, bitsandbytes 4/8-bit, torchao, other tensor subclasses such as DTensor),
+whether a layer's forward is our `linear` (`plain_linears`: not a PEFT wrapper, whose forward adds
+its own part), forward hooks on modules a kernel would not call (`unhooked`, which lets through
+accelerate's hooks that only move inputs; its offloading keeps weights off x's device as well),
+whether a decode graph is being captured (`graph_branches`), and the model's `attn_implementation`
+(`attention_implementation`). Under a `quantization_config` the model is built with plain
+`nn.Linear` layers (`modeling_bagel._plain_linears`: quantizers take only those), whose weights the
+quantizer replaces: none of these ops' kernels reads them.
 """
 
 from __future__ import annotations
@@ -136,9 +137,28 @@ def plain_linears(*layers: nn.Module) -> bool:
 
 def unhooked(*modules: nn.Module) -> bool:
     """No forward hooks (torch's, or accelerate's `_hf_hook`) on modules a fused kernel would not
-    call: where one has them, the module is called and its hooks fire."""
-    return not any(
-        module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in vars(module) for module in modules
+    call: where one has them, the module is called and its hooks fire. Except accelerate's hooks
+    that only move inputs (`moves_inputs_only`): a `device_map` over several GPUs puts one on every
+    submodule, and the kernels' own checks already want x and the weights on one device."""
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        hook = vars(module).get("_hf_hook")
+        if hook is not None and not moves_inputs_only(hook):
+            return False
+    return True
+
+
+def moves_inputs_only(hook) -> bool:
+    """Whether an accelerate hook (None: no hook) does nothing but move a module's inputs to its
+    execution device: `AlignDevicesHook`s (a `SequentialHook` of them too) that neither load
+    offloaded weights nor move outputs back. A kernel that reads the weights where they are, with
+    x on their device, may stand in for the module's call."""
+    if hook is None:
+        return True
+    align = getattr(sys.modules.get("accelerate.hooks"), "AlignDevicesHook", None)
+    return all(
+        type(each) is align and not each.offload and not each.io_same_device for each in getattr(hook, "hooks", (hook,))
     )
 
 
@@ -281,6 +301,14 @@ def attention_implementation(config):
         yield
     finally:
         _ATTENTION.reset(token)
+
+
+def layer_attention(config):
+    """`attention_implementation(config)` around one checkpointable layer's forward while autograd
+    is on: activation checkpointing recomputes the layer in the backward, outside the model's
+    forward and its setting. Without autograd nothing is recomputed and the model's forward has set
+    it already: a null context."""
+    return attention_implementation(config) if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

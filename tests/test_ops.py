@@ -73,6 +73,38 @@ def test_plain_linears_and_unhooked_see_peft_wrappers_and_hooks():
     assert not ops_bagel.unhooked(norm)
 
 
+def test_unhooked_lets_through_accelerate_hooks_that_only_move_inputs(tmp_path):
+    """A `device_map` over several devices puts an accelerate hook on every submodule: on layers
+    whose weights stay on their device those hooks only move inputs, and the fused kernels still
+    stand in for the modules' calls (as before the ops); offloaded layers load their weights in
+    their hooks, and the model's top hook moves outputs back: those modules are called."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.q_proj, self.k_proj = Qwen2RMSNorm(8), Linear(8, 8), Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(self.norm(x)) + self.k_proj(x)
+
+    model = nn.Sequential(Block(), Block())
+    dispatch_model(model, device_map={"0": "cpu", "1": "disk"}, offload_dir=tmp_path)
+    resident, offloaded = model[0], model[1]
+    assert all(hasattr(m, "_hf_hook") for m in (resident.norm, resident.q_proj, offloaded.norm, offloaded.q_proj))
+    assert ops_bagel.unhooked(resident, resident.norm, resident.q_proj, resident.k_proj)
+    assert not ops_bagel.unhooked(offloaded.norm) and not ops_bagel.unhooked(offloaded.q_proj)  # loads weights
+    assert not ops_bagel.unhooked(model)  # io_same_device: moves outputs back
+    assert model(torch.randn(2, 8)).shape == (2, 8)  # the hooks are live
+    moves = AlignDevicesHook(execution_device="cpu")
+    assert ops_bagel.moves_inputs_only(SequentialHook(moves, AlignDevicesHook(execution_device="cpu")))
+    assert not ops_bagel.moves_inputs_only(SequentialHook(moves, object()))
+    handle = resident.q_proj.register_forward_hook(lambda module, args, out: None)
+    assert not ops_bagel.unhooked(resident.q_proj)  # torch's hooks still count
+    handle.remove()
+
+
 def test_predicates_on_device_dtype_and_autograd():
     """On the CPU every fused kernel declines; low-precision CPU weights compute in float32;
     master weights train only under CUDA autocast, with autograd on."""
@@ -253,6 +285,35 @@ def test_the_implementation_is_per_thread_and_reset_after_an_error(parity, eager
     finally:
         ops_bagel.eager_per_segment = original
     assert ops_bagel._ATTENTION.get() == "sdpa"
+
+
+def test_eager_holds_in_the_recomputation_of_activation_checkpointing(parity, monkeypatch):
+    """Checkpointed layers are recomputed in the backward, outside the model's forward: they run
+    the model's implementation there too (SDPA there saved other tensors than eager, and the
+    backward failed), and the gradients equal those without checkpointing."""
+    model = BagelForUnifiedMultimodal.from_pretrained(parity.checkpoint, attn_implementation="eager").train()
+    seen, original = [], ops_bagel._segment_attention
+    monkeypatch.setattr(
+        ops_bagel, "_segment_attention", lambda *a: seen.append(ops_bagel._ATTENTION.get()) or original(*a)
+    )
+
+    def gradients() -> dict:
+        model.zero_grad(set_to_none=True)
+        out = model(**_train_kwargs(parity))
+        forward_calls = len(seen)
+        (out["ce"].mean() + out["mse"].mean()).backward()
+        assert ops_bagel._ATTENTION.get() == "sdpa"  # nothing left set
+        return forward_calls, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    forward_calls, plain = gradients()
+    assert len(seen) == forward_calls  # nothing recomputed
+    model.gradient_checkpointing_enable()
+    seen.clear()
+    forward_calls, checkpointed = gradients()
+    assert len(seen) == 2 * forward_calls and set(seen) == {"eager"}  # every layer recomputed, under eager
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        assert_close(checkpointed[name], grad, 1e-6, name)
 
 
 def test_und_only_route_runs_a_block_unrouted_only_when_nothing_is_detached():
