@@ -299,7 +299,7 @@ def test_eager_holds_in_the_recomputation_of_activation_checkpointing(parity, mo
 
     def gradients() -> dict:
         model.zero_grad(set_to_none=True)
-        out = model(**_train_kwargs(parity))
+        out = model(**parity.train_batch(), output_hidden_states=True)
         forward_calls = len(seen)
         (out["ce"].mean() + out["mse"].mean()).backward()
         assert ops_bagel._ATTENTION.get() == "sdpa"  # nothing left set
