@@ -75,6 +75,7 @@ PRETRAINED_CONFIG_KEYS = (
         "num_labels",
         "use_cache",
         "attn_implementation",
+        "experts_implementation",  # transformers 5.0 writes it into every config (no experts here)
     }
 )
 

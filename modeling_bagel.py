@@ -61,6 +61,19 @@ from .ops_bagel import (
 )
 from .validation_bagel import check_training_inputs
 
+# isort: split
+# Not used here: transformers before 5.15 copies a local directory's remote code only one relative
+# import deep from the file it loads (the Hub path, and later versions, follow imports all the way),
+# so every module the model reaches through another is imported here as well. tests/test_layout.py
+# checks that none is missing.
+from .decoding_bagel import DecodePool  # noqa: F401
+from .generation_config_bagel import BagelGenerationConfig  # noqa: F401
+from .kernels_bagel import silu_mul  # noqa: F401
+from .parallel_bagel import BagelParallel  # noqa: F401
+from .processing_bagel import BagelProcessor  # noqa: F401
+from .state_dict_adapter import BagelStateDictAdapter  # noqa: F401
+from .step_cache_bagel import AdaptiveTaylor  # noqa: F401
+
 # ----------------------------------------------------------------------------------------------
 # Qwen2 Mixture-of-Transformers decoder
 # ----------------------------------------------------------------------------------------------

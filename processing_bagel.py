@@ -30,6 +30,11 @@ from .configuration_bagel import BagelConfig
 from .imports_bagel import quiet_third_party_imports
 from .validation_bagel import check_int, check_tensor
 
+# isort: split
+# Not used here: transformers before 5.15 copies a local directory's remote code one relative import
+# deep, and configuration_bagel imports this module (see modeling_bagel.py).
+from .state_dict_adapter import checkpoint_bucket  # noqa: F401
+
 with quiet_third_party_imports():  # transformers imports torchao where installed
     from transformers.feature_extraction_utils import BatchFeature
     from transformers.processing_utils import ProcessorMixin

@@ -112,3 +112,30 @@ def test_cache_steps_follow_the_decoders_protocol():
     for step in (CacheStep, DecodeCache, UlyssesShard):
         assert issubclass(step, KVCacheStep), step
     assert not issubclass(dict, KVCacheStep)
+
+
+def _reached(graph: dict[str, set[str]], module: str) -> set[str]:
+    reached, pending = set(), [module]
+    while pending:
+        for dep in graph.get(pending.pop(), ()):
+            if dep not in reached:
+                reached.add(dep)
+                pending.append(dep)
+    return reached - {module}
+
+
+def test_each_auto_map_file_imports_everything_it_reaches_itself():
+    """transformers before 5.15 copies a local directory's remote code only one relative import deep
+    from the file auto_map names (the Hub path follows imports all the way): each such file must
+    import, itself, every module it reaches. (Checked by hand against transformers 5.0.0, where a
+    module missing here fails `AutoModel.from_pretrained(local_dir, trust_remote_code=True)`.)"""
+    import json
+
+    graph = _relative_imports()
+    auto_map = json.loads((REPO_ROOT / "config.json").read_text())["auto_map"]
+    entries = {target.split(".")[0] for target in auto_map.values()}
+    assert entries == {"configuration_bagel", "modeling_bagel", "processing_bagel"}
+    for entry in sorted(entries):
+        assert _reached(graph, entry) <= graph[entry], (entry, sorted(_reached(graph, entry) - graph[entry]))
+    # the check sees a module reached only through another
+    assert not _reached({"a": {"b"}, "b": {"c"}}, "a") <= {"b"}
