@@ -121,3 +121,26 @@ def test_a_bad_file_fails_by_name(parity, tmp_path, file, error, names):
         BagelForUnifiedMultimodal.from_pretrained(_checkpoint(parity, tmp_path, file))
     for name in (names,) if isinstance(names, str) else names:
         assert name in str(raised.value)
+
+
+def test_remote_code_from_a_hub_like_directory_reads_the_file(parity, tmp_path, monkeypatch):
+    """The way users load: `AutoModel.from_pretrained(dir, trust_remote_code=True)` runs the
+    directory's own copy of this code, which reads its generation_config.json as well."""
+    import shutil
+
+    from bagel_remote.loading_bagel import AUTO_MAP, remote_code_files
+    from conftest import REPO_ROOT
+    from transformers import AutoModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = _checkpoint(parity, tmp_path, {"image_generation": {"cfg_text_scale": 6.5}, "max_new_tokens": 77})
+    for name, source in remote_code_files(REPO_ROOT).items():
+        shutil.copyfile(source, repo / name)
+    config = json.loads((repo / "config.json").read_text())
+    (repo / "config.json").unlink()  # a link into the fixture: write a file of its own
+    (repo / "config.json").write_text(json.dumps({**config, "auto_map": dict(AUTO_MAP)}))
+    model = AutoModel.from_pretrained(str(repo), trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules.")
+    assert model.generation_config.image_generation["cfg_text_scale"] == 6.5
+    assert model.generation_config.image_generation["num_steps"] == 50  # merged key by key
+    assert model.generation_config.max_new_tokens == 77
