@@ -595,14 +595,15 @@ def test_eager_attention_matches_sdpa_on_the_gpu(parity, monkeypatch):
     with "sdpa" to bf16 rounding."""
     model = _parity_model(parity, torch.bfloat16)
     inputs = _train_inputs(parity, torch.bfloat16)
-    special = dataclasses.replace(_special_ids(parity), eos=-1)  # decode all steps
+    special = _special_ids(parity)
+    stop_never = dataclasses.replace(special, eos=-1)  # decode all steps
     prompt = parity.meta["cases"]["chat"]["prompt_ids"]
 
     def run():
         with torch.no_grad():
             out = model(**inputs)
         context = model.add_text_tokens(model.new_context(1), [prompt], special)
-        _, logits = model.generate_text_ids(context, special, max_length=2, return_logits=True)
+        _, logits = model.generate_text_ids(context, stop_never, max_length=2, return_logits=True)
         return out, logits[0]
 
     sdpa, sdpa_logits = run()

@@ -735,3 +735,21 @@ def test_training_forward_refuses_on_the_gpu_before_any_lookup(tiny_model, pack)
         ):
             _raises(lambda: model(**make(on_gpu)), ValueError, names)
         assert torch.isfinite(model(**on_gpu)["ce"]).all()
+
+
+def test_special_ids_a_context_embeds_must_be_tokens(tiny_model):
+    """An eos of -1 means "never stop" to generate_text_ids; embedded by add_text_tokens it was an
+    index out of the table (a device-side assert on the GPU): refused by name instead."""
+    import dataclasses
+
+    from bagel_remote.contexts_bagel import SpecialTokenIds
+
+    special = SpecialTokenIds(bos=10, eos=11, start_of_image=12, end_of_image=13)
+    vocab = tiny_model.get_input_embeddings().num_embeddings
+    context = tiny_model.new_context(1)
+    for name, value in (("eos", -1), ("bos", vocab)):
+        with pytest.raises(ValueError, match=f"special.{name}"):
+            tiny_model.add_text_tokens(context, [[20, 21]], dataclasses.replace(special, **{name: value}))
+    with pytest.raises(ValueError, match="special.start_of_image"):
+        tiny_model.add_vit_images(context, [torch.zeros(3, 28, 28)], dataclasses.replace(special, start_of_image=-1))
+    assert tiny_model.add_text_tokens(context, [[20, 21]], special).lengths == (4,)
