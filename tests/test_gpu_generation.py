@@ -85,11 +85,18 @@ def _params(case: str, steps: int = 8) -> GuidanceParams:
     )
 
 
-def _generate(model, case: str, seed: int, think: bool = False, step_cache=None) -> torch.Tensor:
+def _generate(model, case: str, seed: int, think: bool = False, step_cache=None, steps: int = 8) -> torch.Tensor:
     full, cfg_text, cfg_img = _contexts(model, case, think)
     generator = torch.Generator("cuda").manual_seed(seed)
     latents = model.generate_latents(
-        full, cfg_text, cfg_img, [(SIZE, SIZE)], SPECIAL, _params(case), generator=generator, step_cache=step_cache
+        full,
+        cfg_text,
+        cfg_img,
+        [(SIZE, SIZE)],
+        SPECIAL,
+        _params(case, steps),
+        generator=generator,
+        step_cache=step_cache,
     )
     torch.cuda.synchronize()
     return latents[0].float().cpu()
@@ -134,14 +141,16 @@ def test_same_seed_gives_bitwise_the_same_latents(wide, monkeypatch, case, decod
 def test_step_cache_memory_is_given_back_and_its_error_is_small(wide, step_cache):
     """After a cached call the GPU holds what it held before (the cache's tensors are gone); the
     cache held at most its factors for both t2i branches (float32); the latents stay near the
-    exact ones (printed)."""
-    from bagel_remote.step_cache_bagel import resolve_step_cache
+    exact ones (printed). 30 steps and, for the adaptive policy, a looser tolerance than its default:
+    on this random model at 8 steps and 1% it ran every step, predicting nothing to hold."""
+    from bagel_remote.step_cache_bagel import AdaptiveTaylor, resolve_step_cache
 
-    exact = _generate(wide, "t2i", 0)
+    exact = _generate(wide, "t2i", 0, steps=30)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    recording = Recording(resolve_step_cache(step_cache))
-    cached = _generate(wide, "t2i", 0, step_cache=recording)
+    policy = AdaptiveTaylor(tolerance=0.05) if step_cache == "adaptive" else resolve_step_cache(step_cache)
+    recording = Recording(policy)
+    cached = _generate(wide, "t2i", 0, step_cache=recording, steps=30)
     assert torch.cuda.memory_allocated() == before
     tokens, hidden = (SIZE // 16) ** 2, wide.config.text_config.hidden_size
     assert 0 < recording.run.peak_bytes <= 2 * 8 * tokens * hidden * 4
