@@ -99,7 +99,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--no-input-check",
+        action="store_true",
+        help="skip the training forward's input check (check_training_inputs), to measure what it costs",
+    )
     args = parser.parse_args()
+    if args.no_input_check:
+        import bagel_remote.modeling_bagel as modeling
+
+        modeling.check_training_inputs = lambda model, inputs: None
     torch.manual_seed(0)
     config = full_size_config(num_llm_layers=args.layers)
     model = build_model(config, dtype=torch.float32).train()
@@ -116,6 +125,7 @@ def main():
     report(
         workload="train_step",
         layers=args.layers,
+        input_check=not args.no_input_check,
         tokens=tokens,
         seconds=round(seconds, 4),
         tokens_per_s=round(tokens / seconds),
