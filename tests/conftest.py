@@ -9,6 +9,19 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARITY_DIR = REPO_ROOT.parent / "shared" / "parity" / "tiny-a"
+# A small FLUX-shaped VAE for the tests that need no fixture (the shape of tiny-a's VAE).
+TINY_VAE_CONFIG = {
+    "resolution": 256,
+    "in_channels": 3,
+    "downsample": 8,
+    "ch": 32,
+    "out_ch": 3,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "z_channels": 16,
+    "scale_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from repo_package import import_repo  # noqa: E402

@@ -26,7 +26,7 @@ from bagel_remote.modeling_bagel import (
 from bagel_remote.modeling_siglip_navit import SiglipRotary2D, SiglipVisionEmbeddings, apply_rotary_2d
 from bagel_remote.ops_bagel import packed_attention
 from bagel_remote.state_dict_adapter import load_bagel_checkpoint_state_dict
-from conftest import assert_close
+from conftest import TINY_VAE_CONFIG, assert_close
 
 START, END = 12, 13  # <|vision_start|>, <|vision_end|> ids (as in the fixture); the tiny vocab holds them
 GEN_MARKERS = ("_moe_gen", "time_embedder", "vae2llm", "llm2vae", "latent_pos_embed")
@@ -35,19 +35,6 @@ GEN_MARKERS = ("_moe_gen", "time_embedder", "vae2llm", "llm2vae", "latent_pos_em
 # ----------------------------------------------------------------------------------------------
 # Tiny random model and a synthetic packed batch
 # ----------------------------------------------------------------------------------------------
-
-TINY_VAE = {
-    "resolution": 256,
-    "in_channels": 3,
-    "downsample": 8,
-    "ch": 32,
-    "out_ch": 3,
-    "ch_mult": [1, 1, 1, 1],
-    "num_res_blocks": 1,
-    "z_channels": 16,
-    "scale_factor": 0.3611,
-    "shift_factor": 0.1159,
-}
 
 
 def tiny_config(stage=2, vit_rope=False, **kwargs) -> BagelConfig:
@@ -79,7 +66,7 @@ def tiny_config(stage=2, vit_rope=False, **kwargs) -> BagelConfig:
     return BagelConfig(
         llm_config=llm,
         vit_config=vit,
-        vae_config=dict(TINY_VAE),
+        vae_config=dict(TINY_VAE_CONFIG),
         max_latent_size=8,
         vit_max_num_patch_per_side=4,
         stage=stage,

@@ -8,23 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bagel_remote.autoencoder_bagel import BagelAutoEncoder
-from conftest import assert_close
+from conftest import TINY_VAE_CONFIG, assert_close
 
-# A small config for the tests that need no fixture (same shape as tiny-a's VAE).
-TINY_CONFIG = {
-    "resolution": 256,
-    "in_channels": 3,
-    "downsample": 8,
-    "ch": 32,
-    "out_ch": 3,
-    "ch_mult": [1, 1, 1, 1],
-    "num_res_blocks": 1,
-    "z_channels": 16,
-    "scale_factor": 0.3611,
-    "shift_factor": 0.1159,
-}
 # The released BAGEL / FLUX.1 VAE.
-FULL_CONFIG = dict(TINY_CONFIG, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)
+FULL_CONFIG = dict(TINY_VAE_CONFIG, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2)
 # Parameter count of the FLUX.1 `ae.safetensors`.
 FULL_PARAMETER_COUNT = 83_819_683
 
@@ -32,7 +19,7 @@ FULL_PARAMETER_COUNT = 83_819_683
 @pytest.fixture(scope="module")
 def tiny_vae() -> BagelAutoEncoder:
     torch.manual_seed(0)
-    return BagelAutoEncoder(TINY_CONFIG).eval()
+    return BagelAutoEncoder(TINY_VAE_CONFIG).eval()
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +108,9 @@ def test_decode_rejects_bad_latents(tiny_vae, shape):
 
 def test_config_checks():
     with pytest.raises(ValueError, match="missing 'z_channels'"):
-        BagelAutoEncoder({k: v for k, v in TINY_CONFIG.items() if k != "z_channels"})
+        BagelAutoEncoder({k: v for k, v in TINY_VAE_CONFIG.items() if k != "z_channels"})
     with pytest.raises(ValueError, match="downsample=16 contradicts"):
-        BagelAutoEncoder(dict(TINY_CONFIG, downsample=16))
+        BagelAutoEncoder(dict(TINY_VAE_CONFIG, downsample=16))
 
 
 def test_full_size_on_meta():
