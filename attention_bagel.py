@@ -78,7 +78,7 @@ class SegmentGroup:
 
 
 def to_device(values: list[int], device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host ints as a tensor on `device`. To a GPU the copy goes through pinned memory, so that it
+    """Host ints (or bools) as a tensor on `device`. To a GPU the copy goes through pinned memory, so that it
     does not wait for the work already queued there (a plain copy would)."""
     tensor = torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":

@@ -33,7 +33,7 @@ with quiet_third_party_imports():  # transformers imports torchao where installe
     from transformers.activations import ACT2FN
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention_bagel import AttentionPlan, TokenRoute
+from .attention_bagel import AttentionPlan, TokenRoute, to_device
 from .autoencoder_bagel import BagelAutoEncoder, patchify_latent
 from .configuration_bagel import BagelConfig, rope_theta
 from .contexts_bagel import KVCacheStep
@@ -59,7 +59,7 @@ from .ops_bagel import (
     packed_attention,
     rms_norm,
 )
-from .validation_bagel import check_training_inputs
+from .validation_bagel import DeviceCheck, check_training_inputs, raise_failed
 
 # isort: split
 # Not used here: transformers before 5.15 copies a local directory's remote code only one relative
@@ -527,23 +527,26 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         tokens), "ce" (the lm head on zero tokens: "ce" is then (0,)), "mse" (llm2vae likewise).
         The outputs are those of the pack alone.
         """
-        check_training_inputs(
-            self, {k: v for k, v in locals().items() if k != "self"}
-        )  # docs/training.md, "Training inputs"
+        # docs/training.md, "Training inputs": wrong keywords, types and shapes raise here; the
+        # checks of values join the forward's own, read in one host sync below.
+        checks = check_training_inputs(self, {k: v for k, v in locals().items() if k != "self"})
         always_run = set(always_run)
         if not always_run <= {"vit", "gen", "ce", "mse"}:
             raise ValueError(f"always_run={sorted(always_run)}: use parts among 'vit', 'gen', 'ce', 'mse'.")
         model = self.model
         split_lens = split_lens if split_lens is not None else list(sample_lens)
         attn_modes = attn_modes if attn_modes is not None else ["causal"] * len(split_lens)
-        # Past the argument checks (one host sync: ids and positions must be in range before any
-        # lookup), nothing here waits for the GPU before the ViT is queued (its kernels are too short
-        # to keep the GPU busy on their own).
+        # Nothing here waits for the GPU before the ViT is queued (its kernels are too short to keep
+        # the GPU busy on their own). The checks of values are read later, in one sync before the
+        # index_copy: the lookups before it take clamped ids and positions, so that a bad value
+        # raises its message there rather than a device-side assert (or an IndexError on the CPU).
         plan = AttentionPlan.from_splits(split_lens, attn_modes, sample_lens, packed_text_ids.device)
-        checks = [
+        checks.append(
             _token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)
-        ]
-        embeds = self.get_input_embeddings()(packed_text_ids)
+        )
+        checks += _images_in_image_splits(split_lens, attn_modes, packed_vit_token_indexes, packed_vae_token_indexes)
+        vocab = self.get_input_embeddings().num_embeddings
+        embeds = self.get_input_embeddings()(packed_text_ids.clamp(0, vocab - 1))
 
         vit = None
         if packed_vit_tokens is not None:
@@ -556,7 +559,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
                 # All ViT tokens bound the longest image; the lengths are checked with the rest.
                 max_seqlen = packed_vit_tokens.shape[0]
                 checks.append(_vit_lengths_check(vit_token_seqlens, max_seqlen))
-            vit = model.embed_vit_tokens(packed_vit_tokens, packed_vit_position_ids, vit_token_seqlens, max_seqlen)
+            vit_positions = packed_vit_position_ids.clamp(0, self.config.vit_max_num_patch_per_side**2 - 1)
+            vit = model.embed_vit_tokens(packed_vit_tokens, vit_positions, vit_token_seqlens, max_seqlen)
         elif "vit" in always_run and self.config.visual_und:
             # attention over zero tokens would leave the q/k/v weights out of the graph: one patch
             patch = embeds.new_zeros(1, 3 * self.config.vit_patch_size**2, dtype=torch.float32)
@@ -600,13 +604,14 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             timesteps = shift_timesteps(torch.sigmoid(packed_timesteps.float()), self.config.timestep_shift)
             x_t = (1 - timesteps[:, None]) * clean + timesteps[:, None] * noise
             target = (noise - clean)[timesteps > 0]  # the velocity of noised tokens (this waits for the GPU)
-            latents = model.embed_latent_tokens(x_t, timesteps, packed_latent_position_ids)
+            latent_positions = packed_latent_position_ids.clamp(0, self.config.max_latent_size**2 - 1)
+            latents = model.embed_latent_tokens(x_t, timesteps, latent_positions)
         elif "gen" in always_run and self.config.visual_gen:
             empty = packed_text_ids.new_zeros(0)
             packed_vae_token_indexes = empty
             latents = model.embed_latent_tokens(embeds.new_zeros(0, model.vae2llm.in_features), empty.float(), empty)
 
-        _raise_failed(checks)  # before any index below is used
+        raise_failed(checks)  # before any index below is used
         sequence = embeds.new_zeros(sequence_length, embeds.shape[1]).index_copy(0, packed_text_indexes, embeds)
         if vit is not None:
             sequence = sequence.index_copy(0, packed_vit_token_indexes, vit.to(sequence.dtype))
@@ -739,8 +744,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
         save_bagel_pretrained(self, save_directory, is_main_process, state_dict, safe_serialization, push_to_hub)
 
 
-def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> tuple[torch.Tensor, str]:
-    """Every packed position is exactly one text, ViT or VAE token: a check for `_raise_failed`."""
+def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> DeviceCheck:
+    """Every packed position is exactly one text, ViT or VAE token: a check for `raise_failed`."""
     indexes = {"text": text_indexes, "vit": vit_indexes, "vae": vae_indexes}
     indexes = {name: index for name, index in indexes.items() if index is not None}
     counts = {name: index.shape[0] for name, index in indexes.items()}
@@ -757,20 +762,44 @@ def _token_coverage(sequence_length, text_indexes, vit_indexes, vae_indexes) -> 
     return in_range.all() & (hits == 1).all(), message
 
 
-def _timestep_checks(split_lens, attn_modes, vae_indexes, timesteps, mse_indexes) -> list[tuple[torch.Tensor, str]]:
-    """The pack's conventions for VAE tokens, as checks for `_raise_failed`: those of `noise` splits
-    have finite raw timesteps, all others -inf (clean, t = 0); `mse_loss_indexes` are exactly the
-    noised ones, in packed order (the order the MSE target is taken in)."""
+def _split_of(split_lens: list[int], index: torch.Tensor) -> torch.Tensor:
+    """The split each packed index falls in (clamped to the last: indexes are checked apart)."""
+    ends = to_device(split_lens, index.device).cumsum(0)
+    return torch.searchsorted(ends, index, right=True).clamp(max=len(split_lens) - 1)
+
+
+def _images_in_image_splits(split_lens, attn_modes, *indexes: torch.Tensor | None) -> list[DeviceCheck]:
+    """ViT and VAE tokens lie in `full` or `noise` splits (an image split), never in a `causal`
+    one: a check for `raise_failed` (none without image tokens)."""
+    message = (
+        "An image token (packed_vit_token_indexes / packed_vae_token_indexes) lies in a `causal` split: "
+        "split_lens and attn_modes must give every image its own `full` (or `noise`) split, "
+        "[start] image tokens [end]."
+    )
+    given = [index for index in indexes if index is not None and index.numel()]
+    if not given:
+        return []
+    image_index = torch.cat(given)
+    causal = to_device([mode == "causal" for mode in attn_modes], image_index.device, torch.bool)
+    return [((~causal[_split_of(split_lens, image_index)]).all(), message)]
+
+
+def _timestep_checks(split_lens, attn_modes, vae_indexes, timesteps, mse_indexes) -> list[DeviceCheck]:
+    """The pack's conventions for VAE tokens, as checks for `raise_failed`: those of `noise` splits
+    have finite raw timesteps, one per image (the reference draws one per image), all others -inf
+    (clean, t = 0); `mse_loss_indexes` are exactly the noised ones, in packed order (the order the
+    MSE target is taken in)."""
     if timesteps.shape != vae_indexes.shape:
         raise ValueError(
             f"packed_timesteps has shape {tuple(timesteps.shape)}; it needs one raw timestep per VAE token "
             f"({tuple(vae_indexes.shape)}, as packed_vae_token_indexes)."
         )
-    device = vae_indexes.device
-    split_ends = torch.tensor(split_lens, device=device).cumsum(0)
-    noise_split = torch.tensor([mode == "noise" for mode in attn_modes], device=device)
-    noised = noise_split[torch.searchsorted(split_ends, vae_indexes, right=True).clamp(max=len(split_lens) - 1)]
+    split = _split_of(split_lens, vae_indexes)
+    noised = to_device([mode == "noise" for mode in attn_modes], vae_indexes.device, torch.bool)[split]
     clean = timesteps == float("-inf")
+    value = torch.where(noised, timesteps.float(), 0.0).nan_to_num(0.0, 0.0, 0.0)
+    low = value.new_full((len(split_lens),), math.inf).scatter_reduce(0, split, value, "amin")
+    high = value.new_full((len(split_lens),), -math.inf).scatter_reduce(0, split, value, "amax")
     checks = [
         (
             (noised | clean).all(),
@@ -782,6 +811,11 @@ def _timestep_checks(split_lens, attn_modes, vae_indexes, timesteps, mse_indexes
             "A VAE token in a `noise` split has timestep -inf or NaN: "
             "noised images take a finite raw timestep (before the sigmoid), e.g. one torch.randn(()) per image; "
             "clean images go in `full` splits.",
+        ),
+        (
+            (low[split] == high[split]).all(),
+            "packed_timesteps differ within one noised image: every latent token of a `noise` split takes the "
+            "same raw timestep (one torch.randn(()) per image, docs/training.md, 'Training inputs').",
         ),
     ]
     if mse_indexes is not None:
@@ -799,16 +833,7 @@ def _timestep_checks(split_lens, attn_modes, vae_indexes, timesteps, mse_indexes
     return checks
 
 
-def _vit_lengths_check(seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, str]:
-    """ViT lengths that cover the packed ViT tokens: a check for `_raise_failed`."""
+def _vit_lengths_check(seqlens: torch.Tensor, num_tokens: int) -> DeviceCheck:
+    """ViT lengths that cover the packed ViT tokens: a check for `raise_failed`."""
     message = f"vit_token_seqlens must give one length per image, adding up to the {num_tokens} packed ViT tokens."
     return (seqlens >= 0).all() & (seqlens.sum() == num_tokens), message
-
-
-def _raise_failed(checks: list[tuple[torch.Tensor, str]]) -> None:
-    """Read the (passed, message) checks made on the device with one host sync; raise the first
-    that failed."""
-    passed = torch.stack([ok for ok, _ in checks]).tolist()
-    for ok, (_, message) in zip(passed, checks):
-        if not ok:
-            raise ValueError(message)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+# A check made on the device: (a boolean scalar tensor, its message or a function that makes it).
+DeviceCheck = tuple[torch.Tensor, str | Callable[[], str]]
 
 #: What `torch.Generator.manual_seed` accepts.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -483,12 +486,14 @@ _GROUPS = {
 }
 
 
-def check_training_inputs(model, inputs: dict[str, Any]) -> None:
+def check_training_inputs(model, inputs: dict[str, Any]) -> list[DeviceCheck]:
     """Check the training forward's arguments (`inputs`: its parameters by name, `unused` holding
-    any other keyword) against docs/training.md's 'Training inputs' table, before any of them is used: the keywords,
-    types, shapes and lengths on the host, then every value that indexes a table or must follow
-    a convention (ids within the vocabulary, positions within their tables, one raw timestep per
-    noised image) in one host sync."""
+    any other keyword) against docs/training.md's 'Training inputs' table, before any of them is
+    used. The keywords, types, shapes and lengths are checked on the host and raise here. The
+    values that index a table (ids within the vocabulary, positions within their tables) are
+    returned as checks on their device, for the forward to read with the pack's conventions in its
+    one host sync (`raise_failed`): a sync here would leave the GPU idle while the host queues the
+    ViT's short kernels."""
     unused = dict(inputs.get("unused") or {})
     if unused.pop("nested_attention_masks", None) is not None:
         raise ValueError("nested_attention_masks is not supported: pass split_lens and attn_modes instead.")
@@ -562,7 +567,6 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
             "Rope positions start from 0 in each sample (docs/training.md, 'Training inputs').",
         ),
     ]
-    conventions: list[tuple[torch.Tensor, str]] = []
 
     for lead, members in _GROUPS.items():
         if get(lead) is None:
@@ -655,7 +659,7 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
             )
             for n in names[:2]
         )
-        timesteps = check_tensor(
+        check_tensor(
             "packed_timesteps",
             get("packed_timesteps"),
             dims=1,
@@ -673,7 +677,6 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
             ("packed_vae_token_indexes", vae_index, 0, length, ""),
             ("packed_latent_position_ids", vae_pos, 0, limit * limit, f"row * {limit} + col of each token."),
         ]
-        conventions.append(_one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps))
 
     if (get("ce_loss_indexes") is None) != (get("packed_label_ids") is None):
         given, missing = ("ce_loss_indexes", "packed_label_ids")[:: 1 if get("packed_label_ids") is None else -1]
@@ -700,11 +703,8 @@ def check_training_inputs(model, inputs: dict[str, Any]) -> None:
                 "Labels are token ids (no -100: leave such tokens out of ce_loss_indexes).",
             ),
         ]
-    images = [get(n) for n in ("packed_vit_token_indexes", "packed_vae_token_indexes") if not _empty(get(n))]
-    if images:
-        conventions.append(_images_in_image_splits(split_lens, attn_modes, torch.cat(images)))
     check_bool("output_hidden_states", get("output_hidden_states", False))
-    _check_values(ranges, conventions)
+    return [_in_range(*r) for r in ranges]
 
 
 def _empty(value: Any) -> bool:
@@ -713,49 +713,24 @@ def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, (list, tuple)) and not value)
 
 
-def _split_of(split_lens, index: torch.Tensor) -> torch.Tensor:
-    """The split each packed index falls in."""
-    ends = torch.tensor(split_lens, device=index.device).cumsum(0)
-    return torch.searchsorted(ends, index, right=True).clamp(max=len(split_lens) - 1)
+def _in_range(name: str, t: torch.Tensor, lo: int, hi: int, fix: str) -> DeviceCheck:
+    """Every value of `t` in [lo, hi), as a check whose message shows the offending values."""
+
+    def message() -> str:
+        bad = t[(t < lo) | (t >= hi)].unique()[:5].tolist()
+        among = " among others" if len(bad) == 5 else ""
+        return f"{name} must hold values in [{lo}, {hi - 1}]; it holds {bad}{among}. {fix}".rstrip()
+
+    return ((t >= lo) & (t < hi)).all(), message
 
 
-def _images_in_image_splits(split_lens, attn_modes, image_index) -> tuple[torch.Tensor, str]:
-    """ViT and VAE tokens lie in `full` or `noise` splits (an image split), never in a `causal` one."""
-    causal = torch.tensor([m == "causal" for m in attn_modes], device=image_index.device)
-    return (~causal[_split_of(split_lens, image_index)]).all(), (
-        "An image token (packed_vit_token_indexes / packed_vae_token_indexes) lies in a `causal` split: split_lens and "
-        "attn_modes must give every image its own `full` (or `noise`) split, [start] image tokens [end]."
-    )
-
-
-def _one_timestep_per_image(split_lens, attn_modes, vae_index, timesteps) -> tuple[torch.Tensor, str]:
-    """Every latent token of one `noise` split has the same raw timestep (the reference draws one
-    per image): a (passed, message) check on the device."""
-    split = _split_of(split_lens, vae_index)
-    noised = torch.tensor([m == "noise" for m in attn_modes], device=vae_index.device)[split]
-    value = torch.where(noised, timesteps.float(), 0.0).nan_to_num(0.0, 0.0, 0.0)
-    low = value.new_full((len(split_lens),), math.inf).scatter_reduce(0, split, value, "amin")
-    high = value.new_full((len(split_lens),), -math.inf).scatter_reduce(0, split, value, "amax")
-    return (low[split] == high[split]).all(), (
-        "packed_timesteps differ within one noised image: every latent token of a `noise` split takes the same raw "
-        "timestep (one torch.randn(()) per image, docs/training.md, 'Training inputs')."
-    )
-
-
-def _check_values(ranges: list[tuple], conventions: list[tuple[torch.Tensor, str]]) -> None:
-    """`ranges` (name, tensor, lo, hi, fix): every value in [lo, hi); `conventions` (passed, message).
-    All read with one host sync; the first failure raises, showing the offending values."""
-    tests = [((t >= lo) & (t < hi)).all() for _, t, lo, hi, _ in ranges] + [ok for ok, _ in conventions]
-    if not tests:
+def raise_failed(checks: list[DeviceCheck]) -> None:
+    """Read checks made on the device, (passed, message), with one host sync and raise the first
+    that failed; a message is a string or a function that makes it (from the offending values)."""
+    if not checks:
         return
-    passed = torch.stack([t.to(tests[0].device) for t in tests]).tolist()
-    for ok, (name, t, lo, hi, fix) in zip(passed, ranges):
+    device = checks[0][0].device
+    passed = torch.stack([ok.to(device) for ok, _ in checks]).tolist()
+    for ok, (_, message) in zip(passed, checks):
         if not ok:
-            bad = t[(t < lo) | (t >= hi)].unique()[:5].tolist()
-            raise ValueError(
-                f"{name} must hold values in [0, {hi - 1}]; it holds {bad}"
-                f"{' among others' if len(bad) == 5 else ''}. {fix}".rstrip()
-            )
-    for ok, (_, message) in zip(passed[len(ranges) :], conventions):
-        if not ok:
-            raise ValueError(message)
+            raise ValueError(message if isinstance(message, str) else message())

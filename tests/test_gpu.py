@@ -95,9 +95,9 @@ def test_bf16_varlen_path_matches_exact_path(parity, monkeypatch):
 
 
 def test_training_forward_queues_the_vit_without_waiting(parity):
-    """With the inputs on the GPU, the work before the ViT (attention plan, route, the ViT on device
-    offsets bounded by all its tokens) never waits for the GPU, and the ViT gives exactly what it
-    gives on host lengths. Wrong GPU lengths are still a clear error."""
+    """With the inputs on the GPU, the work before the ViT (the input checks, attention plan,
+    route, the ViT on device offsets bounded by all its tokens) never waits for the GPU, and the ViT
+    gives exactly what it gives on host lengths. Wrong GPU lengths are still a clear error."""
     model = _parity_model(parity, torch.bfloat16)
     inputs = _train_inputs(parity, torch.bfloat16)
     vit_args = inputs["packed_vit_tokens"], inputs["packed_vit_position_ids"]
@@ -105,11 +105,21 @@ def test_training_forward_queues_the_vit_without_waiting(parity):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        checks = modeling_bagel.check_training_inputs(model, dict(inputs))
+        checks += modeling_bagel._timestep_checks(
+            inputs["split_lens"],
+            inputs["attn_modes"],
+            inputs["packed_vae_token_indexes"],
+            inputs["packed_timesteps"],
+            inputs["mse_loss_indexes"],
+        )
         AttentionPlan.from_splits(inputs["split_lens"], inputs["attn_modes"], inputs["sample_lens"], "cuda")
         TokenRoute(inputs["sequence_length"], inputs["packed_vae_token_indexes"])
         on_device = model.model.embed_vit_tokens(*vit_args, seqlens, max_seqlen=num_vit)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    modeling_bagel.raise_failed(checks)  # the pack is valid
+    assert len(checks) > 5
     assert torch.equal(on_device, model.model.embed_vit_tokens(*vit_args, seqlens.cpu()))
     wrong = seqlens.clone()
     wrong[0] -= 1

@@ -720,20 +720,18 @@ def test_refused_inputs_leave_the_model_usable(tiny_model, tiny_processor, pack)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_forward_refuses_on_the_gpu_before_any_lookup(tiny_model, pack):
-    """On CUDA an out-of-range id would be a device-side assert that poisons the process; the
-    checks read every value first, so the error is the same ValueError and the GPU stays usable."""
+    """On CUDA an out-of-range id or position would be a device-side assert that poisons the
+    process; the lookups before the checks are read take clamped values, and nothing indexes with
+    a value before they are read. So every refusal of the CPU is the same error on the GPU, and the
+    GPU stays usable."""
     import copy
 
     model = copy.deepcopy(tiny_model).cuda()
     on_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in pack.items()}
-    cases = {case[0]: case[1] for case in FORWARD_ERRORS}
     with torch.no_grad():
-        for make, names in (
-            (cases["text-id-out-of-vocab"], "packed_text_ids"),
-            (cases["negative-position"], "packed_position_ids"),
-            (_timesteps_differ, "packed_timesteps"),
-        ):
-            _raises(lambda: model(**make(on_gpu)), ValueError, names)
+        for _, make, error, names in FORWARD_ERRORS:
+            _raises(lambda: model(**make(on_gpu)), error, names)
+        torch.cuda.synchronize()
         assert torch.isfinite(model(**on_gpu)["ce"]).all()
 
 
