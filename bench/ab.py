@@ -29,7 +29,7 @@ WORKLOADS = {
     "t2i 1024² 50 steps": (["bench/t2i.py"], "seconds", False),
     "chat 1 request": (["bench/chat.py", "--batch", "1"], "tokens_per_s", True),
     "chat 16 requests": (["bench/chat.py", "--batch", "16"], "tokens_per_s", True),
-    "train step (8 layers)": (["bench/train_step.py"], "seconds", False),
+    "train step (8 layers)": (["bench/train_step.py", "--steps", "40"], "seconds", False),
 }
 
 
