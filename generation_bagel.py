@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ from .attention_bagel import AttentionPlan, TokenRoute
 from .autoencoder_bagel import patchify_latent, unpatchify_latent
 from .contexts_bagel import BagelContext, CacheStep, SpecialTokenIds, advance
 from .decoding_bagel import DecodeCache, DecodePool, DecodeRunner, capacity_bucket, sample_tokens
-from .generation_config_bagel import BagelGenerationConfig, sampling_defaults
+from .generation_config_bagel import IMAGE_TASKS, TEXT, BagelGenerationConfig, sampling_defaults
 from .guidance_bagel import FlowMatchEulerSampler, GuidanceParams, StepCacheBranches, guide, request_generators
 from .ops_bagel import capturable
 from .parallel_bagel import ParallelLayout, parallel_velocity
@@ -31,6 +32,7 @@ from .processing_bagel import check_image_size, get_resize_size, latent_position
 from .step_cache_bagel import resolve_step_cache
 from .validation_bagel import (
     check_bool,
+    check_choice,
     check_contexts,
     check_fits_context,
     check_generators,
@@ -87,6 +89,16 @@ class BagelGenerationMixin:
 
     # transformers builds `self.generation_config` from it; `from_pretrained` reads generation_config.json into it
     generation_config_class = BagelGenerationConfig
+
+    def default_sampling_arguments(self, task: str | None = None) -> dict[str, Any]:
+        """What a call that leaves its sampling arguments out uses, by name: for `task`
+        "image_generation" (generate_image) or "image_editing" (edit_image) its guidance arguments
+        and the text ones, for None (chat, interleave) the text ones; from `self.generation_config`,
+        else BAGEL's defaults."""
+        if task is not None:
+            check_choice("task", task, IMAGE_TASKS, fix="Or None for the text arguments of chat and interleave.")
+        names = [*IMAGE_TASKS.get(task, {}), *TEXT]
+        return sampling_defaults(getattr(self, "generation_config", None), task, dict.fromkeys(names))
 
     def _sampling(self, task: str | None, **given):
         """The call's sampling arguments, each None taken from `self.generation_config` (for image

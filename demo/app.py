@@ -702,9 +702,9 @@ def model_defaults(model, task: str | None, names: list[str]) -> dict:
     "image_editing" for generate_image / edit_image, None for text decoding): what a call that leaves
     them out uses (the checkpoint's generation_config.json, else BAGEL's). Model versions from before
     generation_config.json typed them as their methods' default values."""
-    if hasattr(model, "_sampling"):
-        values = model._sampling(task, **dict.fromkeys(names))
-        return dict(zip(names, values)) if len(names) > 1 else {names[0]: values}
+    if hasattr(model, "default_sampling_arguments"):
+        defaults = model.default_sampling_arguments(task)
+        return {name: defaults[name] for name in names}
     method = {"image_editing": model.edit_image, "image_generation": model.generate_image}.get(task, model.chat)
     parameters = inspect.signature(method).parameters
     return {name: parameters[name].default for name in names}

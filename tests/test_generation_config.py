@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from bagel_remote.guidance_bagel import IMAGE_EDITING, GuidanceParams
+from bagel_remote.generation_config_bagel import TEXT
+from bagel_remote.guidance_bagel import IMAGE_EDITING, IMAGE_GENERATION, GuidanceParams
 from bagel_remote.modeling_bagel import BagelForUnifiedMultimodal
 from PIL import Image
 
@@ -78,6 +79,21 @@ def test_the_files_values_are_used_and_an_argument_still_wins(parity, tiny_proce
     same = plain.generate_image(PROMPT, processor=tiny_processor, num_steps=3, cfg_text_scale=1.0, **SMALL)
     assert torch.equal(_pixels(from_file), _pixels(same))
     assert not torch.equal(_pixels(from_file), _pixels(explicit))
+
+
+def test_default_sampling_arguments_are_what_a_call_uses(parity, tmp_path):
+    """The public read of the defaults (the demo's sliders start from it): the file's values where
+    it sets them, BAGEL's elsewhere, per task; an unknown task refused by name."""
+    file = {"image_editing": {"cfg_img_scale": 1.5}, "max_new_tokens": 7}
+    model = BagelForUnifiedMultimodal.from_pretrained(_checkpoint(parity, tmp_path, file))
+    edit = model.default_sampling_arguments("image_editing")
+    assert edit["cfg_img_scale"] == 1.5 and edit["max_new_tokens"] == 7
+    assert edit["num_steps"] == IMAGE_EDITING["num_steps"] and edit["temperature"] == TEXT["temperature"]
+    assert model.default_sampling_arguments("image_generation")["cfg_img_scale"] == IMAGE_GENERATION["cfg_img_scale"]
+    text = model.default_sampling_arguments()
+    assert text == {**TEXT, "max_new_tokens": 7}
+    with pytest.raises(ValueError, match="task"):
+        model.default_sampling_arguments("text_to_image")
 
 
 def test_chat_takes_its_text_defaults_from_the_file(parity, tiny_processor, tmp_path):
