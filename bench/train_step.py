@@ -9,7 +9,7 @@ layers (--layers), full ViT.
 import argparse
 
 import torch
-from common import PEAK_BF16_FLOPS, Timer, build_model, full_size_config, report, train_flops
+from common import PEAK_BF16_FLOPS, Timer, build_model, full_size_config, import_repo, report, train_flops
 
 
 def packed_batch(
@@ -106,6 +106,7 @@ def main():
     )
     args = parser.parse_args()
     if args.no_input_check:
+        import_repo()
         import bagel_remote.modeling_bagel as modeling
 
         modeling.check_training_inputs = lambda model, inputs: []
