@@ -34,6 +34,7 @@ from .validation_bagel import (
     check_bool,
     check_choice,
     check_contexts,
+    check_embedded_ids,
     check_fits_context,
     check_generators,
     check_image_sizes,
@@ -166,7 +167,7 @@ class BagelGenerationMixin:
             marker_rows += [start, start + p.shape[0] + 1]
             payload_rows.append(torch.arange(start + 1, start + 1 + p.shape[0], device=device))
             start += p.shape[0] + 2
-        _check_embedded_ids(special, self.get_input_embeddings().num_embeddings, "start_of_image", "end_of_image")
+        check_embedded_ids(special, self.get_input_embeddings().num_embeddings, "start_of_image", "end_of_image")
         markers = self._embed_ids([special.start_of_image, special.end_of_image] * len(payloads))
         payload_rows = torch.cat(payload_rows)
         embeds = markers.new_empty(start, markers.shape[1])
@@ -188,7 +189,7 @@ class BagelGenerationMixin:
         batch = _check_context(context, special)
         vocab = self.get_input_embeddings().num_embeddings
         check_token_ids(token_ids, batch, vocab)
-        _check_embedded_ids(special, vocab, "bos", "eos")
+        check_embedded_ids(special, vocab, "bos", "eos")
         sequences = [[special.bos, *ids, special.eos] for ids in token_ids]
         embeds = self._embed_ids([t for s in sequences for t in s])
         positions = torch.cat([torch.arange(p, p + len(s)) for p, s in zip(context.positions, sequences)]).to(
@@ -971,19 +972,6 @@ class BagelGenerationMixin:
         )
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
-
-
-def _check_embedded_ids(special: SpecialTokenIds, vocab: int, *names: str) -> None:
-    """The special ids a context embeds must be tokens (an eos of -1 only means "never stop" to
-    `generate_text_ids`); on the GPU an id outside the table is a device-side assert."""
-    for name in names:
-        check_int(
-            f"special.{name}",
-            getattr(special, name),
-            minimum=0,
-            maximum=vocab - 1,
-            fix="Use the processor's special ids; an eos of -1 (never stop) is for generate_text_ids only.",
-        )
 
 
 def _guidance(

@@ -425,6 +425,20 @@ def check_interleave_inputs(
     return batch, batched
 
 
+def check_embedded_ids(special: Any, vocab: int, *names: str) -> None:
+    """The special ids a context embeds (`names` of `special`, a SpecialTokenIds) must be tokens: an
+    eos of -1 only means "never stop" to `generate_text_ids`, and on the GPU an id outside the table
+    is a device-side assert."""
+    for name in names:
+        check_int(
+            f"special.{name}",
+            getattr(special, name),
+            minimum=0,
+            maximum=vocab - 1,
+            fix="Use the processor's special ids; an eos of -1 (never stop) is for generate_text_ids only.",
+        )
+
+
 def _check_requests(batch: list[list]) -> None:
     """Non-empty strings and PIL images, in the same order in every request."""
     from PIL import Image
