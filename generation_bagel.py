@@ -98,13 +98,16 @@ class BagelGenerationMixin:
         else BAGEL's defaults."""
         if task is not None:
             check_choice("task", task, IMAGE_TASKS, fix="Or None for the text arguments of chat and interleave.")
-        names = [*IMAGE_TASKS.get(task, {}), *TEXT]
-        return sampling_defaults(getattr(self, "generation_config", None), task, dict.fromkeys(names))
+        return self._sampling_arguments(task, dict.fromkeys([*IMAGE_TASKS.get(task, {}), *TEXT]))
+
+    def _sampling_arguments(self, task: str | None, given: dict[str, Any]) -> dict[str, Any]:
+        """The call's sampling arguments by name, each None taken from `self.generation_config` (for
+        image arguments its `task` dict), else BAGEL's default (generation_config_bagel.py)."""
+        return sampling_defaults(getattr(self, "generation_config", None), task, given)
 
     def _sampling(self, task: str | None, **given):
-        """The call's sampling arguments, each None taken from `self.generation_config` (for image
-        arguments its `task` dict), else BAGEL's default (generation_config_bagel.py)."""
-        values = sampling_defaults(getattr(self, "generation_config", None), task, given)
+        """`_sampling_arguments`' values, in the order given (one value alone)."""
+        values = self._sampling_arguments(task, given)
         return values.values() if len(values) > 1 else next(iter(values.values()))
 
     # --- contexts --------------------------------------------------------------------------------
@@ -876,10 +879,11 @@ class BagelGenerationMixin:
         or a policy object (README, "Faster generation"). The sampling arguments not given come
         from `model.generation_config` (its `image_generation` dict, `max_think_tokens`, ...), else
         the reference's defaults (guidance_bagel.IMAGE_GENERATION)."""
-        max_think_tokens = self._sampling(None, max_think_tokens=max_think_tokens)
-        params = _guidance(
-            *self._sampling(
-                "image_generation",
+        return self._image_requests(
+            "image_generation",
+            prompt,
+            None,
+            dict(
                 num_steps=num_steps,
                 timestep_shift=timestep_shift,
                 cfg_text_scale=cfg_text_scale,
@@ -890,17 +894,10 @@ class BagelGenerationMixin:
             ),
             think,
             max_think_tokens,
-        )
-        prompts, _ = check_prompts(prompt, None)
-        out = self.interleave(
-            [[p] for p in prompts],
-            think=think,
             height=height,
             width=width,
-            params=params,
             seed=seed,
             progress=progress,
-            max_new_tokens=max_think_tokens,
             processor=processor,
             parallel=parallel,
             step_cache=step_cache,
@@ -908,8 +905,6 @@ class BagelGenerationMixin:
             do_sample=do_sample,
             temperature=temperature,
         )
-        results = [tuple(o) if think else o[0] for o in out]
-        return results if isinstance(prompt, (list, tuple)) else results[0]
 
     def edit_image(
         self,
@@ -940,10 +935,11 @@ class BagelGenerationMixin:
         (docs/serving.md, "Several GPUs"). `step_cache`: as in `generate_image`. The sampling
         arguments not given come from `model.generation_config` (its `image_editing` dict), else
         the reference's (guidance_bagel.IMAGE_EDITING)."""
-        max_think_tokens = self._sampling(None, max_think_tokens=max_think_tokens)
-        params = _guidance(
-            *self._sampling(
-                "image_editing",
+        return self._image_requests(
+            "image_editing",
+            prompt,
+            image,
+            dict(
                 num_steps=num_steps,
                 timestep_shift=timestep_shift,
                 cfg_text_scale=cfg_text_scale,
@@ -954,21 +950,29 @@ class BagelGenerationMixin:
             ),
             think,
             max_think_tokens,
-        )
-        prompts, image_lists = check_prompts(prompt, image, one_image_each=True)
-        out = self.interleave(
-            [imgs + [p] for imgs, p in zip(image_lists, prompts)],
-            think=think,
-            params=params,
             seed=seed,
             progress=progress,
-            max_new_tokens=max_think_tokens,
             processor=processor,
             parallel=parallel,
             step_cache=step_cache,
             streamer=streamer,
             do_sample=do_sample,
             temperature=temperature,
+        )
+
+    def _image_requests(self, task, prompt, images, guidance: dict, think, max_think_tokens, **interleave_args):
+        """`generate_image` / `edit_image` past their signatures: the guidance arguments not given
+        from `task`'s defaults, checked; one `interleave` request per prompt (its image, then the
+        prompt); the results shaped as `prompt` (one, or a list for a batch)."""
+        max_think_tokens = self._sampling(None, max_think_tokens=max_think_tokens)
+        params = _guidance(**self._sampling_arguments(task, guidance), think=think, max_think_tokens=max_think_tokens)
+        prompts, image_lists = check_prompts(prompt, images, one_image_each=task == "image_editing")
+        out = self.interleave(
+            [imgs + [p] for imgs, p in zip(image_lists, prompts)],
+            think=think,
+            params=params,
+            max_new_tokens=max_think_tokens,
+            **interleave_args,
         )
         results = [tuple(o) if think else o[0] for o in out]
         return results if isinstance(prompt, (list, tuple)) else results[0]
@@ -980,8 +984,8 @@ def _guidance(
     cfg_text_scale,
     cfg_img_scale,
     cfg_interval,
-    renorm_type,
-    renorm_min,
+    cfg_renorm_type,
+    cfg_renorm_min,
     think,
     max_think_tokens,
 ) -> GuidanceParams:
@@ -991,7 +995,7 @@ def _guidance(
     check_bool("think", think)
     check_int("max_think_tokens", max_think_tokens, minimum=1, fix="1000 unless generation_config.json sets it.")
     return GuidanceParams.from_steps(
-        num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, renorm_type, renorm_min
+        num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min
     )
 
 

@@ -162,10 +162,6 @@ class PackingConfig:
         return self.model_config.vit_max_num_patch_per_side
 
     @property
-    def latent_patch_size(self) -> int:
-        return self.model_config.latent_patch_size
-
-    @property
     def max_latent_size(self) -> int:
         return self.model_config.max_latent_size
 
