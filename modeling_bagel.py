@@ -545,8 +545,8 @@ class BagelForUnifiedMultimodal(BagelGenerationMixin, BagelPreTrainedModel):
             _token_coverage(sequence_length, packed_text_indexes, packed_vit_token_indexes, packed_vae_token_indexes)
         )
         checks += _images_in_image_splits(split_lens, attn_modes, packed_vit_token_indexes, packed_vae_token_indexes)
-        vocab = self.get_input_embeddings().num_embeddings
-        embeds = self.get_input_embeddings()(packed_text_ids.clamp(0, vocab - 1))
+        embedding = self.get_input_embeddings()
+        embeds = embedding(packed_text_ids.clamp(0, embedding.num_embeddings - 1))
 
         vit = None
         if packed_vit_tokens is not None:
